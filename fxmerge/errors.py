@@ -1,0 +1,29 @@
+"""Errors raised by fxmerge. Each names the node or module and the rule that refused it."""
+
+
+class FxMergeError(Exception):
+    """Base class of every error fxmerge raises on purpose."""
+
+
+class TraceError(FxMergeError):
+    """The model could not be traced or its shapes could not be propagated."""
+
+
+class SpaceError(FxMergeError):
+    """The traced graph gives no usable merge space (or a bad `exclude`)."""
+
+
+class PlanError(FxMergeError):
+    """A plan does not fit the graph it is applied to, or breaks a merge rule."""
+
+
+class MergeError(FxMergeError):
+    """A graph cannot be merged exactly (training-mode BN, unknown op inside a block, ...)."""
+
+
+class TableError(FxMergeError):
+    """A latency or importance table is incomplete, invalid, or made for another graph."""
+
+
+class InfeasibleBudget(FxMergeError):
+    """No plan meets the latency budget; the message states the smallest achievable latency."""

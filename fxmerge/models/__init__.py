@@ -1,0 +1,1 @@
+"""Architectures not in torchvision, used by the demo and the tests."""

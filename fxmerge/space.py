@@ -1,0 +1,488 @@
+"""MergeSpace: the LayerMerge search space, derived from a traced graph alone.
+
+Positions follow method.md: conv `p` (1-based) sits between positions `p-1` and `p`;
+position `p` is "after conv p" (after its norm, its skip-add and its activation).
+A block `(i, j)` merges convs `i+1 .. j` into one conv.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import NamedTuple
+
+import networkx as nx
+import torch.fx as fx
+import torch.nn as nn
+
+from . import ops
+from .errors import SpaceError
+
+STRIDE_RULES = ("paper", "exact")
+
+
+class Entry(NamedTuple):
+    """One table entry: block `(i, j)` merged into a `k`x`k` conv, depthwise or not."""
+
+    i: int
+    j: int
+    k: int
+    dw: bool
+
+
+class KernelOption(NamedTuple):
+    kernel: int
+    depthwise: bool
+
+
+@dataclass(frozen=True)
+class Conv:
+    """A searchable convolution of the main path."""
+
+    index: int
+    name: str
+    node: str
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    padding: int
+    dilation: int
+    groups: int
+    bias: bool
+    norm: str | None
+    activation: str | None
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups > 1 and self.groups == self.in_channels == self.out_channels
+
+    @property
+    def irreducible(self) -> bool:
+        """Input and output shapes differ (or it strides), so it cannot become identity."""
+        return self.in_shape != self.out_shape or self.stride > 1
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A residual segment: the value at position `source` is added at position `target`."""
+
+    source: int
+    target: int
+    add_node: str
+    projection: str | None = None
+    projection_norm: str | None = None
+
+
+@dataclass(frozen=True)
+class Unit:
+    """FX node names of one conv's unit: conv -> [norm] -> [skip add] -> [activation]."""
+
+    input: str
+    conv: str
+    norm: str | None
+    add: str | None
+    act: str | None
+
+    @property
+    def pre_activation(self) -> str:
+        return self.add or self.norm or self.conv
+
+    @property
+    def output(self) -> str:
+        return self.act or self.pre_activation
+
+
+@dataclass(frozen=True)
+class _SkipBranch:
+    source: fx.Node
+    main: fx.Node
+    branch: tuple[fx.Node, ...]
+
+
+class MergeSpace:
+    """Convs, skips, breaks, legal blocks and table entries of one traced graph."""
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        convs: list[Conv],
+        units: list[Unit],
+        skips: list[Skip],
+        breaks: set[int],
+        barriers: list[str],
+        stride_rule: str,
+    ) -> None:
+        self.gm = gm
+        self.convs = tuple(convs)
+        self.units = tuple(units)
+        self.skips = tuple(skips)
+        self.breaks = frozenset(breaks)
+        self.barriers = tuple(barriers)
+        self.stride_rule = stride_rule
+        self._options = self._enumerate_blocks()
+
+    # ---- sizes -------------------------------------------------------------------------
+    @property
+    def L(self) -> int:
+        return len(self.convs)
+
+    @property
+    def irreducible(self) -> frozenset[int]:
+        return frozenset(c.index for c in self.convs if c.irreducible)
+
+    @property
+    def blocks(self) -> tuple[tuple[int, int], ...]:
+        return tuple(self._options)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._options)
+
+    @cached_property
+    def entries(self) -> tuple[Entry, ...]:
+        return tuple(
+            Entry(i, j, opt.kernel, opt.depthwise)
+            for (i, j), opts in self._options.items()
+            for opt in opts
+        )
+
+    @property
+    def num_entries(self) -> int:
+        return len(self.entries)
+
+    def kernel_options(self, i: int, j: int) -> tuple[KernelOption, ...]:
+        """`K_ij`: the (kernel, depthwise) pairs reachable in block `(i, j)`; () if illegal."""
+        return self._options.get((i, j), ())
+
+    def conv(self, name_or_index: str | int) -> Conv:
+        if isinstance(name_or_index, int):
+            return self.convs[name_or_index - 1]
+        for c in self.convs:
+            if c.name == name_or_index:
+                return c
+        raise KeyError(name_or_index)
+
+    def activation(self, p: int) -> str | None:
+        """The activation at position `p` (None at 0 and where the network has none)."""
+        return self.convs[p - 1].activation if p >= 1 else None
+
+    def input_shape(self, p: int) -> tuple[int, ...]:
+        """Shape of the value at position `p`, as the conv after it sees it."""
+        if p < self.L:
+            return self.convs[p].in_shape
+        return self.convs[-1].out_shape
+
+    @cached_property
+    def signature(self) -> str:
+        """A short hash identifying the graph's searchable structure (for tables and plans)."""
+        text = "|".join(
+            f"{c.name}:{c.in_shape}:{c.out_shape}:{c.kernel}:{c.stride}:{c.groups}"
+            for c in self.convs
+        )
+        text += f"|{sorted(self.breaks)}|{[(s.source, s.target) for s in self.skips]}"
+        text += f"|{self.stride_rule}"
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+    # ---- block enumeration -----------------------------------------------------------
+    def _crosses_segment(self, i: int, j: int) -> bool:
+        return any(
+            (i < s.source < j < s.target) or (s.source < i < s.target < j) for s in self.skips
+        )
+
+    def _states(self, i: int, j: int):
+        """All (kernel, stride, depthwise, any_kept) reachable keeping R and any reducible."""
+        states = {(1, 1, True, False)}
+        for c in self.convs[i:j]:
+            kept = {
+                (k + (c.kernel - 1) * c.dilation * s, s * c.stride, dw and c.depthwise, True)
+                for k, s, dw, _ in states
+            }
+            states = kept if c.irreducible else kept | states
+        return states
+
+    def _enumerate_blocks(self) -> dict[tuple[int, int], tuple[KernelOption, ...]]:
+        options: dict[tuple[int, int], tuple[KernelOption, ...]] = {}
+        for i in range(self.L):
+            for j in range(i + 1, self.L + 1):
+                if j - 1 > i and (j - 1) in self.breaks:
+                    break
+                if self._crosses_segment(i, j):
+                    continue
+                opts = sorted({KernelOption(k, dw) for k, _, dw, kept in self._states(i, j) if kept})
+                if opts:
+                    options[(i, j)] = tuple(opts)
+        return options
+
+    def choose_convs(
+        self, i: int, j: int, k: int, dw: bool, scores: Mapping[str, float]
+    ) -> tuple[str, ...]:
+        """Eq. 3: among the kept-conv subsets of block `(i, j)` that contain every irreducible
+        conv and give kernel `k` (depthwise `dw`), the one with the largest total score."""
+        best: dict[tuple, tuple[float, tuple[str, ...]]] = {(1, 1, True, False): (0.0, ())}
+        for c in self.convs[i:j]:
+            nxt: dict[tuple, tuple[float, tuple[str, ...]]] = {}
+            for (kk, s, d, _), (score, kept) in best.items():
+                cand = [((kk + (c.kernel - 1) * c.dilation * s, s * c.stride, d and c.depthwise,
+                          True), (score + scores[c.name], kept + (c.name,)))]
+                if not c.irreducible:
+                    cand.append(((kk, s, d, _), (score, kept)))
+                for key, val in cand:
+                    if key not in nxt or val[0] > nxt[key][0]:
+                        nxt[key] = val
+            best = nxt
+        found = [v for (kk, _, d, kept), v in best.items() if kept and kk == k and d == dw]
+        if not found:
+            raise KeyError(f"no kept-conv subset of block ({i}, {j}) gives kernel {k}, dw={dw}")
+        return max(found)[1]
+
+    # ---- views ---------------------------------------------------------------------------
+    @cached_property
+    def graph(self) -> nx.DiGraph:
+        """A NetworkX view of the FX graph; nodes carry `op`, `target`, `kind`, `position`."""
+        kinds = _node_kinds(self.gm)
+        position = {u.conv: c.index for c, u in zip(self.convs, self.units)}
+        g = nx.DiGraph()
+        for n in self.gm.graph.nodes:
+            g.add_node(n.name, op=n.op, target=str(n.target), kind=kinds[n.name],
+                       position=position.get(n.name))
+            for a in n.all_input_nodes:
+                g.add_edge(a.name, n.name)
+        return g
+
+    def summary(self) -> str:
+        """A readable table of the searched convs and the size of the space."""
+        lines = [
+            f"{'pos':>4}  {'conv':<28} {'in->out':>11} {'k':>2} {'s':>2} {'g':>4}  "
+            f"{'act':<9} {'R':<1} note"
+        ]
+        starts = {s.source: s for s in self.skips}
+        ends = {s.target: s for s in self.skips}
+        for c in self.convs:
+            note = []
+            if c.index - 1 in starts:
+                note.append(f"skip from {c.index - 1}")
+            if c.index in ends:
+                skip = ends[c.index]
+                note.append(f"add ({skip.source}->{c.index}" + (
+                    f", proj {skip.projection})" if skip.projection else ")"))
+            if c.index in self.breaks:
+                note.append("break")
+            lines.append(
+                f"{c.index:>4}  {c.name:<28} {c.in_channels:>5}->{c.out_channels:<5}"
+                f"{c.kernel:>2} {c.stride:>2} {c.groups:>4}  {c.activation or '-':<9} "
+                f"{'R' if c.irreducible else ' '} {', '.join(note)}"
+            )
+        lines.append(
+            f"L={self.L} convs, {len(self.irreducible)} irreducible, {len(self.skips)} skips, "
+            f"{len(self.barriers)} barrier nodes, stride_rule={self.stride_rule}: "
+            f"{self.num_blocks} blocks, {self.num_entries} entries"
+        )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"MergeSpace(L={self.L}, blocks={self.num_blocks}, entries={self.num_entries}, "
+                f"skips={len(self.skips)}, stride_rule={self.stride_rule!r})")
+
+
+# ---- analysis ---------------------------------------------------------------------------
+def _node_kinds(gm: fx.GraphModule) -> dict[str, str]:
+    kinds = {}
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "output", "get_attr"):
+            kind = n.op
+        elif ops.is_conv(gm, n):
+            kind = "conv"
+        elif ops.is_norm(gm, n):
+            kind = "norm"
+        elif ops.activation_kind(gm, n):
+            kind = "activation"
+        elif ops.is_add(n):
+            kind = "add"
+        elif ops.pad_amount(n) is not None:
+            kind = "pad"
+        else:
+            kind = "barrier"
+        kinds[n.name] = kind
+    return kinds
+
+
+def _searchable(gm: fx.GraphModule, node: fx.Node, exclude: set[str]) -> bool:
+    return (
+        ops.is_conv(gm, node)
+        and node.target not in exclude
+        and ops.conv_refusal(ops.module_of(gm, node)) is None
+    )
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _strip_skip_branch(gm: fx.GraphModule, node: fx.Node, exclude: set[str]):
+    """Walk back over `[pad] [conv 1x1 [norm]] [pad]` that only feed the add."""
+    branch: list[fx.Node] = []
+    cur = node
+
+    def strip_pads() -> None:
+        nonlocal cur
+        while ops.pad_amount(cur) is not None and len(cur.users) == 1:
+            branch.append(cur)
+            cur = cur.args[0]
+
+    strip_pads()
+    if ops.is_norm(gm, cur) and len(cur.users) == 1:
+        branch.append(cur)
+        cur = cur.args[0]
+        if not ops.is_conv(gm, cur):
+            return None
+    if ops.is_conv(gm, cur) and len(cur.users) == 1:
+        conv = ops.module_of(gm, cur)
+        if not (_searchable(gm, cur, exclude) and conv.kernel_size[0] == 1
+                and conv.padding[0] == 0 and conv.groups == 1):
+            return None
+        branch.append(cur)
+        cur = cur.args[0]
+        strip_pads()
+    return cur, tuple(branch)
+
+
+def _find_skip_adds(gm: fx.GraphModule, exclude: set[str]) -> dict[fx.Node, _SkipBranch]:
+    """Adds whose one operand is a (projected) earlier value on the other operand's path."""
+    found = {}
+    for node in gm.graph.nodes:
+        if not ops.is_add(node):
+            continue
+        a, b = node.args
+        candidates = []
+        for main, skip in ((a, b), (b, a)):
+            stripped = _strip_skip_branch(gm, skip, exclude)
+            if stripped and stripped[0] in _ancestors(main):
+                candidates.append(_SkipBranch(stripped[0], main, stripped[1]))
+        if candidates:
+            found[node] = min(candidates, key=lambda c: len(c.branch))
+    return found
+
+
+def _build_unit(gm: fx.GraphModule, conv: fx.Node, adds: dict[fx.Node, _SkipBranch]) -> Unit:
+    cur = conv
+    norm = add = act = None
+    nxt = ops.only_user(cur)
+    if nxt is not None and ops.is_norm(gm, nxt):
+        norm = cur = nxt
+        nxt = ops.only_user(cur)
+    if nxt is not None and nxt in adds and adds[nxt].main is cur:
+        add = cur = nxt
+        nxt = ops.only_user(cur)
+    if nxt is not None and ops.activation_kind(gm, nxt):
+        act = nxt
+    name = lambda n: n.name if n is not None else None  # noqa: E731
+    return Unit(conv.args[0].name, conv.name, name(norm), name(add), name(act))
+
+
+def analyze(
+    gm: fx.GraphModule, *, stride_rule: str = "paper", exclude: Iterable[str] = ()
+) -> MergeSpace:
+    """Derive the LayerMerge search space of a traced graph (see `fxmerge.trace`).
+
+    `stride_rule="paper"` lets a strided conv be followed inside a block only by one 1x1
+    conv; `"exact"` allows any later kernel (merged by dilating it).  `exclude` names convs
+    kept out of the search; they act as barriers.
+    """
+    if stride_rule not in STRIDE_RULES:
+        raise SpaceError(f"stride_rule must be one of {STRIDE_RULES}, got {stride_rule!r}")
+    exclude = set(exclude)
+    modules = dict(gm.named_modules())
+    for name in exclude:
+        if not isinstance(modules.get(name), nn.Conv2d):
+            raise SpaceError(f"exclude names '{name}', which is not a Conv2d of this model")
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for n in gm.graph.nodes:
+        if n.op not in ("output",) and "tensor_meta" not in n.meta:
+            raise SpaceError(f"node '{n.name}' has no shape: trace the model with fxmerge.trace")
+
+    adds = _find_skip_adds(gm, exclude)
+    while True:
+        branch_nodes = {b for sk in adds.values() for b in sk.branch}
+        conv_nodes = [n for n in gm.graph.nodes
+                      if _searchable(gm, n, exclude) and n not in branch_nodes]
+        units = [_build_unit(gm, n, adds) for n in conv_nodes]
+        value_position = {}
+        for p, u in enumerate(units):
+            value_position.setdefault(u.input, p)
+            value_position[u.output] = p + 1
+        bad = [add for add, sk in adds.items()
+               if sk.source.name not in value_position
+               or not any(u.add == add.name for u in units)]
+        if not bad:
+            break
+        for add in bad:
+            del adds[add]
+
+    L = len(units)
+    if L == 0:
+        raise SpaceError("the graph has no searchable Conv2d on a main path")
+    skips, skip_users = [], {}
+    for p, u in enumerate(units, start=1):
+        if u.add is None:
+            continue
+        sk = adds[nodes[u.add]]
+        convs_in_branch = [b for b in sk.branch if ops.is_conv(gm, b)]
+        norms_in_branch = [b for b in sk.branch if ops.is_norm(gm, b)]
+        skips.append(Skip(
+            source=value_position[sk.source.name], target=p, add_node=u.add,
+            projection=convs_in_branch[0].target if convs_in_branch else None,
+            projection_norm=norms_in_branch[0].target if norms_in_branch else None,
+        ))
+        first = sk.branch[-1] if sk.branch else nodes[u.add]
+        skip_users.setdefault(sk.source.name, set()).add(first.name)
+
+    breaks = set()
+    for p in range(1, L):
+        prev, nxt = units[p - 1], units[p]
+        if nxt.input != prev.output:
+            breaks.add(p)
+            continue
+        allowed = {nxt.conv} | skip_users.get(prev.output, set())
+        if any(user.name not in allowed for user in nodes[prev.output].users):
+            breaks.add(p)
+    for p, u in enumerate(units):
+        # the value feeding a region's first conv must not feed anything unknown either
+        allowed = {u.conv} | skip_users.get(u.input, set())
+        if p > 0 and any(user.name not in allowed for user in nodes[u.input].users):
+            breaks.add(p)
+
+    convs = []
+    for p, (node, u) in enumerate(zip(conv_nodes, units), start=1):
+        m = ops.module_of(gm, node)
+        convs.append(Conv(
+            index=p, name=node.target, node=node.name,
+            in_channels=m.in_channels, out_channels=m.out_channels,
+            kernel=m.kernel_size[0], stride=m.stride[0], padding=m.padding[0],
+            dilation=m.dilation[0], groups=m.groups, bias=m.bias is not None,
+            norm=nodes[u.norm].target if u.norm else None,
+            activation=ops.activation_kind(gm, nodes[u.act]) if u.act else None,
+            in_shape=ops.tensor_shape(nodes[u.input]), out_shape=ops.tensor_shape(node),
+        ))
+    for c in convs:
+        if c.stride > 1 and c.index < L:
+            if stride_rule == "paper":
+                follower = convs[c.index]
+                one_by_one = follower.kernel == 1 and c.index not in breaks
+                breaks.add(c.index + 1 if one_by_one else c.index)
+    breaks.discard(L)
+
+    kinds = _node_kinds(gm)
+    barriers = [name for name, kind in kinds.items() if kind == "barrier"]
+    return MergeSpace(gm, convs, units, skips, breaks, barriers, stride_rule)
