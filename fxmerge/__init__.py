@@ -11,13 +11,33 @@ from .errors import (
     TableError,
     TraceError,
 )
+from .passes import GraphDiff, diff, merge, prune, transform
+from .plan import Block, Plan
 from .space import Conv, Entry, KernelOption, MergeSpace, Skip, analyze
 from .trace import trace
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "Conv", "Entry", "FxMergeError", "InfeasibleBudget", "KernelOption", "MergeError",
-    "MergeSpace", "PlanError", "Skip", "SpaceError", "TableError", "TraceError",
-    "analyze", "trace",
+    "Block",
+    "Conv",
+    "Entry",
+    "FxMergeError",
+    "GraphDiff",
+    "InfeasibleBudget",
+    "KernelOption",
+    "MergeError",
+    "MergeSpace",
+    "Plan",
+    "PlanError",
+    "Skip",
+    "SpaceError",
+    "TableError",
+    "TraceError",
+    "analyze",
+    "diff",
+    "merge",
+    "prune",
+    "trace",
+    "transform",
 ]

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .errors import MergeError
 
@@ -22,6 +22,7 @@ class AffineConv:
     bias: torch.Tensor  # (out,)
     stride: int = 1
     padding: int = 0
+    is_identity: bool = False  # exactly the identity (1x1, stride 1, no bias), maybe padded
 
     @property
     def kernel(self) -> int:
@@ -42,26 +43,16 @@ class AffineConv:
             x = x[..., c:x.shape[-2] - c, c:x.shape[-1] - c]
         return F.conv2d(x, self.weight, self.bias, self.stride, max(self.padding, 0))
 
-    def is_identity(self) -> bool:
-        return (
-            self.kernel == 1 and self.stride == 1 and self.in_channels == self.out_channels
-            and torch.equal(self.weight[:, :, 0, 0], torch.eye(self.in_channels).to(self.weight))
-            and not self.bias.any()
-        )
-
-
 def dense_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """Expand a grouped conv weight `(out, in/groups, k, k)` to a block-diagonal dense one."""
     if groups == 1:
         return weight
-    out_ch, in_per_group = weight.shape[:2]
-    out_per_group = out_ch // groups
-    dense = weight.new_zeros(out_ch, in_per_group * groups, *weight.shape[2:])
-    for g in range(groups):
-        rows = slice(g * out_per_group, (g + 1) * out_per_group)
-        cols = slice(g * in_per_group, (g + 1) * in_per_group)
-        dense[rows, cols] = weight[rows]
-    return dense
+    out_ch, in_per_group, *kernel = weight.shape
+    blocks = weight.reshape(groups, out_ch // groups, in_per_group, *kernel)
+    dense = weight.new_zeros(groups, out_ch // groups, groups, in_per_group, *kernel)
+    g = torch.arange(groups)
+    dense[g, :, g] = blocks
+    return dense.reshape(out_ch, groups * in_per_group, *kernel)
 
 
 def dilate_weight(weight: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -87,7 +78,7 @@ def from_conv(conv: nn.Conv2d, dtype: torch.dtype = torch.float64) -> AffineConv
 def identity(channels: int, dtype: torch.dtype = torch.float64) -> AffineConv:
     """The identity as a 1x1 conv."""
     weight = torch.eye(channels, dtype=dtype)[:, :, None, None]
-    return AffineConv(weight, torch.zeros(channels, dtype=dtype))
+    return AffineConv(weight, torch.zeros(channels, dtype=dtype), is_identity=True)
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype = torch.float64):
@@ -109,19 +100,31 @@ def fold_bn(a: AffineConv, bn: nn.BatchNorm2d) -> AffineConv:
 
 
 def compose(first: AffineConv, second: AffineConv) -> AffineConv:
-    """`second(first(x))` as one conv. `second` must have no padding of its own (the prune
-    pass moves a block's padding to its first conv, which is what keeps this exact).
+    """`second(first(x))` as one conv. Unless `first` is the identity, `second` must have no
+    padding of its own (the prune pass moves a block's padding to its first conv, which is
+    what keeps this exact).
 
     The merged kernel is `(k2 - 1) * s1 + k1` wide: the second kernel is dilated by the
     first stride, so a strided first conv is composed exactly.
     """
+    if first.is_identity and (first.padding >= 0 or second.padding == 0):
+        # zero-pad (or crop) then conv: a single padding
+        return AffineConv(second.weight, second.bias, second.stride,
+                          second.padding + first.padding)
     if second.padding != 0:
         raise MergeError(
             f"cannot compose: the second conv pads by {second.padding}; move the padding of a "
             "block to its first conv (fxmerge.prune does) before merging")
     if first.out_channels != second.in_channels:
         raise MergeError(f"channel mismatch {first.out_channels} -> {second.in_channels}")
-    weight = F.conv_transpose2d(second.weight, first.weight, stride=first.stride)
+    s, k1, k2 = first.stride, first.kernel, second.kernel
+    size = (k2 - 1) * s + k1
+    weight = first.weight.new_zeros(second.out_channels, first.in_channels, size, size)
+    flat = first.weight.reshape(first.out_channels, -1)
+    for uy in range(k2):
+        for ux in range(k2):
+            tap = (second.weight[:, :, uy, ux] @ flat).view(weight.shape[0], -1, k1, k1)
+            weight[:, :, s * uy:s * uy + k1, s * ux:s * ux + k1] += tap
     bias = second.weight.sum(dim=(2, 3)) @ first.bias + second.bias
     return AffineConv(weight, bias, first.stride * second.stride, first.padding)
 
@@ -129,10 +132,10 @@ def compose(first: AffineConv, second: AffineConv) -> AffineConv:
 def crop_output(a: AffineConv, amount: int) -> AffineConv:
     """`a(x)` with `amount` pixels removed on each side (negative `amount` pads with zeros,
     which only the identity can absorb exactly)."""
-    if amount < 0 and not a.is_identity():
+    if amount < 0 and not a.is_identity:
         raise MergeError(
             f"zero-padding the output of a non-identity conv by {-amount} is not a convolution")
-    return AffineConv(a.weight, a.bias, a.stride, a.padding - amount * a.stride)
+    return AffineConv(a.weight, a.bias, a.stride, a.padding - amount * a.stride, a.is_identity)
 
 
 def add(a: AffineConv, b: AffineConv) -> AffineConv:

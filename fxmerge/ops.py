@@ -5,9 +5,8 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.fx as fx
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import fx, nn
 
 ACTIVATION_MODULES: dict[type, str] = {
     nn.ReLU: "relu",

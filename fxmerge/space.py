@@ -14,8 +14,7 @@ from functools import cached_property
 from typing import NamedTuple
 
 import networkx as nx
-import torch.fx as fx
-import torch.nn as nn
+from torch import fx, nn
 
 from . import ops
 from .errors import SpaceError
@@ -74,6 +73,7 @@ class Skip:
     source: int
     target: int
     add_node: str
+    source_node: str
     projection: str | None = None
     projection_norm: str | None = None
 
@@ -194,6 +194,14 @@ class MergeSpace:
             (i < s.source < j < s.target) or (s.source < i < s.target < j) for s in self.skips
         )
 
+    def kernel_of(self, kept: Iterable[int]) -> KernelOption:
+        """Merged (kernel, depthwise) of the convs with these indices, in order."""
+        k, s, dw = 1, 1, True
+        for idx in sorted(kept):
+            c = self.convs[idx - 1]
+            k, s, dw = k + (c.kernel - 1) * c.dilation * s, s * c.stride, dw and c.depthwise
+        return KernelOption(k, dw)
+
     def _states(self, i: int, j: int):
         """All (kernel, stride, depthwise, any_kept) reachable keeping R and any reducible."""
         states = {(1, 1, True, False)}
@@ -256,10 +264,9 @@ class MergeSpace:
 
     def summary(self) -> str:
         """A readable table of the searched convs and the size of the space."""
-        lines = [
-            f"{'pos':>4}  {'conv':<28} {'in->out':>11} {'k':>2} {'s':>2} {'g':>4}  "
-            f"{'act':<9} {'R':<1} note"
-        ]
+        header = (f"{'pos':>4}  {'conv':<28} {'in->out':>11} {'k':>2} {'s':>2} {'g':>4}  "
+                  f"{'act':<9} {'R':<1} note")
+        lines = [header]
         starts = {s.source: s for s in self.skips}
         ends = {s.target: s for s in self.skips}
         for c in self.convs:
@@ -387,7 +394,7 @@ def _build_unit(gm: fx.GraphModule, conv: fx.Node, adds: dict[fx.Node, _SkipBran
         nxt = ops.only_user(cur)
     if nxt is not None and ops.activation_kind(gm, nxt):
         act = nxt
-    name = lambda n: n.name if n is not None else None  # noqa: E731
+    name = lambda n: n.name if n is not None else None
     return Unit(conv.args[0].name, conv.name, name(norm), name(add), name(act))
 
 
@@ -442,6 +449,7 @@ def analyze(
         norms_in_branch = [b for b in sk.branch if ops.is_norm(gm, b)]
         skips.append(Skip(
             source=value_position[sk.source.name], target=p, add_node=u.add,
+            source_node=sk.source.name,
             projection=convs_in_branch[0].target if convs_in_branch else None,
             projection_norm=norms_in_branch[0].target if norms_in_branch else None,
         ))
@@ -476,11 +484,10 @@ def analyze(
             in_shape=ops.tensor_shape(nodes[u.input]), out_shape=ops.tensor_shape(node),
         ))
     for c in convs:
-        if c.stride > 1 and c.index < L:
-            if stride_rule == "paper":
-                follower = convs[c.index]
-                one_by_one = follower.kernel == 1 and c.index not in breaks
-                breaks.add(c.index + 1 if one_by_one else c.index)
+        if stride_rule == "paper" and c.stride > 1 and c.index < L:
+            follower = convs[c.index]
+            one_by_one = follower.kernel == 1 and c.index not in breaks
+            breaks.add(c.index + 1 if one_by_one else c.index)
     breaks.discard(L)
 
     kinds = _node_kinds(gm)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TraceError

@@ -1,7 +1,7 @@
 """Small models used across the tests."""
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 class TinyUNet(nn.Module):

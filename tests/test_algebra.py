@@ -1,8 +1,8 @@
 import pytest
 import torch
-import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from fxmerge import MergeError, algebra
 
@@ -35,7 +35,7 @@ def conv_chains(draw):
             c_out, groups = draw(st.sampled_from([2, 4, 6])), 2
         else:
             c_out, groups = draw(st.integers(1, 5)), 1
-        layers.append(dict(
+        layers.append(dict(  # noqa: C408
             in_channels=c_in, out_channels=c_out, groups=groups,
             kernel_size=draw(st.integers(1, 7)), stride=draw(st.integers(1, 2)),
             dilation=draw(st.sampled_from([1, 1, 2])),

@@ -1,10 +1,10 @@
 import pytest
 import torch
 import torchvision
+from models import DataDependent, TinyUNet
 
 import fxmerge
 from fxmerge.space import Entry
-from models import DataDependent, TinyUNet
 
 X64 = torch.randn(1, 3, 64, 64)
 MBV2_EXCLUDE = ["features.0.0", "features.18.0"]

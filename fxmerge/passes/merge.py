@@ -1,0 +1,164 @@
+"""The merge pass: one convolution per block, exactly equal to the pruned network.
+
+Each block is read as an affine map from its input: convs are composed, BatchNorms folded,
+skip-additions whose whole branch lies inside the block fused (identity or projection
+kernel), and the crops/pads the prune pass put on skips absorbed. Anything else inside a
+block is refused: a wrong merge is worse than no merge.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import fx, nn
+
+from .. import algebra, ops
+from ..errors import MergeError
+from ..plan import Plan
+from .prune import PLAN_KEY, prune
+
+log = logging.getLogger(__name__)
+
+MERGED_KEY = "fxmerge_merged"
+
+
+class _BlockReader:
+    """Computes the affine map from a block's input node to nodes of the block."""
+
+    def __init__(self, gm: fx.GraphModule, source: fx.Node, channels: int) -> None:
+        self.gm = gm
+        self.source = source
+        self.affine: dict[fx.Node, algebra.AffineConv] = {
+            source: algebra.identity(channels, torch.float64)}
+
+    def read(self, node: fx.Node, *, strict: bool) -> algebra.AffineConv | None:
+        """The affine map of `node`, or None (strict: MergeError) if it is not one."""
+        if node in self.affine:
+            return self.affine[node]
+        result = self._step(node, strict)
+        if result is not None:
+            self.affine[node] = result
+        return result
+
+    def _refuse(self, node: fx.Node, strict: bool, why: str):
+        if strict:
+            raise MergeError(f"cannot merge through node '{node.name}' ({node.op} "
+                             f"{node.target}): {why}")
+
+    def _step(self, node: fx.Node, strict: bool) -> algebra.AffineConv | None:
+        if node.op == "placeholder" or not node.all_input_nodes:
+            return self._refuse(node, strict, "not computed from the block's input")
+        module = ops.module_of(self.gm, node)
+        if isinstance(module, nn.Conv2d) and ops.conv_refusal(module) is None:
+            inner = self.read(node.args[0], strict=strict)
+            return inner and algebra.compose(inner, algebra.from_conv(module))
+        if isinstance(module, nn.BatchNorm2d):
+            if module.training:
+                raise MergeError(f"BatchNorm '{node.target}' is in training mode: call .eval() "
+                                 "on the pruned model before merging")
+            inner = self.read(node.args[0], strict=strict)
+            return inner and algebra.fold_bn(inner, module)
+        amount = ops.pad_amount(node)
+        if amount is not None:
+            inner = self.read(node.args[0], strict=strict)
+            return inner and algebra.crop_output(inner, -amount)
+        if ops.is_add(node):
+            parts = [self.read(a, strict=strict) for a in node.args]
+            return None if None in parts else algebra.add(*parts)
+        return self._refuse(node, strict, "unknown or non-linear op inside a block")
+
+
+def _ancestors_within(node: fx.Node, stop: fx.Node) -> list[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen or n is stop:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return list(seen)
+
+
+def _merge_block(gm: fx.GraphModule, convs: dict[str, fx.Node], kept: tuple[str, ...]) -> None:
+    first, last = convs[kept[0]], convs[kept[-1]]
+    source = first.args[0]
+    template = gm.get_submodule(kept[0])
+    reader = _BlockReader(gm, source, template.in_channels)
+    for n in _ancestors_within(last, source):
+        reader.read(n, strict=True)
+    output = last
+    while True:  # the tail: the last conv's norm, then adds whose skip comes from the block
+        user = ops.only_user(output)
+        if user is None or not (ops.is_norm(gm, user) or ops.is_add(user)):
+            break
+        if reader.read(user, strict=False) is None:
+            break
+        output = user
+    region = [n for n in reader.affine if n is not source]
+    inside = set(region)
+    for n in region:
+        outside = [u.name for u in n.users if u not in inside and n is not output]
+        if outside:
+            raise MergeError(f"value '{n.name}' inside the block of '{kept[0]}' is also used by "
+                             f"{outside}; it cannot be merged away")
+    conv = algebra.to_conv(reader.affine[output], template.weight.dtype, template.weight.device)
+    gm.add_submodule(kept[0], conv)
+    with gm.graph.inserting_after(output):
+        merged = gm.graph.call_module(kept[0], (source,))
+    output.replace_all_uses_with(merged)
+    for n in reversed([n for n in gm.graph.nodes if n in inside]):
+        gm.graph.erase_node(n)
+
+
+def _fold_remaining_norms(gm: fx.GraphModule) -> None:
+    """Fold each BatchNorm that directly follows a conv outside the blocks (projections,
+    excluded convs) into that conv."""
+    for node in list(gm.graph.nodes):
+        conv_node = node.args[0] if ops.is_norm(gm, node) else None
+        if conv_node is None or not ops.is_conv(gm, conv_node) or len(conv_node.users) != 1:
+            continue
+        conv = gm.get_submodule(conv_node.target)
+        if ops.conv_refusal(conv) is not None:
+            continue
+        folded = algebra.fold_bn(algebra.from_conv(conv), gm.get_submodule(node.target))
+        gm.add_submodule(conv_node.target,
+                         algebra.to_conv(folded, conv.weight.dtype, conv.weight.device))
+        node.replace_all_uses_with(conv_node)
+        gm.graph.erase_node(node)
+
+
+def merge(pruned: fx.GraphModule) -> fx.GraphModule:
+    """Merge every block of a pruned network (from `fxmerge.prune`, in eval mode) into one
+    conv. Returns a new GraphModule in eval mode; `pruned` is not changed."""
+    plan: Plan | None = getattr(pruned, "meta", {}).get(PLAN_KEY)
+    if plan is None:
+        raise MergeError("this graph was not made by fxmerge.prune: merge needs the plan "
+                         "prune records (use fxmerge.transform(gm, plan) on a traced model)")
+    if pruned.meta.get(MERGED_KEY):
+        raise MergeError("this graph is already merged")
+    for name, m in pruned.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            raise MergeError(f"BatchNorm '{name}' is in training mode: call .eval() on the "
+                             "pruned model before merging")
+    out = copy.deepcopy(pruned).eval()
+    convs = {n.target: n for n in out.graph.nodes if n.op == "call_module"}
+    with torch.no_grad():
+        for block in plan.blocks:
+            missing = [name for name in block.kept if name not in convs]
+            if missing:
+                raise MergeError(f"kept conv(s) {missing} are not in this graph")
+            _merge_block(out, convs, block.kept)
+        _fold_remaining_norms(out)
+    out.graph.lint()
+    out.delete_all_unused_submodules()
+    out.recompile()
+    out.meta[MERGED_KEY] = True
+    log.info("merged %d blocks", len(plan.blocks))
+    return out
+
+
+def transform(gm: fx.GraphModule, plan: Plan, *, add_activations: bool = False) -> fx.GraphModule:
+    """`merge(prune(gm, plan))`, for inference: the pruned network is put in eval mode."""
+    return merge(prune(gm, plan, add_activations=add_activations).eval())

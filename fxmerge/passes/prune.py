@@ -1,0 +1,150 @@
+"""The prune pass: apply a plan to a traced model, keeping every layer separate and trainable.
+
+Removed activations and convs become identity, each block's padding moves to its first kept
+conv (so that merging it later is exact), and skips inside a block are cropped or padded to
+meet the larger feature maps. Fine-tune the result, then call `fxmerge.merge`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .. import ops
+from ..errors import PlanError
+from ..plan import Plan
+from ..space import MergeSpace, analyze
+from ..trace import propagate_shapes
+
+log = logging.getLogger(__name__)
+
+PLAN_KEY = "fxmerge_plan"
+_ACTIVATION_CLASSES = {kind: cls for cls, kind in ops.ACTIVATION_MODULES.items()}
+
+
+def block_borders(space: MergeSpace, i: int, j: int, kept: set[str]) -> dict[int, int]:
+    """Border width at each position of block `(i, j)` once its padding sits on its first
+    kept conv: the extra pixels each side that later convs of the block will consume."""
+    border = {j: 0}
+    for p in range(j, i, -1):
+        c = space.conv(p)
+        border[p - 1] = border[p] * c.stride + c.padding if c.name in kept else border[p]
+    return border
+
+
+def _move_padding(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> dict:
+    """Set paddings; return, per skip inside a block, the crop (>0) or pad (<0) of its source."""
+    kept = set(plan.kept_convs)
+    skip_crop = {}
+    for (i, j), block in zip(plan.spans(space), plan.blocks):
+        border = block_borders(space, i, j, kept)
+        first = space.conv(block.kept[0]).index
+        for name in block.kept:
+            p = space.conv(name).index
+            gm.get_submodule(name).padding = (border[p - 1],) * 2 if p == first else (0, 0)
+        physical = {p: (0 if p < first else border[p]) for p in border}
+        for skip in space.skips:
+            if i <= skip.source and skip.target <= j:
+                stride = gm.get_submodule(skip.projection).stride[0] if skip.projection else 1
+                crop = physical[skip.source] - stride * physical[skip.target]
+                if crop:
+                    skip_crop[skip] = crop
+    return skip_crop
+
+
+def _insert_skip_pads(gm: fx.GraphModule, skip_crop: dict) -> None:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for skip, crop in skip_crop.items():
+        source = nodes[skip.source_node]
+        if skip.projection:
+            consumer = next(n for n in source.users if n.op == "call_module"
+                            and n.target == skip.projection)
+        else:
+            consumer = nodes[skip.add_node]
+        with gm.graph.inserting_before(consumer):
+            pad = gm.graph.call_function(F.pad, (source, (-crop,) * 4))
+        consumer.replace_input_with(source, pad)
+
+
+def _add_activations(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> None:
+    """After merged blocks that end where the network has no activation (MobileNetV2)."""
+    kinds = Counter(c.activation for c in space.convs if c.activation)
+    if not kinds:
+        return
+    cls = _ACTIVATION_CLASSES[kinds.most_common(1)[0][0]]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for n_added, (i, j) in enumerate(plan.spans(space)):
+        if j - i < 2 or j == space.L or space.activation(j) is not None:
+            continue
+        value = nodes[space.units[j - 1].output]
+        name = f"fxmerge_act_{n_added}"
+        gm.add_submodule(name, cls())
+        with gm.graph.inserting_after(value):
+            act = gm.graph.call_module(name, (value,))
+        value.replace_all_uses_with(act, delete_user_cb=lambda user, new=act: user is not new)
+
+
+def _bypass(gm: fx.GraphModule, first: fx.Node, last: fx.Node) -> None:
+    """Replace the chain `first .. last` by `first`'s input and erase it."""
+    last.replace_all_uses_with(first.args[0])
+    node = last
+    while True:
+        prev = node.args[0] if node is not first else None
+        gm.graph.erase_node(node)
+        if prev is None:
+            break
+        node = prev
+
+
+def _check_adds(gm: fx.GraphModule) -> None:
+    for n in gm.graph.nodes:
+        if ops.is_add(n):
+            shapes = [ops.tensor_shape(a) for a in n.args]
+            if shapes[0] != shapes[1]:
+                raise PlanError(f"after pruning, add '{n.name}' meets shapes {shapes[0]} and "
+                                f"{shapes[1]}: the skip could not be aligned")
+
+
+def example_inputs_of(gm: fx.GraphModule) -> list[torch.Tensor]:
+    """Random inputs with the shapes recorded when the graph was traced."""
+    return [torch.randn(ops.tensor_shape(n), dtype=n.meta["tensor_meta"].dtype)
+            for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def prune(gm: fx.GraphModule, plan: Plan, *, add_activations: bool = False) -> fx.GraphModule:
+    """Apply `plan` to a traced model (see `fxmerge.trace`) and return a new, trainable
+    GraphModule; `gm` is not changed. With `add_activations`, a block that merges several
+    convs and ends where the network had no activation gets one (as the paper does)."""
+    if not isinstance(gm, fx.GraphModule):
+        raise PlanError("prune needs a GraphModule: trace the model with fxmerge.trace first")
+    space = analyze(gm, stride_rule=plan.stride_rule, exclude=plan.exclude)
+    plan.validate(space)
+    out = copy.deepcopy(gm)
+    nodes = {n.name: n for n in out.graph.nodes}
+
+    skip_crop = _move_padding(out, space, plan)
+    _insert_skip_pads(out, skip_crop)
+    if add_activations:
+        _add_activations(out, space, plan)
+    for name in plan.inner_positions:
+        act = space.units[space.conv(name).index - 1].act
+        if act is not None:
+            _bypass(out, nodes[act], nodes[act])
+    for name in plan.removed_convs:
+        unit = space.units[space.conv(name).index - 1]
+        _bypass(out, nodes[unit.conv], nodes[unit.norm or unit.conv])
+
+    out.graph.lint()
+    out.delete_all_unused_submodules()
+    out.recompile()
+    propagate_shapes(out, example_inputs_of(gm))
+    _check_adds(out)
+    out.meta[PLAN_KEY] = plan
+    log.info("pruned: %d convs removed, %d activations removed",
+             len(plan.removed_convs), len(plan.inner_positions))
+    return out

@@ -1,0 +1,151 @@
+"""Plan: which convs and activations a compressed network keeps, by module name."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+
+from .errors import PlanError
+from .space import MergeSpace
+
+
+@dataclass(frozen=True)
+class Block:
+    """Convs `convs` (consecutive, by module name) merged into one `kernel`x`kernel` conv."""
+
+    convs: tuple[str, ...]
+    kept: tuple[str, ...]
+    kernel: int
+    depthwise: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Blocks tiling the searched convs. Activations are kept at block ends, removed inside."""
+
+    blocks: tuple[Block, ...]
+    signature: str
+    stride_rule: str = "paper"
+    exclude: tuple[str, ...] = ()
+    method: str = "manual"
+    budget: float | None = None
+    budget_ms: float | None = None
+    predicted_latency_ms: float | None = None
+    predicted_importance: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    # ---- derived views --------------------------------------------------------------
+    @property
+    def kept_convs(self) -> tuple[str, ...]:
+        return tuple(name for b in self.blocks for name in b.kept)
+
+    @property
+    def removed_convs(self) -> tuple[str, ...]:
+        return tuple(n for b in self.blocks for n in b.convs if n not in b.kept)
+
+    @property
+    def boundaries(self) -> tuple[str, ...]:
+        """Convs after which a block ends (an activation there is kept)."""
+        return tuple(b.convs[-1] for b in self.blocks)
+
+    @property
+    def inner_positions(self) -> tuple[str, ...]:
+        """Convs after which the activation is removed (positions strictly inside a block)."""
+        return tuple(n for b in self.blocks for n in b.convs[:-1])
+
+    def spans(self, space: MergeSpace) -> list[tuple[int, int]]:
+        """Each block as positions `(i, j)` of `space`."""
+        return [(space.conv(b.convs[0]).index - 1, space.conv(b.convs[-1]).index)
+                for b in self.blocks]
+
+    # ---- construction ---------------------------------------------------------------
+    @classmethod
+    def from_spans(cls, space: MergeSpace, spans, kept: set[str], **info) -> Plan:
+        """A plan from block spans `(i, j)` and the set of kept conv names."""
+        blocks = []
+        for i, j in spans:
+            convs = tuple(c.name for c in space.convs[i:j])
+            kept_here = tuple(n for n in convs if n in kept)
+            opt = space.kernel_of(space.conv(n).index for n in kept_here)
+            blocks.append(Block(convs, kept_here, opt.kernel, opt.depthwise))
+        return cls(tuple(blocks), space.signature, space.stride_rule,
+                   tuple(sorted(info.pop("exclude", ()))), **info)
+
+    @classmethod
+    def identity(cls, space: MergeSpace, *, exclude=()) -> Plan:
+        """Keep every conv and activation: transform gives the original network, BN folded."""
+        spans = [(p - 1, p) for p in range(1, space.L + 1)]
+        return cls.from_spans(space, spans, {c.name for c in space.convs}, exclude=exclude,
+                              method="identity")
+
+    @classmethod
+    def random(cls, space: MergeSpace, seed: int = 0, *, exclude=()) -> Plan:
+        """A random legal plan (for tests): random block ends, random reducible convs kept."""
+        rng = random.Random(seed)
+        spans, kept, i = [], set(), 0
+        while i < space.L:
+            j = rng.choice([j for (a, j) in space.blocks if a == i])
+            convs = space.convs[i:j]
+            chosen = {c.name for c in convs if c.irreducible or rng.random() < 0.5}
+            if not chosen:
+                chosen = {rng.choice(convs).name}
+            kept |= chosen
+            spans.append((i, j))
+            i = j
+        return cls.from_spans(space, spans, kept, exclude=exclude, method=f"random:{seed}")
+
+    # ---- checks ----------------------------------------------------------------------
+    def validate(self, space: MergeSpace) -> None:
+        """Raise `PlanError` unless this plan fits `space` and obeys every merge rule."""
+        if self.signature != space.signature:
+            raise PlanError(
+                f"plan was made for another graph (signature {self.signature}, this graph "
+                f"{space.signature}); re-solve on this model, or analyse it with "
+                f"stride_rule={self.stride_rule!r}, exclude={list(self.exclude)}")
+        names = [c.name for c in space.convs]
+        covered = [n for b in self.blocks for n in b.convs]
+        if covered != names:
+            raise PlanError("plan blocks do not tile the searched convs in order")
+        for b, (i, j) in zip(self.blocks, self.spans(space)):
+            if (i, j) not in space.blocks:
+                raise PlanError(
+                    f"block {b.convs[0]}..{b.convs[-1]} (positions {i}..{j}) is not legal: "
+                    "it crosses a barrier, a stride break or half a residual segment")
+            missing = [c.name for c in space.convs[i:j] if c.irreducible and c.name not in b.kept]
+            if missing:
+                raise PlanError(f"plan removes irreducible conv(s) {missing}")
+            unknown = set(b.kept) - set(b.convs)
+            if unknown or not b.kept:
+                raise PlanError(f"block {b.convs[0]}..{b.convs[-1]} keeps {sorted(unknown) or 'no conv'}")
+            opt = space.kernel_of(space.conv(n).index for n in b.kept)
+            if (opt.kernel, opt.depthwise) != (b.kernel, b.depthwise):
+                raise PlanError(
+                    f"block {b.convs[0]}..{b.convs[-1]} states kernel {b.kernel} "
+                    f"(dw={b.depthwise}) but its kept convs give {opt.kernel} (dw={opt.depthwise})")
+
+    # ---- JSON ------------------------------------------------------------------------
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(asdict(self), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        data = json.loads(text)
+        try:
+            blocks = tuple(Block(tuple(b["convs"]), tuple(b["kept"]), int(b["kernel"]),
+                                 bool(b["depthwise"])) for b in data.pop("blocks"))
+            data["exclude"] = tuple(data.get("exclude", ()))
+            return cls(blocks=blocks, **data)
+        except (KeyError, TypeError) as exc:
+            raise PlanError(f"not a fxmerge plan: {exc}") from exc
+
+    def describe(self) -> str:
+        """One line per block: its convs, what is kept, the merged kernel."""
+        header = (f"plan ({self.method}, budget={self.budget}, predicted "
+                  f"{self.predicted_latency_ms} ms, importance {self.predicted_importance})")
+        lines = [header]
+        for b in self.blocks:
+            span = b.convs[0] if len(b.convs) == 1 else f"{b.convs[0]} .. {b.convs[-1]}"
+            lines.append(f"  {span:<50} keep {len(b.kept)}/{len(b.convs)} -> "
+                         f"{b.kernel}x{b.kernel}{' dw' if b.depthwise else ''}")
+        return "\n".join(lines)

@@ -1,0 +1,227 @@
+import copy
+import time
+
+import pytest
+import torch
+import torchvision
+from helpers import randomize_batchnorm, relative_error
+from models import TinyUNet
+from torch import nn
+
+import fxmerge
+
+MBV2_EXCLUDE = ("features.0.0", "features.18.0")
+CASES = {
+    "resnet18": (lambda: torchvision.models.resnet18(), (), range(6)),
+    "resnet34": (lambda: torchvision.models.resnet34(), ("conv1",), range(6)),
+    "resnet50": (lambda: torchvision.models.resnet50(), (), [2, 5]),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(), MBV2_EXCLUDE, range(8)),
+    "mobilenet_v2_1.4": (lambda: torchvision.models.mobilenet_v2(width_mult=1.4), MBV2_EXCLUDE,
+                         range(4)),
+}
+X = torch.randn(2, 3, 64, 64)
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def traced(request):
+    factory, exclude, seeds = CASES[request.param]
+    model = randomize_batchnorm(factory())
+    gm = fxmerge.trace(model, X)
+    return model, gm, fxmerge.analyze(gm, exclude=exclude), exclude, seeds
+
+
+def merged_conv_names(gm):
+    return {n.target for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d)}
+
+
+def test_random_plans_merge_exactly(traced):
+    _, gm, space, exclude, seeds = traced
+    for seed in seeds:
+        plan = fxmerge.Plan.random(space, seed, exclude=exclude)
+        pruned = fxmerge.prune(gm, plan).eval()
+        merged = fxmerge.merge(pruned)
+        with torch.no_grad():
+            assert relative_error(pruned(X), merged(X)) <= 1e-5, seed
+        names = merged_conv_names(merged)
+        searched = {c.name for c in space.convs}
+        # one conv per block, named after the block's first kept conv
+        assert names & searched == {b.kept[0] for b in plan.blocks}
+        assert len(merged.graph.nodes) < len(pruned.graph.nodes)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in merged.modules())
+
+
+def test_identity_plan_reproduces_the_original(traced):
+    model, gm, space, exclude, _ = traced
+    merged = fxmerge.transform(gm, fxmerge.Plan.identity(space, exclude=exclude))
+    with torch.no_grad():
+        assert relative_error(model(X), merged(X)) <= 1e-5
+
+
+def test_pruned_network_is_the_plan():
+    model = randomize_batchnorm(torchvision.models.resnet18())
+    gm = fxmerge.trace(model, X)
+    space = fxmerge.analyze(gm)
+    plan = fxmerge.Plan.random(space, 3)
+    pruned = fxmerge.prune(gm, plan)
+    modules = dict(pruned.named_modules())
+    for name in plan.removed_convs:
+        assert name not in modules
+    for name in plan.kept_convs:
+        assert isinstance(modules[name], nn.Conv2d)
+    # padding sits on each block's first kept conv only
+    for b in plan.blocks:
+        for name in b.kept[1:]:
+            assert modules[name].padding == (0, 0)
+    relus = [n for n in pruned.graph.nodes if n.op == "call_module"
+             and isinstance(modules[n.target], nn.ReLU)]
+    expected = sum(1 for b in plan.blocks if space.conv(b.convs[-1]).activation == "relu")
+    assert len(relus) == expected
+
+
+def test_passes_never_mutate_their_input():
+    gm = fxmerge.trace(randomize_batchnorm(torchvision.models.resnet18()), X)
+    space = fxmerge.analyze(gm)
+    code, state = gm.code, copy.deepcopy(gm.state_dict())
+    pruned = fxmerge.prune(gm, fxmerge.Plan.random(space, 1)).eval()
+    pruned_code = pruned.code
+    fxmerge.merge(pruned)
+    assert gm.code == code and pruned.code == pruned_code
+    assert all(torch.equal(v, state[k]) for k, v in gm.state_dict().items())
+    assert gm.get_submodule("layer1.0.conv2").padding == (1, 1)
+
+
+def test_shared_activation_module_survives():
+    """torchvision's BasicBlock calls one `self.relu` twice; removing one use keeps the other."""
+    gm = fxmerge.trace(randomize_batchnorm(torchvision.models.resnet18()), X)
+    space = fxmerge.analyze(gm)
+    i = space.conv("layer1.0.conv1").index - 1
+    spans = [(p - 1, p) for p in range(1, i + 1)] + [(i, i + 2)] + [
+        (p - 1, p) for p in range(i + 3, space.L + 1)]
+    plan = fxmerge.Plan.from_spans(space, spans, {c.name for c in space.convs})
+    pruned = fxmerge.prune(gm, plan)
+    uses = [n for n in pruned.graph.nodes if n.target == "layer1.0.relu"]
+    assert len(uses) == 1  # the one after the add is kept
+    merged = fxmerge.merge(pruned.eval())
+    assert merged.get_submodule("layer1.0.conv1").kernel_size == (5, 5)
+    with torch.no_grad():
+        assert relative_error(pruned(X), merged(X)) <= 1e-5
+
+
+def test_add_activations_option_on_mobilenet_v2():
+    gm = fxmerge.trace(randomize_batchnorm(torchvision.models.mobilenet_v2()), X)
+    space = fxmerge.analyze(gm, exclude=MBV2_EXCLUDE)
+    plan = fxmerge.Plan.random(space, 0, exclude=MBV2_EXCLUDE)
+    pruned = fxmerge.prune(gm, plan, add_activations=True).eval()
+    added = [n for n in pruned.graph.nodes if str(n.target).startswith("fxmerge_act")]
+    expected = [(i, j) for i, j in plan.spans(space)
+                if j - i > 1 and j < space.L and space.activation(j) is None]
+    assert expected and len(added) == len(expected)
+    assert all(isinstance(pruned.get_submodule(n.target), nn.ReLU6) for n in added)
+    merged = fxmerge.merge(pruned)
+    with torch.no_grad():
+        assert relative_error(pruned(X), merged(X)) <= 1e-5
+
+
+def test_unet_blocks_merge_and_barriers_stay():
+    gm = fxmerge.trace(TinyUNet(), torch.randn(1, 3, 32, 32))
+    space = fxmerge.analyze(gm)
+    plan = fxmerge.Plan.random(space, 4)
+    merged = fxmerge.transform(gm, plan)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(fxmerge.prune(gm, plan)(x), merged(x)) <= 1e-5
+    targets = [n.target for n in merged.graph.nodes]
+    assert torch.cat in targets and "pool" in targets and "up" in targets
+
+
+def test_transform_mobilenet_v2_is_fast():
+    gm = fxmerge.trace(torchvision.models.mobilenet_v2().eval(), torch.randn(1, 3, 224, 224))
+    space = fxmerge.analyze(gm, exclude=MBV2_EXCLUDE)
+    plan = fxmerge.Plan.random(space, 1, exclude=MBV2_EXCLUDE)
+    start = time.perf_counter()
+    fxmerge.transform(gm, plan)
+    assert time.perf_counter() - start < 5.0  # a guard against blow-ups, not a benchmark
+
+
+# ---- bad input --------------------------------------------------------------------------
+def test_training_mode_batchnorm_is_refused():
+    gm = fxmerge.trace(torchvision.models.resnet18(), X)
+    pruned = fxmerge.prune(gm, fxmerge.Plan.identity(fxmerge.analyze(gm))).train()
+    with pytest.raises(fxmerge.MergeError, match=r"BatchNorm 'bn1' is in training mode"):
+        fxmerge.merge(pruned)
+
+
+def test_merge_refuses_a_graph_not_pruned_by_fxmerge():
+    gm = fxmerge.trace(torchvision.models.resnet18().eval(), X)
+    with pytest.raises(fxmerge.MergeError, match="not made by fxmerge.prune"):
+        fxmerge.merge(gm)
+
+
+def test_plan_for_another_graph_is_refused():
+    a = fxmerge.trace(torchvision.models.resnet18(), X)
+    b = fxmerge.trace(torchvision.models.resnet34(), X)
+    plan = fxmerge.Plan.random(fxmerge.analyze(a), 0)
+    with pytest.raises(fxmerge.PlanError, match="another graph"):
+        fxmerge.prune(b, plan)
+
+
+def test_plans_that_break_rules_are_refused():
+    gm = fxmerge.trace(torchvision.models.resnet18(), X)
+    space = fxmerge.analyze(gm)
+    plan = fxmerge.Plan.identity(space)
+    blocks = list(plan.blocks)
+    strided = next(i for i, b in enumerate(blocks) if space.conv(b.convs[0]).stride == 2)
+    blocks[strided] = fxmerge.Block(blocks[strided].convs, (), 1, False)
+    bad = fxmerge.Plan(tuple(blocks), plan.signature)
+    with pytest.raises(fxmerge.PlanError, match="irreducible"):
+        fxmerge.prune(gm, bad)
+    # merging conv1 (stem) with layer1.0.conv1 would cross the max-pool barrier
+    crossing = fxmerge.Plan.from_spans(
+        space, [(0, 2)] + [(p - 1, p) for p in range(3, space.L + 1)],
+        {c.name for c in space.convs})
+    with pytest.raises(fxmerge.PlanError, match="not legal"):
+        crossing.validate(space)
+    first = plan.blocks[0]
+    wrong_kernel = fxmerge.Plan((fxmerge.Block(first.convs, first.kept, 3, False),
+                                 *plan.blocks[1:]), plan.signature)
+    with pytest.raises(fxmerge.PlanError, match="states kernel 3"):
+        wrong_kernel.validate(space)
+
+
+def test_unknown_op_inside_a_block_is_refused():
+    """A graph edited after pruning (an op slipped inside a block) is never merged through."""
+    gm = fxmerge.trace(randomize_batchnorm(torchvision.models.resnet18()), X)
+    space = fxmerge.analyze(gm)
+    i = space.conv("layer1.0.conv1").index - 1
+    spans = [(p - 1, p) for p in range(1, i + 1)] + [(i, i + 2)] + [
+        (p - 1, p) for p in range(i + 3, space.L + 1)]
+    plan = fxmerge.Plan.from_spans(space, spans, {c.name for c in space.convs})
+    pruned = fxmerge.prune(gm, plan).eval()
+    bn1 = next(n for n in pruned.graph.nodes if n.target == "layer1.0.bn1")
+    with pruned.graph.inserting_after(bn1):
+        sig = pruned.graph.call_function(torch.sigmoid, (bn1,))
+    bn1.replace_all_uses_with(sig, delete_user_cb=lambda u: u is not sig)
+    pruned.recompile()
+    with pytest.raises(fxmerge.MergeError, match="sigmoid"):
+        fxmerge.merge(pruned)
+
+
+def test_plan_json_round_trip_and_diff():
+    gm = fxmerge.trace(torchvision.models.mobilenet_v2(), X)
+    space = fxmerge.analyze(gm, exclude=MBV2_EXCLUDE)
+    plan = fxmerge.Plan.random(space, 2, exclude=MBV2_EXCLUDE)
+    again = fxmerge.Plan.from_json(plan.to_json())
+    assert again == plan
+    again.validate(space)
+    with pytest.raises(fxmerge.PlanError, match="not a fxmerge plan"):
+        fxmerge.Plan.from_json('{"signature": "x"}')
+    pruned = fxmerge.prune(gm, plan).eval()
+    merged = fxmerge.merge(pruned)
+    d = fxmerge.diff(gm, merged)
+    text = str(d)
+    for name in plan.removed_convs:
+        assert any(line.startswith(name + ":") for line in d.removed), name
+    first = plan.blocks[0]
+    assert any(a.startswith(first.kept[0] + ":") for a, _ in d.replaced) or len(first.kept) == 1
+    assert f"{len(d.removed)} removed" in text
