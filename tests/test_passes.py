@@ -35,6 +35,14 @@ def merged_conv_names(gm):
             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d)}
 
 
+def plan_merging_first_basic_block(space):
+    """Every conv its own block, except layer1.0's two convs, merged (its ReLU removed)."""
+    i = space.conv("layer1.0.conv1").index - 1
+    spans = [(p - 1, p) for p in range(1, i + 1)] + [(i, i + 2)] + [
+        (p - 1, p) for p in range(i + 3, space.L + 1)]
+    return fxmerge.Plan.from_spans(space, spans, {c.name for c in space.convs})
+
+
 def test_random_plans_merge_exactly(traced):
     _, gm, space, exclude, seeds = traced
     for seed in seeds:
@@ -95,10 +103,7 @@ def test_shared_activation_module_survives():
     """torchvision's BasicBlock calls one `self.relu` twice; removing one use keeps the other."""
     gm = fxmerge.trace(randomize_batchnorm(torchvision.models.resnet18()), X)
     space = fxmerge.analyze(gm)
-    i = space.conv("layer1.0.conv1").index - 1
-    spans = [(p - 1, p) for p in range(1, i + 1)] + [(i, i + 2)] + [
-        (p - 1, p) for p in range(i + 3, space.L + 1)]
-    plan = fxmerge.Plan.from_spans(space, spans, {c.name for c in space.convs})
+    plan = plan_merging_first_basic_block(space)
     pruned = fxmerge.prune(gm, plan)
     uses = [n for n in pruned.graph.nodes if n.target == "layer1.0.relu"]
     assert len(uses) == 1  # the one after the add is kept
@@ -193,10 +198,7 @@ def test_unknown_op_inside_a_block_is_refused():
     """A graph edited after pruning (an op slipped inside a block) is never merged through."""
     gm = fxmerge.trace(randomize_batchnorm(torchvision.models.resnet18()), X)
     space = fxmerge.analyze(gm)
-    i = space.conv("layer1.0.conv1").index - 1
-    spans = [(p - 1, p) for p in range(1, i + 1)] + [(i, i + 2)] + [
-        (p - 1, p) for p in range(i + 3, space.L + 1)]
-    plan = fxmerge.Plan.from_spans(space, spans, {c.name for c in space.convs})
+    plan = plan_merging_first_basic_block(space)
     pruned = fxmerge.prune(gm, plan).eval()
     bn1 = next(n for n in pruned.graph.nodes if n.target == "layer1.0.bn1")
     with pruned.graph.inserting_after(bn1):
