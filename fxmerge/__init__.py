@@ -13,31 +13,17 @@ from .errors import (
 )
 from .passes import GraphDiff, diff, merge, prune, transform
 from .plan import Block, Plan
+from .solve import Frontier, frontier, solve
 from .space import Conv, Entry, KernelOption, MergeSpace, Skip, analyze
+from .tables.importance import ImportanceTable
+from .tables.latency import LatencyTable, measure_latency
 from .trace import trace
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "Block",
-    "Conv",
-    "Entry",
-    "FxMergeError",
-    "GraphDiff",
-    "InfeasibleBudget",
-    "KernelOption",
-    "MergeError",
-    "MergeSpace",
-    "Plan",
-    "PlanError",
-    "Skip",
-    "SpaceError",
-    "TableError",
-    "TraceError",
-    "analyze",
-    "diff",
-    "merge",
-    "prune",
-    "trace",
-    "transform",
+    "Block", "Conv", "Entry", "Frontier", "FxMergeError", "GraphDiff", "ImportanceTable",
+    "InfeasibleBudget", "KernelOption", "LatencyTable", "MergeError", "MergeSpace", "Plan",
+    "PlanError", "Skip", "SpaceError", "TableError", "TraceError", "analyze", "diff",
+    "frontier", "measure_latency", "merge", "prune", "solve", "trace", "transform",
 ]

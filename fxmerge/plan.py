@@ -12,12 +12,26 @@ from .space import MergeSpace
 
 @dataclass(frozen=True)
 class Block:
-    """Convs `convs` (consecutive, by module name) merged into one `kernel`x`kernel` conv."""
+    """Convs `convs` (consecutive, by module name) merged into one `kernel`x`kernel` conv.
+
+    A block that keeps no conv is the identity (kernel 0; LayerOnly's removed layers). The
+    activation at the block's end is kept unless `activation` is False (Depth splits a span
+    without activations into several convs).
+    """
 
     convs: tuple[str, ...]
     kept: tuple[str, ...]
     kernel: int
     depthwise: bool
+    activation: bool = True
+
+
+def _kernel(space: MergeSpace, kept) -> tuple[int, bool]:
+    """(kernel, depthwise) of a block keeping these convs; (0, False) for the identity."""
+    if not kept:
+        return 0, False
+    opt = space.kernel_of(space.conv(n).index for n in kept)
+    return opt.kernel, opt.depthwise
 
 
 @dataclass(frozen=True)
@@ -51,8 +65,10 @@ class Plan:
 
     @property
     def inner_positions(self) -> tuple[str, ...]:
-        """Convs after which the activation is removed (positions strictly inside a block)."""
-        return tuple(n for b in self.blocks for n in b.convs[:-1])
+        """Convs after which the activation is removed: inside blocks, and at the end of
+        blocks that drop it."""
+        return tuple(n for b in self.blocks
+                     for n in (b.convs if not b.activation else b.convs[:-1]))
 
     def spans(self, space: MergeSpace) -> list[tuple[int, int]]:
         """Each block as positions `(i, j)` of `space`."""
@@ -61,26 +77,26 @@ class Plan:
 
     # ---- construction ---------------------------------------------------------------
     @classmethod
-    def from_spans(cls, space: MergeSpace, spans, kept: set[str], **info) -> Plan:
-        """A plan from block spans `(i, j)` and the set of kept conv names."""
+    def from_spans(cls, space: MergeSpace, spans, kept: set[str], *, no_activation=(),
+                   **info) -> Plan:
+        """A plan from block spans `(i, j)` and the set of kept conv names; blocks ending at
+        a position in `no_activation` drop the activation there."""
         blocks = []
         for i, j in spans:
             convs = tuple(c.name for c in space.convs[i:j])
             kept_here = tuple(n for n in convs if n in kept)
-            opt = space.kernel_of(space.conv(n).index for n in kept_here)
-            blocks.append(Block(convs, kept_here, opt.kernel, opt.depthwise))
-        return cls(tuple(blocks), space.signature, space.stride_rule,
-                   tuple(sorted(info.pop("exclude", ()))), **info)
+            k, dw = _kernel(space, kept_here)
+            blocks.append(Block(convs, kept_here, k, dw, j not in no_activation))
+        return cls(tuple(blocks), space.signature, space.stride_rule, space.exclude, **info)
 
     @classmethod
-    def identity(cls, space: MergeSpace, *, exclude=()) -> Plan:
+    def identity(cls, space: MergeSpace) -> Plan:
         """Keep every conv and activation: transform gives the original network, BN folded."""
         spans = [(p - 1, p) for p in range(1, space.L + 1)]
-        return cls.from_spans(space, spans, {c.name for c in space.convs}, exclude=exclude,
-                              method="identity")
+        return cls.from_spans(space, spans, {c.name for c in space.convs}, method="identity")
 
     @classmethod
-    def random(cls, space: MergeSpace, seed: int = 0, *, exclude=()) -> Plan:
+    def random(cls, space: MergeSpace, seed: int = 0) -> Plan:
         """A random legal plan (for tests): random block ends, random reducible convs kept."""
         rng = random.Random(seed)
         spans, kept, i = [], set(), 0
@@ -93,7 +109,7 @@ class Plan:
             kept |= chosen
             spans.append((i, j))
             i = j
-        return cls.from_spans(space, spans, kept, exclude=exclude, method=f"random:{seed}")
+        return cls.from_spans(space, spans, kept, method=f"random:{seed}")
 
     # ---- checks ----------------------------------------------------------------------
     def validate(self, space: MergeSpace) -> None:
@@ -116,13 +132,13 @@ class Plan:
             if missing:
                 raise PlanError(f"plan removes irreducible conv(s) {missing}")
             unknown = set(b.kept) - set(b.convs)
-            if unknown or not b.kept:
-                raise PlanError(f"block {b.convs[0]}..{b.convs[-1]} keeps {sorted(unknown) or 'no conv'}")
-            opt = space.kernel_of(space.conv(n).index for n in b.kept)
-            if (opt.kernel, opt.depthwise) != (b.kernel, b.depthwise):
+            if unknown:
+                raise PlanError(f"block {b.convs[0]}..{b.convs[-1]} keeps {sorted(unknown)}")
+            if (b.kernel, b.depthwise) != _kernel(space, b.kept):
+                k, dw = _kernel(space, b.kept)
                 raise PlanError(
                     f"block {b.convs[0]}..{b.convs[-1]} states kernel {b.kernel} "
-                    f"(dw={b.depthwise}) but its kept convs give {opt.kernel} (dw={opt.depthwise})")
+                    f"(dw={b.depthwise}) but its kept convs give {k} (dw={dw})")
 
     # ---- JSON ------------------------------------------------------------------------
     def to_json(self, indent: int | None = 1) -> str:
@@ -133,7 +149,8 @@ class Plan:
         data = json.loads(text)
         try:
             blocks = tuple(Block(tuple(b["convs"]), tuple(b["kept"]), int(b["kernel"]),
-                                 bool(b["depthwise"])) for b in data.pop("blocks"))
+                                 bool(b["depthwise"]), bool(b.get("activation", True)))
+                           for b in data.pop("blocks"))
             data["exclude"] = tuple(data.get("exclude", ()))
             return cls(blocks=blocks, **data)
         except (KeyError, TypeError) as exc:
@@ -146,6 +163,7 @@ class Plan:
         lines = [header]
         for b in self.blocks:
             span = b.convs[0] if len(b.convs) == 1 else f"{b.convs[0]} .. {b.convs[-1]}"
-            lines.append(f"  {span:<50} keep {len(b.kept)}/{len(b.convs)} -> "
-                         f"{b.kernel}x{b.kernel}{' dw' if b.depthwise else ''}")
+            merged = f"{b.kernel}x{b.kernel}{' dw' if b.depthwise else ''}" if b.kept else "identity"
+            act = "" if b.activation else ", no activation after"
+            lines.append(f"  {span:<50} keep {len(b.kept)}/{len(b.convs)} -> {merged}{act}")
         return "\n".join(lines)

@@ -116,6 +116,7 @@ class MergeSpace:
         breaks: set[int],
         barriers: list[str],
         stride_rule: str,
+        exclude: Iterable[str] = (),
     ) -> None:
         self.gm = gm
         self.convs = tuple(convs)
@@ -124,6 +125,7 @@ class MergeSpace:
         self.breaks = frozenset(breaks)
         self.barriers = tuple(barriers)
         self.stride_rule = stride_rule
+        self.exclude = tuple(sorted(exclude))
         self._options = self._enumerate_blocks()
 
     # ---- sizes -------------------------------------------------------------------------
@@ -492,4 +494,4 @@ def analyze(
 
     kinds = _node_kinds(gm)
     barriers = [name for name, kind in kinds.items() if kind == "barrier"]
-    return MergeSpace(gm, convs, units, skips, breaks, barriers, stride_rule)
+    return MergeSpace(gm, convs, units, skips, breaks, barriers, stride_rule, exclude)

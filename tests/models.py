@@ -36,3 +36,35 @@ class DataDependent(nn.Module):
         if x.sum() > 0:
             return self.conv(x)
         return x
+
+
+class Residual(nn.Module):
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def conv_unit(c_in: int, c_out: int, k: int, stride: int = 1, act: bool = True,
+              depthwise: bool = False) -> list[nn.Module]:
+    groups = c_in if depthwise and c_in == c_out else 1
+    layers = [nn.Conv2d(c_in, c_out, k, stride, k // 2, groups=groups, bias=False),
+              nn.BatchNorm2d(c_out)]
+    return layers + ([nn.ReLU()] if act else [])
+
+
+def small_net(spec: list[tuple]) -> nn.Sequential:
+    """A chain from `spec`: ("conv", c_out, k, stride, act, dw) or ("res", [conv specs])."""
+    layers, c = [], 3
+    for item in spec:
+        if item[0] == "conv":
+            _, c_out, k, stride, act, dw = item
+            layers += conv_unit(c, c_out, k, stride, act, dw)
+            c = c_out
+        else:
+            body = [m for _, k, dw in item[1] for m in conv_unit(c, c, k, 1, True, dw)]
+            layers.append(Residual(nn.Sequential(*body[:-1])))  # add before the last act
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)

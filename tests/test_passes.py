@@ -44,9 +44,9 @@ def plan_merging_first_basic_block(space):
 
 
 def test_random_plans_merge_exactly(traced):
-    _, gm, space, exclude, seeds = traced
+    _, gm, space, _, seeds = traced
     for seed in seeds:
-        plan = fxmerge.Plan.random(space, seed, exclude=exclude)
+        plan = fxmerge.Plan.random(space, seed)
         pruned = fxmerge.prune(gm, plan).eval()
         merged = fxmerge.merge(pruned)
         with torch.no_grad():
@@ -60,8 +60,8 @@ def test_random_plans_merge_exactly(traced):
 
 
 def test_identity_plan_reproduces_the_original(traced):
-    model, gm, space, exclude, _ = traced
-    merged = fxmerge.transform(gm, fxmerge.Plan.identity(space, exclude=exclude))
+    model, gm, space, _, _ = traced
+    merged = fxmerge.transform(gm, fxmerge.Plan.identity(space))
     with torch.no_grad():
         assert relative_error(model(X), merged(X)) <= 1e-5
 
@@ -115,8 +115,8 @@ def test_shared_activation_module_survives():
 
 def test_add_activations_option_on_mobilenet_v2():
     gm = fxmerge.trace(randomize_batchnorm(torchvision.models.mobilenet_v2()), X)
-    space = fxmerge.analyze(gm, exclude=MBV2_EXCLUDE)
-    plan = fxmerge.Plan.random(space, 0, exclude=MBV2_EXCLUDE)
+    space = fxmerge.analyze(gm)
+    plan = fxmerge.Plan.random(space, 0)
     pruned = fxmerge.prune(gm, plan, add_activations=True).eval()
     added = [n for n in pruned.graph.nodes if str(n.target).startswith("fxmerge_act")]
     expected = [(i, j) for i, j in plan.spans(space)
@@ -142,8 +142,8 @@ def test_unet_blocks_merge_and_barriers_stay():
 
 def test_transform_mobilenet_v2_is_fast():
     gm = fxmerge.trace(torchvision.models.mobilenet_v2().eval(), torch.randn(1, 3, 224, 224))
-    space = fxmerge.analyze(gm, exclude=MBV2_EXCLUDE)
-    plan = fxmerge.Plan.random(space, 1, exclude=MBV2_EXCLUDE)
+    space = fxmerge.analyze(gm)
+    plan = fxmerge.Plan.random(space, 1)
     start = time.perf_counter()
     fxmerge.transform(gm, plan)
     assert time.perf_counter() - start < 5.0  # a guard against blow-ups, not a benchmark
@@ -211,8 +211,8 @@ def test_unknown_op_inside_a_block_is_refused():
 
 def test_plan_json_round_trip_and_diff():
     gm = fxmerge.trace(torchvision.models.mobilenet_v2(), X)
-    space = fxmerge.analyze(gm, exclude=MBV2_EXCLUDE)
-    plan = fxmerge.Plan.random(space, 2, exclude=MBV2_EXCLUDE)
+    space = fxmerge.analyze(gm)
+    plan = fxmerge.Plan.random(space, 2)
     again = fxmerge.Plan.from_json(plan.to_json())
     assert again == plan
     again.validate(space)

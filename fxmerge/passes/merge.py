@@ -145,7 +145,7 @@ def merge(pruned: fx.GraphModule) -> fx.GraphModule:
     out = copy.deepcopy(pruned).eval()
     convs = {n.target: n for n in out.graph.nodes if n.op == "call_module"}
     with torch.no_grad():
-        for block in plan.blocks:
+        for block in filter(lambda b: b.kept, plan.blocks):
             missing = [name for name in block.kept if name not in convs]
             if missing:
                 raise MergeError(f"kept conv(s) {missing} are not in this graph")

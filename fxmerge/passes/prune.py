@@ -42,6 +42,8 @@ def _move_padding(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> dict:
     kept = set(plan.kept_convs)
     skip_crop = {}
     for (i, j), block in zip(plan.spans(space), plan.blocks):
+        if not block.kept:
+            continue
         border = block_borders(space, i, j, kept)
         first = space.conv(block.kept[0]).index
         for name in block.kept:

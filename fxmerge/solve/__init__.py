@@ -1,0 +1,168 @@
+"""Exact solvers: LayerMerge, and the Depth and LayerOnly baselines, on one DP engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InfeasibleBudget, TableError
+from ..plan import Plan
+from ..space import MergeSpace
+from ..tables.importance import ImportanceTable
+from ..tables.latency import LatencyTable
+from . import depth, layermerge, layeronly
+from .dp import DPResult, Edge, min_latency, run_dp
+
+log = logging.getLogger(__name__)
+
+METHODS = {"layermerge": layermerge, "depth": depth, "layeronly": layeronly}
+
+
+def _method(name: str):
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def conv_l1_norms(space: MergeSpace) -> dict[str, float]:
+    """Eq. 3's score for each conv: the l1 norm of its weight."""
+    return {c.name: float(space.gm.get_submodule(c.name).weight.detach().abs().sum())
+            for c in space.convs}
+
+
+def _to_plan(space: MergeSpace, method: str, path: list[Edge],
+             scores: Mapping[str, float] | None, **info) -> Plan:
+    spans, kept, no_activation = _method(method).blocks(
+        space, path, scores if scores is not None else conv_l1_norms(space))
+    return Plan.from_spans(
+        space, spans, kept, no_activation=no_activation, method=method,
+        predicted_latency_ms=sum(e.latency_ms for e in path),
+        predicted_importance=sum(e.value for e in path), **info)
+
+
+def solve(
+    space: MergeSpace,
+    latency: LatencyTable,
+    importance: ImportanceTable,
+    *,
+    budget: float | None = None,
+    budget_ms: float | None = None,
+    method: str = "layermerge",
+    levels: int = 1000,
+    conv_scores: Mapping[str, float] | None = None,
+) -> Plan:
+    """The plan of largest total importance whose table latency is at most the budget.
+
+    `budget` is a fraction of the original network's table latency (0.55), `budget_ms` an
+    absolute one. Latencies are discretised into `levels` units of the budget (rounded down,
+    as in the paper) and the DP is solved exactly for every budget level at once; the plan
+    is the optimum at the largest level whose true latency fits the budget (recorded as
+    `plan.extra["units"]`), so a plan never exceeds its budget.
+    """
+    if (budget is None) == (budget_ms is None):
+        raise ValueError("give exactly one of budget (a fraction) or budget_ms")
+    original = latency.identity_latency(space)
+    if budget_ms is None:
+        if not budget > 0:
+            raise InfeasibleBudget(f"budget must be positive, got {budget}")
+        budget_ms = budget * original
+    edges = _method(method).edges(space, latency, importance)
+    result = run_dp(space.L, edges, budget_ms / levels, levels)
+    found = result.fitting_path(budget_ms)
+    if found is None:
+        lowest = min_latency(space.L, edges)
+        if lowest <= budget_ms:
+            raise InfeasibleBudget(
+                f"the fastest {method} plan ({lowest:.4g} ms) fits {budget_ms:.4g} ms, but "
+                f"{levels} levels are too coarse to find it: use more levels")
+        raise InfeasibleBudget(
+            f"no {method} plan fits {budget_ms:.4g} ms; the smallest achievable table "
+            f"latency is {lowest:.4g} ms ({lowest / original:.1%} of the original "
+            f"{original:.4g} ms)")
+    units, path = found
+    plan = _to_plan(space, method, path, conv_scores,
+                    budget=round(budget_ms / original, 6), budget_ms=round(budget_ms, 6),
+                    extra={"levels": levels, "units": units,
+                           "original_latency_ms": round(original, 6)})
+    log.info("%s: %d blocks, predicted %.4g ms (budget %.4g ms)", method, len(plan.blocks),
+             plan.predicted_latency_ms, budget_ms)
+    return plan
+
+
+@dataclass
+class Frontier:
+    """Best predicted importance for every budget, from one DP run."""
+
+    space: MergeSpace
+    method: str
+    original_ms: float
+    result: DPResult
+    conv_scores: Mapping[str, float] | None = None
+
+    @property
+    def points(self) -> list[dict]:
+        """Pareto points of the optimal plans at every level: predicted latency (and as a
+        fraction of the original), predicted importance; importance strictly increasing."""
+        row, candidates = self.result.best[self.space.L], {}
+        for t in range(self.result.levels + 1):
+            if row[t] > float("-inf"):
+                latency = sum(e.latency_ms for e in self.result.path(t))
+                candidates[latency] = max(candidates.get(latency, float("-inf")), float(row[t]))
+        out, last = [], float("-inf")
+        for latency in sorted(candidates):
+            if candidates[latency] > last:
+                last = candidates[latency]
+                out.append({"budget": latency / self.original_ms, "latency_ms": latency,
+                            "importance": last})
+        return out
+
+    def plan(self, budget: float) -> Plan:
+        """The optimal plan within a budget fraction, on the frontier's grid."""
+        found = self.result.fitting_path(budget * self.original_ms)
+        if found is None:
+            raise InfeasibleBudget(f"no {self.method} plan fits budget {budget}")
+        return _to_plan(self.space, self.method, found[1], self.conv_scores, budget=budget,
+                        budget_ms=budget * self.original_ms)
+
+    def to_json(self) -> str:
+        return json.dumps({"method": self.method, "original_latency_ms": self.original_ms,
+                           "points": self.points}, indent=1)
+
+    def plot(self, path: str | Path, others: list[Frontier] = ()) -> Path:
+        """Save importance vs latency (Pareto curves) as a PNG; needs matplotlib."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for f in (self, *others):
+            pts = f.points
+            ax.step([p["latency_ms"] for p in pts], [p["importance"] for p in pts],
+                    where="post", label=f.method)
+        ax.set_xlabel("predicted latency (ms, table)")
+        ax.set_ylabel("predicted importance (sum)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return Path(path)
+
+
+def frontier(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable, *,
+             method: str = "layermerge", levels: int = 1000,
+             conv_scores: Mapping[str, float] | None = None) -> Frontier:
+    """The whole importance-vs-latency frontier (budgets 0..100% of the original)."""
+    original = latency.identity_latency(space)
+    if original <= 0:
+        raise TableError("the original network's table latency is not positive")
+    edges = _method(method).edges(space, latency, importance)
+    return Frontier(space, method, original, run_dp(space.L, edges, original / levels, levels),
+                    conv_scores)
+
+
+__all__ = ["METHODS", "Frontier", "conv_l1_norms", "frontier", "solve"]

@@ -1,0 +1,55 @@
+"""Depth (Kim et al., ICML 2023): remove activations only, never convs.
+
+Stage 1: for every activation-free span `(i, k)`, the fastest way to run it as one or more
+merged convs, `T_opt(i, k) = min(T(i, k), min_j T_opt(i, j) + T(j, k))`.
+Stage 2: the shared DP over kept-activation positions, each span costing `T_opt` and worth
+the importance of merging the whole span (the all-convs-kept entry of that block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from itertools import pairwise
+
+from ..space import Entry, MergeSpace
+from ..tables.importance import ImportanceTable
+from ..tables.latency import LatencyTable
+from .dp import Edge
+
+
+def full_entry(space: MergeSpace, i: int, j: int) -> Entry:
+    """The entry of block `(i, j)` with every conv kept."""
+    opt = space.kernel_of(range(i + 1, j + 1))
+    return Entry(i, j, opt.kernel, opt.depthwise)
+
+
+def fastest_splits(space: MergeSpace, latency: LatencyTable) -> dict:
+    """Stage 1: `(i, k) -> (T_opt, [split positions])` for every legal block."""
+    best: dict[tuple[int, int], tuple[float, list[int]]] = {}
+    for i, k in sorted(space.blocks, key=lambda b: b[1] - b[0]):
+        options = [(latency[full_entry(space, i, k)], [])]
+        for j in range(i + 1, k):
+            if (i, j) in best and (j, k) in space.blocks:
+                t_ij, splits = best[(i, j)]
+                options.append((t_ij + latency[full_entry(space, j, k)], [*splits, j]))
+        best[(i, k)] = min(options, key=lambda o: o[0])
+    return best
+
+
+def edges(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable) -> list[Edge]:
+    needed = [full_entry(space, i, j) for i, j in space.blocks]
+    latency.check(space, needed)
+    importance.check(space, needed)
+    splits = fastest_splits(space, latency)
+    return [Edge(i, j, splits[(i, j)][0], importance[full_entry(space, i, j)],
+                 (i, j, tuple(splits[(i, j)][1]))) for i, j in space.blocks]
+
+
+def blocks(space: MergeSpace, path: list[Edge], scores: Mapping[str, float]):
+    spans, no_activation = [], set()
+    for edge in path:
+        i, j, cuts = edge.payload
+        bounds = [i, *cuts, j]
+        spans += list(pairwise(bounds))
+        no_activation.update(cuts)
+    return spans, {c.name for c in space.convs}, no_activation

@@ -1,0 +1,26 @@
+"""LayerMerge (Algorithm 1): every entry `(i, j, k, dw)` is an edge `i -> j`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..space import MergeSpace
+from ..tables.importance import ImportanceTable
+from ..tables.latency import LatencyTable
+from .dp import Edge
+
+
+def edges(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable) -> list[Edge]:
+    latency.check(space)
+    importance.check(space)
+    return [Edge(e.i, e.j, latency[e], importance[e], e) for e in space.entries]
+
+
+def blocks(space: MergeSpace, path: list[Edge], scores: Mapping[str, float]):
+    """Spans, kept convs (eq. 3: the largest-norm subset giving each chosen kernel)."""
+    spans, kept = [], set()
+    for edge in path:
+        i, j, k, dw = edge.payload
+        spans.append((i, j))
+        kept.update(space.choose_convs(i, j, k, dw, scores))
+    return spans, kept, set()

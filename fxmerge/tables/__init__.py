@@ -1,0 +1,1 @@
+"""Latency and importance tables, keyed by the entries of a MergeSpace."""

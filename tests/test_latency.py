@@ -1,0 +1,100 @@
+import importlib.util
+import json
+
+import pytest
+import torch
+import torchvision
+from models import small_net
+
+import fxmerge
+from fxmerge.tables import latency as latency_mod
+
+MBV2_EXCLUDE = ["features.0.0", "features.18.0"]
+
+
+def tiny_space():
+    net = small_net([("conv", 4, 3, 1, True, False), ("res", [("c", 3, False), ("c", 3, False)]),
+                     ("conv", 8, 1, 2, True, False)])
+    return fxmerge.analyze(fxmerge.trace(net, torch.randn(1, 3, 16, 16)))
+
+
+def test_signatures_are_deduplicated_on_mobilenet_v2():
+    gm = fxmerge.trace(torchvision.models.mobilenet_v2(), torch.randn(1, 3, 224, 224))
+    space = fxmerge.analyze(gm, exclude=MBV2_EXCLUDE)
+    sigs = {e: latency_mod.entry_signature(space, e, batch_size=8) for e in space.entries}
+    assert len(sigs) == 391
+    distinct = set(sigs.values())
+    assert len(distinct) < 200  # measured: 137 distinct convs
+    first = sigs[fxmerge.Entry(5, 8, 3, False)]
+    assert first.input_shape == (8, 24, 56, 56) and first.out_channels == 24
+    assert first.activation is None and first.groups == 1
+    dw = sigs[fxmerge.Entry(6, 7, 3, True)]
+    assert dw.groups == 144 and dw.activation == "relu6"
+
+
+def test_measure_latency_times_each_signature_once(monkeypatch):
+    space = tiny_space()
+    calls = []
+    real = latency_mod.time_signature
+    monkeypatch.setattr(latency_mod, "time_signature",
+                        lambda sig, **kw: calls.append(sig) or real(sig, **kw))
+    table = fxmerge.measure_latency(space, warmup=1, repeat=2)
+    assert len(calls) == len(set(calls)) == table.settings["num_signatures"]
+    assert set(table.values) == set(space.entries)
+    assert all(v > 0 for v in table.values.values())
+    s = table.settings
+    assert (s["backend"], s["device"], s["repeat"], s["statistic"]) == ("eager", "cpu", 2,
+                                                                          "median")
+    calls.clear()
+    fxmerge.measure_latency(space, warmup=1, repeat=2, deduplicate=False)
+    assert len(calls) == space.num_entries
+
+
+def test_interrupted_measurement_resumes_from_its_cache(monkeypatch, tmp_path):
+    space = tiny_space()
+    cache = tmp_path / "lat.json"
+    real, calls = latency_mod.time_signature, []
+
+    def flaky(sig, **kw):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(sig)
+        return real(sig, **kw)
+
+    monkeypatch.setattr(latency_mod, "time_signature", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        fxmerge.measure_latency(space, warmup=1, repeat=2, cache=cache)
+    assert len(json.loads(cache.read_text())["timings"]) == 3
+    done = list(calls)
+    calls.clear()
+    monkeypatch.setattr(latency_mod, "time_signature",
+                        lambda sig, **kw: calls.append(sig) or real(sig, **kw))
+    table = fxmerge.measure_latency(space, warmup=1, repeat=2, cache=cache)
+    assert not set(calls) & set(done)
+    assert len(calls) + len(done) == table.settings["num_signatures"]
+    # other settings: the cache is not reused
+    calls.clear()
+    fxmerge.measure_latency(space, warmup=1, repeat=3, cache=cache)
+    assert len(calls) == table.settings["num_signatures"]
+
+
+def test_table_is_refused_for_another_graph():
+    table = fxmerge.measure_latency(tiny_space(), warmup=0, repeat=1)
+    other = fxmerge.analyze(fxmerge.trace(small_net([("conv", 4, 3, 1, True, False)]),
+                                          torch.randn(1, 3, 8, 8)))
+    with pytest.raises(fxmerge.TableError, match="another graph"):
+        table.check(other)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_tensorrt") is not None,
+                    reason="torch-tensorrt is installed")
+def test_tensorrt_backend_says_how_to_install():
+    with pytest.raises(fxmerge.TableError, match=r"fxmerge\[trt\]"):
+        fxmerge.measure_latency(tiny_space(), backend="tensorrt", warmup=0, repeat=1)
+
+
+def test_compile_backend_runs():
+    net = small_net([("conv", 4, 3, 1, True, False), ("conv", 4, 3, 1, True, False)])
+    space = fxmerge.analyze(fxmerge.trace(net, torch.randn(1, 3, 8, 8)))
+    table = fxmerge.measure_latency(space, backend="compile", warmup=1, repeat=2)
+    assert table.settings["backend"] == "compile" and len(table) == space.num_entries
