@@ -2,6 +2,7 @@
 
 import logging
 
+from .compress import CompressResult, compress
 from .errors import (
     FxMergeError,
     InfeasibleBudget,
@@ -15,15 +16,16 @@ from .passes import GraphDiff, diff, merge, prune, transform
 from .plan import Block, Plan
 from .solve import Frontier, frontier, solve
 from .space import Conv, Entry, KernelOption, MergeSpace, Skip, analyze
-from .tables.importance import ImportanceTable
+from .tables.importance import ImportanceTable, estimate_importance
 from .tables.latency import LatencyTable, measure_latency
 from .trace import trace
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "Block", "Conv", "Entry", "Frontier", "FxMergeError", "GraphDiff", "ImportanceTable",
+    "Block", "CompressResult", "Conv", "Entry", "Frontier", "FxMergeError", "GraphDiff", "ImportanceTable",
     "InfeasibleBudget", "KernelOption", "LatencyTable", "MergeError", "MergeSpace", "Plan",
-    "PlanError", "Skip", "SpaceError", "TableError", "TraceError", "analyze", "diff",
+    "PlanError", "Skip", "SpaceError", "TableError", "TraceError", "analyze", "compress", "diff",
+    "estimate_importance",
     "frontier", "measure_latency", "merge", "prune", "solve", "trace", "transform",
 ]

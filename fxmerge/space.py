@@ -418,7 +418,7 @@ def analyze(
             raise SpaceError(f"exclude names '{name}', which is not a Conv2d of this model")
     nodes = {n.name: n for n in gm.graph.nodes}
     for n in gm.graph.nodes:
-        if n.op not in ("output",) and "tensor_meta" not in n.meta:
+        if n.op == "placeholder" and "tensor_meta" not in n.meta:
             raise SpaceError(f"node '{n.name}' has no shape: trace the model with fxmerge.trace")
 
     adds = _find_skip_adds(gm, exclude)

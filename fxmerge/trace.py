@@ -10,6 +10,7 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .canonical import canonicalize
 from .errors import TraceError
 
 ExampleInputs = torch.Tensor | Sequence[torch.Tensor]
@@ -42,20 +43,43 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> fx.Gr
             _NamedShapeProp(gm).propagate(*_as_tuple(example_inputs))
     finally:
         gm.train(was_training)
-    gm.meta["fxmerge_input_shapes"] = [tuple(t.shape) for t in _as_tuple(example_inputs)]
     return gm
 
 
-def trace(model: torch.nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
-    """Trace `model` (an nn.Module or GraphModule) and propagate `example_inputs` shapes.
+def random_inputs(gm: fx.GraphModule) -> list[torch.Tensor]:
+    """Random inputs with the shapes and dtypes recorded when the graph was traced."""
+    return [torch.randn(n.meta["tensor_meta"].shape, dtype=n.meta["tensor_meta"].dtype)
+            for n in gm.graph.nodes if n.op == "placeholder"]
 
-    The model is copied first: the caller's module is never changed.
+
+def input_shapes(gm: fx.GraphModule) -> list[tuple[int, ...]]:
+    """The shapes of the placeholders, as recorded by shape propagation."""
+    return [tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def ensure_shapes(gm: fx.GraphModule, shapes: Sequence[tuple[int, ...]]) -> fx.GraphModule:
+    """Propagate shapes again when they were lost (a GraphModule sent to another process
+    through pickle keeps its code but not its node metadata)."""
+    if any("tensor_meta" not in n.meta for n in gm.graph.nodes if n.op != "output"):
+        propagate_shapes(gm, [torch.randn(s) for s in shapes])
+    return gm
+
+
+def trace(model: torch.nn.Module | torch.export.ExportedProgram, example_inputs: ExampleInputs,
+          ) -> fx.GraphModule:
+    """Trace `model` and propagate `example_inputs` shapes onto every node.
+
+    `model` is an nn.Module, a GraphModule (from symbolic_trace, a torch.compile backend or
+    `ExportedProgram.module()`), or a `torch.export.ExportedProgram`; every form is mapped to
+    the canonical one (see `fxmerge.canonical`). The caller's model is never changed.
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
     model = copy.deepcopy(model)
     if isinstance(model, fx.GraphModule):
-        gm = model
+        gm = canonicalize(model, _as_tuple(example_inputs))
     else:
         try:
             gm = fx.symbolic_trace(model)

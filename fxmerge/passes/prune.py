@@ -19,7 +19,7 @@ from .. import ops
 from ..errors import PlanError
 from ..plan import Plan
 from ..space import MergeSpace, analyze
-from ..trace import propagate_shapes
+from ..trace import propagate_shapes, random_inputs
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,6 @@ def _check_adds(gm: fx.GraphModule) -> None:
                                 f"{shapes[1]}: the skip could not be aligned")
 
 
-def example_inputs_of(gm: fx.GraphModule) -> list[torch.Tensor]:
-    """Random inputs with the shapes recorded when the graph was traced."""
-    return [torch.randn(ops.tensor_shape(n), dtype=n.meta["tensor_meta"].dtype)
-            for n in gm.graph.nodes if n.op == "placeholder"]
-
-
 def prune(gm: fx.GraphModule, plan: Plan, *, add_activations: bool = False) -> fx.GraphModule:
     """Apply `plan` to a traced model (see `fxmerge.trace`) and return a new, trainable
     GraphModule; `gm` is not changed. With `add_activations`, a block that merges several
@@ -144,7 +138,7 @@ def prune(gm: fx.GraphModule, plan: Plan, *, add_activations: bool = False) -> f
     out.graph.lint()
     out.delete_all_unused_submodules()
     out.recompile()
-    propagate_shapes(out, example_inputs_of(gm))
+    propagate_shapes(out, random_inputs(gm))
     _check_adds(out)
     out.meta[PLAN_KEY] = plan
     log.info("pruned: %d convs removed, %d activations removed",

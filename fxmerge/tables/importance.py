@@ -1,8 +1,37 @@
-"""Importance tables: how much each candidate block costs the task, as exp(score change)."""
+"""Importance tables: how much each candidate block costs the task, as exp(score change).
+
+The paper's estimator (eq. 4): for each entry, prune the network with only that block
+changed, fine-tune it briefly (the user's `finetune`), score it (the user's `evaluate`),
+and store `exp(score - score of the original)`. Entries are independent, so they run on
+any `concurrent.futures.Executor`; each finished entry is appended to a cache file at once.
+"""
 
 from __future__ import annotations
 
-from .base import EntryTable
+import copy
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, as_completed
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import TableError
+from ..plan import Plan
+from ..space import Entry, MergeSpace
+from ..trace import ensure_shapes, input_shapes
+from .base import EntryTable, Key, _key_from_json, _key_to_json
+
+log = logging.getLogger(__name__)
+
+Evaluate = Callable[[nn.Module], float]
+Finetune = Callable[[nn.Module], nn.Module | None]
 
 
 class ImportanceTable(EntryTable):
@@ -12,3 +41,186 @@ class ImportanceTable(EntryTable):
     """
 
     kind = "importance"
+
+
+# ---- the network each key scores -------------------------------------------------------
+def _singletons(space: MergeSpace, skip: range) -> list[tuple[int, int]]:
+    return [(p - 1, p) for p in range(1, space.L + 1) if p not in skip]
+
+
+def block_plan(space: MergeSpace, entry: Entry, scores: dict[str, float]) -> Plan:
+    """Only block `entry` changed: inner activations removed, convs kept by eq. 3."""
+    i, j, k, dw = entry
+    spans = sorted([*_singletons(space, range(i + 1, j + 1)), (i, j)])
+    kept = {c.name for c in space.convs} - {c.name for c in space.convs[i:j]}
+    kept |= set(space.choose_convs(i, j, k, dw, scores))
+    return Plan.from_spans(space, spans, kept, method=f"importance:{tuple(entry)}")
+
+
+def removal_plan(space: MergeSpace, conv: str) -> Plan:
+    """Only `conv` removed (LayerOnly's per-conv importance)."""
+    kept = {c.name for c in space.convs} - {conv}
+    return Plan.from_spans(space, _singletons(space, range(0)), kept,
+                           method=f"importance:remove {conv}")
+
+
+def score_plan(gm: fx.GraphModule, plan: Plan, evaluate: Evaluate,
+               finetune: Finetune | None = None, shapes: list | None = None) -> float:
+    """Prune `gm` by `plan`, fine-tune it (if asked), and score it in eval mode."""
+    from ..passes.prune import prune  # noqa: PLC0415  (passes import this package)
+
+    if shapes is not None:
+        ensure_shapes(gm, shapes)
+    model = prune(gm, plan)
+    if finetune is not None:
+        model.train()
+        model = finetune(model) or model
+    return float(evaluate(model.eval()))
+
+
+# ---- the estimator ------------------------------------------------------------------------
+def _outcomes(executor: Executor | None, jobs: dict, run: Callable) -> Iterable:
+    """`(key, score or exception)` as each job finishes; in this process, one by one, when
+    there is no executor (so a killed run has saved everything finished before it)."""
+    if executor is None:
+        for key, args in jobs.items():
+            try:
+                yield key, run(*args)
+            except Exception as exc:  # reported by the caller
+                yield key, exc
+        return
+    futures = {executor.submit(run, *args): key for key, args in jobs.items()}
+    for future in as_completed(futures):
+        exc = future.exception()
+        yield futures[future], exc if exc is not None else future.result()
+
+
+def _load_cache(path: Path | None, signature: str) -> tuple[float | None, dict[Key, float]]:
+    if path is None or not path.is_file():
+        return None, {}
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not lines or lines[0].get("signature") != signature:
+        raise TableError(f"importance cache {path} belongs to another graph; remove it")
+    scores = {_key_from_json(rec["key"]): rec["score"] for rec in lines[1:]}
+    return lines[0]["base_score"], scores
+
+
+def _append(path: Path | None, record: dict) -> None:
+    if path is None:
+        return
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def importance_jobs(space: MergeSpace, gm: fx.GraphModule, layeronly: bool
+                    ) -> dict[Key, Plan]:
+    """The plan to score for every key of the table."""
+    from ..solve import conv_l1_norms  # noqa: PLC0415
+
+    scores = conv_l1_norms(space)
+    jobs: dict[Key, Plan] = {e: block_plan(space, e, scores) for e in space.entries}
+    if layeronly:
+        jobs.update({c.name: removal_plan(space, c.name) for c in space.convs
+                     if not c.irreducible})
+    return jobs
+
+
+def estimate_importance(
+    space: MergeSpace,
+    gm: fx.GraphModule | None = None,
+    *,
+    evaluate: Evaluate,
+    finetune: Finetune | None = None,
+    executor: Executor | None = None,
+    cache: str | Path | None = None,
+    layeronly: bool = True,
+    retries: int = 1,
+    keys: Iterable[Key] | None = None,
+    progress: bool | None = None,
+) -> ImportanceTable:
+    """The paper's importance table: one pruned, briefly fine-tuned, scored network per key.
+
+    `evaluate(model) -> float` (higher is better) and `finetune(model)` are the user's. With
+    `executor` (a process pool, a dask client's executor, ...) the entries run in parallel;
+    they must then be picklable. `cache` is a JSON-lines file: each finished entry is
+    appended at once, and a rerun skips what it holds. A failing entry is logged by name and
+    retried `retries` times; the others are kept. `layeronly` adds the per-conv keys the
+    LayerOnly baseline needs. `keys` limits the run to some keys (the table is then partial).
+    """
+    from tqdm.auto import tqdm
+
+    gm = gm if gm is not None else space.gm
+    path = Path(cache) if cache is not None else None
+    base, done = _load_cache(path, space.signature)
+    if base is None:
+        base = float(evaluate(copy.deepcopy(gm).eval()))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+        _append(path, {"signature": space.signature, "base_score": base})
+    if not math.isfinite(base):
+        raise TableError(f"evaluate() of the original network returned {base}")
+    jobs = importance_jobs(space, gm, layeronly)
+    shapes = input_shapes(gm)
+    if keys is not None:
+        jobs = {k: jobs[k] for k in keys}
+    todo = {k: plan for k, plan in jobs.items() if k not in done}
+    log.info("importance: %d keys, %d cached, %d to run", len(jobs), len(jobs) - len(todo),
+             len(todo))
+    failures: dict[Key, str] = {}
+    bar = tqdm(total=len(todo), desc="importance", unit="entry",
+               disable=not (progress if progress is not None else os.isatty(2)))
+    for attempt in range(retries + 1):
+        failures = {}
+        args = {key: (gm, plan, evaluate, finetune, shapes) for key, plan in todo.items()}
+        for key, outcome in _outcomes(executor, args, score_plan):
+            if not isinstance(outcome, Exception) and not math.isfinite(outcome):
+                outcome = ValueError(f"evaluate() returned {outcome}")
+            if isinstance(outcome, Exception):
+                failures[key] = f"{type(outcome).__name__}: {outcome}"
+                log.warning("importance entry %s failed (attempt %d): %s", key, attempt + 1,
+                            failures[key])
+                continue
+            done[key] = outcome
+            _append(path, {"key": _key_to_json(key), "score": outcome})
+            bar.update()
+        todo = {k: todo[k] for k in failures}
+        if not todo:
+            break
+    bar.close()
+    if failures:
+        listed = "; ".join(f"{k}: {why}" for k, why in failures.items())
+        raise TableError(f"{len(failures)} importance entries failed after {retries + 1} "
+                         f"attempts (the others are cached): {listed}")
+    values = {k: math.exp(done[k] - base) for k in jobs}
+    settings = {"estimator": "finetune" if finetune else "no fine-tuning",
+                "base_score": base, "num_keys": len(values)}
+    return ImportanceTable(values, space.signature, settings)
+
+
+class OutputAgreement:
+    """A cheap `evaluate` that needs no training or data labels: minus the relative squared
+    error between a network's output and the original's on a calibration batch. Cost: one
+    forward pass of that batch per entry (seconds for a whole table on a CPU); it ranks
+    blocks by how much they change the function, not by task accuracy."""
+
+    def __init__(self, original: nn.Module, batch: torch.Tensor) -> None:
+        self.batch = batch
+        with torch.no_grad():
+            self.reference = copy.deepcopy(original).eval()(batch)
+
+    def __call__(self, model: nn.Module) -> float:
+        with torch.no_grad():
+            out = model.eval()(self.batch)
+        err = (out - self.reference).pow(2).sum() / self.reference.pow(2).sum().clamp_min(1e-12)
+        return -float(err)
+
+
+def agreement_importance(space: MergeSpace, batch: torch.Tensor, **kwargs: Any
+                         ) -> ImportanceTable:
+    """The cheap proxy table: `estimate_importance` with `OutputAgreement`, no fine-tuning."""
+    table = estimate_importance(space, evaluate=OutputAgreement(space.gm, batch), **kwargs)
+    table.settings["estimator"] = "output agreement (no fine-tuning)"
+    return table

@@ -1,0 +1,133 @@
+import json
+import multiprocessing
+import math
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxmerge
+from fxmerge.tables.importance import OutputAgreement, agreement_importance, estimate_importance
+from helpers import randomize_batchnorm
+from models import small_net
+
+SPEC = [("conv", 8, 3, 1, True, False), ("res", [("c", 3, False), ("c", 3, False)]),
+        ("conv", 8, 3, 1, True, True), ("conv", 8, 1, 2, True, False)]
+
+
+@pytest.fixture
+def space():
+    gm = fxmerge.trace(randomize_batchnorm(small_net(SPEC)), torch.randn(2, 3, 12, 12))
+    return fxmerge.analyze(gm)
+
+
+def has_kernel(model, k):
+    return any(isinstance(m, nn.Conv2d) and m.kernel_size[0] == k for m in model.modules())
+
+
+def merges_to_5x5(model):
+    """A pruned block that will merge into a 5x5 conv has 2 padding on its first conv."""
+    return any(isinstance(m, nn.Conv2d) and m.padding[0] == 2 for m in model.modules())
+
+
+def test_table_covers_every_entry_and_unchanged_blocks_score_one(space):
+    table = agreement_importance(space, torch.randn(4, 3, 12, 12))
+    reducible = [c.name for c in space.convs if not c.irreducible]
+    assert set(table.values) == set(space.entries) | set(reducible)
+    assert all(0 < v <= 1 + 1e-9 for v in table.values.values())
+    for c in space.convs:  # a single-conv block with its conv kept changes nothing
+        opt = space.kernel_of([c.index])
+        assert table[fxmerge.Entry(c.index - 1, c.index, opt.kernel, opt.depthwise)] == 1.0
+    merged = [v for e, v in table.values.items() if isinstance(e, tuple) and e.j - e.i > 1]
+    assert min(merged) < 1.0
+
+
+def test_finetune_is_called_on_a_trainable_copy(space):
+    seen = []
+
+    def finetune(model):
+        seen.append(model.training)
+        return None
+
+    estimate_importance(space, evaluate=lambda m: 0.0, finetune=finetune, layeronly=False)
+    assert len(seen) == space.num_entries and all(seen)
+
+
+def test_killed_run_resumes_from_its_cache(space, tmp_path):
+    cache = tmp_path / "imp.jsonl"
+    batch = torch.randn(2, 3, 12, 12)
+    agree = OutputAgreement(space.gm, batch)
+    calls = []
+
+    def dying(model):
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # the run is killed after the base and 5 entries
+        calls.append(1)
+        return agree(model)
+
+    with pytest.raises(KeyboardInterrupt):
+        estimate_importance(space, evaluate=dying, cache=cache)
+    lines = cache.read_text().splitlines()
+    assert len(lines) == 6  # header + 5 finished entries
+    finished = {tuple(json.loads(line)["key"]) if isinstance(json.loads(line)["key"], list)
+                else json.loads(line)["key"] for line in lines[1:]}
+
+    rerun = []
+
+    def counting(model):
+        rerun.append(1)
+        return agree(model)
+
+    table = estimate_importance(space, evaluate=counting, cache=cache)
+    total = len(table)
+    assert len(rerun) == total - len(finished)  # nothing finished is recomputed, base cached
+    fresh = agreement_importance(space, batch)
+    for key, value in fresh.values.items():
+        assert table[key] == pytest.approx(value)
+
+
+def test_failing_entries_are_named_retried_and_the_others_kept(space, tmp_path):
+    cache = tmp_path / "imp.jsonl"
+    agree = OutputAgreement(space.gm, torch.randn(2, 3, 12, 12))
+    flaky_seen, calls = set(), []
+
+    def evaluate(model):
+        calls.append(1)
+        if merges_to_5x5(model):
+            raise RuntimeError("out of memory (simulated)")
+        key = str(model.code)
+        if len(calls) > 1 and has_kernel(model, 1) and key not in flaky_seen:  # once, then OK
+            flaky_seen.add(key)
+            raise RuntimeError("transient")
+        return agree(model)
+
+    with pytest.raises(fxmerge.TableError, match=r"failed after 2 attempts") as info:
+        estimate_importance(space, evaluate=evaluate, cache=cache, retries=1)
+    failing = [e for e in space.entries if e.k == 5]
+    assert failing
+    for e in failing:
+        assert str(e) in str(info.value)
+    records = [json.loads(line) for line in cache.read_text().splitlines()[1:]]
+    expected = space.num_entries + sum(not c.irreducible for c in space.convs) - len(failing)
+    assert len(records) == expected  # every other entry is kept, transient ones included
+
+
+def test_process_pool_executor(space):
+    batch = torch.randn(2, 3, 12, 12)
+    # spawn, not fork: a forked child can deadlock in torch's thread pools
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        table = estimate_importance(space, evaluate=OutputAgreement(space.gm, batch),
+                                    executor=pool, layeronly=False)
+    serial = estimate_importance(space, evaluate=OutputAgreement(space.gm, batch),
+                                 layeronly=False)
+    assert table.values.keys() == serial.values.keys()
+    for k, v in serial.values.items():
+        assert math.isclose(table[k], v, rel_tol=1e-5)
+
+
+def test_cache_of_another_graph_is_refused(space, tmp_path):
+    cache = tmp_path / "imp.jsonl"
+    cache.write_text(json.dumps({"signature": "other", "base_score": 0.0}) + "\n")
+    with pytest.raises(fxmerge.TableError, match="another graph"):
+        estimate_importance(space, evaluate=lambda m: 0.0, cache=cache)
