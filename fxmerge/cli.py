@@ -17,7 +17,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
 def load_model(spec: str) -> torch.nn.Module:
-    """`torchvision:NAME[:key=value,...]` or `path/to/file.py:factory`."""
+    """`torchvision:NAME[:key=value,...]`, `fxmerge:NAME` or `path/to/file.py:factory`."""
     source, _, rest = spec.partition(":")
     if not rest:
         raise ValueError(f"model spec {spec!r} needs the form SOURCE:NAME")
@@ -36,17 +36,10 @@ def load_model(spec: str) -> torch.nn.Module:
     if source == "fxmerge":
         from . import models
 
+        if rest not in models.__all__:
+            raise ValueError(f"fxmerge.models has no {rest!r} (it has {models.__all__})")
         return getattr(models, rest)()
-    path = Path(source)
-    if not path.is_file():
-        raise ValueError(f"no such model file: {source}")
-    module_spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    factory = getattr(module, rest, None)
-    if factory is None:
-        raise ValueError(f"{source} defines no {rest!r}")
-    return factory()
+    return _attribute(spec)()
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -54,9 +47,11 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="torchvision:NAME[:k=v,...] or path/to/file.py:factory")
+    p.add_argument("model", help="torchvision:NAME[:k=v,...], fxmerge:NAME (built-in demo "
+                   "nets) or path/to/file.py:factory")
     p.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224),
                    help="example input shape, comma separated (default 1,3,224,224)")
+    p.add_argument("--weights", help="a state_dict file to load into the model")
     p.add_argument("--exclude", nargs="*", default=[], metavar="CONV",
                    help="module names of convs kept out of the search")
     p.add_argument("--stride-rule", choices=["paper", "exact"], default="paper")
@@ -66,8 +61,10 @@ def _space(args: argparse.Namespace):
     from .space import analyze
     from .trace import trace
 
-    model = load_model(args.model).eval()
-    gm = trace(model, torch.randn(*args.input_shape))
+    model = load_model(args.model)
+    if args.weights:
+        model.load_state_dict(torch.load(args.weights, map_location="cpu"))
+    gm = trace(model.eval(), torch.randn(*args.input_shape))
     return gm, analyze(gm, stride_rule=args.stride_rule, exclude=args.exclude)
 
 
@@ -76,6 +73,19 @@ def _write(path: str | None, text: str) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
         print(f"wrote {path}", file=sys.stderr)
+
+
+def _attribute(spec: str):
+    source, _, name = spec.rpartition(":")
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"no such file: {source}")
+    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, name):
+        raise ValueError(f"{source} defines no {name!r}")
+    return getattr(module, name)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -91,15 +101,150 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_latency(args: argparse.Namespace) -> int:
+    from .tables.latency import measure_latency
+
+    _, space = _space(args)
+    table = measure_latency(space, backend=args.backend, device=args.device,
+                            batch_size=args.batch, warmup=args.warmup, repeat=args.repeat,
+                            cache=args.cache, deduplicate=not args.no_dedup)
+    s = table.settings
+    print(f"{s['num_entries']} entries from {s['num_signatures']} distinct convs, "
+          f"{s['backend']} on {s['device']} ({s['machine']}), batch {s['batch_size']}: "
+          f"original table latency {table.identity_latency(space):.4g} ms")
+    _write(args.out, table.to_json())
+    return EXIT_OK
+
+
+def cmd_importance(args: argparse.Namespace) -> int:
+    from .tables.importance import OutputAgreement, estimate_importance
+
+    gm, space = _space(args)
+    evaluate = _attribute(args.evaluate) if args.evaluate else None
+    if evaluate is None:
+        batch = torch.randn(args.calibration_batch, *args.input_shape[1:],
+                            generator=torch.Generator().manual_seed(0))
+        evaluate = OutputAgreement(gm, batch)
+    finetune = _attribute(args.finetune) if args.finetune else None
+    table = estimate_importance(space, evaluate=evaluate, finetune=finetune, cache=args.cache)
+    low = sorted(table.values.items(), key=lambda kv: kv[1])[:5]
+    print(f"{len(table)} importance values ({table.settings['estimator']}); lowest: "
+          + ", ".join(f"{k if isinstance(k, str) else tuple(k)}={v:.3g}" for k, v in low))
+    _write(args.out, table.to_json())
+    return EXIT_OK
+
+
+def _tables(args: argparse.Namespace):
+    from .tables.importance import ImportanceTable
+    from .tables.latency import LatencyTable
+
+    return (LatencyTable.from_json(Path(args.latency).read_text()),
+            ImportanceTable.from_json(Path(args.importance).read_text()))
+
+
+def cmd_solve(args: argparse.Namespace) -> int:
+    from .solve import frontier, solve
+
+    _, space = _space(args)
+    latency, importance = _tables(args)
+    plan = solve(space, latency, importance, budget=args.budget, budget_ms=args.budget_ms,
+                 method=args.method, levels=args.levels)
+    print(plan.describe())
+    _write(args.out, plan.to_json())
+    if args.frontier or args.plot:
+        front = frontier(space, latency, importance, method=args.method, levels=args.levels)
+        _write(args.frontier, front.to_json())
+        if args.plot:
+            print(f"wrote {front.plot(args.plot)}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_transform(args: argparse.Namespace) -> int:
+    from .passes import diff, merge, prune
+    from .plan import Plan
+
+    gm, _ = _space(args)
+    plan = Plan.from_json(Path(args.plan).read_text())
+    pruned = prune(gm, plan, add_activations=args.add_activations)
+    merged = merge(pruned.eval())
+    print(diff(gm, merged))
+    for path, module in ((args.pruned_out, pruned), (args.out, merged)):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(module, path)
+            print(f"wrote {path}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    run_demo(Path(args.out) if args.out else None,
+             DemoConfig.quick() if args.quick else DemoConfig())
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fxmerge", description="LayerMerge depth compression for CNNs (torch.fx).")
+        prog="fxmerge", description="LayerMerge depth compression for CNNs (torch.fx).",
+        epilog="exit codes: 0 success, 1 error (the message says which rule), 2 bad usage")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("analyze", help="print a model's merge space")
     _add_model_args(p)
     p.add_argument("--out", help="write the space (entries, convs) as JSON")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("latency", help="measure the latency table")
+    _add_model_args(p)
+    p.add_argument("--out", help="write the table as JSON")
+    p.add_argument("--backend", choices=["eager", "compile", "tensorrt"], default="eager")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, help="deployment batch (default: the input shape's)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--repeat", type=int, default=30)
+    p.add_argument("--cache", help="JSON file to resume an interrupted measurement from")
+    p.add_argument("--no-dedup", action="store_true", help="time every entry separately")
+    p.set_defaults(func=cmd_latency)
+
+    p = sub.add_parser("importance", help="estimate the importance table")
+    _add_model_args(p)
+    p.add_argument("--out", help="write the table as JSON")
+    p.add_argument("--evaluate", help="file.py:function scoring a model (higher is better); "
+                   "default: output agreement with the original on a random batch")
+    p.add_argument("--finetune", help="file.py:function fine-tuning a model briefly")
+    p.add_argument("--calibration-batch", type=int, default=8)
+    p.add_argument("--cache", help="JSON-lines file: finished entries; a rerun resumes")
+    p.set_defaults(func=cmd_importance)
+
+    p = sub.add_parser("solve", help="pick the best plan under a latency budget")
+    _add_model_args(p)
+    p.add_argument("--latency", required=True, help="latency table JSON")
+    p.add_argument("--importance", required=True, help="importance table JSON")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget", type=float, help="fraction of the original latency")
+    budget.add_argument("--budget-ms", type=float, help="absolute latency budget (ms)")
+    p.add_argument("--method", choices=["layermerge", "depth", "layeronly"],
+                   default="layermerge")
+    p.add_argument("--levels", type=int, default=1000)
+    p.add_argument("--out", help="write the plan as JSON")
+    p.add_argument("--frontier", help="write the importance/latency frontier as JSON")
+    p.add_argument("--plot", help="save the frontier as a PNG (needs matplotlib)")
+    p.set_defaults(func=cmd_solve)
+
+    p = sub.add_parser("transform", help="apply a plan: prune and merge, print the diff")
+    _add_model_args(p)
+    p.add_argument("--plan", required=True, help="plan JSON from `fxmerge solve`")
+    p.add_argument("--out", help="save the merged GraphModule (torch.save)")
+    p.add_argument("--pruned-out", help="save the pruned, trainable GraphModule")
+    p.add_argument("--add-activations", action="store_true",
+                   help="add an activation after merged blocks that end without one")
+    p.set_defaults(func=cmd_transform)
+
+    p = sub.add_parser("demo", help="end-to-end compression on bundled digits data")
+    p.add_argument("--out", help="folder for results.json, tables and pareto.png")
+    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -1,0 +1,82 @@
+"""`fxmerge.compress`: the whole pipeline in one call, from a model to a plan and a pruned
+network to fine-tune."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .passes import merge, prune
+from .plan import Plan
+from .solve import solve
+from .space import MergeSpace, analyze
+from .tables.importance import ImportanceTable, OutputAgreement, estimate_importance
+from .tables.latency import LatencyTable, measure_latency
+from .trace import ExampleInputs, trace
+
+
+@dataclass
+class CompressResult:
+    """The plan, the pruned network to fine-tune, and how it was decided."""
+
+    plan: Plan
+    space: MergeSpace
+    pruned: fx.GraphModule
+    latency: LatencyTable
+    importance: ImportanceTable
+
+    def merge(self) -> fx.GraphModule:
+        """The merged network (one conv per block) of the pruned one, in eval mode. Call it
+        after fine-tuning `pruned`; it puts `pruned` in eval mode."""
+        return merge(self.pruned.eval())
+
+    def report(self) -> str:
+        """Predicted latency and importance, and each block's convs and merged kernel."""
+        original = self.latency.identity_latency(self.space)
+        p = self.plan
+        head = (f"{p.method} at budget {p.budget:.0%}: predicted {p.predicted_latency_ms:.4g} ms "
+                f"of {original:.4g} ms ({p.predicted_latency_ms / original:.1%}), importance "
+                f"{p.predicted_importance:.4g}; {len(p.removed_convs)} convs and "
+                f"{len(p.inner_positions)} activations removed, {len(p.blocks)} blocks")
+        return head + "\n" + p.describe()
+
+
+def compress(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    *,
+    budget: float,
+    method: str = "layermerge",
+    latency: LatencyTable | Mapping[str, Any] | None = None,
+    importance: ImportanceTable | Callable[[nn.Module], float] | None = None,
+    finetune: Callable[[nn.Module], nn.Module | None] | None = None,
+    exclude: tuple[str, ...] = (),
+    stride_rule: str = "paper",
+    levels: int = 1000,
+    add_activations: bool = False,
+) -> CompressResult:
+    """Trace, analyse, build the tables, solve at `budget` (a fraction of the original
+    table latency) and prune. `model` is not changed.
+
+    `latency`: a `LatencyTable`, or keyword arguments for `measure_latency` (default: eager
+    on the CPU at the example batch). `importance`: an `ImportanceTable`, or an
+    `evaluate(model) -> float` for the paper's estimator (with `finetune`), or None for the
+    cheap output-agreement proxy on `example_inputs`.
+    """
+    gm = trace(model, example_inputs)
+    space = analyze(gm, stride_rule=stride_rule, exclude=exclude)
+    if not isinstance(latency, LatencyTable):
+        latency = measure_latency(space, **dict(latency or {}))
+    if importance is None:
+        batch = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
+        importance = estimate_importance(space, evaluate=OutputAgreement(gm, batch))
+    elif not isinstance(importance, ImportanceTable):
+        importance = estimate_importance(space, evaluate=importance, finetune=finetune)
+    plan = solve(space, latency, importance, budget=budget, method=method, levels=levels)
+    pruned = prune(gm, plan, add_activations=add_activations)
+    return CompressResult(plan, space, pruned, latency, importance)
