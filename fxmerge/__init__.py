@@ -2,6 +2,7 @@
 
 import logging
 
+from .backends import backend
 from .compress import CompressResult, compress
 from .errors import (
     FxMergeError,
@@ -23,7 +24,7 @@ from .trace import trace
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "Block", "CompressResult", "Conv", "Entry", "Frontier", "FxMergeError", "GraphDiff", "ImportanceTable",
+    "Block", "CompressResult", "backend", "Conv", "Entry", "Frontier", "FxMergeError", "GraphDiff", "ImportanceTable",
     "InfeasibleBudget", "KernelOption", "LatencyTable", "MergeError", "MergeSpace", "Plan",
     "PlanError", "Skip", "SpaceError", "TableError", "TraceError", "analyze", "compress", "diff",
     "estimate_importance",

@@ -1,0 +1,67 @@
+"""The same plan applies to every graph form: symbolic_trace, torch.export (before and after
+decompositions) and a torch.compile backend's graph."""
+
+import pytest
+import torch
+import torchvision
+
+import fxmerge
+from fxmerge.backends.compile import registered_backend
+from helpers import randomize_batchnorm, relative_error
+
+X = torch.randn(2, 3, 32, 32)
+MODELS = {"resnet18": torchvision.models.resnet18, "mobilenet_v2": torchvision.models.mobilenet_v2}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model_and_plan(request):
+    model = randomize_batchnorm(MODELS[request.param]())
+    gm = fxmerge.trace(model, X)
+    plan = fxmerge.Plan.random(fxmerge.analyze(gm), 5)
+    with torch.no_grad():
+        expected = fxmerge.transform(gm, plan)(X)
+    return model, plan, expected
+
+
+@pytest.mark.parametrize("decompose", [False, True])
+def test_export_programs_give_the_same_space_and_result(model_and_plan, decompose):
+    model, plan, expected = model_and_plan
+    program = torch.export.export(model, (X,))
+    if decompose:
+        program = program.run_decompositions()
+    gm = fxmerge.trace(program, X)
+    space = fxmerge.analyze(gm)
+    assert space.signature == plan.signature
+    assert [c.name for c in space.convs] == [n for b in plan.blocks for n in b.convs]
+    with torch.no_grad():
+        assert relative_error(expected, fxmerge.transform(gm, plan)(X)) <= 1e-5
+
+
+def test_compile_backend_eager_matches_transform(model_and_plan):
+    model, plan, expected = model_and_plan
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=fxmerge.backend(plan, then="eager"))
+    with torch.no_grad():
+        assert relative_error(expected, compiled(X)) <= 1e-5
+
+
+def test_registered_backend_name_with_inductor(model_and_plan):
+    model, plan, expected = model_and_plan
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="fxmerge", options={"plan": plan})
+    with torch.no_grad():
+        assert relative_error(expected, compiled(X)) <= 1e-4
+
+
+def test_backend_refuses_a_missing_plan_and_a_foreign_one():
+    with pytest.raises(fxmerge.FxMergeError, match="needs options"):
+        registered_backend(None, [], {})
+    model = torchvision.models.resnet18().eval()
+    other = fxmerge.trace(torchvision.models.resnet34(), X)
+    plan = fxmerge.Plan.random(fxmerge.analyze(other), 0)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=fxmerge.backend(plan, then="eager"))
+    with pytest.raises(Exception, match="another graph"):
+        compiled(X)
+    with pytest.raises(ValueError, match="then must be"):
+        fxmerge.backend(plan, then="tvm")
