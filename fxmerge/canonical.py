@@ -17,9 +17,8 @@ import re
 from collections.abc import Sequence
 
 import torch
-import torch.fx as fx
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import fx, nn
 
 aten = torch.ops.aten
 
@@ -30,7 +29,7 @@ _ACT = {aten.relu.default: nn.ReLU, aten.relu_.default: nn.ReLU,
         aten.silu.default: nn.SiLU, aten.silu_.default: nn.SiLU,
         aten.hardswish.default: nn.Hardswish, aten.hardswish_.default: nn.Hardswish,
         aten.gelu.default: nn.GELU}
-_HARDTANH = {aten.hardtanh.default, aten.hardtanh_.default}
+_HARDTANH = {aten.hardtanh.default, aten.hardtanh_.default, F.hardtanh}  # (0, 6) is ReLU6
 _ADD = {aten.add.Tensor, aten.add_.Tensor}
 
 
@@ -57,16 +56,14 @@ class _Canonicaliser:
         """The tensor behind a weight argument, if it is a constant of the graph."""
         if arg is None:
             return None
-        if not isinstance(arg, fx.Node):
-            raise ValueError("not a node")
-        if arg.op == "get_attr":
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
             value = self.gm
             for part in arg.target.split("."):
                 value = getattr(value, part)
             return value
-        if arg.op == "placeholder" and arg.name in self.inputs:
+        if isinstance(arg, fx.Node) and arg.op == "placeholder" and arg.name in self.inputs:
             return self.inputs[arg.name]
-        raise ValueError(f"weight '{arg.name}' is computed in the graph")
+        raise ValueError(f"weight {arg} is not a constant of the graph")
 
     def name_for(self, node: fx.Node, kind: str) -> str:
         path = module_path(node)
@@ -104,7 +101,7 @@ class _Canonicaliser:
             return
         if weight.dim() != 4 or isinstance(padding, str):
             return
-        pair = lambda v: tuple(v) if isinstance(v, Sequence) else (v, v)  # noqa: E731
+        pair = lambda v: tuple(v) if isinstance(v, Sequence) else (v, v)
         conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
                          pair(stride), pair(padding), pair(dilation), groups,
                          bias=bias is not None)
@@ -153,7 +150,9 @@ class _Canonicaliser:
 
     def activation(self, node: fx.Node) -> None:
         if node.target in _HARDTANH:
-            low, high = (list(node.args[1:]) + [-1.0, 1.0])[:2]
+            low, high = (list(node.args[1:3]) + [-1.0, 1.0][len(node.args[1:3]):])
+            low = node.kwargs.get("min_val", low)
+            high = node.kwargs.get("max_val", high)
             if (low, high) != (0.0, 6.0):
                 return
             self.replace(node, nn.ReLU6(), "act", node.args[0])

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .compress import CompressResult
 from .errors import InfeasibleBudget
@@ -63,7 +63,7 @@ class Digits:
 
 def load_digits(size: int = 32, seed: int = 0) -> Digits:
     """scikit-learn's bundled digits (no download), upsampled, split 1000/300/497."""
-    from sklearn.datasets import load_digits as sk_digits  # noqa: PLC0415  (demo extra)
+    from sklearn.datasets import load_digits as sk_digits
 
     data = sk_digits()
     x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
@@ -219,10 +219,10 @@ def write_results(out: Path, rows, base_acc, space, latency, importance, config)
 
 def plot_results(path: Path, rows, base_acc, space, latency, importance) -> None:
     """Left: measured accuracy vs measured latency. Right: the predicted frontiers."""
-    import matplotlib  # noqa: PLC0415  (demo extra)
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for method in METHODS:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .canonical import canonicalize
 from .errors import TraceError
@@ -22,16 +22,21 @@ def _as_tuple(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...]:
     return tuple(example_inputs)
 
 
-class _NamedShapeProp(ShapeProp):
-    """ShapeProp that says which node failed."""
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph on real tensors and records each tensor's metadata on its node, like
+    ShapeProp but never on fake tensors (inside a torch.compile backend ShapeProp would pick
+    up dynamo's fake mode), and saying which node failed."""
 
     def run_node(self, n: fx.Node) -> Any:
         try:
-            return super().run_node(n)
+            result = super().run_node(n)
         except Exception as exc:  # re-raised with the node named
             raise TraceError(
                 f"shape propagation failed at node '{n.name}' ({n.op} {n.target}): {exc}"
             ) from exc
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+        return result
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> fx.GraphModule:
@@ -40,7 +45,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> fx.Gr
     gm.eval()
     try:
         with torch.no_grad():
-            _NamedShapeProp(gm).propagate(*_as_tuple(example_inputs))
+            _ShapeRecorder(gm).run(*_as_tuple(example_inputs))
     finally:
         gm.train(was_training)
     return gm

@@ -4,10 +4,10 @@ decompositions) and a torch.compile backend's graph."""
 import pytest
 import torch
 import torchvision
+from helpers import randomize_batchnorm, relative_error
 
 import fxmerge
 from fxmerge.backends.compile import registered_backend
-from helpers import randomize_batchnorm, relative_error
 
 X = torch.randn(2, 3, 32, 32)
 MODELS = {"resnet18": torchvision.models.resnet18, "mobilenet_v2": torchvision.models.mobilenet_v2}

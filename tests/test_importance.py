@@ -1,16 +1,16 @@
 import json
-import multiprocessing
 import math
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
-import torch.nn as nn
+from helpers import randomize_batchnorm
+from models import small_net
+from torch import nn
 
 import fxmerge
 from fxmerge.tables.importance import OutputAgreement, agreement_importance, estimate_importance
-from helpers import randomize_batchnorm
-from models import small_net
 
 SPEC = [("conv", 8, 3, 1, True, False), ("res", [("c", 3, False), ("c", 3, False)]),
         ("conv", 8, 3, 1, True, True), ("conv", 8, 1, 2, True, False)]
@@ -48,7 +48,6 @@ def test_finetune_is_called_on_a_trainable_copy(space):
 
     def finetune(model):
         seen.append(model.training)
-        return None
 
     estimate_importance(space, evaluate=lambda m: 0.0, finetune=finetune, layeronly=False)
     assert len(seen) == space.num_entries and all(seen)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from ..canonical import canonicalize
 from ..errors import FxMergeError
@@ -31,17 +31,31 @@ def hand_over(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], then: 
     if then == "eager":
         return gm
     if then == "inductor":
-        from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415  (heavy)
-
-        return compile_fx(gm, list(example_inputs))
+        return _LazyInductor(gm)
     if then == "tensorrt":
         try:
-            import torch_tensorrt  # noqa: PLC0415, F401  (optional)
+            import torch_tensorrt  # noqa: F401  (optional)
         except ImportError as exc:
             raise FxMergeError("then='tensorrt' needs torch-tensorrt: "
                                "pip install 'fxmerge[trt]'") from exc
         return torch.compile(gm, backend="tensorrt")
     raise ValueError(f"then must be one of {THEN}, got {then!r}")
+
+
+class _LazyInductor:
+    """Compiles the merged graph with inductor on its first call: outside dynamo's tracing
+    context, where the merged weights (new constants) are plain module parameters."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.compiled: Callable | None = None
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            from torch._inductor.compile_fx import compile_fx
+
+            self.compiled = compile_fx(self.gm, list(args))
+        return self.compiled(*args)
 
 
 def backend(plan: Plan, *, then: str = "inductor", add_activations: bool = False) -> Callable:
@@ -78,7 +92,7 @@ def registered_backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor
 def register() -> None:
     """Register the "fxmerge" name with torch.compile by hand (an installed fxmerge is
     found through its `torch_dynamo_backends` entry point without this)."""
-    from torch._dynamo.backends.registry import _BACKENDS, register_backend  # noqa: PLC0415
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
 
     if "fxmerge" not in _BACKENDS:
         register_backend(name="fxmerge")(registered_backend)

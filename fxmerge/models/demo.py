@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 def conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1,
@@ -33,7 +33,7 @@ class InvertedResidual(nn.Module):
 class DemoMobileNetV2(nn.Module):
     """Stem, 8 inverted residual blocks (t, c, n, s as in MobileNetV2, narrower), head."""
 
-    SETTINGS = [(1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 3, 2), (4, 48, 2, 2)]
+    SETTINGS = ((1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 3, 2), (4, 48, 2, 2))
     EXCLUDE = ("stem.0", "head.0")  # stem and last 1x1 conv stay, as in the paper
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:

@@ -11,7 +11,6 @@ import copy
 import logging
 from collections import Counter
 
-import torch
 import torch.nn.functional as F
 from torch import fx
 
@@ -118,6 +117,11 @@ def prune(gm: fx.GraphModule, plan: Plan, *, add_activations: bool = False) -> f
     convs and ends where the network had no activation gets one (as the paper does)."""
     if not isinstance(gm, fx.GraphModule):
         raise PlanError("prune needs a GraphModule: trace the model with fxmerge.trace first")
+    modules = dict(gm.named_modules())
+    missing = [name for name in plan.exclude if name not in modules]
+    if missing:
+        raise PlanError(f"plan was made for another graph: it excludes {missing}, which this "
+                        "model does not have")
     space = analyze(gm, stride_rule=plan.stride_rule, exclude=plan.exclude)
     plan.validate(space)
     out = copy.deepcopy(gm)

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.fx as fx
-import torch.nn as nn
+from torch import fx, nn
 
 from ..errors import TableError
 from ..plan import Plan
@@ -67,7 +66,7 @@ def removal_plan(space: MergeSpace, conv: str) -> Plan:
 def score_plan(gm: fx.GraphModule, plan: Plan, evaluate: Evaluate,
                finetune: Finetune | None = None, shapes: list | None = None) -> float:
     """Prune `gm` by `plan`, fine-tune it (if asked), and score it in eval mode."""
-    from ..passes.prune import prune  # noqa: PLC0415  (passes import this package)
+    from ..passes.prune import prune
 
     if shapes is not None:
         ensure_shapes(gm, shapes)
@@ -86,7 +85,7 @@ def _outcomes(executor: Executor | None, jobs: dict, run: Callable) -> Iterable:
         for key, args in jobs.items():
             try:
                 yield key, run(*args)
-            except Exception as exc:  # reported by the caller
+            except Exception as exc:  # noqa: BLE001  (any failure is reported by name)
                 yield key, exc
         return
     futures = {executor.submit(run, *args): key for key, args in jobs.items()}
@@ -117,7 +116,7 @@ def _append(path: Path | None, record: dict) -> None:
 def importance_jobs(space: MergeSpace, gm: fx.GraphModule, layeronly: bool
                     ) -> dict[Key, Plan]:
     """The plan to score for every key of the table."""
-    from ..solve import conv_l1_norms  # noqa: PLC0415
+    from ..solve import conv_l1_norms
 
     scores = conv_l1_norms(space)
     jobs: dict[Key, Plan] = {e: block_plan(space, e, scores) for e in space.entries}

@@ -1,0 +1,44 @@
+import torch
+from helpers import randomize_batchnorm, relative_error
+
+import fxmerge
+from fxmerge.models import DemoMobileNetV2
+
+
+def test_compress_end_to_end_with_measured_latency_and_proxy_importance():
+    model = randomize_batchnorm(DemoMobileNetV2())
+    x = torch.randn(4, 1, 16, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = fxmerge.compress(model, x, budget=0.7, exclude=DemoMobileNetV2.EXCLUDE,
+                              latency={"warmup": 1, "repeat": 3})
+    plan = result.plan
+    assert plan.method == "layermerge" and plan.budget == 0.7
+    assert plan.predicted_latency_ms <= 0.7 * result.latency.identity_latency(result.space)
+    assert result.importance.settings["estimator"] == "no fine-tuning"
+    report = result.report()
+    assert "layermerge at budget 70%" in report and f"{len(plan.blocks)} blocks" in report
+    # ready to fine-tune: BatchNorms are still separate layers, weights are trainable
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in result.pruned.modules())
+    assert all(p.requires_grad for p in result.pruned.parameters())
+    merged = result.merge()
+    with torch.no_grad():
+        assert relative_error(result.pruned(x), merged(x)) <= 1e-5
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_compress_accepts_tables_and_an_evaluate_function():
+    model = randomize_batchnorm(DemoMobileNetV2())
+    x = torch.randn(2, 1, 16, 16)
+    gm = fxmerge.trace(model, x)
+    space = fxmerge.analyze(gm)
+    latency = fxmerge.LatencyTable.from_values(space, {e: 1.0 + 0.1 * e.k for e in space.entries})
+    calls = []
+
+    def evaluate(m):
+        calls.append(1)
+        return 0.0
+
+    result = fxmerge.compress(model, x, budget=0.9, latency=latency, importance=evaluate,
+                              method="depth")
+    assert result.plan.method == "depth"
+    assert len(calls) == 1 + len(result.importance)  # the original, then every key
