@@ -46,6 +46,8 @@ def write(name: str, meta: dict, rows: list[dict], columns: list[str], title: st
 
 
 def _fmt(value) -> str:
+    if value is None:
+        return ""
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
