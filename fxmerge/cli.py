@@ -13,7 +13,7 @@ import torch
 
 from .errors import FxMergeError
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_ERROR = 0, 1  # argparse exits with 2 on bad usage
 
 
 def load_model(spec: str) -> torch.nn.Module:

@@ -59,11 +59,6 @@ class Plan:
         return tuple(n for b in self.blocks for n in b.convs if n not in b.kept)
 
     @property
-    def boundaries(self) -> tuple[str, ...]:
-        """Convs after which a block ends (an activation there is kept)."""
-        return tuple(b.convs[-1] for b in self.blocks)
-
-    @property
     def inner_positions(self) -> tuple[str, ...]:
         """Convs after which the activation is removed: inside blocks, and at the end of
         blocks that drop it."""
