@@ -29,25 +29,28 @@ LEVELS = [100, 300, 1000, 3000]
 REPEATS = 7
 
 
-def macs_latency(space):
-    values = {}
+def synthetic_problem(factory, exclude):
+    """A model's space at 224x224 with a MACs-proportional latency table and random
+    importance in (0.5, 1] (for timing the solver and the passes, not for accuracy)."""
+    gm = fxmerge.trace(factory().eval(), torch.randn(1, 3, 224, 224))
+    space = fxmerge.analyze(gm, exclude=exclude)
+    macs = {}
     for e in space.entries:
         sig = entry_signature(space, e)
         _, c, h, w = sig.input_shape
-        values[e] = c * sig.out_channels * sig.kernel**2 * h * w / sig.stride**2 / sig.groups
-    return fxmerge.LatencyTable.from_values(space, {e: v * 1e-8 for e, v in values.items()},
-                                            source="MACs proxy")
+        macs[e] = c * sig.out_channels * sig.kernel**2 * h * w / sig.stride**2 / sig.groups
+    lat = fxmerge.LatencyTable.from_values(space, {e: v * 1e-8 for e, v in macs.items()},
+                                           source="MACs proxy")
+    rng = random.Random(0)
+    keys = list(space.entries) + layeronly.importance_keys(space)
+    imp = fxmerge.ImportanceTable.from_values(space, {k: rng.uniform(0.5, 1) for k in keys})
+    return gm, space, lat, imp
 
 
 def main() -> None:
     rows = []
     for name, (factory, exclude) in MODELS.items():
-        gm = fxmerge.trace(factory(), torch.randn(1, 3, 224, 224))
-        space = fxmerge.analyze(gm, exclude=exclude)
-        rng = random.Random(0)
-        keys = list(space.entries) + layeronly.importance_keys(space)
-        imp = fxmerge.ImportanceTable.from_values(space, {k: rng.uniform(0.5, 1) for k in keys})
-        lat = macs_latency(space)
+        _, space, lat, imp = synthetic_problem(factory, exclude)
         for levels in LEVELS:
             for method in ("layermerge", "depth", "layeronly"):
                 times = []

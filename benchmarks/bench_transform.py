@@ -9,17 +9,14 @@ depend on where the plan came from, only on its blocks.
 
 from __future__ import annotations
 
-import random
 import statistics
 import time
 
-import torch
 import torchvision
-from bench_solver import macs_latency
+from bench_solver import synthetic_problem
 from common import write
 
 import fxmerge
-from fxmerge.solve import layeronly
 
 MODELS = {
     "mobilenet_v2": (torchvision.models.mobilenet_v2, ["features.0.0", "features.18.0"],
@@ -32,12 +29,7 @@ REPEATS = 5
 def main() -> None:
     rows = []
     for name, (factory, exclude, budgets) in MODELS.items():
-        gm = fxmerge.trace(factory().eval(), torch.randn(1, 3, 224, 224))
-        space = fxmerge.analyze(gm, exclude=exclude)
-        rng = random.Random(0)
-        keys = list(space.entries) + layeronly.importance_keys(space)
-        imp = fxmerge.ImportanceTable.from_values(space, {k: rng.uniform(0.5, 1) for k in keys})
-        lat = macs_latency(space)
+        gm, space, lat, imp = synthetic_problem(factory, exclude)
         for budget in budgets:
             plan = fxmerge.solve(space, lat, imp, budget=budget)
             times = {"prune": [], "merge": [], "transform": []}
