@@ -5,7 +5,9 @@ import pytest
 import torch
 import torchvision
 from helpers import randomize_batchnorm, relative_error
-from models import TinyUNet
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from models import TinyUNet, small_net
 from torch import nn
 
 import fxmerge
@@ -57,6 +59,24 @@ def test_random_plans_merge_exactly(traced):
         assert names & searched == {b.kept[0] for b in plan.blocks}
         assert len(merged.graph.nodes) < len(pruned.graph.nodes)
         assert not any(isinstance(m, nn.BatchNorm2d) for m in merged.modules())
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_exact_stride_rule_merges_strided_projection_blocks(seed):
+    """With stride_rule="exact" a block may hold a strided 3x3 followed by 3x3 convs and a
+    whole downsampling residual block with its projection shortcut."""
+    gm = fxmerge.trace(randomize_batchnorm(torchvision.models.resnet18()), X)
+    space = fxmerge.analyze(gm, stride_rule="exact")
+    plan = fxmerge.Plan.random(space, seed)
+    pruned = fxmerge.prune(gm, plan).eval()
+    merged = fxmerge.merge(pruned)
+    with torch.no_grad():
+        assert relative_error(pruned(X), merged(X)) <= 1e-5
+    fused = [s for s in space.skips if s.projection and any(
+        i <= s.source and s.target <= j for i, j in plan.spans(space))]
+    assert fused  # these seeds merge a projection shortcut into a conv
+    for s in fused:
+        assert s.projection not in merged_conv_names(merged)
 
 
 def test_identity_plan_reproduces_the_original(traced):
@@ -227,3 +247,35 @@ def test_plan_json_round_trip_and_diff():
     first = plan.blocks[0]
     assert any(a.startswith(first.kept[0] + ":") for a, _ in d.replaced) or len(first.kept) == 1
     assert f"{len(d.removed)} removed" in text
+
+
+@st.composite
+def random_nets(draw):
+    """Conv chains with strides, depthwise convs, residual pairs (identity skips), BN."""
+    spec = []
+    for _ in range(draw(st.integers(2, 6))):
+        if draw(st.integers(0, 2)) == 0:
+            spec.append(("res", [("c", draw(st.sampled_from([1, 3])), draw(st.booleans()))
+                                 for _ in range(draw(st.integers(1, 3)))]))
+        else:
+            spec.append(("conv", draw(st.sampled_from([4, 6])), draw(st.sampled_from([1, 3, 5])),
+                         draw(st.sampled_from([1, 1, 2])), draw(st.booleans()),
+                         draw(st.booleans())))
+    return spec
+
+
+@settings(max_examples=40, deadline=None)
+@given(random_nets(), st.sampled_from(["paper", "exact"]), st.integers(0, 1000),
+       st.booleans())
+def test_random_nets_and_plans_merge_exactly(spec, stride_rule, seed, add_activations):
+    model = randomize_batchnorm(small_net(spec), seed)
+    x = torch.randn(2, 3, 20, 20)
+    gm = fxmerge.trace(model, x)
+    space = fxmerge.analyze(gm, stride_rule=stride_rule)
+    plan = fxmerge.Plan.random(space, seed)
+    pruned = fxmerge.prune(gm, plan, add_activations=add_activations).eval()
+    merged = fxmerge.merge(pruned)
+    with torch.no_grad():
+        assert relative_error(pruned(x), merged(x)) <= 1e-5
+    assert merged_conv_names(merged) & {c.name for c in space.convs} == {
+        b.kept[0] for b in plan.blocks}
