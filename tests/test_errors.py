@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torchvision
+from models import small_net
+from torch import nn
 
 import fxmerge
-from models import small_net
 
 X = torch.randn(1, 3, 32, 32)
 
@@ -32,7 +32,7 @@ def test_prune_needs_a_traced_graph_module(resnet):
 
 
 def test_plans_that_do_not_tile_or_keep_foreign_convs(resnet):
-    gm, space = resnet
+    _, space = resnet
     plan = fxmerge.Plan.identity(space)
     with pytest.raises(fxmerge.PlanError, match="do not tile"):
         fxmerge.Plan(plan.blocks[1:], plan.signature).validate(space)
