@@ -176,6 +176,23 @@ def cmd_transform(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .passes import merge
+    from .plan import Plan
+
+    pruned = torch.load(args.pruned, map_location="cpu", weights_only=False)
+    plan = Plan.from_json(Path(args.plan).read_text())
+    merged = merge(pruned.eval(), plan)
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in merged.modules())
+    print(f"merged {len(plan.blocks)} blocks: {n_convs} convs, "
+          f"{len(merged.graph.nodes)} nodes (pruned had {len(pruned.graph.nodes)})")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(merged, args.out)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
@@ -240,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add-activations", action="store_true",
                    help="add an activation after merged blocks that end without one")
     p.set_defaults(func=cmd_transform)
+
+    p = sub.add_parser("merge", help="merge a fine-tuned pruned network (from transform "
+                       "--pruned-out) into one conv per block")
+    p.add_argument("pruned", help="the pruned GraphModule file (torch.save)")
+    p.add_argument("--plan", required=True, help="the plan JSON it was pruned with")
+    p.add_argument("--out", help="save the merged GraphModule (torch.save)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("demo", help="end-to-end compression on bundled digits data")
     p.add_argument("--out", help="folder for results.json, tables and pareto.png")

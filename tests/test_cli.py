@@ -86,11 +86,18 @@ def test_transform_with_weights_matches_the_python_api(tmp_path):
     plan = fxmerge.Plan.random(space, 3)
     (tmp_path / "plan.json").write_text(plan.to_json())
     assert run("transform", *MODEL, "--weights", tmp_path / "w.pt", "--plan",
-               tmp_path / "plan.json", "--out", tmp_path / "merged.pt") == 0
+               tmp_path / "plan.json", "--out", tmp_path / "merged.pt",
+               "--pruned-out", tmp_path / "pruned.pt") == 0
     merged = torch.load(tmp_path / "merged.pt", weights_only=False)
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(merged(x), fxmerge.transform(gm, plan)(x))
+    # the fine-tuning round trip: pruned file -> (training elsewhere) -> merge command
+    assert run("merge", tmp_path / "pruned.pt", "--plan", tmp_path / "plan.json",
+               "--out", tmp_path / "merged2.pt") == 0
+    merged2 = torch.load(tmp_path / "merged2.pt", weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(merged2(x), merged(x))
 
 
 def test_plan_for_another_model_exits_1(tmp_path, capsys):

@@ -179,8 +179,20 @@ def test_training_mode_batchnorm_is_refused():
 
 def test_merge_refuses_a_graph_not_pruned_by_fxmerge():
     gm = fxmerge.trace(torchvision.models.resnet18().eval(), X)
-    with pytest.raises(fxmerge.MergeError, match="not made by fxmerge.prune"):
+    with pytest.raises(fxmerge.MergeError, match="carries no fxmerge plan"):
         fxmerge.merge(gm)
+
+
+def test_a_saved_and_reloaded_pruned_network_merges_with_its_plan(tmp_path):
+    gm = fxmerge.trace(randomize_batchnorm(torchvision.models.resnet18()), X)
+    plan = fxmerge.Plan.random(fxmerge.analyze(gm), 1)
+    torch.save(fxmerge.prune(gm, plan), tmp_path / "pruned.pt")
+    loaded = torch.load(tmp_path / "pruned.pt", weights_only=False).eval()
+    with pytest.raises(fxmerge.MergeError, match="pass its plan"):
+        fxmerge.merge(loaded)
+    merged = fxmerge.merge(loaded, plan)
+    with torch.no_grad():
+        assert relative_error(loaded(X), merged(X)) <= 1e-5
 
 
 def test_plan_for_another_graph_is_refused():

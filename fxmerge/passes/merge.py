@@ -129,13 +129,17 @@ def _fold_remaining_norms(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
-def merge(pruned: fx.GraphModule) -> fx.GraphModule:
+def merge(pruned: fx.GraphModule, plan: Plan | None = None) -> fx.GraphModule:
     """Merge every block of a pruned network (from `fxmerge.prune`, in eval mode) into one
-    conv. Returns a new GraphModule in eval mode; `pruned` is not changed."""
-    plan: Plan | None = getattr(pruned, "meta", {}).get(PLAN_KEY)
+    conv. Returns a new GraphModule in eval mode; `pruned` is not changed.
+
+    The plan is the one prune recorded on the graph; pass it again as `plan` when the graph
+    lost it (torch.save / torch.load keep a GraphModule's code but not its metadata).
+    """
+    plan = plan or getattr(pruned, "meta", {}).get(PLAN_KEY)
     if plan is None:
-        raise MergeError("this graph was not made by fxmerge.prune: merge needs the plan "
-                         "prune records (use fxmerge.transform(gm, plan) on a traced model)")
+        raise MergeError("this graph carries no fxmerge plan: merge a graph made by "
+                         "fxmerge.prune, or pass its plan: merge(pruned, plan)")
     if pruned.meta.get(MERGED_KEY):
         raise MergeError("this graph is already merged")
     for name, m in pruned.named_modules():
