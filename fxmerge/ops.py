@@ -15,6 +15,7 @@ ACTIVATION_MODULES: dict[type, str] = {
     nn.Hardswish: "hardswish",
     nn.GELU: "gelu",
 }
+ACTIVATION_CLASSES: dict[str, type] = {kind: cls for cls, kind in ACTIVATION_MODULES.items()}
 ACTIVATION_FUNCTIONS: dict[object, str] = {
     F.relu: "relu",
     torch.relu: "relu",

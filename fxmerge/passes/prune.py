@@ -23,7 +23,6 @@ from ..trace import propagate_shapes, random_inputs
 log = logging.getLogger(__name__)
 
 PLAN_KEY = "fxmerge_plan"
-_ACTIVATION_CLASSES = {kind: cls for cls, kind in ops.ACTIVATION_MODULES.items()}
 
 
 def block_borders(space: MergeSpace, i: int, j: int, kept: set[str]) -> dict[int, int]:
@@ -77,7 +76,7 @@ def _add_activations(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> None:
     kinds = Counter(c.activation for c in space.convs if c.activation)
     if not kinds:
         return
-    cls = _ACTIVATION_CLASSES[kinds.most_common(1)[0][0]]
+    cls = ops.ACTIVATION_CLASSES[kinds.most_common(1)[0][0]]
     nodes = {n.name: n for n in gm.graph.nodes}
     for n_added, (i, j) in enumerate(plan.spans(space)):
         if j - i < 2 or j == space.L or space.activation(j) is not None:

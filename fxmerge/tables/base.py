@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -83,6 +84,11 @@ class EntryTable:
             raise TableError(f"expected a {cls.kind} table, got {data.get('kind')!r}")
         values = {_key_from_json(k): float(v) for k, v in data["values"]}
         return cls(values, data["signature"], data.get("settings", {}))
+
+
+def show_progress(progress: bool | None) -> bool:
+    """Whether to draw a progress bar: as asked, else only on a terminal."""
+    return bool(progress) if progress is not None else os.isatty(2)
 
 
 def _normalise(key: Any) -> Key:

@@ -25,7 +25,7 @@ from ..errors import TableError
 from ..plan import Plan
 from ..space import Entry, MergeSpace
 from ..trace import ensure_shapes, input_shapes
-from .base import EntryTable, Key, _key_from_json, _key_to_json
+from .base import EntryTable, Key, _key_from_json, _key_to_json, show_progress
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def estimate_importance(
              len(todo))
     failures: dict[Key, str] = {}
     bar = tqdm(total=len(todo), desc="importance", unit="entry",
-               disable=not (progress if progress is not None else os.isatty(2)))
+               disable=not show_progress(progress))
     for attempt in range(retries + 1):
         failures = {}
         args = {key: (gm, plan, evaluate, finetune, shapes) for key, plan in todo.items()}

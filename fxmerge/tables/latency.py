@@ -22,13 +22,11 @@ import torch
 from torch import nn
 
 from ..errors import TableError
-from ..ops import ACTIVATION_MODULES
+from ..ops import ACTIVATION_CLASSES
 from ..space import Entry, MergeSpace
-from .base import EntryTable
+from .base import EntryTable, show_progress
 
 log = logging.getLogger(__name__)
-
-_ACTIVATIONS = {kind: cls for cls, kind in ACTIVATION_MODULES.items()}
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,7 @@ class ConvSignature:
                          self.padding, groups=self.groups)
         if self.activation is None:
             return conv
-        return nn.Sequential(conv, _ACTIVATIONS[self.activation]())
+        return nn.Sequential(conv, ACTIVATION_CLASSES[self.activation]())
 
 
 def entry_signature(space: MergeSpace, entry: Entry, batch_size: int | None = None
@@ -185,7 +183,7 @@ def measure_latency(
     timings = _load_cache(cache, settings)
     todo = [job for job in jobs if _job_key(job, signatures) not in timings]
     started = time.perf_counter()
-    bar = tqdm(todo, desc="latency table", unit="conv", disable=not _show(progress))
+    bar = tqdm(todo, desc="latency table", unit="conv", disable=not show_progress(progress))
     for job in bar:
         sig = signatures[job] if isinstance(job, Entry) else job
         timings[_job_key(job, signatures)] = time_signature(
@@ -202,10 +200,6 @@ def measure_latency(
 
 def _job_key(job: ConvSignature | Entry, signatures: dict) -> str:
     return job.key if isinstance(job, ConvSignature) else f"entry {tuple(job)} {signatures[job].key}"
-
-
-def _show(progress: bool | None) -> bool:
-    return bool(progress) if progress is not None else os.isatty(2)
 
 
 def _load_cache(cache: str | Path | None, settings: dict) -> dict[str, float]:
