@@ -104,6 +104,16 @@ class _SkipBranch:
     branch: tuple[fx.Node, ...]
 
 
+_EMPTY = (1, 1, True, False)  # (kernel, stride, depthwise, any conv kept) of no conv
+
+
+def _keep(state: tuple[int, int, bool, bool], c: Conv) -> tuple[int, int, bool, bool]:
+    """The merged state after also keeping conv `c`: its kernel, dilated by the stride so
+    far, widens the receptive field; strides multiply; depthwise only if every conv is."""
+    k, s, dw, _ = state
+    return k + (c.kernel - 1) * c.dilation * s, s * c.stride, dw and c.depthwise, True
+
+
 class MergeSpace:
     """Convs, skips, breaks, legal blocks and table entries of one traced graph."""
 
@@ -198,20 +208,16 @@ class MergeSpace:
 
     def kernel_of(self, kept: Iterable[int]) -> KernelOption:
         """Merged (kernel, depthwise) of the convs with these indices, in order."""
-        k, s, dw = 1, 1, True
+        state = _EMPTY
         for idx in sorted(kept):
-            c = self.convs[idx - 1]
-            k, s, dw = k + (c.kernel - 1) * c.dilation * s, s * c.stride, dw and c.depthwise
-        return KernelOption(k, dw)
+            state = _keep(state, self.convs[idx - 1])
+        return KernelOption(state[0], state[2])
 
     def _states(self, i: int, j: int):
         """All (kernel, stride, depthwise, any_kept) reachable keeping R and any reducible."""
-        states = {(1, 1, True, False)}
+        states = {_EMPTY}
         for c in self.convs[i:j]:
-            kept = {
-                (k + (c.kernel - 1) * c.dilation * s, s * c.stride, dw and c.depthwise, True)
-                for k, s, dw, _ in states
-            }
+            kept = {_keep(state, c) for state in states}
             states = kept if c.irreducible else kept | states
         return states
 
@@ -233,14 +239,13 @@ class MergeSpace:
     ) -> tuple[str, ...]:
         """Eq. 3: among the kept-conv subsets of block `(i, j)` that contain every irreducible
         conv and give kernel `k` (depthwise `dw`), the one with the largest total score."""
-        best: dict[tuple, tuple[float, tuple[str, ...]]] = {(1, 1, True, False): (0.0, ())}
+        best: dict[tuple, tuple[float, tuple[str, ...]]] = {_EMPTY: (0.0, ())}
         for c in self.convs[i:j]:
             nxt: dict[tuple, tuple[float, tuple[str, ...]]] = {}
-            for (kk, s, d, _), (score, kept) in best.items():
-                cand = [((kk + (c.kernel - 1) * c.dilation * s, s * c.stride, d and c.depthwise,
-                          True), (score + scores[c.name], kept + (c.name,)))]
+            for state, (score, kept) in best.items():
+                cand = [(_keep(state, c), (score + scores[c.name], kept + (c.name,)))]
                 if not c.irreducible:
-                    cand.append(((kk, s, d, _), (score, kept)))
+                    cand.append((state, (score, kept)))
                 for key, val in cand:
                     if key not in nxt or val[0] > nxt[key][0]:
                         nxt[key] = val
