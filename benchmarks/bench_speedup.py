@@ -17,7 +17,6 @@ measures depth alone. With `--backend compile` every network is compiled with to
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torchvision
@@ -25,7 +24,7 @@ from common import write
 
 import fxmerge
 from fxmerge.tables.importance import agreement_importance
-from fxmerge.tables.latency import time_callable
+from fxmerge.tables.latency import time_interleaved
 
 MBV2_EXCLUDE = ["features.0.0", "features.18.0"]
 MODELS = {
@@ -38,20 +37,6 @@ MODELS = {
 PAPER = {("resnet34", 0.71): 1.36, ("resnet34", 0.50): 1.79, ("mobilenet_v2", 0.55): 1.63,
          ("mobilenet_v2", 0.33): 2.49, ("mobilenet_v2_1.4", 0.43): 1.99,
          ("mobilenet_v2_1.4", 0.30): 2.72}
-
-
-def interleaved_medians(nets: dict, x: torch.Tensor, repeat: int, warmup: int) -> dict:
-    """Median ms per network; each round calls every network once, in turn."""
-    with torch.inference_mode():
-        for net in nets.values():
-            for _ in range(warmup):
-                net(x)
-    samples = {name: [] for name in nets}
-    for _ in range(repeat):
-        for name, net in nets.items():
-            samples[name].append(time_callable(lambda n=net: n(x), x.device, warmup=0,
-                                               repeat=1))
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def bench_model(name: str, args) -> list[dict]:
@@ -81,7 +66,7 @@ def bench_model(name: str, args) -> list[dict]:
     nets = {k: v.to(device) for k, v in nets.items()}
     if args.backend == "compile":
         nets = {k: torch.compile(v) for k, v in nets.items()}
-    measured = interleaved_medians(nets, x.to(device), args.repeat, args.warmup)
+    measured = time_interleaved(nets, x.to(device), repeat=args.repeat, warmup=args.warmup)
     rows = []
     for (method, budget), plan in plans.items():
         row = {"model": name, "method": method, "budget": budget,

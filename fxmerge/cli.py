@@ -75,6 +75,14 @@ def _write(path: str | None, text: str) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
+def _save(path: str | None, module: torch.nn.Module) -> None:
+    """torch.save a GraphModule when a path was given."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(module, path)
+        print(f"wrote {path}", file=sys.stderr)
+
+
 def _attribute(spec: str):
     source, _, name = spec.rpartition(":")
     path = Path(source)
@@ -168,11 +176,8 @@ def cmd_transform(args: argparse.Namespace) -> int:
     pruned = prune(gm, plan, add_activations=args.add_activations)
     merged = merge(pruned.eval())
     print(diff(gm, merged))
-    for path, module in ((args.pruned_out, pruned), (args.out, merged)):
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            torch.save(module, path)
-            print(f"wrote {path}", file=sys.stderr)
+    _save(args.pruned_out, pruned)
+    _save(args.out, merged)
     return EXIT_OK
 
 
@@ -186,10 +191,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in merged.modules())
     print(f"merged {len(plan.blocks)} blocks: {n_convs} convs, "
           f"{len(merged.graph.nodes)} nodes (pruned had {len(pruned.graph.nodes)})")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(merged, args.out)
-        print(f"wrote {args.out}", file=sys.stderr)
+    _save(args.out, merged)
     return EXIT_OK
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from .plan import Plan
 from .solve import METHODS, frontier, solve
 from .space import analyze
 from .tables.importance import estimate_importance
-from .tables.latency import measure_latency, time_callable
+from .tables.latency import measure_latency, time_interleaved
 from .trace import trace
 
 log = logging.getLogger(__name__)
@@ -120,17 +119,6 @@ class _Accuracy:
         return accuracy(model, self.data)
 
 
-def compare_latency(nets: dict[str, nn.Module], x: torch.Tensor, repeat: int
-                    ) -> dict[str, float]:
-    """Median ms of each network, timed interleaved: every round calls each one in turn."""
-    samples: dict[str, list[float]] = {name: [] for name in nets}
-    for _ in range(repeat):
-        for name, net in nets.items():
-            samples[name].append(time_callable(lambda n=net: n(x), x.device, warmup=1,
-                                               repeat=1))
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def run_demo(out: Path | None = None, config: DemoConfig = DemoConfig(),
              progress: bool | None = None) -> list[dict]:
     """Run the whole job; print the results table; write results.json and pareto.png."""
@@ -173,7 +161,7 @@ def run_demo(out: Path | None = None, config: DemoConfig = DemoConfig(),
                          "accuracy": round(accuracy(merged, data.test), 2),
                          "predicted_latency_ms": round(plan.predicted_latency_ms, 4),
                          "original_predicted_ms": round(latency.identity_latency(space), 4)})
-    measured = compare_latency(nets, example, config.compare_repeat)
+    measured = time_interleaved(nets, example, repeat=config.compare_repeat)
     # the layers outside the search (stem, head, pool, classifier) cost the same in every
     # network: estimate them from the original, measured minus its table latency
     outside = measured["original"] - latency.identity_latency(space)
@@ -208,7 +196,7 @@ def write_results(out: Path, rows, base_acc, space, latency, importance, config)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": "DemoMobileNetV2", "data": "sklearn digits, 32x32", "device": "cpu",
             "batch": config.latency_batch, "threads": torch.get_num_threads(),
-            "timing": f"median of {config.compare_repeat} interleaved calls",
+            "timing": f"median of {config.compare_repeat} interleaved rounds after 3 warm-up calls",
             "original_accuracy": base_acc}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / "latency.json").write_text(latency.to_json())

@@ -117,6 +117,22 @@ def time_callable(fn: Callable[[], Any], device: torch.device, *, warmup: int, r
     return statistics.median(samples)
 
 
+def time_interleaved(nets: dict[str, Callable], x: torch.Tensor, *, repeat: int,
+                     warmup: int = 3) -> dict[str, float]:
+    """Median ms of each network on `x`, timed side by side: after `warmup` calls each,
+    every round calls every network once, in turn, so drift hits them all alike."""
+    with torch.inference_mode():
+        for net in nets.values():
+            for _ in range(warmup):
+                net(x)
+    samples: dict[str, list[float]] = {name: [] for name in nets}
+    for _ in range(repeat):
+        for name, net in nets.items():
+            samples[name].append(time_callable(lambda n=net: n(x), x.device, warmup=0,
+                                               repeat=1))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
 def compile_for(module: nn.Module, backend: str, example: torch.Tensor) -> Callable:
     """`module` prepared for a latency backend: eager, compile (inductor) or tensorrt."""
     if backend == "eager":
