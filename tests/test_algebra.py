@@ -140,3 +140,18 @@ def test_depthwise_chains_regroup():
     assert conv.groups == 4 and conv.kernel_size == (5, 5)
     x = torch.randn(1, 4, 9, 9, dtype=torch.float64)
     torch.testing.assert_close(conv(x), convs[1](convs[0](x)))
+
+
+def test_algebra_guards_name_what_is_wrong():
+    a = algebra.from_conv(nn.Conv2d(2, 3, 1).double())
+    with pytest.raises(MergeError, match="channel mismatch 3 -> 2"):
+        algebra.compose(a, algebra.from_conv(nn.Conv2d(2, 2, 1).double()))
+    strided = algebra.from_conv(nn.Conv2d(2, 2, 1, stride=2).double())
+    with pytest.raises(MergeError, match="stride 2 and stride 1"):
+        algebra.add(strided, algebra.identity(2))
+    with pytest.raises(MergeError, match="no running statistics"):
+        algebra.fold_bn(a, nn.BatchNorm2d(3, track_running_stats=False))
+    with pytest.raises(MergeError, match="non-identity"):
+        algebra.crop_output(a, -1)
+    with pytest.raises(MergeError, match="negative padding"):
+        algebra.to_conv(algebra.crop_output(a, 1), torch.float32)
