@@ -3,6 +3,7 @@
 import logging
 
 from .backends import backend
+from .capture import trace
 from .compress import CompressResult, compress
 from .errors import (
     FxMergeError,
@@ -19,7 +20,6 @@ from .solve import Frontier, frontier, solve
 from .space import Conv, Entry, KernelOption, MergeSpace, Skip, analyze
 from .tables.importance import ImportanceTable, estimate_importance
 from .tables.latency import LatencyTable, measure_latency
-from .trace import trace
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

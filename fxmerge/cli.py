@@ -18,6 +18,18 @@ EXIT_OK, EXIT_ERROR = 0, 1  # argparse exits with 2 on bad usage
 
 def load_model(spec: str) -> torch.nn.Module:
     """`torchvision:NAME[:key=value,...]`, `fxmerge:NAME` or `path/to/file.py:factory`."""
+    factory, kwargs = _factory(spec)
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # noqa: BLE001 (the user's factory: any failure, one line)
+        raise ValueError(f"model {spec!r} could not be built: {type(exc).__name__}: "
+                         f"{exc}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model {spec!r} built a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _factory(spec: str):
     source, _, rest = spec.partition(":")
     if not rest:
         raise ValueError(f"model spec {spec!r} needs the form SOURCE:NAME")
@@ -28,42 +40,73 @@ def load_model(spec: str) -> torch.nn.Module:
         kwargs = {}
         for item in filter(None, kwargs_text.split(",")):
             key, _, value = item.partition("=")
-            kwargs[key] = json.loads(value)
+            try:
+                kwargs[key] = json.loads(value)
+            except ValueError:
+                raise ValueError(f"model keyword {item!r}: the value must be JSON") from None
         factory = getattr(torchvision.models, name, None)
         if factory is None:
             raise ValueError(f"torchvision.models has no {name!r}")
-        return factory(**kwargs)
+        return factory, kwargs
     if source == "fxmerge":
         from . import models
 
         if rest not in models.__all__:
             raise ValueError(f"fxmerge.models has no {rest!r} (it has {models.__all__})")
-        return getattr(models, rest)()
-    return _attribute(spec)()
+        return getattr(models, rest), {}
+    return _attribute(spec), {}
+
+
+def load_tensors(path: str | Path, what: str = "--weights") -> dict:
+    """A file of tensors (torch.save of a state_dict), loaded without running any pickled
+    code: anything else is refused."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (whatever the file holds, one line)
+        raise ValueError(f"{what} {path}: not a file of tensors that can be loaded safely "
+                         f"({type(exc).__name__}); fxmerge never unpickles code") from None
+    if not isinstance(data, dict):
+        raise TypeError(f"{what} {path}: expected a state_dict, got {type(data).__name__}")
+    return data
+
+
+def _load_state(module: torch.nn.Module, state: dict, path: str | Path) -> None:
+    try:
+        module.load_state_dict(state)
+    except Exception as exc:  # noqa: BLE001 (missing keys, shapes, dtypes: one line)
+        first = str(exc).strip().splitlines()
+        raise ValueError(f"--weights {path} does not fit the model: "
+                         f"{' '.join(first[:2])[:300]}") from None
 
 
 def _shape(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(","))
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, pruned_weights: bool = False) -> None:
     p.add_argument("model", help="torchvision:NAME[:k=v,...], fxmerge:NAME (built-in demo "
                    "nets) or path/to/file.py:factory")
     p.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224),
                    help="example input shape, comma separated (default 1,3,224,224)")
-    p.add_argument("--weights", help="a state_dict file to load into the model")
+    if pruned_weights:
+        p.add_argument("--weights", required=True, help="the fine-tuned pruned state_dict "
+                       "(from transform --pruned-out; tensors only)")
+    else:
+        p.add_argument("--weights", help="a state_dict file (tensors only) to load")
     p.add_argument("--exclude", nargs="*", default=[], metavar="CONV",
-                   help="module names of convs kept out of the search")
+                   help="module names or glob patterns of convs kept out of the search")
     p.add_argument("--stride-rule", choices=["paper", "exact"], default="paper")
 
 
 def _space(args: argparse.Namespace):
+    from .capture import trace
     from .space import analyze
-    from .trace import trace
 
     model = load_model(args.model)
-    if args.weights:
-        model.load_state_dict(torch.load(args.weights, map_location="cpu"))
+    if args.weights and args.command != "merge":
+        _load_state(model, load_tensors(args.weights), args.weights)
     gm = trace(model.eval(), torch.randn(*args.input_shape))
     return gm, analyze(gm, stride_rule=args.stride_rule, exclude=args.exclude)
 
@@ -75,11 +118,11 @@ def _write(path: str | None, text: str) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
-def _save(path: str | None, module: torch.nn.Module) -> None:
-    """torch.save a GraphModule when a path was given."""
+def _save(path: str | None, obj: object) -> None:
+    """torch.save `obj` when a path was given."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(module, path)
+        torch.save(obj, path)
         print(f"wrote {path}", file=sys.stderr)
 
 
@@ -176,18 +219,20 @@ def cmd_transform(args: argparse.Namespace) -> int:
     pruned = prune(gm, plan, add_activations=args.add_activations)
     merged = merge(pruned.eval())
     print(diff(gm, merged))
-    _save(args.pruned_out, pruned)
+    _save(args.pruned_out, pruned.state_dict())
     _save(args.out, merged)
     return EXIT_OK
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .passes import merge
+    from .passes import merge, prune
     from .plan import Plan
 
-    pruned = torch.load(args.pruned, map_location="cpu", weights_only=False)
+    gm, _ = _space(args)
     plan = Plan.from_json(Path(args.plan).read_text())
-    merged = merge(pruned.eval(), plan)
+    pruned = prune(gm, plan, add_activations=args.add_activations)  # deterministic
+    _load_state(pruned, load_tensors(args.weights), args.weights)
+    merged = merge(pruned.eval())
     n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in merged.modules())
     print(f"merged {len(plan.blocks)} blocks: {n_convs} convs, "
           f"{len(merged.graph.nodes)} nodes (pruned had {len(pruned.graph.nodes)})")
@@ -255,15 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--plan", required=True, help="plan JSON from `fxmerge solve`")
     p.add_argument("--out", help="save the merged GraphModule (torch.save)")
-    p.add_argument("--pruned-out", help="save the pruned, trainable GraphModule")
+    p.add_argument("--pruned-out", help="save the pruned network's state_dict (tensors only) "
+                   "to fine-tune; rebuild it with fxmerge.prune(fxmerge.trace(model, x), plan)")
     p.add_argument("--add-activations", action="store_true",
                    help="add an activation after merged blocks that end without one")
     p.set_defaults(func=cmd_transform)
 
-    p = sub.add_parser("merge", help="merge a fine-tuned pruned network (from transform "
+    p = sub.add_parser("merge", help="merge fine-tuned pruned weights (from transform "
                        "--pruned-out) into one conv per block")
-    p.add_argument("pruned", help="the pruned GraphModule file (torch.save)")
+    _add_model_args(p, pruned_weights=True)
     p.add_argument("--plan", required=True, help="the plan JSON it was pruned with")
+    p.add_argument("--add-activations", action="store_true",
+                   help="as given to transform when the pruned network was made")
     p.add_argument("--out", help="save the merged GraphModule (torch.save)")
     p.set_defaults(func=cmd_merge)
 
@@ -279,8 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FxMergeError, ValueError, FileNotFoundError) as exc:
-        print(f"fxmerge {args.command}: error: {exc}", file=sys.stderr)
+    except (FxMergeError, ValueError, TypeError, OSError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename:
+            message = f"{exc.filename}: {exc.strerror or message}"
+        print(f"fxmerge {args.command}: error: {message}", file=sys.stderr)
         return EXIT_ERROR
 
 

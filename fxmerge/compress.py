@@ -10,13 +10,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .capture import ExampleInputs, trace
 from .passes import merge, prune
 from .plan import Plan
 from .solve import solve
 from .space import MergeSpace, analyze
 from .tables.importance import ImportanceTable, OutputAgreement, estimate_importance
 from .tables.latency import LatencyTable, measure_latency
-from .trace import ExampleInputs, trace
 
 
 @dataclass

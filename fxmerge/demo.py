@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .capture import trace
 from .compress import CompressResult
 from .errors import InfeasibleBudget
 from .models import DemoMobileNetV2
@@ -27,7 +28,6 @@ from .solve import METHODS, frontier, solve
 from .space import analyze
 from .tables.importance import estimate_importance
 from .tables.latency import measure_latency, time_interleaved
-from .trace import trace
 
 log = logging.getLogger(__name__)
 

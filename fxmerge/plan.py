@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from .errors import PlanError
 from .space import MergeSpace
@@ -129,6 +131,9 @@ class Plan:
             unknown = set(b.kept) - set(b.convs)
             if unknown:
                 raise PlanError(f"block {b.convs[0]}..{b.convs[-1]} keeps {sorted(unknown)}")
+            if list(b.kept) != [n for n in b.convs if n in b.kept]:
+                raise PlanError(f"block {b.convs[0]}..{b.convs[-1]}: 'kept' must list its "
+                                "convs once each, in network order")
             if (b.kernel, b.depthwise) != _kernel(space, b.kept):
                 k, dw = _kernel(space, b.kept)
                 raise PlanError(
@@ -141,15 +146,51 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        data = json.loads(text)
+        """Parse a plan; anything but a well-formed plan raises `PlanError` saying what."""
         try:
-            blocks = tuple(Block(tuple(b["convs"]), tuple(b["kept"]), int(b["kernel"]),
-                                 bool(b["depthwise"]), bool(b.get("activation", True)))
-                           for b in data.pop("blocks"))
-            data["exclude"] = tuple(data.get("exclude", ()))
-            return cls(blocks=blocks, **data)
-        except (KeyError, TypeError) as exc:
-            raise PlanError(f"not a fxmerge plan: {exc}") from exc
+            data = json.loads(text)
+        except ValueError as exc:
+            raise PlanError(f"not a fxmerge plan: invalid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise PlanError(f"not a fxmerge plan: expected a JSON object, got {data!r:.40}")
+        raw_blocks = _typed(data, "blocks", list)
+        if not raw_blocks or not all(isinstance(b, dict) for b in raw_blocks):
+            raise PlanError("not a fxmerge plan: 'blocks' must be a non-empty list of objects")
+        blocks = tuple(Block(_names(b, "convs"), _names(b, "kept"), _typed(b, "kernel", int),
+                             _typed(b, "depthwise", bool),
+                             _typed(b, "activation", bool, default=True))
+                       for b in raw_blocks)
+        number = (int, float, type(None))
+        try:
+            return cls(
+                blocks=blocks, signature=_typed(data, "signature", str),
+                stride_rule=_typed(data, "stride_rule", str, default="paper"),
+                exclude=_names(data, "exclude", default=()),
+                method=_typed(data, "method", str, default="manual"),
+                budget=_typed(data, "budget", number, default=None),
+                budget_ms=_typed(data, "budget_ms", number, default=None),
+                predicted_latency_ms=_typed(data, "predicted_latency_ms", number, default=None),
+                predicted_importance=_typed(data, "predicted_importance", number, default=None),
+                extra=_typed(data, "extra", dict, default={}))
+        except TypeError as exc:
+            raise PlanError(f"not a fxmerge plan: {exc}") from None
+
+    def restrict(self, space: MergeSpace) -> Plan:
+        """This plan's blocks over the convs of `space`, a part of the graph it was made for
+        (a subgraph between torch.compile graph breaks); `PlanError` unless they tile it."""
+        names = {c.name for c in space.convs}
+        blocks = tuple(b for b in self.blocks if names & set(b.convs))
+        split = [b for b in blocks if not set(b.convs) <= names]
+        if split:
+            raise PlanError(f"block {split[0].convs[0]}..{split[0].convs[-1]} is split between "
+                            "graphs (a torch.compile graph break inside it); re-solve with the "
+                            "break's op excluded, or avoid the break")
+        plan = replace(self, blocks=blocks, signature=space.signature,
+                       exclude=tuple(p for p in self.exclude if any(
+                           fnmatch.fnmatchcase(c.name, p) for c in space.convs) or p in
+                           space.left_out or p in space.exclude))
+        plan.validate(space)
+        return plan
 
     def describe(self) -> str:
         """One line per block: its convs, what is kept, the merged kernel."""
@@ -162,3 +203,28 @@ class Plan:
             act = "" if b.activation else ", no activation after"
             lines.append(f"  {span:<50} keep {len(b.kept)}/{len(b.convs)} -> {merged}{act}")
         return "\n".join(lines)
+
+
+_MISSING = object()
+
+
+def _typed(data: dict, key: str, types: type | tuple[type, ...], default: Any = _MISSING):
+    """`data[key]` if it has one of `types` (a bool is not a number), else `PlanError`."""
+    if key not in data:
+        if default is _MISSING:
+            raise PlanError(f"not a fxmerge plan: missing {key!r}")
+        return default
+    value = data[key]
+    types = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        raise PlanError(f"plan field {key!r} must be {wanted}, got {value!r:.40}")
+    return value
+
+
+def _names(data: dict, key: str, default: Any = _MISSING) -> tuple[str, ...]:
+    """`data[key]` as a tuple of module names."""
+    value = _typed(data, key, list, default=default)
+    if not all(isinstance(v, str) for v in value):
+        raise PlanError(f"plan field {key!r} must be a list of module names, got {value!r:.40}")
+    return tuple(value)

@@ -7,6 +7,7 @@ A block `(i, j)` merges convs `i+1 .. j` into one conv.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import NamedTuple
 import networkx as nx
 from torch import fx, nn
 
-from . import ops
+from .capture import ops
 from .errors import SpaceError
 
 STRIDE_RULES = ("paper", "exact")
@@ -127,6 +128,7 @@ class MergeSpace:
         barriers: list[str],
         stride_rule: str,
         exclude: Iterable[str] = (),
+        left_out: Mapping[str, str] | None = None,
     ) -> None:
         self.gm = gm
         self.convs = tuple(convs)
@@ -136,6 +138,7 @@ class MergeSpace:
         self.barriers = tuple(barriers)
         self.stride_rule = stride_rule
         self.exclude = tuple(sorted(exclude))
+        self.left_out = dict(left_out or {})
         self._options = self._enumerate_blocks()
 
     # ---- sizes -------------------------------------------------------------------------
@@ -191,9 +194,10 @@ class MergeSpace:
 
     @cached_property
     def signature(self) -> str:
-        """A short hash identifying the graph's searchable structure (for tables and plans)."""
+        """A short hash identifying the graph's searchable structure (for tables and plans);
+        it leaves out the batch size, so a plan applies at any batch."""
         text = "|".join(
-            f"{c.name}:{c.in_shape}:{c.out_shape}:{c.kernel}:{c.stride}:{c.groups}"
+            f"{c.name}:{c.in_shape[1:]}:{c.out_shape[1:]}:{c.kernel}:{c.stride}:{c.groups}"
             for c in self.convs
         )
         text += f"|{sorted(self.breaks)}|{[(s.source, s.target) for s in self.skips]}"
@@ -234,11 +238,19 @@ class MergeSpace:
                     options[(i, j)] = tuple(opts)
         return options
 
+    @cached_property
+    def conv_scores(self) -> dict[str, float]:
+        """Eq. 3's score of each conv: the l1 norm of its weight (computed once)."""
+        return {c.name: float(self.gm.get_submodule(c.name).weight.detach().abs().sum())
+                for c in self.convs}
+
     def choose_convs(
-        self, i: int, j: int, k: int, dw: bool, scores: Mapping[str, float]
+        self, i: int, j: int, k: int, dw: bool, scores: Mapping[str, float] | None = None
     ) -> tuple[str, ...]:
         """Eq. 3: among the kept-conv subsets of block `(i, j)` that contain every irreducible
-        conv and give kernel `k` (depthwise `dw`), the one with the largest total score."""
+        conv and give kernel `k` (depthwise `dw`), the one with the largest total score
+        (`conv_scores` unless given)."""
+        scores = self.conv_scores if scores is None else scores
         best: dict[tuple, tuple[float, tuple[str, ...]]] = {_EMPTY: (0.0, ())}
         for c in self.convs[i:j]:
             nxt: dict[tuple, tuple[float, tuple[str, ...]]] = {}
@@ -291,6 +303,8 @@ class MergeSpace:
                 f"{c.kernel:>2} {c.stride:>2} {c.groups:>4}  {c.activation or '-':<9} "
                 f"{'R' if c.irreducible else ' '} {', '.join(note)}"
             )
+        for name, why in self.left_out.items():
+            lines.append(f"   -  {name:<28} not searched: {why}")
         lines.append(
             f"L={self.L} convs, {len(self.irreducible)} irreducible, {len(self.skips)} skips, "
             f"{len(self.barriers)} barrier nodes, stride_rule={self.stride_rule}: "
@@ -325,12 +339,31 @@ def _node_kinds(gm: fx.GraphModule) -> dict[str, str]:
     return kinds
 
 
-def _searchable(gm: fx.GraphModule, node: fx.Node, exclude: set[str]) -> bool:
-    return (
-        ops.is_conv(gm, node)
-        and node.target not in exclude
-        and ops.conv_refusal(ops.module_of(gm, node)) is None
-    )
+def excluded(name: str, patterns: Iterable[str]) -> bool:
+    """Whether module `name` matches one of the `exclude` glob patterns."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def left_out_convs(gm: fx.GraphModule, exclude: Iterable[str]) -> dict[str, str]:
+    """Each conv module that is not searched, with the reason."""
+    sites = ops.call_sites(gm)
+    reasons = {}
+    for name, m in gm.named_modules():
+        if not isinstance(m, nn.Conv2d) or name not in sites:
+            continue
+        if excluded(name, exclude):
+            reasons[name] = "excluded"
+        elif ops.has_hooks(m):
+            reasons[name] = "has forward hooks or pre-hooks (a merge would drop them)"
+        elif sites[name] > 1:
+            reasons[name] = f"called from {sites[name]} places (shared weights)"
+        elif ops.conv_refusal(m) is not None:
+            reasons[name] = ops.conv_refusal(m)
+    return reasons
+
+
+def _searchable(gm: fx.GraphModule, node: fx.Node, left_out: Mapping[str, str]) -> bool:
+    return ops.is_conv(gm, node) and node.target not in left_out
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
@@ -344,7 +377,7 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _strip_skip_branch(gm: fx.GraphModule, node: fx.Node, exclude: set[str]):
+def _strip_skip_branch(gm: fx.GraphModule, node: fx.Node, left_out: Mapping[str, str]):
     """Walk back over `[pad] [conv 1x1 [norm]] [pad]` that only feed the add."""
     branch: list[fx.Node] = []
     cur = node
@@ -363,7 +396,7 @@ def _strip_skip_branch(gm: fx.GraphModule, node: fx.Node, exclude: set[str]):
             return None
     if ops.is_conv(gm, cur) and len(cur.users) == 1:
         conv = ops.module_of(gm, cur)
-        if not (_searchable(gm, cur, exclude) and conv.kernel_size[0] == 1
+        if not (_searchable(gm, cur, left_out) and conv.kernel_size[0] == 1
                 and conv.padding[0] == 0 and conv.groups == 1):
             return None
         branch.append(cur)
@@ -372,7 +405,8 @@ def _strip_skip_branch(gm: fx.GraphModule, node: fx.Node, exclude: set[str]):
     return cur, tuple(branch)
 
 
-def _find_skip_adds(gm: fx.GraphModule, exclude: set[str]) -> dict[fx.Node, _SkipBranch]:
+def _find_skip_adds(gm: fx.GraphModule, left_out: Mapping[str, str]
+                    ) -> dict[fx.Node, _SkipBranch]:
     """Adds whose one operand is a (projected) earlier value on the other operand's path."""
     found = {}
     for node in gm.graph.nodes:
@@ -381,7 +415,7 @@ def _find_skip_adds(gm: fx.GraphModule, exclude: set[str]) -> dict[fx.Node, _Ski
         a, b = node.args
         candidates = []
         for main, skip in ((a, b), (b, a)):
-            stripped = _strip_skip_branch(gm, skip, exclude)
+            stripped = _strip_skip_branch(gm, skip, left_out)
             if stripped and stripped[0] in _ancestors(main):
                 candidates.append(_SkipBranch(stripped[0], main, stripped[1]))
         if candidates:
@@ -411,26 +445,31 @@ def analyze(
     """Derive the LayerMerge search space of a traced graph (see `fxmerge.trace`).
 
     `stride_rule="paper"` lets a strided conv be followed inside a block only by one 1x1
-    conv; `"exact"` allows any later kernel (merged by dilating it).  `exclude` names convs
-    kept out of the search; they act as barriers.
+    conv; `"exact"` allows any later kernel (merged by dilating it). `exclude` holds module
+    names or glob patterns (`"*.downsample.0"`) of convs kept out of the search; they act as
+    barriers, as do convs with hooks or called from several places (see `summary()`).
     """
     if stride_rule not in STRIDE_RULES:
         raise SpaceError(f"stride_rule must be one of {STRIDE_RULES}, got {stride_rule!r}")
+    if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
+        raise TypeError(f"exclude must be a list of module names or glob patterns, got "
+                        f"{exclude!r}")
     exclude = set(exclude)
-    modules = dict(gm.named_modules())
-    for name in exclude:
-        if not isinstance(modules.get(name), nn.Conv2d):
-            raise SpaceError(f"exclude names '{name}', which is not a Conv2d of this model")
+    convs_named = [n for n, m in gm.named_modules() if isinstance(m, nn.Conv2d)]
+    for pattern in exclude:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in convs_named):
+            raise SpaceError(f"exclude names '{pattern}', which matches no Conv2d of this model")
+    left_out = left_out_convs(gm, exclude)
     nodes = {n.name: n for n in gm.graph.nodes}
     for n in gm.graph.nodes:
         if n.op == "placeholder" and "tensor_meta" not in n.meta:
             raise SpaceError(f"node '{n.name}' has no shape: trace the model with fxmerge.trace")
 
-    adds = _find_skip_adds(gm, exclude)
+    adds = _find_skip_adds(gm, left_out)
     while True:
         branch_nodes = {b for sk in adds.values() for b in sk.branch}
         conv_nodes = [n for n in gm.graph.nodes
-                      if _searchable(gm, n, exclude) and n not in branch_nodes]
+                      if _searchable(gm, n, left_out) and n not in branch_nodes]
         units = [_build_unit(gm, n, adds) for n in conv_nodes]
         value_position = {}
         for p, u in enumerate(units):
@@ -499,4 +538,5 @@ def analyze(
 
     kinds = _node_kinds(gm)
     barriers = [name for name, kind in kinds.items() if kind == "barrier"]
-    return MergeSpace(gm, convs, units, skips, breaks, barriers, stride_rule, exclude)
+    return MergeSpace(gm, convs, units, skips, breaks, barriers, stride_rule, exclude,
+                      {n: why for n, why in left_out.items() if why != "excluded"})

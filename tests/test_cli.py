@@ -92,12 +92,37 @@ def test_transform_with_weights_matches_the_python_api(tmp_path):
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(merged(x), fxmerge.transform(gm, plan)(x))
-    # the fine-tuning round trip: pruned file -> (training elsewhere) -> merge command
-    assert run("merge", tmp_path / "pruned.pt", "--plan", tmp_path / "plan.json",
-               "--out", tmp_path / "merged2.pt") == 0
+    # the fine-tuning round trip: pruned weights -> training -> merge command, no pickle
+    pruned = fxmerge.prune(gm, plan)
+    pruned.load_state_dict(torch.load(tmp_path / "pruned.pt", weights_only=True))
+    with torch.no_grad():
+        for p in pruned.parameters():  # stands for fine-tuning
+            p.add_(0.01 * torch.randn_like(p))
+    torch.save(pruned.state_dict(), tmp_path / "tuned.pt")
+    assert run("merge", *MODEL, "--weights", tmp_path / "tuned.pt", "--plan",
+               tmp_path / "plan.json", "--out", tmp_path / "merged2.pt") == 0
     merged2 = torch.load(tmp_path / "merged2.pt", weights_only=False)
     with torch.no_grad():
-        torch.testing.assert_close(merged2(x), merged(x))
+        torch.testing.assert_close(merged2(x), fxmerge.merge(pruned.eval())(x))
+        assert not torch.allclose(merged2(x), merged(x))
+
+
+def test_merge_refuses_a_pickled_module_without_running_it(tmp_path, capsys):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"x": Payload()}, tmp_path / "evil.pt")
+    gm = fxmerge.trace(DemoMobileNetV2(), torch.randn(2, 1, 16, 16))
+    plan = fxmerge.Plan.identity(fxmerge.analyze(gm, exclude=DemoMobileNetV2.EXCLUDE))
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    assert run("merge", *MODEL, "--weights", tmp_path / "evil.pt", "--plan",
+               tmp_path / "plan.json") == 1
+    err = capsys.readouterr().err
+    assert "never unpickles code" in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists()
 
 
 def test_plan_for_another_model_exits_1(tmp_path, capsys):

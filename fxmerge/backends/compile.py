@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..canonical import canonicalize
+from ..capture.canonical import canonicalize
+from ..capture.trace import propagate_shapes
 from ..errors import FxMergeError
 from ..passes import transform
 from ..plan import Plan
-from ..trace import propagate_shapes
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,11 @@ import logging
 import torch
 from torch import fx, nn
 
-from .. import algebra, ops
+from .. import algebra
+from ..capture import ops
 from ..errors import MergeError
 from ..plan import Plan
+from ..space import excluded
 from .prune import PLAN_KEY, prune
 
 log = logging.getLogger(__name__)
@@ -27,9 +29,11 @@ MERGED_KEY = "fxmerge_merged"
 class _BlockReader:
     """Computes the affine map from a block's input node to nodes of the block."""
 
-    def __init__(self, gm: fx.GraphModule, source: fx.Node, channels: int) -> None:
+    def __init__(self, gm: fx.GraphModule, source: fx.Node, channels: int,
+                 exclude: tuple[str, ...]) -> None:
         self.gm = gm
         self.source = source
+        self.exclude = exclude
         self.affine: dict[fx.Node, algebra.AffineConv] = {
             source: algebra.identity(channels, torch.float64)}
 
@@ -51,10 +55,12 @@ class _BlockReader:
         if node.op == "placeholder" or not node.all_input_nodes:
             return self._refuse(node, strict, "not computed from the block's input")
         module = ops.module_of(self.gm, node)
-        if isinstance(module, nn.Conv2d) and ops.conv_refusal(module) is None:
+        if ops.is_conv(self.gm, node) and ops.conv_refusal(module) is None:
+            if excluded(node.target, self.exclude):
+                return self._refuse(node, strict, "the conv is excluded from merging")
             inner = self.read(node.args[0], strict=strict)
             return inner and algebra.compose(inner, algebra.from_conv(module))
-        if isinstance(module, nn.BatchNorm2d):
+        if ops.is_norm(self.gm, node):
             if module.training:
                 raise MergeError(f"BatchNorm '{node.target}' is in training mode: call .eval() "
                                  "on the pruned model before merging")
@@ -81,11 +87,12 @@ def _ancestors_within(node: fx.Node, stop: fx.Node) -> list[fx.Node]:
     return list(seen)
 
 
-def _merge_block(gm: fx.GraphModule, convs: dict[str, fx.Node], kept: tuple[str, ...]) -> None:
+def _merge_block(gm: fx.GraphModule, convs: dict[str, fx.Node], kept: tuple[str, ...],
+                 exclude: tuple[str, ...]) -> None:
     first, last = convs[kept[0]], convs[kept[-1]]
     source = first.args[0]
     template = gm.get_submodule(kept[0])
-    reader = _BlockReader(gm, source, template.in_channels)
+    reader = _BlockReader(gm, source, template.in_channels, exclude)
     for n in _ancestors_within(last, source):
         reader.read(n, strict=True)
     output = last
@@ -107,6 +114,7 @@ def _merge_block(gm: fx.GraphModule, convs: dict[str, fx.Node], kept: tuple[str,
     gm.add_submodule(kept[0], conv)
     with gm.graph.inserting_after(output):
         merged = gm.graph.call_module(kept[0], (source,))
+    merged.meta = dict(output.meta)  # same value: later adds still see its shape
     output.replace_all_uses_with(merged)
     for n in reversed([n for n in gm.graph.nodes if n in inside]):
         gm.graph.erase_node(n)
@@ -114,10 +122,13 @@ def _merge_block(gm: fx.GraphModule, convs: dict[str, fx.Node], kept: tuple[str,
 
 def _fold_remaining_norms(gm: fx.GraphModule) -> None:
     """Fold each BatchNorm that directly follows a conv outside the blocks (projections,
-    excluded convs) into that conv."""
+    excluded convs) into that conv, when neither is called from another place."""
+    sites = ops.call_sites(gm)
     for node in list(gm.graph.nodes):
         conv_node = node.args[0] if ops.is_norm(gm, node) else None
         if conv_node is None or not ops.is_conv(gm, conv_node) or len(conv_node.users) != 1:
+            continue
+        if sites[conv_node.target] > 1 or sites[node.target] > 1:
             continue
         conv = gm.get_submodule(conv_node.target)
         if ops.conv_refusal(conv) is not None:
@@ -153,7 +164,7 @@ def merge(pruned: fx.GraphModule, plan: Plan | None = None) -> fx.GraphModule:
             missing = [name for name in block.kept if name not in convs]
             if missing:
                 raise MergeError(f"kept conv(s) {missing} are not in this graph")
-            _merge_block(out, convs, block.kept)
+            _merge_block(out, convs, block.kept, plan.exclude)
         _fold_remaining_norms(out)
     out.graph.lint()
     out.delete_all_unused_submodules()

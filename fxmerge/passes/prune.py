@@ -14,11 +14,11 @@ from collections import Counter
 import torch.nn.functional as F
 from torch import fx
 
-from .. import ops
+from ..capture import ops
+from ..capture.trace import example_inputs, propagate_shapes
 from ..errors import PlanError
 from ..plan import Plan
 from ..space import MergeSpace, analyze
-from ..trace import propagate_shapes, random_inputs
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +101,13 @@ def _bypass(gm: fx.GraphModule, first: fx.Node, last: fx.Node) -> None:
         node = prev
 
 
-def _check_adds(gm: fx.GraphModule) -> None:
-    for n in gm.graph.nodes:
-        if ops.is_add(n):
-            shapes = [ops.tensor_shape(a) for a in n.args]
-            if shapes[0] != shapes[1]:
-                raise PlanError(f"after pruning, add '{n.name}' meets shapes {shapes[0]} and "
-                                f"{shapes[1]}: the skip could not be aligned")
+def _check_skips(gm: fx.GraphModule, space: MergeSpace) -> None:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for skip in space.skips:
+        shapes = [ops.tensor_shape(a) for a in nodes[skip.add_node].args]
+        if shapes[0] != shapes[1]:
+            raise PlanError(f"after pruning, add '{skip.add_node}' meets shapes {shapes[0]} "
+                            f"and {shapes[1]}: the skip could not be aligned")
 
 
 def prune(gm: fx.GraphModule, plan: Plan, *, add_activations: bool = False) -> fx.GraphModule:
@@ -141,8 +141,8 @@ def prune(gm: fx.GraphModule, plan: Plan, *, add_activations: bool = False) -> f
     out.graph.lint()
     out.delete_all_unused_submodules()
     out.recompile()
-    propagate_shapes(out, random_inputs(gm))
-    _check_adds(out)
+    propagate_shapes(out, example_inputs(gm))
+    _check_skips(out, space)
     out.meta[PLAN_KEY] = plan
     log.info("pruned: %d convs removed, %d activations removed",
              len(plan.removed_convs), len(plan.inner_positions))

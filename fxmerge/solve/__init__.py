@@ -27,16 +27,10 @@ def _method(name: str):
     return METHODS[name]
 
 
-def conv_l1_norms(space: MergeSpace) -> dict[str, float]:
-    """Eq. 3's score for each conv: the l1 norm of its weight."""
-    return {c.name: float(space.gm.get_submodule(c.name).weight.detach().abs().sum())
-            for c in space.convs}
-
-
 def _to_plan(space: MergeSpace, method: str, path: list[Edge],
              scores: Mapping[str, float] | None, **info) -> Plan:
     spans, kept, no_activation = _method(method).blocks(
-        space, path, scores if scores is not None else conv_l1_norms(space))
+        space, path, scores if scores is not None else space.conv_scores)
     return Plan.from_spans(
         space, spans, kept, no_activation=no_activation, method=method,
         predicted_latency_ms=sum(e.latency_ms for e in path),
@@ -165,4 +159,4 @@ def frontier(space: MergeSpace, latency: LatencyTable, importance: ImportanceTab
                     conv_scores)
 
 
-__all__ = ["METHODS", "Frontier", "conv_l1_norms", "frontier", "solve"]
+__all__ = ["METHODS", "Frontier", "frontier", "solve"]

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..capture.trace import ensure_shapes, example_inputs
 from ..errors import TableError
 from ..plan import Plan
 from ..space import Entry, MergeSpace
-from ..trace import ensure_shapes, input_shapes
 from .base import EntryTable, Key, _key_from_json, _key_to_json, show_progress
 
 log = logging.getLogger(__name__)
@@ -64,12 +64,12 @@ def removal_plan(space: MergeSpace, conv: str) -> Plan:
 
 
 def score_plan(gm: fx.GraphModule, plan: Plan, evaluate: Evaluate,
-               finetune: Finetune | None = None, shapes: list | None = None) -> float:
+               finetune: Finetune | None = None, inputs: tuple | None = None) -> float:
     """Prune `gm` by `plan`, fine-tune it (if asked), and score it in eval mode."""
     from ..passes.prune import prune
 
-    if shapes is not None:
-        ensure_shapes(gm, shapes)
+    if inputs is not None:
+        ensure_shapes(gm, inputs)
     model = prune(gm, plan)
     if finetune is not None:
         model.train()
@@ -116,9 +116,7 @@ def _append(path: Path | None, record: dict) -> None:
 def importance_jobs(space: MergeSpace, gm: fx.GraphModule, layeronly: bool
                     ) -> dict[Key, Plan]:
     """The plan to score for every key of the table."""
-    from ..solve import conv_l1_norms
-
-    scores = conv_l1_norms(space)
+    scores = space.conv_scores
     jobs: dict[Key, Plan] = {e: block_plan(space, e, scores) for e in space.entries}
     if layeronly:
         jobs.update({c.name: removal_plan(space, c.name) for c in space.convs
@@ -162,7 +160,7 @@ def estimate_importance(
     if not math.isfinite(base):
         raise TableError(f"evaluate() of the original network returned {base}")
     jobs = importance_jobs(space, gm, layeronly)
-    shapes = input_shapes(gm)
+    inputs = example_inputs(gm)
     if keys is not None:
         jobs = {k: jobs[k] for k in keys}
     todo = {k: plan for k, plan in jobs.items() if k not in done}
@@ -173,7 +171,7 @@ def estimate_importance(
                disable=not show_progress(progress))
     for attempt in range(retries + 1):
         failures = {}
-        args = {key: (gm, plan, evaluate, finetune, shapes) for key, plan in todo.items()}
+        args = {key: (gm, plan, evaluate, finetune, inputs) for key, plan in todo.items()}
         for key, outcome in _outcomes(executor, args, score_plan):
             if not isinstance(outcome, Exception) and not math.isfinite(outcome):
                 outcome = ValueError(f"evaluate() returned {outcome}")

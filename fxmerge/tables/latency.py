@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..capture.ops import ACTIVATION_CLASSES
 from ..errors import TableError
-from ..ops import ACTIVATION_CLASSES
 from ..space import Entry, MergeSpace
 from .base import EntryTable, show_progress
 

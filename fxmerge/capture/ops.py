@@ -1,0 +1,121 @@
+"""The vocabulary of a canonical graph: the nodes fxmerge understands. Anything else is a
+barrier, and so is a module with forward hooks (its hooks would vanish from a merged
+network) or a conv called from more than one place (weights shared between call sites)."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+ACTIVATION_MODULES: dict[type, str] = {
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.SiLU: "silu",
+    nn.Hardswish: "hardswish",
+    nn.GELU: "gelu",
+}
+ACTIVATION_CLASSES: dict[str, type] = {kind: cls for cls, kind in ACTIVATION_MODULES.items()}
+ADD_FUNCTIONS = {operator.add, torch.add}
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Forward hooks or pre-hooks change what a module computes, invisibly to the graph."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The module a `call_module` node calls, unless it has hooks; else None."""
+    if node.op != "call_module":
+        return None
+    module = gm.get_submodule(node.target)
+    return None if has_hooks(module) else module
+
+
+def call_sites(gm: fx.GraphModule) -> dict[str, int]:
+    """How many `call_module` nodes call each module."""
+    counts: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            counts[n.target] = counts.get(n.target, 0) + 1
+    return counts
+
+
+def is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return isinstance(module_of(gm, node), nn.Conv2d)
+
+
+def conv_refusal(conv: nn.Conv2d) -> str | None:
+    """Why fxmerge cannot search over this conv, or None when it can."""
+    parametrized = getattr(conv, "parametrizations", None) is not None
+    if type(conv) is not nn.Conv2d and not (parametrized and type(conv).__bases__[0] is
+                                            nn.Conv2d):
+        return f"{type(conv).__name__} is not a plain nn.Conv2d"
+    if isinstance(conv.padding, str):
+        return f"string padding {conv.padding!r}"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode {conv.padding_mode!r}"
+    for attr in ("kernel_size", "stride", "padding", "dilation"):
+        value = getattr(conv, attr)
+        if value[0] != value[1]:
+            return f"non-square {attr} {tuple(value)}"
+    return None
+
+
+def is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A BatchNorm2d that can be folded into the conv before it (running statistics)."""
+    m = module_of(gm, node)
+    return type(m) is nn.BatchNorm2d and m.track_running_stats
+
+
+def activation_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """'relu', 'relu6', ... when `node` calls an activation module (canonical graphs have
+    every functional and method form of an activation turned into its module)."""
+    m = module_of(gm, node)
+    return ACTIVATION_MODULES.get(type(m)) if m is not None else None
+
+
+def _shape(node: object) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def is_add(node: fx.Node) -> bool:
+    """A plain `a + b` of two graph values of one shape (no alpha, no broadcasting)."""
+    if node.op == "call_function" and node.target in ADD_FUNCTIONS:
+        plain = len(node.args) == 2 and not node.kwargs and all(
+            isinstance(a, fx.Node) for a in node.args)
+    elif node.op == "call_method" and node.target == "add":
+        plain = len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], fx.Node)
+    else:
+        return False
+    shapes = [_shape(a) for a in node.args]
+    return plain and shapes[0] is not None and shapes[0] == shapes[1]
+
+
+def pad_amount(node: fx.Node) -> int | None:
+    """The symmetric spatial amount of an `F.pad(x, (p, p, p, p))` node (negative crops)."""
+    if node.op != "call_function" or node.target is not F.pad:
+        return None
+    pads = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    mode = node.kwargs.get("mode", "constant")
+    value = node.kwargs.get("value", None)
+    if mode != "constant" or value not in (None, 0, 0.0) or len(node.args) > 2:
+        return None
+    if not isinstance(pads, (list, tuple)) or len(pads) != 4 or len(set(pads)) != 1:
+        return None
+    return int(pads[0])
+
+
+def only_user(node: fx.Node) -> fx.Node | None:
+    """The single user of `node`, or None when it has zero or several."""
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def tensor_shape(node: fx.Node) -> tuple[int, ...]:
+    shape = _shape(node)
+    if shape is None:
+        raise KeyError(node.name)
+    return shape

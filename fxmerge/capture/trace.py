@@ -1,0 +1,175 @@
+"""`fxmerge.trace`: a model (or export program, or graph) -> a canonical GraphModule with a
+shape on every node, checked against the model on the example inputs."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.utils._pytree import tree_leaves
+
+from ..errors import TraceError
+from .canonical import canonicalize
+
+log = logging.getLogger(__name__)
+
+ExampleInputs = torch.Tensor | Sequence[torch.Tensor]
+INPUTS_KEY = "fxmerge_example_inputs"
+
+
+def as_tuple(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TypeError(f"example_inputs must be a tensor or a sequence of tensors, got "
+                        f"{type(example_inputs).__name__}")
+    return tuple(example_inputs)
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph on real tensors and records each tensor's metadata on its node, like
+    ShapeProp but never on fake tensors (inside a torch.compile backend ShapeProp would pick
+    up dynamo's fake mode), and saying which node failed."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as exc:  # re-raised with the node named
+            raise TraceError(
+                f"shape propagation failed at node '{n.name}' ({n.op} {n.target}): {exc}"
+            ) from exc
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+        return result
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> Any:
+    """Record `tensor_meta` on every node of `gm`, in place, running it in eval mode (its
+    training flag is restored), and keep the inputs for later passes; return the output."""
+    inputs = as_tuple(example_inputs)
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            output = _ShapeRecorder(gm).run(*inputs)
+    finally:
+        gm.train(was_training)
+    gm.meta[INPUTS_KEY] = tuple(t.detach() if isinstance(t, torch.Tensor) else t
+                                for t in inputs)
+    return output
+
+
+def example_inputs(gm: fx.GraphModule) -> tuple:
+    """The inputs `gm` was traced with; after pickling (which drops a GraphModule's
+    metadata) use the inputs passed to `ensure_shapes` instead."""
+    if INPUTS_KEY not in gm.meta:
+        raise TraceError("this graph has no example inputs: trace it with fxmerge.trace")
+    return gm.meta[INPUTS_KEY]
+
+
+def ensure_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+    """Propagate shapes again when they were lost (a GraphModule sent to another process
+    through pickle keeps its code but not its node metadata)."""
+    if INPUTS_KEY not in gm.meta or any(
+            "tensor_meta" not in n.meta for n in gm.graph.nodes if n.op == "placeholder"):
+        propagate_shapes(gm, inputs)
+    return gm
+
+
+def copy_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy that also copies modules holding computed (non-leaf) tensors, such as
+    the `weight` of an old-style `weight_norm` conv, which `copy.deepcopy` refuses."""
+    memo = {}
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:
+        raise TraceError(f"could not copy {type(model).__name__} ({exc}); fxmerge works on a "
+                         "copy so that it never changes the caller's model") from exc
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    if hasattr(output, "to_tuple"):  # diffusers' output dataclasses
+        output = output.to_tuple()
+    return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+
+
+def verify(reference: Callable, gm: fx.GraphModule, inputs: Sequence[Any], got: Any,
+           what: str) -> None:
+    """Raise `TraceError` unless the captured graph's output `got` equals `reference`'s on
+    the same inputs (float rounding aside)."""
+    try:
+        with torch.no_grad():
+            expected = reference(*inputs)
+    except Exception as exc:
+        raise TraceError(f"{what} failed on the example inputs: {exc}") from exc
+    want, have = _tensors(expected), _tensors(got)
+    if len(want) != len(have) or any(a.shape != b.shape for a, b in zip(want, have)):
+        raise TraceError(f"the captured graph of {what} returns other outputs than the model "
+                         f"({[tuple(a.shape) for a in want]} vs {[tuple(b.shape) for b in have]})")
+    for a, b in zip(want, have):
+        if not a.is_floating_point():
+            same = torch.equal(a, b)
+        else:
+            scale = a.abs().max().item() if a.numel() else 0.0
+            same = torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-5 * max(1.0, scale))
+        if not same:
+            raise TraceError(
+                f"the captured graph of {what} computes something else than the model on the "
+                "example inputs (in-place updates of aliased tensors, hooks on traced-through "
+                "modules, or a model exported in training mode do this); fxmerge refuses to "
+                "work on a graph that is not the model")
+
+
+def _check_no_global_hooks() -> None:
+    from torch.nn.modules import module as m
+
+    if m._global_forward_hooks or m._global_forward_pre_hooks:
+        raise TraceError("global module forward hooks are registered: a merged network would "
+                         "lose their effect; remove them before tracing")
+
+
+def trace(model: torch.nn.Module | torch.export.ExportedProgram, example_inputs: ExampleInputs,
+          ) -> fx.GraphModule:
+    """Capture `model` as a canonical GraphModule in eval mode, with a shape on every node.
+
+    `model` is an nn.Module, a GraphModule (from symbolic_trace or `ExportedProgram.module()`)
+    or a `torch.export.ExportedProgram`; `example_inputs` a tensor or a tuple of them (integer
+    ones too, such as a diffusion timestep). The captured graph is run next to the model on
+    the example inputs and refused (`TraceError`) unless both agree. The caller's model is
+    never changed.
+    """
+    _check_no_global_hooks()
+    inputs = as_tuple(example_inputs)
+    what = type(model).__name__
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"expected an nn.Module or an ExportedProgram, got {what}")
+    model = copy_model(model)
+    if not isinstance(model, fx.GraphModule):
+        model.eval()
+    reference = copy_model(model)
+    if isinstance(model, fx.GraphModule):
+        gm = model
+    else:
+        try:
+            gm = fx.symbolic_trace(model)
+        except Exception as exc:
+            raise TraceError(
+                f"torch.fx could not trace {what}: {exc}. fxmerge needs a model without "
+                "data-dependent control flow: wrap such parts in a leaf module, or pass "
+                "torch.export.export(model, inputs)") from exc
+    gm = canonicalize(gm)
+    gm.eval()
+    got = propagate_shapes(gm, inputs)
+    verify(reference, gm, inputs, got, what)
+    return gm
