@@ -182,9 +182,9 @@ class Plan:
         blocks = tuple(b for b in self.blocks if names & set(b.convs))
         split = [b for b in blocks if not set(b.convs) <= names]
         if split:
-            raise PlanError(f"block {split[0].convs[0]}..{split[0].convs[-1]} is split between "
-                            "graphs (a torch.compile graph break inside it); re-solve with the "
-                            "break's op excluded, or avoid the break")
+            raise PlanError(f"block {split[0].convs[0]}..{split[0].convs[-1]} is not within this "
+                            "graph: the plan was made for another graph, or it is split between "
+                            "graphs (a torch.compile graph break inside the block)")
         plan = replace(self, blocks=blocks, signature=space.signature,
                        exclude=tuple(p for p in self.exclude if any(
                            fnmatch.fnmatchcase(c.name, p) for c in space.convs) or p in

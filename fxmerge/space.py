@@ -18,6 +18,7 @@ import networkx as nx
 from torch import fx, nn
 
 from .capture import ops
+from .capture.trace import INPUTS_KEY
 from .errors import SpaceError
 
 STRIDE_RULES = ("paper", "exact")
@@ -461,9 +462,8 @@ def analyze(
             raise SpaceError(f"exclude names '{pattern}', which matches no Conv2d of this model")
     left_out = left_out_convs(gm, exclude)
     nodes = {n.name: n for n in gm.graph.nodes}
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" and "tensor_meta" not in n.meta:
-            raise SpaceError(f"node '{n.name}' has no shape: trace the model with fxmerge.trace")
+    if INPUTS_KEY not in gm.meta:
+        raise SpaceError("the graph has no shapes: trace the model with fxmerge.trace")
 
     adds = _find_skip_adds(gm, left_out)
     while True:

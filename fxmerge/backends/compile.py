@@ -7,6 +7,8 @@ merged graph to inductor, TensorRT or eager.
 
 from __future__ import annotations
 
+import copy
+import fnmatch
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,11 +16,12 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..capture.canonical import canonicalize
-from ..capture.trace import propagate_shapes
-from ..errors import FxMergeError
+from ..capture import propagate_shapes, verify
+from ..capture.canonical import CONV_FUNCTIONS, canonicalize
+from ..errors import FxMergeError, PlanError, SpaceError
 from ..passes import transform
 from ..plan import Plan
+from ..space import analyze
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +70,50 @@ def backend(plan: Plan, *, then: str = "inductor", add_activations: bool = False
         raise ValueError(f"then must be one of {THEN}, got {then!r}")
 
     def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
-        canonical = canonicalize(gm, example_inputs)
-        propagate_shapes(canonical, example_inputs)
-        merged = transform(canonical, plan, add_activations=add_activations)
-        log.info("fxmerge backend: %d blocks merged, handing over to %s", len(plan.blocks),
-                 then)
+        try:
+            merged = apply_plan(gm, example_inputs, plan, add_activations)
+        except FxMergeError as exc:  # raised to the caller as itself, not wrapped by dynamo
+            log.error("fxmerge backend: %s", exc)
+            return _Refusal(exc)
         return hand_over(merged, example_inputs, then)
 
     return compile_fn
+
+
+def apply_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan,
+               add_activations: bool = False) -> fx.GraphModule:
+    """Canonicalise one graph dynamo captured (checked against it on the example inputs) and
+    apply the part of `plan` whose convs it holds (a graph break splits a model into several
+    graphs); a graph with no searched conv is returned canonical and unchanged."""
+    canonical = canonicalize(copy.deepcopy(gm), example_inputs)
+    got = propagate_shapes(canonical, example_inputs)
+    verify(gm, canonical, example_inputs, got, "the graph torch.compile captured")
+    exclude = [p for p in plan.exclude if any(
+        fnmatch.fnmatchcase(name, p) for name, m in canonical.named_modules()
+        if isinstance(m, torch.nn.Conv2d))]
+    try:
+        space = analyze(canonical, stride_rule=plan.stride_rule, exclude=exclude)
+    except SpaceError:
+        if any(n.op == "call_module" and isinstance(canonical.get_submodule(n.target),
+                                                    torch.nn.Conv2d)
+               or n.target in CONV_FUNCTIONS for n in canonical.graph.nodes):
+            raise PlanError("torch.compile captured convolutions that fxmerge could not "
+                            "recognise as the model's own, so the plan cannot apply") from None
+        return canonical  # a graph without convs: nothing of the plan's is here
+    part = plan.restrict(space)
+    log.info("fxmerge backend: %d of the plan's %d blocks in this graph", len(part.blocks),
+             len(plan.blocks))
+    return transform(canonical, part, add_activations=add_activations)
+
+
+class _Refusal:
+    """Stands for a graph fxmerge refused: calling it raises the fxmerge error."""
+
+    def __init__(self, error: FxMergeError) -> None:
+        self.error = error
+
+    def __call__(self, *args: Any) -> Any:
+        raise type(self.error)(str(self.error))
 
 
 def registered_backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],

@@ -27,7 +27,7 @@ from torch import fx, nn
 
 aten = torch.ops.aten
 
-_CONV = {torch.conv2d, F.conv2d, aten.conv2d.default, aten.convolution.default}
+CONV_FUNCTIONS = {torch.conv2d, F.conv2d, aten.conv2d.default, aten.convolution.default}
 _NORM = {F.batch_norm, torch.batch_norm, aten.batch_norm.default,
          aten._native_batch_norm_legit_no_training.default}
 _ACT = {F.relu: nn.ReLU, torch.relu: nn.ReLU, aten.relu.default: nn.ReLU,
@@ -43,6 +43,7 @@ _DIV = {operator.truediv, torch.div, aten.div.Tensor}
 _ADD = {operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add_.Tensor}
 _IN_PLACE_ADD = {operator.iadd, aten.add_.Tensor}
 _DROPOUT = {F.dropout, F.dropout2d, aten.dropout.default}
+_TRACER_VALUES = ("example_value", "val", "tensor_dict", "grapharg")
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
@@ -60,10 +61,14 @@ def module_path(node: fx.Node) -> str | None:
 
 def _is_parameter_input(node: fx.Node) -> bool:
     """A dynamo placeholder that holds a parameter or buffer of the module (not a forward
-    input): dynamo records where each graph input came from."""
-    name = getattr(getattr(node.meta.get("grapharg"), "source", None), "name", "")
-    name = name() if callable(name) else str(name)  # a method in older torch releases
-    return "_parameters[" in name or "_buffers[" in name
+    input): dynamo marks those as static inputs and names them after their attribute
+    (`l_self_modules_conv1_parameters_weight_`); older releases record their source."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    if source is not None:
+        name = source.name() if callable(source.name) else str(source.name)
+        return "_parameters[" in name or "_buffers[" in name
+    static = "_dynamo_static_input_type" in node.meta.get("tensor_dict", {})
+    return static and ("_parameters_" in node.name or "_buffers_" in node.name)
 
 
 def _static_padding(padding: Any, kernel: Sequence[int], stride: Sequence[int],
@@ -303,7 +308,7 @@ class _Canonicaliser:
                 continue
             elif self.identity_call(node):
                 self.bypass(node, node.args[0])
-            elif t in _CONV:
+            elif t in CONV_FUNCTIONS:
                 self.conv(node)
             elif t in _NORM:
                 self.norm(node)
@@ -318,6 +323,8 @@ class _Canonicaliser:
         for node in reversed(list(self.gm.graph.nodes)):
             if node.op == "get_attr" and not node.users:
                 self.gm.graph.erase_node(node)
+            for key in _TRACER_VALUES:  # fake tensors of the tracer's mode; shapes are redone
+                node.meta.pop(key, None)
         self.gm.graph.lint()
         self.gm.recompile()
         return self.gm

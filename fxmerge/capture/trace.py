@@ -59,9 +59,18 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> Any:
             output = _ShapeRecorder(gm).run(*inputs)
     finally:
         gm.train(was_training)
-    gm.meta[INPUTS_KEY] = tuple(t.detach() if isinstance(t, torch.Tensor) else t
-                                for t in inputs)
+    gm.meta[INPUTS_KEY] = tuple(_concrete(t) for t in inputs)
     return output
+
+
+def _concrete(value: Any) -> Any:
+    """An example input to keep: a detached tensor, or the value of a symbolic size."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, torch.SymInt):  # its example value, without adding a guard
+        hint = getattr(value.node, "hint", None)
+        return int(hint) if hint is not None else value
+    return value
 
 
 def example_inputs(gm: fx.GraphModule) -> tuple:
@@ -157,7 +166,6 @@ def trace(model: torch.nn.Module | torch.export.ExportedProgram, example_inputs:
     model = copy_model(model)
     if not isinstance(model, fx.GraphModule):
         model.eval()
-    reference = copy_model(model)
     if isinstance(model, fx.GraphModule):
         gm = model
     else:
@@ -168,6 +176,7 @@ def trace(model: torch.nn.Module | torch.export.ExportedProgram, example_inputs:
                 f"torch.fx could not trace {what}: {exc}. fxmerge needs a model without "
                 "data-dependent control flow: wrap such parts in a leaf module, or pass "
                 "torch.export.export(model, inputs)") from exc
+    reference = copy_model(model)  # as tracing left it: Python state baked in shows up
     gm = canonicalize(gm)
     gm.eval()
     got = propagate_shapes(gm, inputs)

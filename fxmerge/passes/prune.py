@@ -16,7 +16,7 @@ from torch import fx
 
 from ..capture import ops
 from ..capture.trace import example_inputs, propagate_shapes
-from ..errors import PlanError
+from ..errors import PlanError, SpaceError
 from ..plan import Plan
 from ..space import MergeSpace, analyze
 
@@ -116,12 +116,10 @@ def prune(gm: fx.GraphModule, plan: Plan, *, add_activations: bool = False) -> f
     convs and ends where the network had no activation gets one (as the paper does)."""
     if not isinstance(gm, fx.GraphModule):
         raise PlanError("prune needs a GraphModule: trace the model with fxmerge.trace first")
-    modules = dict(gm.named_modules())
-    missing = [name for name in plan.exclude if name not in modules]
-    if missing:
-        raise PlanError(f"plan was made for another graph: it excludes {missing}, which this "
-                        "model does not have")
-    space = analyze(gm, stride_rule=plan.stride_rule, exclude=plan.exclude)
+    try:
+        space = analyze(gm, stride_rule=plan.stride_rule, exclude=plan.exclude)
+    except SpaceError as exc:
+        raise PlanError(f"plan was made for another graph: {exc}") from None
     plan.validate(space)
     out = copy.deepcopy(gm)
     nodes = {n.name: n for n in out.graph.nodes}
