@@ -143,3 +143,29 @@ def test_demo_quick_writes_results(tmp_path):
                      "speedup"} <= set(rows[0])
     assert (tmp_path / "pareto.png").stat().st_size > 1000
     assert "speed-up" in proc.stdout
+
+
+def test_bad_inputs_exit_1_with_one_line(tmp_path, capsys):
+    (tmp_path / "nets.py").write_text(
+        "def broken():\n    raise RuntimeError('no such weights')\n"
+        "def not_a_model():\n    return 42\n")
+    (tmp_path / "garbage.pt").write_bytes(b"\x00garbage" * 10)
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "other.pt")
+    (tmp_path / "plan.json").write_text('{"blocks": [')
+    (tmp_path / "folder").mkdir()
+    cases = [
+        (["analyze", f"{tmp_path / 'nets.py'}:broken"], "no such weights"),
+        (["analyze", f"{tmp_path / 'nets.py'}:not_a_model"], "not an nn.Module"),
+        (["analyze", "torchvision:resnet18:wings=2"], "could not be built"),
+        (["analyze", "torchvision:resnet18:depth=abc"], "must be JSON"),
+        (["analyze", *MODEL, "--weights", tmp_path / "garbage.pt"], "not a file of tensors"),
+        (["analyze", *MODEL, "--weights", tmp_path / "other.pt"], "does not fit the model"),
+        (["analyze", *MODEL, "--weights", tmp_path / "missing.pt"], "missing.pt"),
+        (["analyze", *MODEL, "--out", tmp_path / "folder"], "folder"),
+        (["transform", *MODEL, "--plan", tmp_path / "plan.json"], "invalid JSON"),
+        (["analyze", *MODEL[:3], "--exclude", "nothing.*"], "matches no Conv2d"),
+    ]
+    for argv, match in cases:
+        assert run(*argv) == 1, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], (argv, err)

@@ -1,5 +1,6 @@
 """Bad input gets a clear fxmerge error naming the thing and the rule."""
 
+import json
 import math
 
 import pytest
@@ -53,7 +54,7 @@ def test_solver_refuses_bad_budgets_methods_and_backends(resnet):
     _, space = resnet
     lat = fxmerge.LatencyTable.from_values(space, {e: 1.0 for e in space.entries})
     imp = fxmerge.ImportanceTable.from_values(space, {e: 1.0 for e in space.entries})
-    with pytest.raises(fxmerge.InfeasibleBudget, match="positive"):
+    with pytest.raises(ValueError, match="budget must be a positive finite number"):
         fxmerge.solve(space, lat, imp, budget=0)
     with pytest.raises(ValueError, match="unknown method"):
         fxmerge.solve(space, lat, imp, budget=0.5, method="magic")
@@ -65,3 +66,99 @@ def test_importance_refuses_a_non_finite_original_score():
     gm = fxmerge.trace(small_net([("conv", 4, 3, 1, True, False)]), torch.randn(1, 3, 8, 8))
     with pytest.raises(fxmerge.TableError, match="original network returned nan"):
         fxmerge.estimate_importance(fxmerge.analyze(gm), evaluate=lambda m: math.nan)
+
+
+# ---- malformed plan and table files, bad arguments ---------------------------------------
+def _plan_dict(space):
+    return json.loads(fxmerge.Plan.identity(space).to_json())
+
+
+@pytest.mark.parametrize("text, match", [
+    ("", "invalid JSON"), ('{"blocks": [', "invalid JSON"), ("null", "expected a JSON object"),
+    ("[]", "expected a JSON object"), ('{"signature": "x"}', "missing 'blocks'"),
+])
+def test_malformed_plan_files(text, match):
+    with pytest.raises(fxmerge.PlanError, match=match):
+        fxmerge.Plan.from_json(text)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("kernel", 3.7, "'kernel' must be int"), ("kernel", "abc", "'kernel' must be int"),
+    ("kernel", True, "'kernel' must be int"), ("activation", "no", "'activation' must be bool"),
+    ("kept", "conv1", "'kept' must be list"), ("convs", [1, 2], "list of module names"),
+])
+def test_wrongly_typed_plan_blocks(resnet, field, value, match):
+    data = _plan_dict(resnet[1])
+    data["blocks"][0][field] = value
+    with pytest.raises(fxmerge.PlanError, match=match):
+        fxmerge.Plan.from_json(json.dumps(data))
+
+
+def test_wrongly_typed_plan_fields_and_reversed_kept(resnet):
+    gm, space = resnet
+    data = _plan_dict(space)
+    data["exclude"] = "conv1"
+    with pytest.raises(fxmerge.PlanError, match="'exclude' must be list"):
+        fxmerge.Plan.from_json(json.dumps(data))
+    data = _plan_dict(space)
+    data["budget"] = "0.5"
+    with pytest.raises(fxmerge.PlanError, match="'budget' must be int or float or null"):
+        fxmerge.Plan.from_json(json.dumps(data))
+    i, j = next((i, j) for i, j in space.blocks if j - i >= 2)
+    spans = sorted([(p - 1, p) for p in range(1, space.L + 1) if not i < p <= j] + [(i, j)])
+    plan = fxmerge.Plan.from_spans(space, spans, {c.name for c in space.convs})
+    data = json.loads(plan.to_json())
+    data["blocks"][spans.index((i, j))]["kept"].reverse()
+    with pytest.raises(fxmerge.PlanError, match="in network order"):
+        fxmerge.prune(gm, fxmerge.Plan.from_json(json.dumps(data)))
+
+
+def _table_json(space, value=1.0, kind="latency"):
+    return json.dumps({"kind": kind, "signature": space.signature,
+                       "values": [[list(e), value] for e in space.entries]})
+
+
+@pytest.mark.parametrize("value, match", [
+    (-1.0, "must be > 0"), (0, "must be > 0"), (1e300, "at most"), ("fast", "not a number"),
+    (True, "not a number"), (None, "not a number"),
+])
+def test_bad_latency_values(resnet, value, match):
+    with pytest.raises(fxmerge.TableError, match=match):
+        fxmerge.LatencyTable.from_json(_table_json(resnet[1], value))
+
+
+def test_malformed_tables(resnet):
+    _, space = resnet
+    assert fxmerge.ImportanceTable.from_json(_table_json(space, -0.5, "importance"))
+    with pytest.raises(fxmerge.TableError, match="not a number"):
+        fxmerge.ImportanceTable.from_json(_table_json(space, "high", "importance"))
+    for text, match in [
+        ("", "invalid JSON"), ("null", "expected a latency table"),
+        ('{"kind": "latency", "signature": "x"}', "'values' must be a list"),
+        ('{"kind": "latency", "signature": "x", "values": [[[1, 2], 1.0]]}', "neither"),
+        ('{"kind": "latency", "signature": "x", "values": [[[1, 2, 3, 0], 1.0, 2]]}',
+         "'values' must be a list"),
+        ('{"kind": "latency", "values": []}', "'signature' must be a string"),
+    ]:
+        with pytest.raises(fxmerge.TableError, match=match):
+            fxmerge.LatencyTable.from_json(text)
+    with pytest.raises(fxmerge.TableError, match="neither"):
+        fxmerge.LatencyTable.from_values(space, {(1, 2): 1.0})
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"budget": math.inf}, ValueError, "budget must be a positive finite"),
+    ({"budget": "0.5"}, TypeError, "budget must be a number"),
+    ({"budget": -0.5}, ValueError, "budget must be a positive finite"),
+    ({"budget_ms": 0}, ValueError, "budget_ms must be a positive finite"),
+    ({"budget_ms": math.nan}, ValueError, "budget_ms must be a positive finite"),
+    ({"budget_ms": math.inf}, ValueError, "budget_ms must be a positive finite"),
+    ({"budget": 0.5, "levels": 0}, ValueError, "levels must be a positive integer"),
+    ({"budget": 0.5, "levels": -3}, ValueError, "levels must be a positive integer"),
+])
+def test_bad_budgets_and_levels(resnet, kwargs, error, match):
+    _, space = resnet
+    lat = fxmerge.LatencyTable.from_values(space, {e: 1.0 for e in space.entries})
+    imp = fxmerge.ImportanceTable.from_values(space, {e: 1.0 for e in space.entries})
+    with pytest.raises(error, match=match):
+        fxmerge.solve(space, lat, imp, **kwargs)

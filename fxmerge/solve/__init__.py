@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,20 @@ from .dp import DPResult, Edge, min_latency, run_dp
 log = logging.getLogger(__name__)
 
 METHODS = {"layermerge": layermerge, "depth": depth, "layeronly": layeronly}
+
+
+def _positive(name: str, value: object) -> float:
+    """`value` if it is a positive finite number, else TypeError / ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return float(value)
+
+
+def _check_levels(levels: object) -> None:
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+        raise ValueError(f"levels must be a positive integer, got {levels!r}")
 
 
 def _method(name: str):
@@ -58,11 +74,11 @@ def solve(
     """
     if (budget is None) == (budget_ms is None):
         raise ValueError("give exactly one of budget (a fraction) or budget_ms")
+    _check_levels(levels)
     original = latency.identity_latency(space)
     if budget_ms is None:
-        if not budget > 0:
-            raise InfeasibleBudget(f"budget must be positive, got {budget}")
-        budget_ms = budget * original
+        budget_ms = _positive("budget", budget) * original
+    _positive("budget_ms", budget_ms)
     edges = _method(method).edges(space, latency, importance)
     result = run_dp(space.L, edges, budget_ms / levels, levels)
     found = result.fitting_path(budget_ms)
@@ -151,6 +167,7 @@ def frontier(space: MergeSpace, latency: LatencyTable, importance: ImportanceTab
              method: str = "layermerge", levels: int = 1000,
              conv_scores: Mapping[str, float] | None = None) -> Frontier:
     """The whole importance-vs-latency frontier (budgets 0..100% of the original)."""
+    _check_levels(levels)
     original = latency.identity_latency(space)
     if original <= 0:
         raise TableError("the original network's table latency is not positive")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,8 +21,17 @@ def _key_to_json(key: Key) -> Any:
 
 
 def _key_from_json(raw: Any) -> Key:
-    return raw if isinstance(raw, str) else Entry(int(raw[0]), int(raw[1]), int(raw[2]),
-                                                  bool(raw[3]))
+    """A key from JSON: a conv name, or `[i, j, k, dw]` (TableError for anything else)."""
+    if isinstance(raw, str):
+        return raw
+    ints = isinstance(raw, list) and len(raw) == 4 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in raw[:3])
+    if not ints or not isinstance(raw[3], (bool, int)) or min(raw[:3]) < 0:
+        raise TableError(f"table key {raw!r:.40} is neither a conv name nor [i, j, k, dw]")
+    return Entry(raw[0], raw[1], raw[2], bool(raw[3]))
+
+
+MAX_VALUE = 1e9  # beyond this a value is a unit error or garbage, never a measurement
 
 
 @dataclass
@@ -33,6 +43,23 @@ class EntryTable:
     settings: dict[str, Any] = field(default_factory=dict)
 
     kind: ClassVar[str] = "table"
+    positive: ClassVar[bool] = False  # latencies must be > 0
+
+    def __post_init__(self) -> None:
+        self.values = {key: self._check_value(key, v) for key, v in self.values.items()}
+
+    @classmethod
+    def _check_value(cls, key: Key, value: Any) -> float:
+        """`value` as a float, or `TableError` when it cannot be one of this table's."""
+        name = key if isinstance(key, str) else tuple(key)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TableError(f"{cls.kind} table value for {name} is {value!r:.40}, not a number")
+        if not math.isfinite(value) or abs(value) > MAX_VALUE:
+            raise TableError(f"{cls.kind} table value for {name} is {value}: values must be "
+                             f"finite and at most {MAX_VALUE:g} in size")
+        if cls.positive and value <= 0:
+            raise TableError(f"{cls.kind} table value for {name} is {value}: it must be > 0")
+        return float(value)
 
     def __getitem__(self, key: Key) -> float:
         try:
@@ -50,7 +77,7 @@ class EntryTable:
     def from_values(cls, space: MergeSpace, values: Mapping[Key, float], *,
                     keys: Iterable[Key] | None = None, **settings: Any):
         """A table from the user's own numbers; every key of the space is required."""
-        table = cls({_normalise(k): float(v) for k, v in values.items()}, space.signature,
+        table = cls({_normalise(k): v for k, v in values.items()}, space.signature,
                     dict(settings, source=settings.get("source", "user values")))
         table.check(space, keys)
         return table
@@ -61,15 +88,13 @@ class EntryTable:
                              f"{self.signature}, this graph {space.signature})")
 
     def check(self, space: MergeSpace, keys: Iterable[Key] | None = None) -> None:
-        """Raise `TableError` for another graph's table, a missing key, or a NaN."""
+        """Raise `TableError` for another graph's table or a missing key (values were
+        checked when the table was made)."""
         self.check_graph(space)
         for key in (space.entries if keys is None else keys):
             name = key if isinstance(key, str) else tuple(key)
             if key not in self.values:
                 raise TableError(f"{self.kind} table has no value for entry {name}")
-            value = self.values[key]
-            if not math.isfinite(value):
-                raise TableError(f"{self.kind} table value for entry {name} is {value}")
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps({
@@ -79,11 +104,24 @@ class EntryTable:
 
     @classmethod
     def from_json(cls, text: str):
-        data = json.loads(text)
-        if data.get("kind") != cls.kind:
-            raise TableError(f"expected a {cls.kind} table, got {data.get('kind')!r}")
-        values = {_key_from_json(k): float(v) for k, v in data["values"]}
-        return cls(values, data["signature"], data.get("settings", {}))
+        """Parse a table; anything but a well-formed table raises `TableError` saying what."""
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise TableError(f"not a {cls.kind} table: invalid JSON ({exc})") from None
+        if not isinstance(data, dict) or data.get("kind") != cls.kind:
+            kind = data.get("kind") if isinstance(data, dict) else type(data).__name__
+            raise TableError(f"expected a {cls.kind} table, got {kind!r}")
+        rows, signature = data.get("values"), data.get("signature")
+        if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == 2
+                                                 for r in rows):
+            raise TableError(f"{cls.kind} table: 'values' must be a list of [key, value] pairs")
+        if not isinstance(signature, str):
+            raise TableError(f"{cls.kind} table: 'signature' must be a string")
+        settings = data.get("settings", {})
+        if not isinstance(settings, dict):
+            raise TableError(f"{cls.kind} table: 'settings' must be an object")
+        return cls({_key_from_json(k): v for k, v in rows}, signature, settings)
 
 
 def show_progress(progress: bool | None) -> bool:
@@ -94,4 +132,8 @@ def show_progress(progress: bool | None) -> bool:
 def _normalise(key: Any) -> Key:
     if isinstance(key, str):
         return key
-    return Entry(int(key[0]), int(key[1]), int(key[2]), bool(key[3]))
+    try:
+        return _key_from_json(list(key))
+    except TypeError:
+        raise TableError(f"table key {key!r:.40} is neither a conv name nor (i, j, k, dw)"
+                         ) from None

@@ -73,6 +73,7 @@ class LatencyTable(EntryTable):
     """Milliseconds per entry; `num_signatures` is how many distinct convs were timed."""
 
     kind = "latency"
+    positive = True
 
     def identity_latency(self, space: MergeSpace) -> float:
         """The original network's table latency: every conv its own block."""
