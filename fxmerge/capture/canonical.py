@@ -34,7 +34,9 @@ _ACT = {F.relu: nn.ReLU, torch.relu: nn.ReLU, aten.relu.default: nn.ReLU,
         aten.relu_.default: nn.ReLU, F.relu6: nn.ReLU6, F.silu: nn.SiLU,
         aten.silu.default: nn.SiLU, aten.silu_.default: nn.SiLU, F.hardswish: nn.Hardswish,
         aten.hardswish.default: nn.Hardswish, aten.hardswish_.default: nn.Hardswish,
-        F.gelu: nn.GELU, aten.gelu.default: nn.GELU}
+        F.gelu: nn.GELU, aten.gelu.default: nn.GELU, F.mish: nn.Mish, aten.mish.default: nn.Mish,
+        F.leaky_relu: nn.LeakyReLU, aten.leaky_relu.default: nn.LeakyReLU,
+        aten.leaky_relu_.default: nn.LeakyReLU}
 _ACT_METHODS = {"relu": nn.ReLU, "relu_": nn.ReLU}
 _HARDTANH = {aten.hardtanh.default, aten.hardtanh_.default, F.hardtanh}  # (0, 6) is ReLU6
 _SIGMOID = {torch.sigmoid, F.sigmoid, aten.sigmoid.default}
@@ -43,6 +45,8 @@ _DIV = {operator.truediv, torch.div, aten.div.Tensor}
 _ADD = {operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add_.Tensor}
 _IN_PLACE_ADD = {operator.iadd, aten.add_.Tensor}
 _DROPOUT = {F.dropout, F.dropout2d, aten.dropout.default}
+_SHAPE_READS = {getattr, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+                operator.ge, operator.and_, len, "size", "dim"}
 _TRACER_VALUES = ("example_value", "val", "tensor_dict", "grapharg")
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
@@ -230,6 +234,9 @@ class _Canonicaliser:
         if cls is nn.GELU:
             approximate = kwargs.pop("approximate", args[0] if args else "none")
             args, module = (), nn.GELU(approximate=approximate)
+        elif cls is nn.LeakyReLU:
+            slope = kwargs.pop("negative_slope", args[0] if args else 0.01)
+            args, module = args[1:], nn.LeakyReLU(slope)
         else:
             module = cls()
         if kwargs or any(not isinstance(a, bool) for a in args):  # only an inplace flag
@@ -306,6 +313,8 @@ class _Canonicaliser:
                 self.activation(node, _ACT_METHODS[t])
             elif node.op not in ("call_function", "call_method"):
                 continue
+            elif _is_assert(node):  # a shape check, true on the example inputs
+                self.gm.graph.erase_node(node)
             elif self.identity_call(node):
                 self.bypass(node, node.args[0])
             elif t in CONV_FUNCTIONS:
@@ -321,13 +330,19 @@ class _Canonicaliser:
             elif t in _ADD:
                 self.add(node)
         for node in reversed(list(self.gm.graph.nodes)):
-            if node.op == "get_attr" and not node.users:
+            if not node.users and (node.op == "get_attr" or node.target in _SHAPE_READS):
                 self.gm.graph.erase_node(node)
             for key in _TRACER_VALUES:  # fake tensors of the tracer's mode; shapes are redone
                 node.meta.pop(key, None)
         self.gm.graph.lint()
         self.gm.recompile()
         return self.gm
+
+
+def _is_assert(node: fx.Node) -> bool:
+    """`torch._assert(cond, message)` (timm checks `x.ndim == 4` after every norm)."""
+    return node.op == "call_function" and not node.users and (
+        node.target is torch._assert or getattr(node.target, "__name__", "") == "_assert")
 
 
 def _parameter(t: torch.Tensor) -> nn.Parameter:

@@ -16,6 +16,8 @@ ACTIVATION_MODULES: dict[type, str] = {
     nn.SiLU: "silu",
     nn.Hardswish: "hardswish",
     nn.GELU: "gelu",
+    nn.LeakyReLU: "leaky_relu",
+    nn.Mish: "mish",
 }
 ACTIVATION_CLASSES: dict[str, type] = {kind: cls for cls, kind in ACTIVATION_MODULES.items()}
 ADD_FUNCTIONS = {operator.add, torch.add}

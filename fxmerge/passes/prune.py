@@ -76,14 +76,16 @@ def _add_activations(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> None:
     kinds = Counter(c.activation for c in space.convs if c.activation)
     if not kinds:
         return
-    cls = ops.ACTIVATION_CLASSES[kinds.most_common(1)[0][0]]
     nodes = {n.name: n for n in gm.graph.nodes}
+    kind = kinds.most_common(1)[0][0]
+    template = next(gm.get_submodule(nodes[u.act].target)  # the network's own, settings too
+                    for c, u in zip(space.convs, space.units) if c.activation == kind)
     for n_added, (i, j) in enumerate(plan.spans(space)):
         if j - i < 2 or j == space.L or space.activation(j) is not None:
             continue
         value = nodes[space.units[j - 1].output]
         name = f"fxmerge_act_{n_added}"
-        gm.add_submodule(name, cls())
+        gm.add_submodule(name, copy.deepcopy(template))
         with gm.graph.inserting_after(value):
             act = gm.graph.call_module(name, (value,))
         value.replace_all_uses_with(act, delete_user_cb=lambda user, new=act: user is not new)

@@ -1,0 +1,143 @@
+"""What fxmerge finds and how exactly it merges in the model zoos users bring: timm CNNs of
+many families and one model of each torchvision CNN family, each captured via
+`symbolic_trace` and via `torch.export`.
+
+    python benchmarks/bench_zoo.py [--size 96] [--only resnet18 ...]
+
+Per model and graph form: convs in the model, convs searched, blocks, entries, blocks of two
+or more convs, and the outcome. "exact" means: the identity plan's merged network equals the
+model (BN folded) and two random plans' merged networks equal their pruned ones, all within
+1e-4 relative error in float32 (the worst error is given); random weights and BatchNorm
+statistics from a few training-mode passes over random data. A refusal is a clean fxmerge
+error, with its reason. Where no block of two convs exists, the op that most often stops the
+search is named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import torch
+import torchvision
+from common import write
+
+import fxmerge
+
+TIMM = ["resnet18", "seresnet18", "resnet26d", "resnext26ts", "repvgg_a0", "gernet_s",
+        "regnetx_002", "regnety_002", "mobilenetv2_100", "mnasnet_100", "efficientnet_b0",
+        "tinynet_a", "mixnet_s", "mobilenetv3_small_100", "lcnet_050", "cspresnet50",
+        "densenet121", "convnext_atto", "ghostnet_100", "dla34", "rexnet_100",
+        "ese_vovnet19b_dw", "selecsls42b", "hardcorenas_a", "res2net50_14w_8s", "dpn68",
+        "vgg11_bn"]
+TORCHVISION = ["alexnet", "vgg11_bn", "resnet18", "squeezenet1_0", "densenet121", "googlenet",
+               "inception_v3", "shufflenet_v2_x0_5", "mobilenet_v2", "mobilenet_v3_small",
+               "mnasnet0_5", "efficientnet_b0", "efficientnet_v2_s", "regnet_x_400mf",
+               "convnext_tiny"]
+TOLERANCE = 1e-4
+
+
+def build(source: str, name: str) -> tuple[torch.nn.Module, str]:
+    """The model with random weights, and its family."""
+    if source == "timm":
+        import timm
+
+        model = timm.create_model(name, pretrained=False)
+        return model, type(model).__module__.rsplit(".", 1)[-1]
+    kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet",
+                                                                      "inception_v3") else {}
+    model = getattr(torchvision.models, name)(**kwargs)
+    return model, type(model).__module__.rsplit(".", 1)[-1]
+
+
+def calibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """Give BatchNorms non-trivial statistics: a few training-mode passes on random data."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn_like(x) * 2 + 0.5)
+    return model.eval()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
+
+
+def stopped_by(gm, space) -> str:
+    """The op kind that most often stands between convs as a barrier."""
+    names = set(space.barriers)
+    kinds = collections.Counter(
+        type(gm.get_submodule(n.target)).__name__ if n.op == "call_module"
+        else getattr(n.target, "__name__", str(n.target))
+        for n in gm.graph.nodes if n.name in names and n.op != "output")
+    return ", ".join(f"{k} x{v}" for k, v in kinds.most_common(2))
+
+
+def measure(model: torch.nn.Module, form: str, x: torch.Tensor) -> dict:
+    row: dict = {"convs": sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())}
+    try:
+        subject = torch.export.export(model, (x,)) if form == "export" else model
+    except Exception as exc:  # noqa: BLE001 (export's own failure, reported as such)
+        return {**row, "outcome": f"export failed: {type(exc).__name__}"}
+    try:
+        gm = fxmerge.trace(subject, x)
+        space = fxmerge.analyze(gm)
+        row.update(searched=space.L, blocks=space.num_blocks, entries=space.num_entries,
+                   multi=sum(j - i >= 2 for i, j in space.blocks))
+        with torch.no_grad():
+            errors = [relative_error(model(x), fxmerge.transform(gm, fxmerge.Plan.identity(
+                space))(x))]
+            for seed in range(2):
+                pruned = fxmerge.prune(gm, fxmerge.Plan.random(space, seed)).eval()
+                errors.append(relative_error(pruned(x), fxmerge.merge(pruned)(x)))
+    except fxmerge.FxMergeError as exc:
+        return {**row, "outcome": f"refused: {type(exc).__name__}: {str(exc)[:90]}"}
+    row["error"] = max(errors)
+    row["outcome"] = "exact" if row["error"] <= TOLERANCE else "WRONG"
+    if row["multi"] == 0:
+        row["stopped_by"] = stopped_by(gm, space)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=96, help="input resolution")
+    parser.add_argument("--only", nargs="*", help="model names to run")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, args.size, args.size)
+    rows = []
+    for source, names in (("timm", TIMM), ("torchvision", TORCHVISION)):
+        for name in names:
+            if args.only and name not in args.only:
+                continue
+            model, family = build(source, name)
+            model = calibrate_batchnorm(model, x)
+            for form in ("symbolic_trace", "export"):
+                start = time.perf_counter()
+                row = {"source": source, "model": name, "family": family, "form": form,
+                       **measure(model, form, x)}
+                row["seconds"] = round(time.perf_counter() - start, 1)
+                print(row, flush=True)
+                rows.append(row)
+    models = {(r["source"], r["model"]) for r in rows}
+    mergeable = {(r["source"], r["model"]) for r in rows if r.get("multi", 0) > 0}
+    wrong = sum(r["outcome"] == "WRONG" for r in rows)
+    families = {(r["source"], r["family"]) for r in rows}
+    meta = {"input": f"2x3x{args.size}x{args.size}", "tolerance": TOLERANCE,
+            "models": len(models), "families": len(families),
+            "mergeable_models": f"{len(mergeable)}/{len(models)} "
+                                f"({len(mergeable) / max(len(models), 1):.0%}) with a block of "
+                                "two or more convs via some form",
+            "wrong_networks": wrong}
+    write("zoo", meta, rows, ["source", "model", "family", "form", "convs", "searched", "blocks",
+                              "entries", "multi", "outcome", "error", "stopped_by", "seconds"],
+          "fxmerge on the model zoos: what is found, and whether it merges exactly")
+
+
+if __name__ == "__main__":
+    main()
