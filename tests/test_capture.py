@@ -321,3 +321,39 @@ def test_exclude_takes_globs_and_an_excluded_projection_is_never_merged():
         fxmerge.analyze(gm, exclude="conv1")
     with pytest.raises(fxmerge.SpaceError, match="matches no Conv2d"):
         fxmerge.analyze(gm, exclude=["nope.*"])
+
+
+# ---- the layer vocabulary of the zoos -----------------------------------------------------
+class ZooLayers(nn.Module):
+    """Identities, a 'same'-padded conv, and activations in functional and method form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding="same")
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c4 = nn.Conv2d(8, 8, 1)
+        self.skip, self.drop = nn.Identity(), nn.Dropout(0.3)
+
+    def forward(self, x):
+        h = self.drop(self.c1(x)).relu()
+        h = F.relu6(self.skip(self.c2(h)))
+        h = self.c3(h)
+        h = h * torch.sigmoid(h)
+        return F.dropout(self.c4(h) / 1.0, 0.5, training=False)
+
+
+@pytest.mark.parametrize("form", ["symbolic", "export"])
+def test_zoo_layers_are_understood(form):
+    model = ZooLayers().eval()
+    gm = fxmerge.trace(torch.export.export(model, (X,)) if form == "export" else model, X)
+    space = fxmerge.analyze(gm)
+    assert [c.activation for c in space.convs] == ["relu", "relu6", "silu", None]
+    assert (0, 4) in space.blocks and set(space.barriers) <= {"_guards_fn"}  # export checks
+    plan = fxmerge.Plan.from_spans(space, [(0, 4)], {"c1", "c2", "c3", "c4"})
+    pruned = fxmerge.prune(gm, plan).eval()
+    merged = fxmerge.merge(pruned)
+    assert sum(isinstance(m, nn.Conv2d) for m in merged.modules()) == 1
+    with torch.no_grad():
+        assert close(pruned(X), merged(X))
+    assert merged_equals_model(model, gm)

@@ -27,11 +27,13 @@ from torch import fx, nn
 
 aten = torch.ops.aten
 
-CONV_FUNCTIONS = {torch.conv2d, F.conv2d, aten.conv2d.default, aten.convolution.default}
+CONV_FUNCTIONS = {torch.conv2d, F.conv2d, aten.conv2d.default, aten.conv2d.padding,
+                  aten.convolution.default}
 _NORM = {F.batch_norm, torch.batch_norm, aten.batch_norm.default,
          aten._native_batch_norm_legit_no_training.default}
 _ACT = {F.relu: nn.ReLU, torch.relu: nn.ReLU, aten.relu.default: nn.ReLU,
-        aten.relu_.default: nn.ReLU, F.relu6: nn.ReLU6, F.silu: nn.SiLU,
+        aten.relu_.default: nn.ReLU, F.relu6: nn.ReLU6, aten.relu6.default: nn.ReLU6,
+        aten.relu6_.default: nn.ReLU6, F.silu: nn.SiLU,
         aten.silu.default: nn.SiLU, aten.silu_.default: nn.SiLU, F.hardswish: nn.Hardswish,
         aten.hardswish.default: nn.Hardswish, aten.hardswish_.default: nn.Hardswish,
         F.gelu: nn.GELU, aten.gelu.default: nn.GELU, F.mish: nn.Mish, aten.mish.default: nn.Mish,
