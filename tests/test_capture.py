@@ -1,6 +1,8 @@
 """The capture stage: every graph form gives a graph that computes what the model computes,
 or a clean fxmerge refusal. One test per wrong network and crash seen before."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -357,3 +359,12 @@ def test_zoo_layers_are_understood(form):
     with torch.no_grad():
         assert close(pruned(X), merged(X))
     assert merged_equals_model(model, gm)
+
+
+def test_a_graph_module_in_training_mode_is_captured_in_eval_mode():
+    model = randomize_batchnorm(torchvision.models.resnet18())
+    x = torch.randn(1, 3, 32, 32)
+    gm = fxmerge.trace(torch.fx.symbolic_trace(copy.deepcopy(model)).train(), x)
+    assert not any(m.training for m in gm.modules())
+    with torch.no_grad():
+        assert close(model(x), gm(x))

@@ -164,8 +164,8 @@ def trace(model: torch.nn.Module | torch.export.ExportedProgram, example_inputs:
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"expected an nn.Module or an ExportedProgram, got {what}")
     model = copy_model(model)
-    if not isinstance(model, fx.GraphModule):
-        model.eval()
+    for m in model.modules():  # eval mode (an export program's module refuses .eval())
+        m.training = False
     if isinstance(model, fx.GraphModule):
         gm = model
     else:
@@ -178,7 +178,8 @@ def trace(model: torch.nn.Module | torch.export.ExportedProgram, example_inputs:
                 "torch.export.export(model, inputs)") from exc
     reference = copy_model(model)  # as tracing left it: Python state baked in shows up
     gm = canonicalize(gm)
-    gm.eval()
+    for m in gm.modules():
+        m.training = False
     got = propagate_shapes(gm, inputs)
     verify(reference, gm, inputs, got, what)
     return gm
