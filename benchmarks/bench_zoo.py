@@ -84,8 +84,8 @@ def errors(model: torch.nn.Module, form: str, x: torch.Tensor) -> tuple[dict, li
     subject = torch.export.export(model, (x,)) if form == "export" else model
     gm = fxmerge.trace(subject, x)
     space = fxmerge.analyze(gm)
-    sizes = dict(searched=space.L, blocks=space.num_blocks, entries=space.num_entries,
-                 multi=sum(j - i >= 2 for i, j in space.blocks))
+    sizes = {"searched": space.L, "blocks": space.num_blocks, "entries": space.num_entries,
+             "multi": sum(j - i >= 2 for i, j in space.blocks)}
     with torch.no_grad():
         found = [relative_error(model(x), fxmerge.transform(gm, fxmerge.Plan.identity(
             space))(x))]
@@ -106,7 +106,7 @@ def measure(model: torch.nn.Module, form: str, x: torch.Tensor) -> dict:
         _, f64 = errors(copy.deepcopy(model).double(), form, x.double())
     except fxmerge.FxMergeError as exc:
         return {**row, "outcome": f"refused: {type(exc).__name__}: {str(exc)[:90]}"}
-    except Exception as exc:  # noqa: BLE001 (torch.export's own failures, reported as such)
+    except Exception as exc:  # torch.export's own failures, reported as such
         if form != "export":
             raise
         return {**row, "outcome": f"export failed: {type(exc).__name__}"}

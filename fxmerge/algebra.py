@@ -1,7 +1,10 @@
 """Pure tensor maths for exact merging: affine convolutions, composed, folded and summed.
 
-An `AffineConv` is `y = conv2d(x, weight, bias, stride, padding)` with a dense weight
-(groups expanded) and a padding that may be negative while a chain is being built (a crop).
+An `AffineConv` is `y = conv2d(x, weight, bias, stride, padding) + sum_k A_k c_k` with a
+dense weight (groups expanded), a padding that may be negative while a chain is being built
+(a crop), and conditioning terms: vectors `c_k` (a time embedding, one per sample) added over
+the whole map somewhere in the chain, carried through later convs as `A_k` (exact once those
+convs pad nothing, because a conv of a constant map is the sum of its taps times it).
 Everything here works in the weight's dtype; callers use float64 for exactness.
 """
 
@@ -23,6 +26,7 @@ class AffineConv:
     stride: int = 1
     padding: int = 0
     is_identity: bool = False  # exactly the identity (1x1, stride 1, no bias), maybe padded
+    conditions: tuple[tuple[object, torch.Tensor], ...] = ()  # (key of c_k, A_k (out, dim))
 
     @property
     def kernel(self) -> int:
@@ -96,7 +100,15 @@ def fold_bn(a: AffineConv, bn: nn.BatchNorm2d) -> AffineConv:
     """`bn(a(x))` as one affine conv (BN in eval mode)."""
     scale, shift = bn_scale_shift(bn, a.weight.dtype)
     return AffineConv(a.weight * scale[:, None, None, None], a.bias * scale + shift,
-                      a.stride, a.padding)
+                      a.stride, a.padding,
+                      conditions=tuple((k, m * scale[:, None]) for k, m in a.conditions))
+
+
+def add_condition(a: AffineConv, key: object) -> AffineConv:
+    """`a(x) + c`, with `c` (named by `key`) one vector per sample over the whole map."""
+    eye = torch.eye(a.out_channels, dtype=a.weight.dtype)
+    return AffineConv(a.weight, a.bias, a.stride, a.padding,
+                      conditions=(*a.conditions, (key, eye)))
 
 
 def compose(first: AffineConv, second: AffineConv) -> AffineConv:
@@ -125,8 +137,10 @@ def compose(first: AffineConv, second: AffineConv) -> AffineConv:
         for ux in range(k2):
             tap = (second.weight[:, :, uy, ux] @ flat).view(weight.shape[0], -1, k1, k1)
             weight[:, :, s * uy:s * uy + k1, s * ux:s * ux + k1] += tap
-    bias = second.weight.sum(dim=(2, 3)) @ first.bias + second.bias
-    return AffineConv(weight, bias, first.stride * second.stride, first.padding)
+    taps = second.weight.sum(dim=(2, 3))
+    bias = taps @ first.bias + second.bias
+    return AffineConv(weight, bias, first.stride * second.stride, first.padding,
+                      conditions=tuple((k, taps @ m) for k, m in first.conditions))
 
 
 def crop_output(a: AffineConv, amount: int) -> AffineConv:
@@ -135,7 +149,8 @@ def crop_output(a: AffineConv, amount: int) -> AffineConv:
     if amount < 0 and not a.is_identity:
         raise MergeError(
             f"zero-padding the output of a non-identity conv by {-amount} is not a convolution")
-    return AffineConv(a.weight, a.bias, a.stride, a.padding - amount * a.stride, a.is_identity)
+    return AffineConv(a.weight, a.bias, a.stride, a.padding - amount * a.stride, a.is_identity,
+                      a.conditions)
 
 
 def add(a: AffineConv, b: AffineConv) -> AffineConv:
@@ -153,7 +168,8 @@ def add(a: AffineConv, b: AffineConv) -> AffineConv:
     for part in (a, b):
         o = pad - part.padding
         weight[:, :, o:o + part.kernel, o:o + part.kernel] += part.weight
-    return AffineConv(weight, a.bias + b.bias, a.stride, pad)
+    return AffineConv(weight, a.bias + b.bias, a.stride, pad,
+                      conditions=a.conditions + b.conditions)
 
 
 def regroup(a: AffineConv) -> tuple[torch.Tensor, int]:
@@ -168,7 +184,8 @@ def regroup(a: AffineConv) -> tuple[torch.Tensor, int]:
 
 
 def to_conv(a: AffineConv, dtype: torch.dtype, device: torch.device | None = None) -> nn.Conv2d:
-    """An `nn.Conv2d` computing `a`, re-grouped to depthwise when possible."""
+    """An `nn.Conv2d` computing `a` without its conditioning terms (see
+    `condition_conv`), re-grouped to depthwise when possible."""
     if a.padding < 0:
         raise MergeError(f"merged conv would need negative padding {a.padding}")
     weight, groups = regroup(a)
@@ -176,4 +193,12 @@ def to_conv(a: AffineConv, dtype: torch.dtype, device: torch.device | None = Non
                      groups=groups, bias=True)
     conv.weight.data = weight.to(dtype=dtype, device=device).contiguous()
     conv.bias.data = a.bias.to(dtype=dtype, device=device)
+    return conv
+
+
+def condition_conv(matrix: torch.Tensor, dtype: torch.dtype,
+                   device: torch.device | None = None) -> nn.Conv2d:
+    """The 1x1 conv that maps a conditioning vector `(B, dim, 1, 1)` to its term `A c`."""
+    conv = nn.Conv2d(matrix.shape[1], matrix.shape[0], 1, bias=False)
+    conv.weight.data = matrix[:, :, None, None].to(dtype=dtype, device=device).contiguous()
     return conv

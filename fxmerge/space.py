@@ -57,6 +57,7 @@ class Conv:
     activation: str | None
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    relocatable_norm: str | None = None  # a GroupNorm before the activation (DDPM)
 
     @property
     def depthwise(self) -> bool:
@@ -82,17 +83,25 @@ class Skip:
 
 @dataclass(frozen=True)
 class Unit:
-    """FX node names of one conv's unit: conv -> [norm] -> [skip add] -> [activation]."""
+    """FX node names of one conv's unit: conv -> [foldable norm] -> [conditioning add] ->
+    [skip add] -> [relocatable norm -> activation] (or [activation])."""
 
     input: str
     conv: str
     norm: str | None
     add: str | None
     act: str | None
+    cond: str | None = None
+    rnorm: str | None = None
+
+    @property
+    def pre_skip(self) -> str:
+        """The value the skip is added to (where a relocated norm goes)."""
+        return self.cond or self.norm or self.conv
 
     @property
     def pre_activation(self) -> str:
-        return self.add or self.norm or self.conv
+        return self.rnorm or self.add or self.pre_skip
 
     @property
     def output(self) -> str:
@@ -106,6 +115,7 @@ class _SkipBranch:
     branch: tuple[fx.Node, ...]
 
 
+IDENTITY = KernelOption(0, False)  # a block that keeps no conv: latency 0
 _EMPTY = (1, 1, True, False)  # (kernel, stride, depthwise, any conv kept) of no conv
 
 
@@ -237,7 +247,18 @@ class MergeSpace:
                 opts = sorted({KernelOption(k, dw) for k, _, dw, kept in self._states(i, j) if kept})
                 if opts:
                     options[(i, j)] = tuple(opts)
+        for p in self._removable_alone(options):
+            options[(p - 1, p)] = (IDENTITY, *options[(p - 1, p)])
         return options
+
+    def _removable_alone(self, options: Mapping[tuple[int, int], object]) -> list[int]:
+        """Reducible convs that only a block of their own can hold, outside every residual
+        segment (the 3x3 conv after an upsample): removing them is an entry of its own,
+        since no neighbouring block can absorb the identity."""
+        return [c.index for c in self.convs
+                if not c.irreducible
+                and [b for b in options if b[0] < c.index <= b[1]] == [(c.index - 1, c.index)]
+                and not any(s.source < c.index <= s.target for s in self.skips)]
 
     @cached_property
     def conv_scores(self) -> dict[str, float]:
@@ -252,6 +273,8 @@ class MergeSpace:
         conv and give kernel `k` (depthwise `dw`), the one with the largest total score
         (`conv_scores` unless given)."""
         scores = self.conv_scores if scores is None else scores
+        if (k, dw) == IDENTITY:
+            return ()
         best: dict[tuple, tuple[float, tuple[str, ...]]] = {_EMPTY: (0.0, ())}
         for c in self.convs[i:j]:
             nxt: dict[tuple, tuple[float, tuple[str, ...]]] = {}
@@ -367,17 +390,6 @@ def _searchable(gm: fx.GraphModule, node: fx.Node, left_out: Mapping[str, str]) 
     return ops.is_conv(gm, node) and node.target not in left_out
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(node.all_input_nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
-
-
 def _strip_skip_branch(gm: fx.GraphModule, node: fx.Node, left_out: Mapping[str, str]):
     """Walk back over `[pad] [conv 1x1 [norm]] [pad]` that only feed the add."""
     branch: list[fx.Node] = []
@@ -417,7 +429,7 @@ def _find_skip_adds(gm: fx.GraphModule, left_out: Mapping[str, str]
         candidates = []
         for main, skip in ((a, b), (b, a)):
             stripped = _strip_skip_branch(gm, skip, left_out)
-            if stripped and stripped[0] in _ancestors(main):
+            if stripped and stripped[0] in ops.ancestors(main):
                 candidates.append(_SkipBranch(stripped[0], main, stripped[1]))
         if candidates:
             found[node] = min(candidates, key=lambda c: len(c.branch))
@@ -426,18 +438,27 @@ def _find_skip_adds(gm: fx.GraphModule, left_out: Mapping[str, str]
 
 def _build_unit(gm: fx.GraphModule, conv: fx.Node, adds: dict[fx.Node, _SkipBranch]) -> Unit:
     cur = conv
-    norm = add = act = None
+    norm = cond = add = rnorm = act = None
     nxt = ops.only_user(cur)
     if nxt is not None and ops.is_norm(gm, nxt):
         norm = cur = nxt
         nxt = ops.only_user(cur)
+    pair = ops.conditioning_add(nxt) if nxt is not None else None
+    if pair is not None and pair[0] is cur and conv not in ops.ancestors(pair[1]):
+        cond = cur = nxt
+        nxt = ops.only_user(cur)
     if nxt is not None and nxt in adds and adds[nxt].main is cur:
         add = cur = nxt
         nxt = ops.only_user(cur)
-    if nxt is not None and ops.activation_kind(gm, nxt):
+    if nxt is not None and ops.is_relocatable_norm(gm, nxt):
+        after = ops.only_user(nxt)
+        if after is not None and ops.activation_kind(gm, after):
+            rnorm, act = nxt, after
+    elif nxt is not None and ops.activation_kind(gm, nxt):
         act = nxt
     name = lambda n: n.name if n is not None else None
-    return Unit(conv.args[0].name, conv.name, name(norm), name(add), name(act))
+    return Unit(conv.args[0].name, conv.name, name(norm), name(add), name(act), name(cond),
+                name(rnorm))
 
 
 def analyze(
@@ -528,6 +549,7 @@ def analyze(
             norm=nodes[u.norm].target if u.norm else None,
             activation=ops.activation_kind(gm, nodes[u.act]) if u.act else None,
             in_shape=ops.tensor_shape(nodes[u.input]), out_shape=ops.tensor_shape(node),
+            relocatable_norm=nodes[u.rnorm].target if u.rnorm else None,
         ))
     for c in convs:
         if stride_rule == "paper" and c.stride > 1 and c.index < L:

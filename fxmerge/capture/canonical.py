@@ -31,6 +31,7 @@ CONV_FUNCTIONS = {torch.conv2d, F.conv2d, aten.conv2d.default, aten.conv2d.paddi
                   aten.convolution.default}
 _NORM = {F.batch_norm, torch.batch_norm, aten.batch_norm.default,
          aten._native_batch_norm_legit_no_training.default}
+_GROUP_NORM = {F.group_norm, aten.group_norm.default}
 _ACT = {F.relu: nn.ReLU, torch.relu: nn.ReLU, aten.relu.default: nn.ReLU,
         aten.relu_.default: nn.ReLU, F.relu6: nn.ReLU6, aten.relu6.default: nn.ReLU6,
         aten.relu6_.default: nn.ReLU6, F.silu: nn.SiLU,
@@ -122,10 +123,15 @@ class _Canonicaliser:
     def name_for(self, node: fx.Node, weight_arg: Any, weight: torch.Tensor | None,
                  kind: str) -> tuple[str, bool]:
         """A module name for `node` and whether that module is already installed (the same
-        weights called again: one module, several call sites)."""
-        path = module_path(node)
-        if path is None and isinstance(weight_arg, fx.Node) and weight_arg.op == "get_attr":
-            path = weight_arg.target.rpartition(".")[0] or None
+        weights called again: one module, several call sites). A conv or norm is named
+        after the module that owns its weight; an activation, which has no state, gets a
+        fresh name (the module around a functional call is not the activation's own)."""
+        path = None
+        if kind != "act":
+            if isinstance(weight_arg, fx.Node) and weight_arg.op == "get_attr":
+                path = weight_arg.target.rpartition(".")[0] or None
+            else:
+                path = module_path(node)
         if path is not None and path in self.installed:
             weight_id, name = self.installed[path]
             if weight is not None and weight_id == id(weight):
@@ -229,6 +235,25 @@ class _Canonicaliser:
         name, shared = self.name_for(node, mean, running_mean, "norm")
         self.install(node, None if shared else bn.eval(), name, x)
 
+    def group_norm(self, node: fx.Node) -> None:
+        x, groups, w, b, eps = _args(node, ["input", "num_groups", "weight", "bias", "eps"],
+                                     [None, None, None, None, 1e-5])
+        try:
+            weight, bias = self.constant(w), self.constant(b)
+        except ValueError:
+            return
+        channels = node.args[0].meta.get("val", node.args[0].meta.get("example_value"))
+        channels = weight.numel() if weight is not None else getattr(channels, "shape", [0, 0])[1]
+        if not channels:
+            return
+        affine = weight is not None or bias is not None
+        norm = nn.GroupNorm(groups, channels, eps=eps, affine=affine)
+        if affine:
+            norm.weight = _parameter(weight if weight is not None else torch.ones_like(bias))
+            norm.bias = _parameter(bias if bias is not None else torch.zeros_like(weight))
+        name, shared = self.name_for(node, w, weight, "norm")
+        self.install(node, None if shared else norm, name, x)
+
     def activation(self, node: fx.Node, cls: type) -> None:
         kwargs = dict(node.kwargs)
         kwargs.pop("inplace", None)
@@ -323,6 +348,8 @@ class _Canonicaliser:
                 self.conv(node)
             elif t in _NORM:
                 self.norm(node)
+            elif t in _GROUP_NORM:
+                self.group_norm(node)
             elif t in _ACT:
                 self.activation(node, _ACT[t])
             elif t in _HARDTANH:

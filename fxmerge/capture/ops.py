@@ -72,6 +72,12 @@ def is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
     return type(m) is nn.BatchNorm2d and m.track_running_stats
 
 
+def is_relocatable_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A GroupNorm: per-sample statistics, so it cannot be folded into a conv; removing the
+    activation after it moves it to the end of the merged block instead (DDPM)."""
+    return type(module_of(gm, node)) is nn.GroupNorm
+
+
 def activation_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """'relu', 'relu6', ... when `node` calls an activation module (canonical graphs have
     every functional and method form of an activation turned into its module)."""
@@ -95,6 +101,32 @@ def is_add(node: fx.Node) -> bool:
         return False
     shapes = [_shape(a) for a in node.args]
     return plain and shapes[0] is not None and shapes[0] == shapes[1]
+
+
+def conditioning_add(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """`(main, condition)` for `main + condition` where the condition is one vector per
+    sample (or one for all), broadcast over the map: `(B|1, C, 1, 1)` onto `(B, C, H, W)`."""
+    if node.op != "call_function" or node.target not in ADD_FUNCTIONS or node.kwargs \
+            or len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+        return None
+    for main, cond in (node.args, node.args[::-1]):
+        m, c = _shape(main), _shape(cond)
+        if m is not None and c is not None and len(m) == len(c) == 4 and c[2:] == (1, 1) \
+                and m[2:] != (1, 1) and c[1] == m[1] and c[0] in (1, m[0]):
+            return main, cond
+    return None
+
+
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """Every node `node` is computed from."""
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
 
 
 def pad_amount(node: fx.Node) -> int | None:

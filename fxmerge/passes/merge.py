@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 
 import torch
 from torch import fx, nn
@@ -73,18 +74,14 @@ class _BlockReader:
         if ops.is_add(node):
             parts = [self.read(a, strict=strict) for a in node.args]
             return None if None in parts else algebra.add(*parts)
+        pair = ops.conditioning_add(node)
+        if pair is not None:
+            main, condition = pair
+            if self.source in ops.ancestors(condition) or condition is self.source:
+                return self._refuse(node, strict, "the added vector depends on the block input")
+            inner = self.read(main, strict=strict)
+            return inner and algebra.add_condition(inner, condition.name)
         return self._refuse(node, strict, "unknown or non-linear op inside a block")
-
-
-def _ancestors_within(node: fx.Node, stop: fx.Node) -> list[fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen or n is stop:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return list(seen)
 
 
 def _merge_block(gm: fx.GraphModule, convs: dict[str, fx.Node], kept: tuple[str, ...],
@@ -93,8 +90,7 @@ def _merge_block(gm: fx.GraphModule, convs: dict[str, fx.Node], kept: tuple[str,
     source = first.args[0]
     template = gm.get_submodule(kept[0])
     reader = _BlockReader(gm, source, template.in_channels, exclude)
-    for n in _ancestors_within(last, source):
-        reader.read(n, strict=True)
+    reader.read(last, strict=True)  # every node on a path from the block input, or refused
     output = last
     while True:  # the tail: the last conv's norm, then adds whose skip comes from the block
         user = ops.only_user(output)
@@ -110,12 +106,23 @@ def _merge_block(gm: fx.GraphModule, convs: dict[str, fx.Node], kept: tuple[str,
         if outside:
             raise MergeError(f"value '{n.name}' inside the block of '{kept[0]}' is also used by "
                              f"{outside}; it cannot be merged away")
-    conv = algebra.to_conv(reader.affine[output], template.weight.dtype, template.weight.device)
-    gm.add_submodule(kept[0], conv)
+    affine = reader.affine[output]
+    dtype, device = template.weight.dtype, template.weight.device
+    gm.add_submodule(kept[0], algebra.to_conv(affine, dtype, device))
     with gm.graph.inserting_after(output):
         merged = gm.graph.call_module(kept[0], (source,))
-    merged.meta = dict(output.meta)  # same value: later adds still see its shape
-    output.replace_all_uses_with(merged)
+    result = merged
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for n, (key, matrix) in enumerate(affine.conditions):  # each added vector, carried through
+        name = f"{kept[0]}_condition{n}"
+        gm.add_submodule(name, algebra.condition_conv(matrix, dtype, device))
+        with gm.graph.inserting_after(result):
+            term = gm.graph.call_module(name, (nodes[key],))
+        with gm.graph.inserting_after(term):
+            result = gm.graph.call_function(operator.add, (result, term))
+    for n in (merged, result):
+        n.meta = dict(output.meta)  # same value: later adds still see its shape
+    output.replace_all_uses_with(result)
     for n in reversed([n for n in gm.graph.nodes if n in inside]):
         gm.graph.erase_node(n)
 

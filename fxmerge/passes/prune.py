@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections import Counter
 
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
 from ..capture import ops
 from ..capture.trace import example_inputs, propagate_shapes
@@ -91,6 +92,29 @@ def _add_activations(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> None:
         value.replace_all_uses_with(act, delete_user_cb=lambda user, new=act: user is not new)
 
 
+def _relocate_norms(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> None:
+    """A block whose removed activations had a relocatable norm (GroupNorm) before them gets
+    one norm of that kind after its last conv, before the skip add. It is made fresh (weight
+    1, bias 0), as the authors do: it now normalises another layer's output, so the removed
+    norm's scale and shift mean nothing there; fine-tuning trains it."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    inner = set(plan.inner_positions)
+    for (i, j) in plan.spans(space):
+        removed = [space.units[p - 1].rnorm for p in range(i + 1, j + 1)
+                   if space.conv(p).name in inner and space.units[p - 1].rnorm]
+        if not removed:
+            continue
+        template = gm.get_submodule(nodes[removed[-1]].target)
+        channels = space.conv(j).out_channels
+        name = f"{space.conv(j).name}_norm"
+        gm.add_submodule(name, nn.GroupNorm(math.gcd(template.num_groups, channels), channels,
+                                            template.eps, template.affine))
+        value = nodes[space.units[j - 1].pre_skip]
+        with gm.graph.inserting_after(value):
+            norm = gm.graph.call_module(name, (value,))
+        value.replace_all_uses_with(norm, delete_user_cb=lambda user, new=norm: user is not new)
+
+
 def _bypass(gm: fx.GraphModule, first: fx.Node, last: fx.Node) -> None:
     """Replace the chain `first .. last` by `first`'s input and erase it."""
     last.replace_all_uses_with(first.args[0])
@@ -130,10 +154,11 @@ def prune(gm: fx.GraphModule, plan: Plan, *, add_activations: bool = False) -> f
     _insert_skip_pads(out, skip_crop)
     if add_activations:
         _add_activations(out, space, plan)
+    _relocate_norms(out, space, plan)
     for name in plan.inner_positions:
-        act = space.units[space.conv(name).index - 1].act
-        if act is not None:
-            _bypass(out, nodes[act], nodes[act])
+        unit = space.units[space.conv(name).index - 1]
+        if unit.act is not None:
+            _bypass(out, nodes[unit.rnorm or unit.act], nodes[unit.act])
     for name in plan.removed_convs:
         unit = space.units[space.conv(name).index - 1]
         _bypass(out, nodes[unit.conv], nodes[unit.norm or unit.conv])
