@@ -7,7 +7,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import fx, nn
 
 from .capture import ExampleInputs, trace
@@ -72,8 +71,7 @@ def compress(
     if not isinstance(latency, LatencyTable):
         latency = measure_latency(space, **dict(latency or {}))
     if importance is None:
-        batch = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
-        importance = estimate_importance(space, evaluate=OutputAgreement(gm, batch))
+        importance = estimate_importance(space, evaluate=OutputAgreement(gm, example_inputs))
     elif not isinstance(importance, ImportanceTable):
         importance = estimate_importance(space, evaluate=importance, finetune=finetune)
     plan = solve(space, latency, importance, budget=budget, method=method, levels=levels)

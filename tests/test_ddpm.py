@@ -128,3 +128,18 @@ def test_diffusers_unet_via_export_merges_its_resnet_blocks_exactly():
         for seed in range(2):
             pruned = fxmerge.prune(gm, fxmerge.Plan.random(space, seed)).eval()
             assert relative_error(pruned(x, t).sample, fxmerge.merge(pruned)(x, t).sample) <= 1e-5
+
+
+def test_tables_and_solve_on_the_unet(small):
+    model, gm, space = small
+    latency = fxmerge.measure_latency(space, warmup=0, repeat=1)
+    removals = [e for e in space.entries if e.k == 0]
+    assert len(removals) == 3 and all(latency[e] == 0.0 for e in removals)
+    importance = fxmerge.tables.importance.agreement_importance(space, (X, T))
+    assert all(e in importance for e in space.entries)
+    for budget in (0.73, 0.58):
+        plan = fxmerge.solve(space, latency, importance, budget=budget)
+        assert plan.predicted_latency_ms <= budget * latency.identity_latency(space) + 1e-9
+        pruned = fxmerge.prune(gm, plan).eval()
+        with torch.no_grad():
+            assert relative_error(pruned(X, T), fxmerge.merge(pruned)(X, T)) <= 1e-5

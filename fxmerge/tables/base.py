@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..errors import TableError
-from ..space import Entry, MergeSpace
+from ..space import IDENTITY, Entry, MergeSpace
 
 Key = Entry | str  # an entry (i, j, k, dw), or a conv name for LayerOnly's per-conv tables
 
@@ -57,8 +57,10 @@ class EntryTable:
         if not math.isfinite(value) or abs(value) > MAX_VALUE:
             raise TableError(f"{cls.kind} table value for {name} is {value}: values must be "
                              f"finite and at most {MAX_VALUE:g} in size")
-        if cls.positive and value <= 0:
-            raise TableError(f"{cls.kind} table value for {name} is {value}: it must be > 0")
+        removal = isinstance(key, Entry) and (key.k, key.dw) == IDENTITY and value == 0
+        if cls.positive and value <= 0 and not removal:
+            raise TableError(f"{cls.kind} table value for {name} is {value}: it must be > 0 "
+                             "(0 only for an entry that removes its conv)")
         return float(value)
 
     def __getitem__(self, key: Key) -> float:

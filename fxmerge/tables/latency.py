@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from ..capture.ops import ACTIVATION_CLASSES
+from ..capture.trace import ExampleInputs, as_tuple
 from ..errors import TableError
-from ..space import Entry, MergeSpace
+from ..space import IDENTITY, Entry, MergeSpace
 from .base import EntryTable, show_progress
 
 log = logging.getLogger(__name__)
@@ -118,19 +119,21 @@ def time_callable(fn: Callable[[], Any], device: torch.device, *, warmup: int, r
     return statistics.median(samples)
 
 
-def time_interleaved(nets: dict[str, Callable], x: torch.Tensor, *, repeat: int,
+def time_interleaved(nets: dict[str, Callable], x: ExampleInputs, *, repeat: int,
                      warmup: int = 3) -> dict[str, float]:
-    """Median ms of each network on `x`, timed side by side: after `warmup` calls each,
-    every round calls every network once, in turn, so drift hits them all alike."""
+    """Median ms of each network on `x` (a tensor or a tuple of inputs), timed side by side:
+    after `warmup` calls each, every round calls every network once, in turn, so drift hits
+    them all alike."""
+    inputs = as_tuple(x)
     with torch.inference_mode():
         for net in nets.values():
             for _ in range(warmup):
-                net(x)
+                net(*inputs)
     samples: dict[str, list[float]] = {name: [] for name in nets}
     for _ in range(repeat):
         for name, net in nets.items():
-            samples[name].append(time_callable(lambda n=net: n(x), x.device, warmup=0,
-                                               repeat=1))
+            samples[name].append(time_callable(lambda n=net: n(*inputs), inputs[0].device,
+                                               warmup=0, repeat=1))
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -195,7 +198,8 @@ def measure_latency(
         "warmup": warmup, "repeat": repeat, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "statistic": "median",
     }
-    signatures = {e: entry_signature(space, e, batch_size) for e in space.entries}
+    signatures = {e: entry_signature(space, e, batch_size) for e in space.entries
+                  if (e.k, e.dw) != IDENTITY}
     jobs = list(dict.fromkeys(signatures.values())) if deduplicate else list(signatures)
     timings = _load_cache(cache, settings)
     todo = [job for job in jobs if _job_key(job, signatures) not in timings]
@@ -206,8 +210,9 @@ def measure_latency(
         timings[_job_key(job, signatures)] = time_signature(
             sig, backend=backend, device=device, dtype=dtype, warmup=warmup, repeat=repeat)
         _save_cache(cache, settings, timings)
-    values = {e: timings[_job_key(sig if deduplicate else e, signatures)]
-              for e, sig in signatures.items()}
+    values = {e: 0.0 for e in space.entries if e not in signatures}  # removing a conv
+    values.update({e: timings[_job_key(sig if deduplicate else e, signatures)]
+                   for e, sig in signatures.items()})
     settings.update(num_entries=len(values), num_signatures=len(set(signatures.values())),
                     num_timed=len(jobs), seconds=round(time.perf_counter() - started, 3))
     log.info("latency table: %d entries, %d distinct signatures", len(values),
