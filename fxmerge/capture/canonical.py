@@ -19,6 +19,7 @@ import copy
 import operator
 import re
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -226,14 +227,11 @@ class _Canonicaliser:
             for u in users:
                 u.replace_all_uses_with(node)
                 self.gm.graph.erase_node(u)
-        affine = weight is not None or bias is not None
-        bn = nn.BatchNorm2d(running_mean.numel(), eps=eps, momentum=momentum, affine=affine)
+        bn = nn.BatchNorm2d(running_mean.numel(), eps=eps, momentum=momentum,
+                            affine=weight is not None or bias is not None)
         bn.running_mean, bn.running_var = running_mean.detach(), running_var.detach()
-        if affine:  # a missing weight is 1, a missing bias 0
-            bn.weight = _parameter(weight if weight is not None else torch.ones_like(bias))
-            bn.bias = _parameter(bias if bias is not None else torch.zeros_like(weight))
         name, shared = self.name_for(node, mean, running_mean, "norm")
-        self.install(node, None if shared else bn.eval(), name, x)
+        self.install(node, None if shared else _set_affine(bn, weight, bias).eval(), name, x)
 
     def group_norm(self, node: fx.Node) -> None:
         x, groups, w, b, eps = _args(node, ["input", "num_groups", "weight", "bias", "eps"],
@@ -242,17 +240,11 @@ class _Canonicaliser:
             weight, bias = self.constant(w), self.constant(b)
         except ValueError:
             return
-        channels = node.args[0].meta.get("val", node.args[0].meta.get("example_value"))
-        channels = weight.numel() if weight is not None else getattr(channels, "shape", [0, 0])[1]
-        if not channels:
-            return
-        affine = weight is not None or bias is not None
-        norm = nn.GroupNorm(groups, channels, eps=eps, affine=affine)
-        if affine:
-            norm.weight = _parameter(weight if weight is not None else torch.ones_like(bias))
-            norm.bias = _parameter(bias if bias is not None else torch.zeros_like(weight))
+        if weight is None and bias is None:
+            return  # without affine parameters its channels are not known here: a barrier
+        norm = nn.GroupNorm(groups, (weight if weight is not None else bias).numel(), eps=eps)
         name, shared = self.name_for(node, w, weight, "norm")
-        self.install(node, None if shared else norm, name, x)
+        self.install(node, None if shared else _set_affine(norm, weight, bias), name, x)
 
     def activation(self, node: fx.Node, cls: type) -> None:
         kwargs = dict(node.kwargs)
@@ -332,6 +324,11 @@ class _Canonicaliser:
                 self.gm.add_submodule(node.target, static)
 
     def run(self) -> fx.GraphModule:
+        handlers = {**dict.fromkeys(CONV_FUNCTIONS, self.conv), **dict.fromkeys(_NORM, self.norm),
+                    **dict.fromkeys(_GROUP_NORM, self.group_norm),
+                    **{t: partial(self.activation, cls=cls) for t, cls in _ACT.items()},
+                    **dict.fromkeys(_HARDTANH, self.hardtanh), **dict.fromkeys(_MUL, self.swish),
+                    **dict.fromkeys(_ADD, self.add)}
         for node in list(self.gm.graph.nodes):
             t = node.target
             if node.op == "call_module":
@@ -344,20 +341,8 @@ class _Canonicaliser:
                 self.gm.graph.erase_node(node)
             elif self.identity_call(node):
                 self.bypass(node, node.args[0])
-            elif t in CONV_FUNCTIONS:
-                self.conv(node)
-            elif t in _NORM:
-                self.norm(node)
-            elif t in _GROUP_NORM:
-                self.group_norm(node)
-            elif t in _ACT:
-                self.activation(node, _ACT[t])
-            elif t in _HARDTANH:
-                self.hardtanh(node)
-            elif t in _MUL:
-                self.swish(node)
-            elif t in _ADD:
-                self.add(node)
+            elif node.op == "call_function" and t in handlers:
+                handlers[t](node)
         for node in reversed(list(self.gm.graph.nodes)):
             if not node.users and (node.op == "get_attr" or node.target in _SHAPE_READS):
                 self.gm.graph.erase_node(node)
@@ -372,6 +357,16 @@ def _is_assert(node: fx.Node) -> bool:
     """`torch._assert(cond, message)` (timm checks `x.ndim == 4` after every norm)."""
     return node.op == "call_function" and not node.users and (
         node.target is torch._assert or getattr(node.target, "__name__", "") == "_assert")
+
+
+def _set_affine(norm: nn.Module, weight: torch.Tensor | None, bias: torch.Tensor | None
+                ) -> nn.Module:
+    """Give a norm the graph's affine parameters: a missing weight is 1, a missing bias 0
+    (weight None is not `affine=False` when a bias is given)."""
+    if weight is not None or bias is not None:
+        norm.weight = _parameter(weight if weight is not None else torch.ones_like(bias))
+        norm.bias = _parameter(bias if bias is not None else torch.zeros_like(weight))
+    return norm
 
 
 def _parameter(t: torch.Tensor) -> nn.Parameter:
