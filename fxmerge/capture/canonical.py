@@ -295,12 +295,10 @@ class _Canonicaliser:
     def identity_call(self, node: fx.Node) -> bool:
         """Whether a call_function / call_method node computes its first argument."""
         t, args = node.target, node.args
-        if node.op == "call_method":
-            return t == "contiguous" and len(args) == 1 and not node.kwargs
+        if node.op == "call_method":  # not contiguous(): a later view may need its layout
+            return False
         if t in _DROPOUT:
             return not _args(node, ["input", "p", "training"], [None, 0.5, True])[2]
-        if t is aten.clone.default:
-            return node.kwargs.get("memory_format") in (None, torch.contiguous_format)
         if t in _DIV or t in _MUL:
             return len(args) == 2 and not node.kwargs and not isinstance(args[1], fx.Node) \
                 and args[1] == 1
