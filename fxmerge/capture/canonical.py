@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .ops import has_hooks
+
 aten = torch.ops.aten
 
 CONV_FUNCTIONS = {torch.conv2d, F.conv2d, aten.conv2d.default, aten.conv2d.padding,
@@ -311,11 +313,11 @@ class _Canonicaliser:
 
     def module(self, node: fx.Node) -> None:
         m = self.gm.get_submodule(node.target)
-        if type(m) in _IDENTITY_MODULES and not (m._forward_hooks or m._forward_pre_hooks):
+        if type(m) in _IDENTITY_MODULES and not has_hooks(m):
             self.bypass(node, node.args[0])
         elif type(m) is nn.Conv2d and isinstance(m.padding, str):
             padding = _static_padding(m.padding, m.kernel_size, m.stride, m.dilation)
-            if padding is not None and not (m._forward_hooks or m._forward_pre_hooks):
+            if padding is not None and not has_hooks(m):
                 static = copy.copy(m)
                 static._parameters = dict(m._parameters)  # same parameters, own padding
                 static.padding = padding
