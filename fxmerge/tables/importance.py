@@ -13,6 +13,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, as_completed
 from pathlib import Path
@@ -63,18 +65,39 @@ def removal_plan(space: MergeSpace, conv: str) -> Plan:
                            method=f"importance:remove {conv}")
 
 
-def score_plan(gm: fx.GraphModule, plan: Plan, evaluate: Evaluate,
+class ShippedGraph:
+    """A GraphModule sent to an executor's worker as bytes and rebuilt inside the task.
+
+    Unpickling a GraphModule re-traces it, and torch.fx tracing patches `nn.Module.__call__`
+    for the whole process: a worker that unpickles the next task's arguments in one thread
+    while a model runs in another (Dask does) breaks that model. So the graph is rebuilt,
+    pruned, fine-tuned and scored under one process-wide lock."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.data = pickle.dumps(gm)
+
+    def load(self) -> fx.GraphModule:
+        return pickle.loads(self.data)  # bytes this process tree made itself
+
+
+_FX_LOCK = threading.Lock()
+
+
+def score_plan(gm: fx.GraphModule | ShippedGraph, plan: Plan, evaluate: Evaluate,
                finetune: Finetune | None = None, inputs: tuple | None = None) -> float:
     """Prune `gm` by `plan`, fine-tune it (if asked), and score it in eval mode."""
     from ..passes.prune import prune
 
-    if inputs is not None:
-        ensure_shapes(gm, inputs)
-    model = prune(gm, plan)
-    if finetune is not None:
-        model.train()
-        model = finetune(model) or model
-    return float(evaluate(model.eval()))
+    with _FX_LOCK:
+        if isinstance(gm, ShippedGraph):
+            gm = gm.load()
+        if inputs is not None:
+            ensure_shapes(gm, inputs)
+        model = prune(gm, plan)
+        if finetune is not None:
+            model.train()
+            model = finetune(model) or model
+        return float(evaluate(model.eval()))
 
 
 # ---- the estimator ------------------------------------------------------------------------
@@ -171,7 +194,8 @@ def estimate_importance(
                disable=not show_progress(progress))
     for attempt in range(retries + 1):
         failures = {}
-        args = {key: (gm, plan, evaluate, finetune, inputs) for key, plan in todo.items()}
+        graph = gm if executor is None else ShippedGraph(gm)
+        args = {key: (graph, plan, evaluate, finetune, inputs) for key, plan in todo.items()}
         for key, outcome in _outcomes(executor, args, score_plan):
             if not isinstance(outcome, Exception) and not math.isfinite(outcome):
                 outcome = ValueError(f"evaluate() returned {outcome}")
