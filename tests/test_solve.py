@@ -90,7 +90,9 @@ def brute_layeronly(space, lat, imp, unit, levels):
         gone = {c.name for c, r in zip(reducible, removed) if r}
         cost = sum(discretise(lat[layeronly.single_conv_entry(space, c.index)], unit)
                    for c in space.convs if c.name not in gone)
-        value = sum(imp[c.name] if c.name in gone else 1.0 for c in space.convs)
+        # the paper's problem (8): the sum over kept convs of exp(-Δ) = 1 / exp(Δ)
+        value = sum(1.0 if c.irreducible else 1.0 / imp[c.name]
+                    for c in space.convs if c.name not in gone)
         if cost <= levels:
             best = max(best, value)
     return best

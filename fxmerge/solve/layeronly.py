@@ -1,8 +1,10 @@
 """LayerOnly: prune whole convs (a 0/1 knapsack); activations and kernels stay as they are.
 
-Keeping conv p costs its single-conv latency entry and is worth 1 (= exp(0), unchanged);
-removing a reducible conv costs nothing and is worth its importance table value (keyed by
-the conv's name).
+The paper's problem (8): maximise the sum over kept convs of `I[l]` within the budget,
+where `I[l] = exp(-Δ_l)` and `Δ_l` is the score change of removing conv `l` alone (the
+table holds `exp(Δ_l)`, keyed by the conv's name, so `I[l]` is its inverse). Keeping conv
+`l` costs its single-conv latency entry; removing it costs and is worth nothing.
+Irreducible convs are always kept (worth 1, a constant).
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ def edges(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable)
     importance.check(space, importance_keys(space))
     out = []
     for c, entry in zip(space.convs, keep_entries):
-        out.append(Edge(c.index - 1, c.index, latency[entry], 1.0, (c.name, True)))
+        # (a removal so harmful that exp(Δ) underflowed to 0 is worth at most 1e9 to keep)
+        keep = 1.0 if c.irreducible else 1.0 / max(importance[c.name], 1e-9)
+        out.append(Edge(c.index - 1, c.index, latency[entry], keep, (c.name, True)))
         if not c.irreducible:
-            out.append(Edge(c.index - 1, c.index, 0.0, importance[c.name], (c.name, False)))
+            out.append(Edge(c.index - 1, c.index, 0.0, 0.0, (c.name, False)))
     return out
 
 
