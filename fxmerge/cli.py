@@ -81,15 +81,40 @@ def _load_state(module: torch.nn.Module, state: dict, path: str | Path) -> None:
                          f"{' '.join(first[:2])[:300]}") from None
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
+def _input_spec(text: str) -> tuple[tuple[int, ...], int | None]:
+    """`2,3,32,32` (a float input) or `2:int:1000` (integers in [0, 1000), e.g. timesteps)."""
+    shape, _, rest = text.partition(":")
+    try:
+        dims = tuple(int(v) for v in shape.split(","))
+        kind, _, high = rest.partition(":")
+        if rest and (kind != "int" or int(high) < 1):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected SHAPE (2,3,32,32) or SHAPE:int:HIGH (2:int:1000)") from None
+    if any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be positive")
+    return dims, int(high) if rest else None
+
+
+def example_batch(args: argparse.Namespace, batch: int | None = None) -> tuple:
+    """The example inputs `--input-shape` describes (seeded), with the batch set to `batch`."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = []
+    for dims, high in args.input_shape or [((1, 3, 224, 224), None)]:
+        dims = (batch, *dims[1:]) if batch is not None else dims
+        inputs.append(torch.randn(dims, generator=gen) if high is None
+                      else torch.randint(high, dims, generator=gen))
+    return tuple(inputs)
 
 
 def _add_model_args(p: argparse.ArgumentParser, pruned_weights: bool = False) -> None:
     p.add_argument("model", help="torchvision:NAME[:k=v,...], fxmerge:NAME (built-in demo "
                    "nets) or path/to/file.py:factory")
-    p.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224),
-                   help="example input shape, comma separated (default 1,3,224,224)")
+    p.add_argument("--input-shape", type=_input_spec, action="append", metavar="SHAPE",
+                   help="example input shape, comma separated (default 1,3,224,224); give "
+                   "it once per forward argument; SHAPE:int:HIGH for integers in [0, HIGH), "
+                   "e.g. --input-shape 1,3,32,32 --input-shape 1:int:1000 for (x, t)")
     if pruned_weights:
         p.add_argument("--weights", required=True, help="the fine-tuned pruned state_dict "
                        "(from transform --pruned-out; tensors only)")
@@ -107,7 +132,7 @@ def _space(args: argparse.Namespace):
     model = load_model(args.model)
     if args.weights and args.command != "merge":
         _load_state(model, load_tensors(args.weights), args.weights)
-    gm = trace(model.eval(), torch.randn(*args.input_shape))
+    gm = trace(model.eval(), example_batch(args))
     return gm, analyze(gm, stride_rule=args.stride_rule, exclude=args.exclude)
 
 
@@ -173,9 +198,7 @@ def cmd_importance(args: argparse.Namespace) -> int:
     gm, space = _space(args)
     evaluate = _attribute(args.evaluate) if args.evaluate else None
     if evaluate is None:
-        batch = torch.randn(args.calibration_batch, *args.input_shape[1:],
-                            generator=torch.Generator().manual_seed(0))
-        evaluate = OutputAgreement(gm, batch)
+        evaluate = OutputAgreement(gm, example_batch(args, args.calibration_batch))
     finetune = _attribute(args.finetune) if args.finetune else None
     table = estimate_importance(space, evaluate=evaluate, finetune=finetune, cache=args.cache)
     low = sorted(table.values.items(), key=lambda kv: kv[1])[:5]
@@ -241,10 +264,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
+    out = Path(args.out) if args.out else None
+    if args.task == "ddpm":
+        from .demos.ddpm import DDPMDemoConfig, run_ddpm_demo
 
-    run_demo(Path(args.out) if args.out else None,
-             DemoConfig.quick() if args.quick else DemoConfig())
+        run_ddpm_demo(out, DDPMDemoConfig.quick() if args.quick else DDPMDemoConfig())
+    else:
+        from .demos.classify import DemoConfig, run_demo
+
+        run_demo(out, DemoConfig.quick() if args.quick else DemoConfig())
     return EXIT_OK
 
 
@@ -316,7 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("demo", help="end-to-end compression on bundled digits data")
-    p.add_argument("--out", help="folder for results.json, tables and pareto.png")
+    p.add_argument("--task", choices=["classify", "ddpm"], default="classify",
+                   help="classify: a MobileNetV2-style classifier (default); ddpm: a "
+                   "diffusion U-Net, scored by held-out loss and a Frechet distance")
+    p.add_argument("--out", help="folder for results.json, the tables and the plots")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     p.set_defaults(func=cmd_demo)
     return parser

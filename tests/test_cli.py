@@ -145,6 +145,33 @@ def test_demo_quick_writes_results(tmp_path):
     assert "speed-up" in proc.stdout
 
 
+def test_demo_ddpm_quick_writes_results(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fxmerge.cli", "demo", "--task", "ddpm",
+                           "--quick", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = result["rows"]
+    assert {r["method"] for r in rows} >= {"layermerge", "depth"}
+    assert {"method", "budget", "speedup", "loss", "frechet"} <= set(rows[0])
+    assert all(r["merge_error"] < 1e-4 and r["speedup"] > 0 for r in rows)
+    assert result["original"]["frechet"] >= 0
+    for png in ("samples.png", "quality.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    assert "Frechet" in proc.stdout
+
+
+def test_several_inputs_integer_ones_included(capsys):
+    ddpm = ["fxmerge:DDPMUNet", "--input-shape", "1,3,32,32", "--input-shape", "1:int:1000",
+            "--exclude", "*attn*", "*.shortcut", "conv_out"]
+    assert run("analyze", *ddpm) == 0
+    assert "73 blocks, 98 entries" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["analyze", "fxmerge:DDPMUNet", "--input-shape", "1:float:3"])
+    assert info.value.code == 2
+    assert "SHAPE:int:HIGH" in capsys.readouterr().err
+
+
 def test_bad_inputs_exit_1_with_one_line(tmp_path, capsys):
     (tmp_path / "nets.py").write_text(
         "def broken():\n    raise RuntimeError('no such weights')\n"

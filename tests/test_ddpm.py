@@ -143,3 +143,37 @@ def test_tables_and_solve_on_the_unet(small):
         pruned = fxmerge.prune(gm, plan).eval()
         with torch.no_grad():
             assert relative_error(pruned(X, T), fxmerge.merge(pruned)(X, T)) <= 1e-5
+
+
+def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift():
+    from fxmerge.demos.ddpm import frechet_distance
+
+    feats = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
+    assert abs(frechet_distance(feats, feats)) < 1e-6
+    # the same covariance, means 0.5 apart in each of 8 dimensions: 8 * 0.25
+    assert frechet_distance(feats, feats + 0.5) == pytest.approx(2.0, rel=1e-6)
+    assert frechet_distance(feats, 2 * feats) > 1.0
+
+
+def test_the_sampler_follows_the_forward_process_with_a_perfect_noise_predictor():
+    """Given the true noise of a fixed image at every step, each x_t the sampler visits must
+    be distributed as the forward process says, sqrt(abar_t) x0 + sqrt(1 - abar_t) N(0, 1),
+    and the last step returns the image."""
+    from fxmerge.demos.ddpm import Diffusion
+
+    diffusion = Diffusion(30)
+    target = torch.rand(1, 1, 4, 4) * 1.6 - 0.8
+    visited = {}
+
+    def oracle(x, t):
+        a = diffusion.alpha_bar[t][:, None, None, None]
+        visited[int(t[0])] = x.clone()
+        return (x - a.sqrt() * target) / (1 - a).sqrt()
+
+    out = diffusion.sample(oracle, 2000, 4, seed=0)
+    assert torch.allclose(out, target.expand_as(out), atol=1e-4)
+    assert len(visited) == 30
+    for step, x in visited.items():
+        a = diffusion.alpha_bar[step]
+        z = (x - a.sqrt() * target) / (1 - a).sqrt()
+        assert abs(z.mean().item()) < 0.05 and abs(z.std().item() - 1) < 0.05, step

@@ -1,4 +1,5 @@
-"""The main job: a real end-to-end compression on data that ships with scikit-learn.
+"""The classification demo (the default main job): a real end-to-end compression on data
+that ships with scikit-learn.
 
 Train a small MobileNetV2-style network on the bundled 8x8 digits (upsampled to 32x32),
 measure its CPU latency table, estimate importance with the paper's estimator (brief
@@ -15,19 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .capture import trace
-from .compress import CompressResult
-from .errors import InfeasibleBudget
-from .models import DemoMobileNetV2
-from .passes import prune, transform
-from .plan import Plan
-from .solve import METHODS, frontier, solve
-from .space import analyze
-from .tables.importance import estimate_importance
-from .tables.latency import measure_latency, time_interleaved
+from ..capture import trace
+from ..compress import CompressResult
+from ..models import DemoMobileNetV2
+from ..passes import prune, transform
+from ..plan import Plan
+from ..solve import METHODS, frontier
+from ..space import analyze
+from ..tables.importance import estimate_importance
+from ..tables.latency import measure_latency, time_interleaved
+from .shared import accuracy, feasible_plans, load_digits, pyplot, train
 
 log = logging.getLogger(__name__)
 
@@ -51,54 +51,6 @@ class DemoConfig:
     def quick(cls) -> DemoConfig:
         return cls(budgets=(0.6,), train_epochs=1, importance_steps=2, finetune_epochs=1,
                    latency_batch=8, latency_repeat=3, compare_repeat=3, size=16)
-
-
-@dataclass
-class Digits:
-    train: tuple[torch.Tensor, torch.Tensor]
-    val: tuple[torch.Tensor, torch.Tensor]
-    test: tuple[torch.Tensor, torch.Tensor]
-
-
-def load_digits(size: int = 32, seed: int = 0) -> Digits:
-    """scikit-learn's bundled digits (no download), upsampled, split 1000/300/497."""
-    from sklearn.datasets import load_digits as sk_digits
-
-    data = sk_digits()
-    x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(data.target)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    x, y = x[order], y[order]
-    return Digits((x[:1000], y[:1000]), (x[1000:1300], y[1000:1300]), (x[1300:], y[1300:]))
-
-
-def train(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], *, epochs: float = 1,
-          steps: int | None = None, lr: float = 3e-3, batch: int = 64, seed: int = 0
-          ) -> nn.Module:
-    """Adam with cosine decay, for `epochs` (or `steps`) over `data`."""
-    x, y = data
-    gen = torch.Generator().manual_seed(seed)
-    total = steps if steps is not None else max(1, int(epochs * len(y) / batch))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
-    model.train()
-    for _ in range(total):
-        idx = torch.randint(len(y), (batch,), generator=gen)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval()
-
-
-def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
-    """Top-1 accuracy in percent."""
-    x, y = data
-    with torch.no_grad():
-        return 100.0 * (model.eval()(x).argmax(1) == y).float().mean().item()
 
 
 class _Finetune:
@@ -146,21 +98,15 @@ def run_demo(out: Path | None = None, config: DemoConfig = DemoConfig(),
 
     nets = {"original": transform(gm, Plan.identity(space))}  # BN folded, as the paper times
     rows = []
-    for method in METHODS:
-        for budget in config.budgets:
-            try:
-                plan = solve(space, latency, importance, budget=budget, method=method)
-            except InfeasibleBudget as exc:
-                print(f"{method} at {budget:.0%}: infeasible ({exc})")
-                continue
-            result = CompressResult(plan, space, prune(gm, plan), latency, importance)
-            train(result.pruned, data.train, epochs=config.finetune_epochs, lr=1e-3,
-                  batch=config.batch)
-            nets[f"{method}@{budget}"] = merged = result.merge()
-            rows.append({"method": method, "budget": budget,
-                         "accuracy": round(accuracy(merged, data.test), 2),
-                         "predicted_latency_ms": round(plan.predicted_latency_ms, 4),
-                         "original_predicted_ms": round(latency.identity_latency(space), 4)})
+    for method, budget, plan in feasible_plans(space, latency, importance, config.budgets):
+        result = CompressResult(plan, space, prune(gm, plan), latency, importance)
+        train(result.pruned, data.train, epochs=config.finetune_epochs, lr=1e-3,
+              batch=config.batch)
+        nets[f"{method}@{budget}"] = merged = result.merge()
+        rows.append({"method": method, "budget": budget,
+                     "accuracy": round(accuracy(merged, data.test), 2),
+                     "predicted_latency_ms": round(plan.predicted_latency_ms, 4),
+                     "original_predicted_ms": round(latency.identity_latency(space), 4)})
     measured = time_interleaved(nets, example, repeat=config.compare_repeat)
     # the layers outside the search (stem, head, pool, classifier) cost the same in every
     # network: estimate them from the original, measured minus its table latency
@@ -207,11 +153,7 @@ def write_results(out: Path, rows, base_acc, space, latency, importance, config)
 
 def plot_results(path: Path, rows, base_acc, space, latency, importance) -> None:
     """Left: measured accuracy vs measured latency. Right: the predicted frontiers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for method in METHODS:
         pts = sorted((r["latency_ms"], r["accuracy"]) for r in rows if r["method"] == method)
@@ -235,4 +177,4 @@ def plot_results(path: Path, rows, base_acc, space, latency, importance) -> None
     plt.close(fig)
 
 
-__all__ = ["DemoConfig", "load_digits", "run_demo"]
+__all__ = ["DemoConfig", "run_demo"]

@@ -1,0 +1,97 @@
+"""What both demos use: scikit-learn's bundled digits (no download), classifier training,
+the solve-or-skip loop over methods and budgets, and headless matplotlib."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InfeasibleBudget
+from ..plan import Plan
+from ..solve import METHODS, solve
+from ..space import MergeSpace
+from ..tables.importance import ImportanceTable
+from ..tables.latency import LatencyTable
+
+
+@dataclass
+class Digits:
+    """Images `(N, 1, size, size)` and labels, split 1000 / 300 / 497."""
+
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+
+
+def load_digits(size: int = 32, seed: int = 0, scale: str = "standard") -> Digits:
+    """The 8x8 digits upsampled to `size`; `scale` "standard" (zero mean, unit deviation)
+    or "symmetric" (pixels in [-1, 1], as diffusion models take them)."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    data = sk_digits()
+    x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    if scale == "standard":
+        x = (x - x.mean()) / x.std()
+    elif scale == "symmetric":
+        x = x.clamp(0, 1) * 2 - 1
+    else:
+        raise ValueError(f"load_digits: scale must be 'standard' or 'symmetric', not {scale!r}")
+    y = torch.tensor(data.target)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], y[order]
+    return Digits((x[:1000], y[:1000]), (x[1000:1300], y[1000:1300]), (x[1300:], y[1300:]))
+
+
+def train(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], *, epochs: float = 1,
+          steps: int | None = None, lr: float = 3e-3, batch: int = 64, seed: int = 0
+          ) -> nn.Module:
+    """Adam with cosine decay, for `epochs` (or `steps`) over `data`."""
+    x, y = data
+    gen = torch.Generator().manual_seed(seed)
+    total = steps if steps is not None else max(1, int(epochs * len(y) / batch))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    model.train()
+    for _ in range(total):
+        idx = torch.randint(len(y), (batch,), generator=gen)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Top-1 accuracy in percent."""
+    x, y = data
+    with torch.no_grad():
+        return 100.0 * (model.eval()(x).argmax(1) == y).float().mean().item()
+
+
+def feasible_plans(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable,
+                   budgets: tuple[float, ...]) -> Iterator[tuple[str, float, Plan]]:
+    """`(method, budget, plan)` for every method and budget; those the method cannot reach
+    on this table are reported and skipped."""
+    for method in METHODS:
+        for budget in budgets:
+            try:
+                yield method, budget, solve(space, latency, importance, budget=budget,
+                                            method=method)
+            except InfeasibleBudget as exc:
+                print(f"{method} at {budget:.0%}: infeasible ({exc})")
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
