@@ -130,3 +130,32 @@ def test_cache_of_another_graph_is_refused(space, tmp_path):
     cache.write_text(json.dumps({"signature": "other", "base_score": 0.0}) + "\n")
     with pytest.raises(fxmerge.TableError, match="another graph"):
         estimate_importance(space, evaluate=lambda m: 0.0, cache=cache)
+
+
+def test_single_conv_entries_are_reinitialised_before_the_finetune(space):
+    """The authors re-initialise the conv (and norm) of a single-conv entry before the short
+    fine-tune; with a fine-tune that changes nothing, what is measured is that reset."""
+    evaluate = OutputAgreement(space.gm, torch.randn(4, 3, 12, 12))
+
+    def unchanged(model):
+        return model
+
+    table = estimate_importance(space, evaluate=evaluate, finetune=unchanged, layeronly=False)
+    assert table.settings["single_convs_reinitialised"]
+    singles = [e for e in space.entries if e.j == e.i + 1 and e.k > 0]
+    plain = estimate_importance(space, evaluate=evaluate, finetune=unchanged, layeronly=False,
+                                reset_single=False)
+    assert singles and all(plain[e] == pytest.approx(1.0) for e in singles)
+    assert all(table[e] < 0.999 for e in singles)
+    # entries of several convs are never reset: both tables agree on them
+    for e in space.entries:
+        if e.j > e.i + 1:
+            assert table[e] == pytest.approx(plain[e])
+
+
+def test_a_cache_made_with_another_reset_setting_is_refused(space, tmp_path):
+    evaluate = OutputAgreement(space.gm, torch.randn(4, 3, 12, 12))
+    cache = tmp_path / "imp.jsonl"
+    estimate_importance(space, evaluate=evaluate, cache=cache, layeronly=False, keys=[])
+    with pytest.raises(fxmerge.TableError, match="reset_single"):
+        estimate_importance(space, evaluate=evaluate, cache=cache, reset_single=True)

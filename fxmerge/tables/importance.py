@@ -84,8 +84,10 @@ _FX_LOCK = threading.Lock()
 
 
 def score_plan(gm: fx.GraphModule | ShippedGraph, plan: Plan, evaluate: Evaluate,
-               finetune: Finetune | None = None, inputs: tuple | None = None) -> float:
-    """Prune `gm` by `plan`, fine-tune it (if asked), and score it in eval mode."""
+               finetune: Finetune | None = None, inputs: tuple | None = None,
+               reset: tuple[str, ...] = ()) -> float:
+    """Prune `gm` by `plan`, re-initialise the `reset` modules, fine-tune (if asked), and
+    score the network in eval mode."""
     from ..passes.prune import prune
 
     with _FX_LOCK:
@@ -94,6 +96,8 @@ def score_plan(gm: fx.GraphModule | ShippedGraph, plan: Plan, evaluate: Evaluate
         if inputs is not None:
             ensure_shapes(gm, inputs)
         model = prune(gm, plan)
+        for name in reset:
+            model.get_submodule(name).reset_parameters()
         if finetune is not None:
             model.train()
             model = finetune(model) or model
@@ -117,12 +121,16 @@ def _outcomes(executor: Executor | None, jobs: dict, run: Callable) -> Iterable:
         yield futures[future], exc if exc is not None else future.result()
 
 
-def _load_cache(path: Path | None, signature: str) -> tuple[float | None, dict[Key, float]]:
+def _load_cache(path: Path | None, signature: str, reset_single: bool
+                ) -> tuple[float | None, dict[Key, float]]:
     if path is None or not path.is_file():
         return None, {}
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not lines or lines[0].get("signature") != signature:
         raise TableError(f"importance cache {path} belongs to another graph; remove it")
+    if lines[0].get("reset_single", False) != reset_single:
+        raise TableError(f"importance cache {path} was made with reset_single="
+                         f"{not reset_single}; remove it or pass the same setting")
     scores = {_key_from_json(rec["key"]): rec["score"] for rec in lines[1:]}
     return lines[0]["base_score"], scores
 
@@ -136,13 +144,26 @@ def _append(path: Path | None, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def importance_jobs(space: MergeSpace, gm: fx.GraphModule, layeronly: bool
-                    ) -> dict[Key, Plan]:
-    """The plan to score for every key of the table."""
+def reset_modules(space: MergeSpace, entry: Entry) -> tuple[str, ...]:
+    """The conv (and its norm) of a single-conv entry that keeps the conv: the authors
+    re-initialise them before the short fine-tune, so that the entry measures how much the
+    task needs that layer rather than scoring "no change"."""
+    i, j, k, _ = entry
+    if j != i + 1 or k == 0:
+        return ()
+    conv = space.convs[i]
+    return (conv.name, conv.norm) if conv.norm else (conv.name,)
+
+
+def importance_jobs(space: MergeSpace, layeronly: bool, reset_single: bool
+                    ) -> dict[Key, tuple[Plan, tuple[str, ...]]]:
+    """The plan to score for every key of the table, and the modules to re-initialise."""
     scores = space.conv_scores
-    jobs: dict[Key, Plan] = {e: block_plan(space, e, scores) for e in space.entries}
+    jobs: dict[Key, tuple[Plan, tuple[str, ...]]] = {
+        e: (block_plan(space, e, scores), reset_modules(space, e) if reset_single else ())
+        for e in space.entries}
     if layeronly:
-        jobs.update({c.name: removal_plan(space, c.name) for c in space.convs
+        jobs.update({c.name: (removal_plan(space, c.name), ()) for c in space.convs
                      if not c.irreducible})
     return jobs
 
@@ -158,6 +179,7 @@ def estimate_importance(
     layeronly: bool = True,
     retries: int = 1,
     keys: Iterable[Key] | None = None,
+    reset_single: bool | None = None,
     progress: bool | None = None,
 ) -> ImportanceTable:
     """The paper's importance table: one pruned, briefly fine-tuned, scored network per key.
@@ -168,25 +190,30 @@ def estimate_importance(
     appended at once, and a rerun skips what it holds. A failing entry is logged by name and
     retried `retries` times; the others are kept. `layeronly` adds the per-conv keys the
     LayerOnly baseline needs. `keys` limits the run to some keys (the table is then partial).
+    `reset_single` re-initialises the conv (and norm) of each single-conv entry before the
+    fine-tune, as the authors do; by default it is on exactly when there is a `finetune`.
     """
     from tqdm.auto import tqdm
 
     gm = gm if gm is not None else space.gm
     path = Path(cache) if cache is not None else None
-    base, done = _load_cache(path, space.signature)
+    if reset_single is None:
+        reset_single = finetune is not None
+    base, done = _load_cache(path, space.signature, reset_single)
     if base is None:
         base = float(evaluate(copy.deepcopy(gm).eval()))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("")
-        _append(path, {"signature": space.signature, "base_score": base})
+        _append(path, {"signature": space.signature, "base_score": base,
+                       "reset_single": reset_single})
     if not math.isfinite(base):
         raise TableError(f"evaluate() of the original network returned {base}")
-    jobs = importance_jobs(space, gm, layeronly)
+    jobs = importance_jobs(space, layeronly, reset_single)
     inputs = example_inputs(gm)
     if keys is not None:
         jobs = {k: jobs[k] for k in keys}
-    todo = {k: plan for k, plan in jobs.items() if k not in done}
+    todo = {k: job for k, job in jobs.items() if k not in done}
     log.info("importance: %d keys, %d cached, %d to run", len(jobs), len(jobs) - len(todo),
              len(todo))
     failures: dict[Key, str] = {}
@@ -195,7 +222,8 @@ def estimate_importance(
     for attempt in range(retries + 1):
         failures = {}
         graph = gm if executor is None else ShippedGraph(gm)
-        args = {key: (graph, plan, evaluate, finetune, inputs) for key, plan in todo.items()}
+        args = {key: (graph, plan, evaluate, finetune, inputs, reset)
+                for key, (plan, reset) in todo.items()}
         for key, outcome in _outcomes(executor, args, score_plan):
             if not isinstance(outcome, Exception) and not math.isfinite(outcome):
                 outcome = ValueError(f"evaluate() returned {outcome}")
@@ -217,7 +245,8 @@ def estimate_importance(
                          f"attempts (the others are cached): {listed}")
     values = {k: math.exp(done[k] - base) for k in jobs}
     settings = {"estimator": "finetune" if finetune else "no fine-tuning",
-                "base_score": base, "num_keys": len(values)}
+                "base_score": base, "num_keys": len(values),
+                "single_convs_reinitialised": reset_single}
     return ImportanceTable(values, space.signature, settings)
 
 
