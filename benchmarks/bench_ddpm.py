@@ -46,13 +46,13 @@ def main() -> None:
     original_table = latency.identity_latency(space)
     nets = {"original": fxmerge.transform(gm, fxmerge.Plan.identity(space))}
     plans, infeasible = {}, []
-    for method, budget in PAPER:
+    for (method, budget), paper in PAPER.items():
         try:
             plan = fxmerge.solve(space, latency, importance, budget=budget, method=method)
         except fxmerge.InfeasibleBudget as exc:
             print(f"{method} at {budget:.0%}: {exc}")
             infeasible.append({"method": method, "budget": budget,
-                               "paper_speedup": PAPER[(method, budget)],
+                               "paper_speedup": paper,
                                "note": f"infeasible on this device's table: {exc}"})
             continue
         plans[(method, budget)] = plan
