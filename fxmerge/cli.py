@@ -123,6 +123,10 @@ def _add_model_args(p: argparse.ArgumentParser, pruned_weights: bool = False) ->
     p.add_argument("--exclude", nargs="*", default=[], metavar="CONV",
                    help="module names or glob patterns of convs kept out of the search")
     p.add_argument("--stride-rule", choices=["paper", "exact"], default="paper")
+    p.add_argument("--add-activations", choices=["auto", "on", "off"], default="auto",
+                   help="an activation after merged blocks of several convs that end without "
+                   "one (auto: on, except in nets with GroupNorm before activations); a plan "
+                   "keeps the setting it was solved with")
 
 
 def _space(args: argparse.Namespace):
@@ -133,7 +137,9 @@ def _space(args: argparse.Namespace):
     if args.weights and args.command != "merge":
         _load_state(model, load_tensors(args.weights), args.weights)
     gm = trace(model.eval(), example_batch(args))
-    return gm, analyze(gm, stride_rule=args.stride_rule, exclude=args.exclude)
+    add = {"auto": None, "on": True, "off": False}[args.add_activations]
+    return gm, analyze(gm, stride_rule=args.stride_rule, exclude=args.exclude,
+                       add_activations=add)
 
 
 def _write(path: str | None, text: str) -> None:
@@ -239,7 +245,7 @@ def cmd_transform(args: argparse.Namespace) -> int:
 
     gm, _ = _space(args)
     plan = Plan.from_json(Path(args.plan).read_text())
-    pruned = prune(gm, plan, add_activations=args.add_activations)
+    pruned = prune(gm, plan)
     merged = merge(pruned.eval())
     print(diff(gm, merged))
     _save(args.pruned_out, pruned.state_dict())
@@ -253,7 +259,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     gm, _ = _space(args)
     plan = Plan.from_json(Path(args.plan).read_text())
-    pruned = prune(gm, plan, add_activations=args.add_activations)  # deterministic
+    pruned = prune(gm, plan)  # deterministic
     _load_state(pruned, load_tensors(args.weights), args.weights)
     merged = merge(pruned.eval())
     n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in merged.modules())
@@ -265,14 +271,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
     if args.task == "ddpm":
         from .demos.ddpm import DDPMDemoConfig, run_ddpm_demo
 
+        if args.seeds != 1:
+            raise ValueError("--seeds is for the classify task (one ddpm run takes ~7 min)")
         run_ddpm_demo(out, DDPMDemoConfig.quick() if args.quick else DDPMDemoConfig())
     else:
         from .demos.classify import DemoConfig, run_demo
 
-        run_demo(out, DemoConfig.quick() if args.quick else DemoConfig())
+        run_demo(out, DemoConfig.quick() if args.quick else DemoConfig(), seeds=args.seeds)
     return EXIT_OK
 
 
@@ -330,16 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="save the merged GraphModule (torch.save)")
     p.add_argument("--pruned-out", help="save the pruned network's state_dict (tensors only) "
                    "to fine-tune; rebuild it with fxmerge.prune(fxmerge.trace(model, x), plan)")
-    p.add_argument("--add-activations", action="store_true",
-                   help="add an activation after merged blocks that end without one")
     p.set_defaults(func=cmd_transform)
 
     p = sub.add_parser("merge", help="merge fine-tuned pruned weights (from transform "
                        "--pruned-out) into one conv per block")
     _add_model_args(p, pruned_weights=True)
     p.add_argument("--plan", required=True, help="the plan JSON it was pruned with")
-    p.add_argument("--add-activations", action="store_true",
-                   help="as given to transform when the pruned network was made")
     p.add_argument("--out", help="save the merged GraphModule (torch.save)")
     p.set_defaults(func=cmd_merge)
 
@@ -348,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classify: a MobileNetV2-style classifier (default); ddpm: a "
                    "diffusion U-Net, scored by held-out loss and a Frechet distance")
     p.add_argument("--out", help="folder for results.json, the tables and the plots")
+    p.add_argument("--seeds", type=int, default=1, help="repeat the whole job over N seeds "
+                   "(split, training, fine-tuning) and report mean ± std (classify)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     p.set_defaults(func=cmd_demo)
     return parser

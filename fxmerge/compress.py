@@ -56,7 +56,7 @@ def compress(
     exclude: tuple[str, ...] = (),
     stride_rule: str = "paper",
     levels: int = 1000,
-    add_activations: bool = False,
+    add_activations: bool | None = None,
 ) -> CompressResult:
     """Trace, analyse, build the tables, solve at `budget` (a fraction of the original
     table latency) and prune. `model` is not changed.
@@ -67,7 +67,8 @@ def compress(
     cheap output-agreement proxy on `example_inputs`.
     """
     gm = trace(model, example_inputs)
-    space = analyze(gm, stride_rule=stride_rule, exclude=exclude)
+    space = analyze(gm, stride_rule=stride_rule, exclude=exclude,
+                    add_activations=add_activations)
     if not isinstance(latency, LatencyTable):
         latency = measure_latency(space, **dict(latency or {}))
     if importance is None:
@@ -75,5 +76,5 @@ def compress(
     elif not isinstance(importance, ImportanceTable):
         importance = estimate_importance(space, evaluate=importance, finetune=finetune)
     plan = solve(space, latency, importance, budget=budget, method=method, levels=levels)
-    pruned = prune(gm, plan, add_activations=add_activations)
+    pruned = prune(gm, plan)
     return CompressResult(plan, space, pruned, latency, importance)

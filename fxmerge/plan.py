@@ -44,6 +44,7 @@ class Plan:
     signature: str
     stride_rule: str = "paper"
     exclude: tuple[str, ...] = ()
+    add_activations: bool = False
     method: str = "manual"
     budget: float | None = None
     budget_ms: float | None = None
@@ -84,7 +85,8 @@ class Plan:
             kept_here = tuple(n for n in convs if n in kept)
             k, dw = _kernel(space, kept_here)
             blocks.append(Block(convs, kept_here, k, dw, j not in no_activation))
-        return cls(tuple(blocks), space.signature, space.stride_rule, space.exclude, **info)
+        return cls(tuple(blocks), space.signature, space.stride_rule, space.exclude,
+                   space.add_activations, **info)
 
     @classmethod
     def identity(cls, space: MergeSpace) -> Plan:
@@ -115,7 +117,8 @@ class Plan:
             raise PlanError(
                 f"plan was made for another graph (signature {self.signature}, this graph "
                 f"{space.signature}); re-solve on this model, or analyse it with "
-                f"stride_rule={self.stride_rule!r}, exclude={list(self.exclude)}")
+                f"stride_rule={self.stride_rule!r}, exclude={list(self.exclude)}, "
+                f"add_activations={self.add_activations}")
         names = [c.name for c in space.convs]
         covered = [n for b in self.blocks for n in b.convs]
         if covered != names:
@@ -166,6 +169,7 @@ class Plan:
                 blocks=blocks, signature=_typed(data, "signature", str),
                 stride_rule=_typed(data, "stride_rule", str, default="paper"),
                 exclude=_names(data, "exclude", default=()),
+                add_activations=_typed(data, "add_activations", bool, default=False),
                 method=_typed(data, "method", str, default="manual"),
                 budget=_typed(data, "budget", number, default=None),
                 budget_ms=_typed(data, "budget_ms", number, default=None),

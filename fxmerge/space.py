@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -140,6 +141,7 @@ class MergeSpace:
         stride_rule: str,
         exclude: Iterable[str] = (),
         left_out: Mapping[str, str] | None = None,
+        add_activations: bool = False,
     ) -> None:
         self.gm = gm
         self.convs = tuple(convs)
@@ -151,6 +153,9 @@ class MergeSpace:
         self.exclude = tuple(sorted(exclude))
         self.left_out = dict(left_out or {})
         self._options = self._enumerate_blocks()
+        # on only where it changes something: a block of several convs ending without one
+        self.add_activations = add_activations and self.added_activation is not None and any(
+            j - i >= 2 and self.activation(j) is None for i, j in self._options)
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -197,6 +202,20 @@ class MergeSpace:
         """The activation at position `p` (None at 0 and where the network has none)."""
         return self.convs[p - 1].activation if p >= 1 else None
 
+    @cached_property
+    def added_activation(self) -> str | None:
+        """The network's most common activation: the one `add_activations` inserts."""
+        kinds = Counter(c.activation for c in self.convs if c.activation)
+        return kinds.most_common(1)[0][0] if kinds else None
+
+    def end_activation(self, i: int, j: int) -> str | None:
+        """The activation after block `(i, j)` once merged: the network's at `j`, or, with
+        `add_activations`, the added one after a block of several convs that ends where the
+        network has none (docs/method.md §4)."""
+        if self.activation(j) is None and self.add_activations and j - i >= 2:
+            return self.added_activation
+        return self.activation(j)
+
     def input_shape(self, p: int) -> tuple[int, ...]:
         """Shape of the value at position `p`, as the conv after it sees it."""
         if p < self.L:
@@ -213,6 +232,8 @@ class MergeSpace:
         )
         text += f"|{sorted(self.breaks)}|{[(s.source, s.target) for s in self.skips]}"
         text += f"|{self.stride_rule}"
+        if self.add_activations:  # latency entries and pruned networks differ with it
+            text += "|add_activations"
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
     # ---- block enumeration -----------------------------------------------------------
@@ -334,6 +355,9 @@ class MergeSpace:
             f"{len(self.barriers)} barrier nodes, stride_rule={self.stride_rule}: "
             f"{self.num_blocks} blocks, {self.num_entries} entries"
         )
+        if self.add_activations:
+            lines.append(f"add_activations: a {self.added_activation} after each merged "
+                         "block of several convs that ends without an activation")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -462,7 +486,8 @@ def _build_unit(gm: fx.GraphModule, conv: fx.Node, adds: dict[fx.Node, _SkipBran
 
 
 def analyze(
-    gm: fx.GraphModule, *, stride_rule: str = "paper", exclude: Iterable[str] = ()
+    gm: fx.GraphModule, *, stride_rule: str = "paper", exclude: Iterable[str] = (),
+    add_activations: bool | None = None,
 ) -> MergeSpace:
     """Derive the LayerMerge search space of a traced graph (see `fxmerge.trace`).
 
@@ -470,6 +495,11 @@ def analyze(
     conv; `"exact"` allows any later kernel (merged by dilating it). `exclude` holds module
     names or glob patterns (`"*.downsample.0"`) of convs kept out of the search; they act as
     barriers, as do convs with hooks or called from several places (see `summary()`).
+    `add_activations`: insert the network's activation after merged blocks of several convs
+    that end where it has none, in latency entries, importance, solving and pruning alike.
+    By default on, as the authors do for their classifiers, except in networks with
+    relocatable norms (GroupNorm before the activations: diffusion U-Nets, where they add
+    none).
     """
     if stride_rule not in STRIDE_RULES:
         raise SpaceError(f"stride_rule must be one of {STRIDE_RULES}, got {stride_rule!r}")
@@ -560,5 +590,8 @@ def analyze(
 
     kinds = _node_kinds(gm)
     barriers = [name for name, kind in kinds.items() if kind == "barrier"]
+    if add_activations is None:
+        add_activations = not any(c.relocatable_norm for c in convs)
     return MergeSpace(gm, convs, units, skips, breaks, barriers, stride_rule, exclude,
-                      {n: why for n, why in left_out.items() if why != "excluded"})
+                      {n: why for n, why in left_out.items() if why != "excluded"},
+                      add_activations)

@@ -10,6 +10,7 @@ from models import TinyUNet, small_net
 from torch import nn
 
 import fxmerge
+from fxmerge.tables.latency import entry_signature
 
 MBV2_EXCLUDE = ("features.0.0", "features.18.0")
 CASES = {
@@ -132,19 +133,38 @@ def test_shared_activation_module_survives():
         assert relative_error(pruned(X), merged(X)) <= 1e-5
 
 
-def test_add_activations_option_on_mobilenet_v2():
+def test_add_activations_is_one_setting_of_the_space():
+    """On by default for MobileNetV2 (as the authors): the latency entries, the plan and the
+    pruned network all carry the same added ReLU6, the last searched position included."""
     gm = fxmerge.trace(randomize_batchnorm(torchvision.models.mobilenet_v2()), X)
-    space = fxmerge.analyze(gm)
-    plan = fxmerge.Plan.random(space, 0)
-    pruned = fxmerge.prune(gm, plan, add_activations=True).eval()
-    added = [n for n in pruned.graph.nodes if str(n.target).startswith("fxmerge_act")]
-    expected = [(i, j) for i, j in plan.spans(space)
-                if j - i > 1 and j < space.L and space.activation(j) is None]
-    assert expected and len(added) == len(expected)
-    assert all(isinstance(pruned.get_submodule(n.target), nn.ReLU6) for n in added)
-    merged = fxmerge.merge(pruned)
-    with torch.no_grad():
-        assert relative_error(pruned(X), merged(X)) <= 1e-5
+    paper = ["features.0.0", "features.18.0"]  # the searched convs end at a projection
+    space = fxmerge.analyze(gm, exclude=paper)
+    off = fxmerge.analyze(gm, exclude=paper, add_activations=False)
+    assert space.add_activations and not off.add_activations
+    assert space.signature != off.signature  # tables of one setting are refused by the other
+    multi = [e for e in space.entries if e.j - e.i > 1 and space.activation(e.j) is None]
+    assert any(e.j == space.L for e in multi)
+    for e in multi:
+        assert entry_signature(space, e).activation == "relu6"
+        assert entry_signature(off, e).activation is None
+    for seed in range(3):
+        plan = fxmerge.Plan.random(space, seed)
+        assert plan.add_activations
+        assert fxmerge.Plan.from_json(plan.to_json()) == plan
+        pruned = fxmerge.prune(gm, plan).eval()
+        added = [n for n in pruned.graph.nodes if str(n.target).startswith("fxmerge_added_act")]
+        expected = [(i, j) for i, j in plan.spans(space)
+                    if j - i > 1 and space.activation(j) is None]
+        assert len(added) == len(expected)
+        assert all(isinstance(pruned.get_submodule(n.target), nn.ReLU6) for n in added)
+        merged = fxmerge.merge(pruned)
+        with torch.no_grad():
+            assert relative_error(pruned(X), merged(X)) <= 1e-5
+    plan_off = fxmerge.Plan.random(off, 0)
+    assert not any(str(n.target).startswith("fxmerge_added_act")
+                   for n in fxmerge.prune(gm, plan_off).graph.nodes)
+    with pytest.raises(fxmerge.PlanError, match="add_activations"):
+        plan_off.validate(space)
 
 
 def test_unet_blocks_merge_and_barriers_stay():
@@ -273,9 +293,9 @@ def test_random_nets_and_plans_merge_exactly(spec, stride_rule, seed, add_activa
     model = randomize_batchnorm(small_net(spec), seed)
     x = torch.randn(2, 3, 20, 20)
     gm = fxmerge.trace(model, x)
-    space = fxmerge.analyze(gm, stride_rule=stride_rule)
+    space = fxmerge.analyze(gm, stride_rule=stride_rule, add_activations=add_activations)
     plan = fxmerge.Plan.random(space, seed)
-    pruned = fxmerge.prune(gm, plan, add_activations=add_activations).eval()
+    pruned = fxmerge.prune(gm, plan).eval()
     merged = fxmerge.merge(pruned)
     with torch.no_grad():
         assert relative_error(pruned(x), merged(x)) <= 1e-5

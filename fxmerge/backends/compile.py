@@ -61,7 +61,7 @@ class _LazyInductor:
         return self.compiled(*args)
 
 
-def backend(plan: Plan, *, then: str = "inductor", add_activations: bool = False) -> Callable:
+def backend(plan: Plan, *, then: str = "inductor") -> Callable:
     """A torch.compile backend: canonicalise the captured graph (weights become constants,
     so the merged weights are computed once), apply `plan` (BN folded, blocks merged), and
     compile the result with `then`. For inference: the model's weights are read at compile
@@ -71,7 +71,7 @@ def backend(plan: Plan, *, then: str = "inductor", add_activations: bool = False
 
     def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
         try:
-            merged = apply_plan(gm, example_inputs, plan, add_activations)
+            merged = apply_plan(gm, example_inputs, plan)
         except FxMergeError as exc:  # raised to the caller as itself, not wrapped by dynamo
             log.error("fxmerge backend: %s", exc)
             return _Refusal(exc)
@@ -80,8 +80,8 @@ def backend(plan: Plan, *, then: str = "inductor", add_activations: bool = False
     return compile_fn
 
 
-def apply_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan,
-               add_activations: bool = False) -> fx.GraphModule:
+def apply_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan
+               ) -> fx.GraphModule:
     """Canonicalise one graph dynamo captured (checked against it on the example inputs) and
     apply the part of `plan` whose convs it holds (a graph break splits a model into several
     graphs); a graph with no searched conv is returned canonical and unchanged."""
@@ -92,7 +92,8 @@ def apply_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan,
         fnmatch.fnmatchcase(name, p) for name, m in canonical.named_modules()
         if isinstance(m, torch.nn.Conv2d))]
     try:
-        space = analyze(canonical, stride_rule=plan.stride_rule, exclude=exclude)
+        space = analyze(canonical, stride_rule=plan.stride_rule, exclude=exclude,
+                        add_activations=plan.add_activations)
     except SpaceError:
         if any(n.op == "call_module" and isinstance(canonical.get_submodule(n.target),
                                                     torch.nn.Conv2d)
@@ -103,7 +104,7 @@ def apply_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan,
     part = plan.restrict(space)
     log.info("fxmerge backend: %d of the plan's %d blocks in this graph", len(part.blocks),
              len(plan.blocks))
-    return transform(canonical, part, add_activations=add_activations)
+    return transform(canonical, part)
 
 
 class _Refusal:

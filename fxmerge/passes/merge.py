@@ -181,6 +181,6 @@ def merge(pruned: fx.GraphModule, plan: Plan | None = None) -> fx.GraphModule:
     return out
 
 
-def transform(gm: fx.GraphModule, plan: Plan, *, add_activations: bool = False) -> fx.GraphModule:
+def transform(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     """`merge(prune(gm, plan))`, for inference: the pruned network is put in eval mode."""
-    return merge(prune(gm, plan, add_activations=add_activations).eval())
+    return merge(prune(gm, plan).eval())

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections import Counter
 
 import torch.nn.functional as F
 from torch import fx, nn
@@ -73,19 +72,17 @@ def _insert_skip_pads(gm: fx.GraphModule, skip_crop: dict) -> None:
 
 
 def _add_activations(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> None:
-    """After merged blocks that end where the network has no activation (MobileNetV2)."""
-    kinds = Counter(c.activation for c in space.convs if c.activation)
-    if not kinds:
-        return
+    """The network's own activation after each block that `space.end_activation` gives one
+    the network lacks there (MobileNetV2's projections; docs/method.md §4)."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    kind = kinds.most_common(1)[0][0]
+    kind = space.added_activation
     template = next(gm.get_submodule(nodes[u.act].target)  # the network's own, settings too
                     for c, u in zip(space.convs, space.units) if c.activation == kind)
-    for n_added, (i, j) in enumerate(plan.spans(space)):
-        if j - i < 2 or j == space.L or space.activation(j) is not None:
+    for n_added, (b, (i, j)) in enumerate(zip(plan.blocks, plan.spans(space))):
+        if not b.activation or space.activation(j) is not None or not space.end_activation(i, j):
             continue
         value = nodes[space.units[j - 1].output]
-        name = f"fxmerge_act_{n_added}"
+        name = f"fxmerge_added_act_{n_added}"  # capture names its activations fxmerge_act_N
         gm.add_submodule(name, copy.deepcopy(template))
         with gm.graph.inserting_after(value):
             act = gm.graph.call_module(name, (value,))
@@ -136,14 +133,16 @@ def _check_skips(gm: fx.GraphModule, space: MergeSpace) -> None:
                             f"and {shapes[1]}: the skip could not be aligned")
 
 
-def prune(gm: fx.GraphModule, plan: Plan, *, add_activations: bool = False) -> fx.GraphModule:
+def prune(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     """Apply `plan` to a traced model (see `fxmerge.trace`) and return a new, trainable
-    GraphModule; `gm` is not changed. With `add_activations`, a block that merges several
-    convs and ends where the network had no activation gets one (as the paper does)."""
+    GraphModule; `gm` is not changed. A plan made with `add_activations` (the space's
+    setting) gets an activation after each block of several convs that ends where the
+    network has none."""
     if not isinstance(gm, fx.GraphModule):
         raise PlanError("prune needs a GraphModule: trace the model with fxmerge.trace first")
     try:
-        space = analyze(gm, stride_rule=plan.stride_rule, exclude=plan.exclude)
+        space = analyze(gm, stride_rule=plan.stride_rule, exclude=plan.exclude,
+                        add_activations=plan.add_activations)
     except SpaceError as exc:
         raise PlanError(f"plan was made for another graph: {exc}") from None
     plan.validate(space)
@@ -152,7 +151,7 @@ def prune(gm: fx.GraphModule, plan: Plan, *, add_activations: bool = False) -> f
 
     skip_crop = _move_padding(out, space, plan)
     _insert_skip_pads(out, skip_crop)
-    if add_activations:
+    if plan.add_activations:
         _add_activations(out, space, plan)
     _relocate_norms(out, space, plan)
     for name in plan.inner_positions:

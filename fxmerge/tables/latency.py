@@ -58,7 +58,7 @@ class ConvSignature:
 
 def entry_signature(space: MergeSpace, entry: Entry, batch_size: int | None = None
                     ) -> ConvSignature:
-    """The conv signature of one table entry."""
+    """The conv signature of one table entry (its activation: `space.end_activation`)."""
     i, j, k, dw = entry
     shape = list(space.input_shape(i))
     if batch_size is not None:
@@ -67,7 +67,7 @@ def entry_signature(space: MergeSpace, entry: Entry, batch_size: int | None = No
     for c in space.convs[i:j]:
         stride *= c.stride  # strided convs are irreducible, so always kept
     return ConvSignature(tuple(shape), space.conv(j).out_channels, k, stride, k // 2,
-                         shape[1] if dw else 1, space.activation(j))
+                         shape[1] if dw else 1, space.end_activation(i, j))
 
 
 class LatencyTable(EntryTable):
