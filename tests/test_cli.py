@@ -134,15 +134,25 @@ def test_plan_for_another_model_exits_1(tmp_path, capsys):
     assert "another graph" in capsys.readouterr().err
 
 
-def test_demo_quick_writes_results(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fxmerge.cli", "demo", "--quick", "--out",
-                           str(tmp_path)], capture_output=True, text=True, timeout=600, check=False)
+def test_demo_quick_over_two_seeds_writes_results(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fxmerge.cli", "demo", "--quick", "--seeds",
+                           "2", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert rows and {"method", "budget", "accuracy", "latency_ms", "predicted_latency_ms",
-                     "speedup"} <= set(rows[0])
+    result = json.loads((tmp_path / "results.json").read_text())
+    runs, rows = result["runs"], result["rows"]
+    assert {r["seed"] for r in runs} == {0, 1}
+    assert runs and {"method", "budget", "accuracy", "latency_ms", "predicted_latency_ms",
+                     "speedup"} <= set(runs[0])
+    for row in rows:
+        assert {"method", "budget", "accuracy_mean", "accuracy_std", "speedup",
+                "seeds"} <= set(row)
+        accs = [r["accuracy"] for r in runs
+                if (r["method"], r["budget"]) == (row["method"], row["budget"])]
+        assert row["seeds"] == len(accs)
+        assert row["accuracy_mean"] == pytest.approx(sum(accs) / len(accs), abs=1e-3)
     assert (tmp_path / "pareto.png").stat().st_size > 1000
-    assert "speed-up" in proc.stdout
+    assert "over 2 seeds" in proc.stdout
 
 
 def test_demo_ddpm_quick_writes_results(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +25,10 @@ from ..models import DemoMobileNetV2
 from ..passes import prune, transform
 from ..plan import Plan
 from ..solve import METHODS, frontier
-from ..space import analyze
-from ..tables.importance import estimate_importance
-from ..tables.latency import measure_latency, time_interleaved
-from .shared import accuracy, feasible_plans, load_digits, pyplot, train
+from ..space import MergeSpace, analyze
+from ..tables.importance import ImportanceTable, agreement_importance, estimate_importance
+from ..tables.latency import LatencyTable, measure_latency, time_interleaved
+from .shared import accuracy, feasible_plans, load_digits, pyplot, summarize, train
 
 log = logging.getLogger(__name__)
 
@@ -64,23 +65,46 @@ class _Finetune:
 
 
 class _Accuracy:
+    """Held-out accuracy as a fraction: the authors' importance is exp(Δaccuracy / 100)
+    with accuracy in percent, i.e. exp of the change of the fraction."""
+
     def __init__(self, data) -> None:
         self.data = data
 
     def __call__(self, model: nn.Module) -> float:
-        return accuracy(model, self.data)
+        return accuracy(model, self.data) / 100
 
 
-def run_demo(out: Path | None = None, config: DemoConfig = DemoConfig(),
-             progress: bool | None = None) -> list[dict]:
-    """Run the whole job; print the results table; write results.json and pareto.png."""
-    torch.manual_seed(0)
+@dataclass
+class SeedRun:
+    """One whole job: per-method rows and what they were decided from."""
+
+    seed: int
+    rows: list[dict]
+    base_acc: float
+    space: MergeSpace
+    latency: LatencyTable
+    importance: ImportanceTable
+    costs: dict
+
+
+def spearman(a: ImportanceTable, b: ImportanceTable) -> float:
+    """Spearman's rank correlation of two tables over the entries they share."""
+    from scipy.stats import spearmanr
+
+    keys = [k for k in a.values if k in b.values and not isinstance(k, str)]
+    return float(spearmanr([a[k] for k in keys], [b[k] for k in keys]).statistic)
+
+
+def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> SeedRun:
+    """Split, train, measure both tables, solve, fine-tune, merge and time, with `seed`."""
+    torch.manual_seed(seed)
     started = time.perf_counter()
-    data = load_digits(config.size)
+    data = load_digits(config.size, seed=seed)
     model = train(DemoMobileNetV2(), data.train, epochs=config.train_epochs,
-                  batch=config.batch)
+                  batch=config.batch, seed=seed)
     base_acc = accuracy(model, data.test)
-    print(f"trained DemoMobileNetV2: test accuracy {base_acc:.2f}% "
+    print(f"[seed {seed}] trained DemoMobileNetV2: test accuracy {base_acc:.2f}% "
           f"({time.perf_counter() - started:.0f} s)")
 
     example = data.test[0][: config.latency_batch]
@@ -89,21 +113,31 @@ def run_demo(out: Path | None = None, config: DemoConfig = DemoConfig(),
     latency = measure_latency(space, warmup=5, repeat=config.latency_repeat, progress=progress)
     print(f"latency table: {space.num_entries} entries, {latency.settings['num_signatures']} "
           f"convs timed, batch {config.latency_batch}, {latency.settings['seconds']:.0f} s")
+    tick = time.perf_counter()
     importance = estimate_importance(
         space, evaluate=_Accuracy(data.val),
         finetune=_Finetune(data.train, config.importance_steps, config.importance_batch),
         progress=progress)
-    print(f"importance table: {len(importance)} fine-tuned estimates "
-          f"({time.perf_counter() - started:.0f} s so far)")
+    finetune_s = time.perf_counter() - tick
+    tick = time.perf_counter()
+    proxy = agreement_importance(space, data.val[0][:64], layeronly=False)
+    proxy_s = time.perf_counter() - tick
+    rho = spearman(importance, proxy)
+    print(f"importance table: {len(importance)} fine-tuned estimates in {finetune_s:.0f} s; "
+          f"output-agreement proxy in {proxy_s:.1f} s, Spearman rho {rho:.2f} over the "
+          f"{space.num_entries} entries ({time.perf_counter() - started:.0f} s so far)")
 
     nets = {"original": transform(gm, Plan.identity(space))}  # BN folded, as the paper times
     rows = []
-    for method, budget, plan in feasible_plans(space, latency, importance, config.budgets):
+    proxy_plans = [(f"{method}-proxy", budget, plan) for method, budget, plan in
+                   feasible_plans(space, latency, proxy, config.budgets, ("layermerge",))]
+    plans = [*feasible_plans(space, latency, importance, config.budgets), *proxy_plans]
+    for method, budget, plan in plans:
         result = CompressResult(plan, space, prune(gm, plan), latency, importance)
         train(result.pruned, data.train, epochs=config.finetune_epochs, lr=1e-3,
-              batch=config.batch)
+              batch=config.batch, seed=seed)
         nets[f"{method}@{budget}"] = merged = result.merge()
-        rows.append({"method": method, "budget": budget,
+        rows.append({"seed": seed, "method": method, "budget": budget,
                      "accuracy": round(accuracy(merged, data.test), 2),
                      "predicted_latency_ms": round(plan.predicted_latency_ms, 4),
                      "original_predicted_ms": round(latency.identity_latency(space), 4)})
@@ -117,8 +151,24 @@ def run_demo(out: Path | None = None, config: DemoConfig = DemoConfig(),
                    predicted_total_ms=round(row["predicted_latency_ms"] + outside, 4),
                    speedup=round(measured["original"] / merged_ms, 3))
     print_table(rows, base_acc)
+    costs = {"finetune_importance_s": round(finetune_s, 2), "proxy_importance_s":
+             round(proxy_s, 2), "spearman_rho": round(rho, 3)}
+    return SeedRun(seed, rows, base_acc, space, latency, importance, costs)
+
+
+def run_demo(out: Path | None = None, config: DemoConfig = DemoConfig(),
+             progress: bool | None = None, seeds: int = 1) -> list[dict]:
+    """Run the whole job once per seed (0 .. seeds-1); print each table and, over seeds,
+    mean and standard deviation; write results.json and pareto.png. Returns the summary
+    rows."""
+    started = time.perf_counter()
+    runs = [run_seed(config, seed, progress) for seed in range(seeds)]
+    rows = summarize([r.rows for r in runs], ("accuracy", "speedup", "latency_ms"))
+    base = [r.base_acc for r in runs]
+    if seeds > 1:
+        print_summary(rows, base)
     if out is not None:
-        write_results(Path(out), rows, base_acc, space, latency, importance, config)
+        write_results(Path(out), rows, runs, config)
     print(f"done in {time.perf_counter() - started:.0f} s")
     return rows
 
@@ -138,35 +188,58 @@ def print_table(rows: list[dict], base_acc: float) -> None:
           "original's measured minus table latency); error: measured vs predicted")
 
 
-def write_results(out: Path, rows, base_acc, space, latency, importance, config) -> None:
+def print_summary(rows: list[dict], base: list[float]) -> None:
+    mean, std = statistics.fmean(base), statistics.pstdev(base)
+    print(f"\nover {len(base)} seeds: original test accuracy {mean:.2f} ± {std:.2f}%")
+    head = f"{'method':<11} {'budget':>6} {'seeds':>5} {'acc %':>14} {'speed-up':>14}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['method']:<11} {r['budget']:>6.0%} {r['seeds']:>5} "
+              f"{r['accuracy_mean']:>7.2f} ± {r['accuracy_std']:<4.2f} "
+              f"{r['speedup_mean']:>6.2f}x ± {r['speedup_std']:.2f}")
+
+
+def write_results(out: Path, rows: list[dict], runs: list[SeedRun], config: DemoConfig
+                  ) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    base = [r.base_acc for r in runs]
     meta = {"model": "DemoMobileNetV2", "data": "sklearn digits, 32x32", "device": "cpu",
             "batch": config.latency_batch, "threads": torch.get_num_threads(),
             "timing": f"median of {config.compare_repeat} interleaved rounds after 3 warm-up calls",
-            "original_accuracy": base_acc}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / "latency.json").write_text(latency.to_json())
-    (out / "importance.json").write_text(importance.to_json())
-    plot_results(out / "pareto.png", rows, base_acc, space, latency, importance)
+            "seeds": len(runs), "original_accuracy": base[0] if len(base) == 1 else base,
+            "original_accuracy_mean": statistics.fmean(base),
+            "original_accuracy_std": statistics.pstdev(base)}
+    runs_rows = [row for r in runs for row in r.rows]
+    meta["importance_cost"] = [{"seed": r.seed, **r.costs} for r in runs]
+    (out / "results.json").write_text(json.dumps(
+        {"meta": meta, "rows": rows, "runs": runs_rows}, indent=1))
+    first = runs[0]
+    (out / "latency.json").write_text(first.latency.to_json())
+    (out / "importance.json").write_text(first.importance.to_json())
+    plot_results(out / "pareto.png", rows, base, first)
     print(f"wrote {out / 'results.json'} and {out / 'pareto.png'}")
 
 
-def plot_results(path: Path, rows, base_acc, space, latency, importance) -> None:
-    """Left: measured accuracy vs measured latency. Right: the predicted frontiers."""
+def plot_results(path: Path, rows: list[dict], base: list[float], first: SeedRun) -> None:
+    """Left: measured accuracy vs measured speed-up (mean ± std over seeds). Right: the
+    predicted frontiers of the first seed's tables."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["speedup_mean"], r["accuracy_mean"], r["speedup_std"],
+                      r["accuracy_std"]) for r in rows if r["method"] == method)
+        x, y, xerr, yerr = zip(*pts)
+        left.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=3, label=method)
     for method in METHODS:
-        pts = sorted((r["latency_ms"], r["accuracy"]) for r in rows if r["method"] == method)
-        if pts:
-            left.plot(*zip(*pts), marker="o", label=method)
-        front = frontier(space, latency, importance, method=method, levels=400).points
+        front = frontier(first.space, first.latency, first.importance, method=method,
+                         levels=400).points
         right.step([p["budget"] for p in front], [p["importance"] for p in front],
                    where="post", label=method)
-    if rows:
-        left.scatter([rows[0]["original_ms"]], [base_acc],
-                     marker="*", s=150, color="k", label="original")
-    left.set(xlabel="measured latency (ms, CPU)", ylabel="test accuracy (%)",
-             title="after fine-tuning and merging")
+    left.errorbar([1.0], [statistics.fmean(base)], yerr=[statistics.pstdev(base)],
+                  marker="*", ms=14, color="k", label="original")
+    left.set(xlabel="measured speed-up (CPU, eager)", ylabel="test accuracy (%)",
+             title=f"after fine-tuning and merging ({len(base)} seed(s))")
     right.set(xlabel="predicted latency / original", ylabel="predicted importance (sum)",
               title="solver frontiers (one DP each)")
     for ax in (left, right):

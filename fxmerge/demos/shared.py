@@ -3,7 +3,8 @@ the solve-or-skip loop over methods and budgets, and headless matplotlib."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import statistics
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -75,10 +76,11 @@ def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float
 
 
 def feasible_plans(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable,
-                   budgets: tuple[float, ...]) -> Iterator[tuple[str, float, Plan]]:
+                   budgets: tuple[float, ...], methods: tuple[str, ...] = tuple(METHODS)
+                   ) -> Iterator[tuple[str, float, Plan]]:
     """`(method, budget, plan)` for every method and budget; those the method cannot reach
     on this table are reported and skipped."""
-    for method in METHODS:
+    for method in methods:
         for budget in budgets:
             try:
                 yield method, budget, solve(space, latency, importance, budget=budget,
@@ -95,3 +97,23 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def summarize(runs: Sequence[list[dict]], metrics: tuple[str, ...]) -> list[dict]:
+    """One row per (method, budget) over the runs that reached it: `seeds`, and each
+    metric's `_mean` and `_std` (population standard deviation; 0 for one seed)."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for rows in runs:
+        for row in rows:
+            groups.setdefault((row["method"], row["budget"]), []).append(row)
+    out = []
+    for (method, budget), rows in groups.items():
+        summary = {"method": method, "budget": budget, "seeds": len(rows)}
+        for m in metrics:
+            values = [r[m] for r in rows]
+            summary[f"{m}_mean"] = round(statistics.fmean(values), 4)
+            summary[f"{m}_std"] = round(statistics.pstdev(values), 4)
+        if "speedup" in metrics:
+            summary["speedup"] = summary["speedup_mean"]
+        out.append(summary)
+    return out
