@@ -79,7 +79,9 @@ def brute_depth(space, lat, imp, unit, levels):
     for tiling in tilings(space):
         cost = sum(discretise(min(split_latencies(space, lat, i, j)), unit) for i, j in tiling)
         if cost <= levels:
-            best = max(best, sum(imp[depth.full_entry(space, i, j)] for i, j in tiling))
+            # the Depth paper's additive importance: log I of a merged span, 0 for one conv
+            best = max(best, sum(math.log(imp[depth.full_entry(space, i, j)]) if j > i + 1
+                                 else 0.0 for i, j in tiling))
     return best
 
 
@@ -200,3 +202,12 @@ def test_tables_round_trip_json():
     assert imp2.values == imp.values
     with pytest.raises(fxmerge.TableError, match="expected a latency table"):
         fxmerge.LatencyTable.from_json(imp.to_json())
+
+
+def test_depth_discretises_in_units_of_0_05_ms_by_default():
+    space = resnet_space()
+    lat, imp = random_tables(space, 0)
+    budget_ms = lat.identity_latency(space)  # Depth can always keep the original
+    plan = fxmerge.solve(space, lat, imp, budget_ms=budget_ms, method="depth")
+    assert plan.extra["levels"] == math.ceil(budget_ms / 0.05 - 1e-9)
+    assert fxmerge.solve(space, lat, imp, budget=0.9).extra["levels"] == 1000

@@ -32,6 +32,13 @@ def _positive(name: str, value: object) -> float:
     return float(value)
 
 
+def default_levels(method: str, budget_ms: float) -> int:
+    """1000 budget levels, or, for a method with its own unit (Depth: 0.05 ms), as many of
+    those units as the budget holds."""
+    unit = getattr(_method(method), "UNIT_MS", None)
+    return 1000 if unit is None else max(1, math.ceil(budget_ms / unit - 1e-9))
+
+
 def _check_levels(levels: object) -> None:
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
         raise ValueError(f"levels must be a positive integer, got {levels!r}")
@@ -61,24 +68,26 @@ def solve(
     budget: float | None = None,
     budget_ms: float | None = None,
     method: str = "layermerge",
-    levels: int = 1000,
+    levels: int | None = None,
     conv_scores: Mapping[str, float] | None = None,
 ) -> Plan:
     """The plan of largest total importance whose table latency is at most the budget.
 
     `budget` is a fraction of the original network's table latency (0.55), `budget_ms` an
     absolute one. Latencies are discretised into `levels` units of the budget (rounded down,
-    as in the paper) and the DP is solved exactly for every budget level at once; the plan
+    as in the paper; default 1000, and for Depth units of 0.05 ms, as in its paper) and the
+    DP is solved exactly for every budget level at once; the plan
     is the optimum at the largest level whose true latency fits the budget (recorded as
     `plan.extra["units"]`), so a plan never exceeds its budget.
     """
     if (budget is None) == (budget_ms is None):
         raise ValueError("give exactly one of budget (a fraction) or budget_ms")
-    _check_levels(levels)
     original = latency.identity_latency(space)
     if budget_ms is None:
         budget_ms = _positive("budget", budget) * original
     _positive("budget_ms", budget_ms)
+    levels = default_levels(method, budget_ms) if levels is None else levels
+    _check_levels(levels)
     edges = _method(method).edges(space, latency, importance)
     result = run_dp(space.L, edges, budget_ms / levels, levels)
     found = result.fitting_path(budget_ms)

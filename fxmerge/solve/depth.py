@@ -3,11 +3,14 @@
 Stage 1: for every activation-free span `(i, k)`, the fastest way to run it as one or more
 merged convs, `T_opt(i, k) = min(T(i, k), min_j T_opt(i, j) + T(j, k))`.
 Stage 2: the shared DP over kept-activation positions, each span costing `T_opt` and worth
-the importance of merging the whole span (the all-convs-kept entry of that block).
+its additive importance, as that paper defines it: the score change of merging the whole
+span, `Δ = log I` of its all-convs-kept entry, relative to leaving it unchanged (a single
+conv: 0). Latencies are discretised in units of `UNIT_MS`, as that paper does.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from itertools import pairwise
 
@@ -15,6 +18,8 @@ from ..space import Entry, MergeSpace
 from ..tables.importance import ImportanceTable
 from ..tables.latency import LatencyTable
 from .dp import Edge
+
+UNIT_MS = 0.05
 
 
 def full_entry(space: MergeSpace, i: int, j: int) -> Entry:
@@ -41,8 +46,18 @@ def edges(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable)
     latency.check(space, needed)
     importance.check(space, needed)
     splits = fastest_splits(space, latency)
-    return [Edge(i, j, splits[(i, j)][0], importance[full_entry(space, i, j)],
+    return [Edge(i, j, splits[(i, j)][0], additive_importance(space, importance, i, j),
                  (i, j, tuple(splits[(i, j)][1]))) for i, j in space.blocks]
+
+
+def additive_importance(space: MergeSpace, importance: ImportanceTable, i: int, j: int
+                        ) -> float:
+    """The score change of merging span `(i, j)`: `log I` of its full entry; 0 for a single
+    conv, which changes nothing (its table value may measure a re-initialised conv, the
+    LayerMerge protocol, which means nothing to Depth)."""
+    if j == i + 1:
+        return 0.0
+    return math.log(max(importance[full_entry(space, i, j)], 1e-300))
 
 
 def blocks(space: MergeSpace, path: list[Edge], scores: Mapping[str, float]):
