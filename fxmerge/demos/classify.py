@@ -13,7 +13,7 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -47,6 +47,7 @@ class DemoConfig:
     latency_repeat: int = 20
     compare_repeat: int = 60
     size: int = 32
+    reset_single: bool | None = None  # estimate_importance's default: the authors' protocol
 
     @classmethod
     def quick(cls) -> DemoConfig:
@@ -117,7 +118,7 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
     importance = estimate_importance(
         space, evaluate=_Accuracy(data.val),
         finetune=_Finetune(data.train, config.importance_steps, config.importance_batch),
-        progress=progress)
+        reset_single=config.reset_single, progress=progress)
     finetune_s = time.perf_counter() - tick
     tick = time.perf_counter()
     proxy = agreement_importance(space, data.val[0][:64], layeronly=False)
@@ -209,7 +210,7 @@ def write_results(out: Path, rows: list[dict], runs: list[SeedRun], config: Demo
             "timing": f"median of {config.compare_repeat} interleaved rounds after 3 warm-up calls",
             "seeds": len(runs), "original_accuracy": base[0] if len(base) == 1 else base,
             "original_accuracy_mean": statistics.fmean(base),
-            "original_accuracy_std": statistics.pstdev(base)}
+            "original_accuracy_std": statistics.pstdev(base), "config": asdict(config)}
     runs_rows = [row for r in runs for row in r.rows]
     meta["importance_cost"] = [{"seed": r.seed, **r.costs} for r in runs]
     (out / "results.json").write_text(json.dumps(
