@@ -134,12 +134,17 @@ def test_plan_for_another_model_exits_1(tmp_path, capsys):
     assert "another graph" in capsys.readouterr().err
 
 
-def test_demo_quick_over_two_seeds_writes_results(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fxmerge.cli", "demo", "--quick", "--seeds",
-                           "2", "--out", str(tmp_path)], capture_output=True, text=True,
-                          timeout=600, check=False)
+def quick_demo(out, *args):
+    """`fxmerge demo --quick ARGS --out OUT` in a fresh process; its output and results."""
+    proc = subprocess.run([sys.executable, "-m", "fxmerge.cli", "demo", "--quick", *args,
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
-    result = json.loads((tmp_path / "results.json").read_text())
+    return proc, json.loads((out / "results.json").read_text())
+
+
+def test_demo_quick_over_two_seeds_writes_results(tmp_path):
+    proc, result = quick_demo(tmp_path, "--seeds", "2")
     runs, rows = result["runs"], result["rows"]
     assert {r["seed"] for r in runs} == {0, 1}
     assert runs and {"method", "budget", "accuracy", "latency_ms", "predicted_latency_ms",
@@ -156,11 +161,7 @@ def test_demo_quick_over_two_seeds_writes_results(tmp_path):
 
 
 def test_demo_ddpm_quick_writes_results(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fxmerge.cli", "demo", "--task", "ddpm",
-                           "--quick", "--out", str(tmp_path)], capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads((tmp_path / "results.json").read_text())
+    proc, result = quick_demo(tmp_path, "--task", "ddpm")
     rows = result["rows"]
     assert {r["method"] for r in rows} >= {"layermerge", "depth"}
     assert {"method", "budget", "speedup", "loss", "frechet"} <= set(rows[0])
