@@ -141,7 +141,7 @@ class MergeSpace:
         stride_rule: str,
         exclude: Iterable[str] = (),
         left_out: Mapping[str, str] | None = None,
-        add_activations: bool = False,
+        add_activations: bool | None = False,
     ) -> None:
         self.gm = gm
         self.convs = tuple(convs)
@@ -153,6 +153,8 @@ class MergeSpace:
         self.exclude = tuple(sorted(exclude))
         self.left_out = dict(left_out or {})
         self._options = self._enumerate_blocks()
+        if add_activations is None:  # as the authors: not where GroupNorms precede them
+            add_activations = not any(c.relocatable_norm for c in self.convs)
         # on only where it changes something: a block of several convs ending without one
         self.add_activations = add_activations and self.added_activation is not None and any(
             j - i >= 2 and self.activation(j) is None for i, j in self._options)
@@ -590,8 +592,6 @@ def analyze(
 
     kinds = _node_kinds(gm)
     barriers = [name for name, kind in kinds.items() if kind == "barrier"]
-    if add_activations is None:
-        add_activations = not any(c.relocatable_norm for c in convs)
     return MergeSpace(gm, convs, units, skips, breaks, barriers, stride_rule, exclude,
                       {n: why for n, why in left_out.items() if why != "excluded"},
                       add_activations)

@@ -240,6 +240,7 @@ def run_ddpm_demo(out: Path | None = None, config: DDPMDemoConfig = DDPMDemoConf
     print(f"importance table: {len(importance)} fine-tuned estimates ({clock()})")
 
     nets = {"original": transform(gm, Plan.identity(space))}
+    original_table = latency.identity_latency(space)
     rows, plans = [], {}
     for method, budget, plan in feasible_plans(space, latency, importance, config.budgets):
         pruned = train_diffusion(prune(gm, plan), x_train, diffusion,
@@ -255,8 +256,7 @@ def run_ddpm_demo(out: Path | None = None, config: DDPMDemoConfig = DDPMDemoConf
                      "merge_error": error,
                      "convs_removed": len(plan.removed_convs),
                      "activations_removed": len(plan.inner_positions),
-                     "predicted_ratio": round(plan.predicted_latency_ms
-                                              / latency.identity_latency(space), 4)})
+                     "predicted_ratio": round(plan.predicted_latency_ms / original_table, 4)})
     print(f"fine-tuned and merged {len(rows)} networks ({clock()})")
 
     measured = time_interleaved(nets, (x, t), repeat=config.compare_repeat)

@@ -219,9 +219,9 @@ def estimate_importance(
     failures: dict[Key, str] = {}
     bar = tqdm(total=len(todo), desc="importance", unit="entry",
                disable=not show_progress(progress))
+    graph = gm if executor is None else ShippedGraph(gm)
     for attempt in range(retries + 1):
         failures = {}
-        graph = gm if executor is None else ShippedGraph(gm)
         args = {key: (graph, plan, evaluate, finetune, inputs, reset)
                 for key, (plan, reset) in todo.items()}
         for key, outcome in _outcomes(executor, args, score_plan):
