@@ -202,6 +202,8 @@ def test_bad_inputs_exit_1_with_one_line(tmp_path, capsys):
         (["analyze", *MODEL, "--out", tmp_path / "folder"], "folder"),
         (["transform", *MODEL, "--plan", tmp_path / "plan.json"], "invalid JSON"),
         (["analyze", *MODEL[:3], "--exclude", "nothing.*"], "matches no Conv2d"),
+        (["demo", "--seeds", "0"], "--seeds must be at least 1"),
+        (["demo", "--task", "ddpm", "--seeds", "2"], "--seeds is for the classify task"),
     ]
     for argv, match in cases:
         assert run(*argv) == 1, argv
