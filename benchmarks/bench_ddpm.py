@@ -20,7 +20,7 @@ from common import write
 import fxmerge
 from fxmerge.models import DDPM_EXCLUDE, DDPMUNet
 from fxmerge.tables.importance import agreement_importance
-from fxmerge.tables.latency import time_interleaved
+from fxmerge.tables.timing import time_interleaved
 
 # LayerMerge paper, Table 4 (DDPM on CIFAR-10, PyTorch speed-up)
 PAPER = {("layermerge", 0.73): 1.13, ("layermerge", 0.70): 1.16, ("layermerge", 0.58): 1.27,
@@ -58,7 +58,8 @@ def main() -> None:
         plans[(method, budget)] = plan
         nets[f"{method}@{budget}"] = fxmerge.transform(gm, plan)
     nets = {k: v.to(device) for k, v in nets.items()}
-    measured = time_interleaved(nets, (x.to(device), t.to(device)), repeat=args.repeat)
+    measured = {name: timing.ms for name, timing in time_interleaved(
+        nets, (x.to(device), t.to(device)), repeat=args.repeat).items()}
     rows = []
     for (method, budget), plan in plans.items():
         ms = measured[f"{method}@{budget}"]

@@ -1,30 +1,39 @@
-"""Speed-up of LayerMerge, Depth and LayerOnly plans over the original network, at the
-paper's budgets, original and merged timed side by side (interleaved) in one process.
+"""Measured budgets: LayerMerge, Depth and LayerOnly plans for ResNet-34 and MobileNetV2-1.0
+/ 1.4 at the paper's budgets, solved so that the network measures within the budget, then
+timed again, side by side with the original, to check it.
 
-    python benchmarks/bench_speedup.py --device cpu --backend eager
-    python benchmarks/bench_speedup.py --device cpu --backend compile
-    python benchmarks/bench_speedup.py --device cuda --batch 128 --backend eager
+    python benchmarks/bench_speedup.py --backend eager --batch 1 8
+    python benchmarks/bench_speedup.py --backend compile --batch 1 8
+    python benchmarks/bench_speedup.py --backend onnxruntime --batch 1 8
+    python benchmarks/bench_speedup.py --device cuda --backend eager --batch 128
 
-Plans come from a latency table measured here with the eager backend on the same device and
-batch, and from a fixed importance proxy: output agreement with the original network on a
-calibration batch of random images, without fine-tuning (these runs measure speed, not
-accuracy; weights are random since none can be downloaded). The original is timed with its
-BatchNorm folded (`transform` with the identity plan), as the authors do, so the speed-up
-measures depth alone. With `--backend compile` every network is compiled with torch.compile
-(inductor) before timing; the table stays the eager one.
+Per model, backend and batch: a latency table (eager; on the onnxruntime backend, timed in
+ONNX Runtime), an importance proxy (output agreement on random images, no fine-tuning:
+these runs measure speed, not accuracy; weights are random since none can be downloaded),
+and for every method and budget `solve_measured` (plans transformed and timed against the
+original on the backend until one measures within [0.9, 1.0] x the budget). Then every
+chosen plan, and the plan the table alone gives at the same budget (`solve(budget=)`, how
+fxmerge budgets worked before), is prepared again and timed side by side with the original
+(BatchNorm folded): `measured_ratio` (chosen / original), `speedup`, `table_basis_ratio`
+(the table-budget plan / original), `predicted_ratio` (the calibrated prediction for the
+chosen plan, from the other plans' measurements) and `solve_ratio` (what the solve's loop
+measured).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 import torchvision
 from common import write
 
 import fxmerge
+from fxmerge.measured import NetworkTimer, solve_measured
 from fxmerge.tables.importance import agreement_importance
-from fxmerge.tables.latency import time_interleaved
+from fxmerge.tables.timing import plan_runner, time_interleaved
 
 MBV2_EXCLUDE = ["features.0.0", "features.18.0"]
 MODELS = {
@@ -43,74 +52,129 @@ def bench_model(name: str, args) -> list[dict]:
     factory, exclude, budgets = MODELS[name]
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = factory().eval()
-    x = torch.randn(args.batch, 3, 224, 224)
-    gm = fxmerge.trace(model, x)
+    gm = fxmerge.trace(factory().eval(), torch.randn(1, 3, 224, 224))
     space = fxmerge.analyze(gm, exclude=exclude)
-    latency = fxmerge.measure_latency(space, device=device, warmup=args.table_warmup,
-                                      repeat=args.table_repeat)
     importance = agreement_importance(space, torch.randn(2, 3, 224, 224))
-    original_table = latency.identity_latency(space)
-    nets = {"original": fxmerge.transform(gm, fxmerge.Plan.identity(space))}
-    plans = {}
-    for method in args.methods:
-        for budget in budgets:
-            try:
-                plan = fxmerge.solve(space, latency, importance, budget=budget, method=method)
-            except fxmerge.InfeasibleBudget as exc:
-                print(f"{name} {method} {budget:.0%}: {exc}")
-                plans[(method, budget)] = None
-                continue
-            plans[(method, budget)] = plan
-            nets[f"{method}@{budget}"] = fxmerge.transform(gm, plan)
-    nets = {k: v.to(device) for k, v in nets.items()}
-    if args.backend == "compile":
-        nets = {k: torch.compile(v) for k, v in nets.items()}
-    measured = time_interleaved(nets, x.to(device), repeat=args.repeat, warmup=args.warmup)
     rows = []
-    for (method, budget), plan in plans.items():
-        row = {"model": name, "method": method, "budget": budget,
-               "paper_speedup": PAPER.get((name, budget)) if method == "layermerge" else None}
-        if plan is None:
-            rows.append({**row, "note": "infeasible"})
-            continue
-        ms = measured[f"{method}@{budget}"]
-        rows.append({**row, "original_ms": measured["original"], "merged_ms": ms,
-                     "speedup": measured["original"] / ms,
-                     "predicted_speedup": original_table / plan.predicted_latency_ms,
-                     "predicted_ms": plan.predicted_latency_ms,
-                     "measured_over_predicted": ms / plan.predicted_latency_ms,
-                     "original_measured_over_table": measured["original"] / original_table,
-                     "blocks": len(plan.blocks)})
+    for batch in args.batch:
+        table_backend = "onnxruntime" if args.backend == "onnxruntime" else "eager"
+        latency = fxmerge.measure_latency(space, backend=table_backend, device=device,
+                                          batch_size=batch, warmup=5, repeat=args.table_repeat)
+        timer = NetworkTimer(gm, space, backend=args.backend, device=device, batch_size=batch,
+                             repeat=args.repeat)
+        original_table = latency.identity_latency(space)
+        chosen, by_table = {}, {}
+        for method in args.methods:
+            for budget in budgets:
+                key = f"{method}@{budget}"
+                started = time.perf_counter()
+                try:
+                    chosen[key] = solve_measured(space, latency, importance, timer,
+                                                 budget=budget, method=method)
+                except fxmerge.InfeasibleBudget as exc:
+                    print(f"{name} batch {batch} {key}: {exc}")
+                    chosen[key] = str(exc)
+                chosen[key + ":seconds"] = time.perf_counter() - started
+                try:
+                    by_table[key] = fxmerge.solve(space, latency, importance, budget=budget,
+                                                  method=method)
+                except fxmerge.InfeasibleBudget:
+                    pass
+        plans = {"original": fxmerge.Plan.identity(space)}
+        plans.update({k: p for k, p in chosen.items() if isinstance(p, fxmerge.Plan)})
+        plans.update({f"table:{k}": p for k, p in by_table.items()})
+        # the check: each plan timed again, in a fresh runner, side by side with the
+        # original alone (as it will run: caches hold one network, not a dozen)
+        inputs = timer.inputs
+        original = plan_runner(gm, plans.pop("original"), args.backend, inputs)
+        ratios, original_runs = {}, []
+        for key, plan in plans.items():
+            t = time_interleaved({"original": original,
+                                  "plan": plan_runner(gm, plan, args.backend, inputs)},
+                                 inputs, repeat=args.final_repeat, warmup=args.warmup)
+            ratios[key] = t["plan"].ms / t["original"].ms
+            original_runs.append(t["original"].ms)
+        original_ms = statistics.median(original_runs)
+        for method in args.methods:
+            for budget in budgets:
+                key = f"{method}@{budget}"
+                plan = chosen[key]
+                row = {"model": name, "backend": args.backend, "batch": batch,
+                       "method": method, "budget": budget,
+                       "paper_speedup": PAPER.get((name, budget)) if method == "layermerge"
+                       else None, "solve_seconds": round(chosen[key + ":seconds"], 1)}
+                if key in by_table:
+                    row["table_basis_ratio"] = ratios[f"table:{key}"]
+                if not isinstance(plan, fxmerge.Plan):
+                    rows.append({**row, "note": plan})
+                    continue
+                m = plan.measured
+                rows.append({**row, "original_ms": original_ms,
+                             "merged_ms": ratios[key] * original_ms,
+                             "measured_ratio": ratios[key], "speedup": 1 / ratios[key],
+                             "predicted_ratio": m["predicted_ratio"],
+                             "solve_ratio": m["ratio"], "rounds": m["rounds"],
+                             "table_ratio": plan.predicted_latency_ms / original_table,
+                             "blocks": len(plan.blocks)})
+        print(f"{name} batch {batch}: done", flush=True)
     return rows
+
+
+def headline(rows: list[dict]) -> dict:
+    """Per batch: the worst budget miss (measured / budget), the worst prediction error,
+    and the same miss for the table-basis plans."""
+    out = {}
+    for batch in sorted({r["batch"] for r in rows}):
+        done = [r for r in rows if r["batch"] == batch and "measured_ratio" in r]
+        table = [r for r in rows if r["batch"] == batch and "table_basis_ratio" in r]
+        if not done:
+            continue
+        out[f"batch {batch}"] = {
+            "plans": len(done),
+            "measured/budget range": [round(min(r["measured_ratio"] / r["budget"] for r in done), 3),
+                                      round(max(r["measured_ratio"] / r["budget"] for r in done), 3)],
+            "worst prediction error": round(max(abs(r["predicted_ratio"] / r["measured_ratio"] - 1)
+                                                for r in done), 3),
+            "median prediction error": round(statistics.median(
+                abs(r["predicted_ratio"] / r["measured_ratio"] - 1) for r in done), 3),
+            "table basis: measured/budget range": [
+                round(min(r["table_basis_ratio"] / r["budget"] for r in table), 3),
+                round(max(r["table_basis_ratio"] / r["budget"] for r in table), 3)]}
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backend", choices=["eager", "compile"], default="eager")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--backend", choices=["eager", "compile", "onnxruntime"],
+                        default="eager")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeat", type=int, default=20, help="rounds per loop timing")
+    parser.add_argument("--final-repeat", type=int, default=30, help="rounds of the check")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--table-repeat", type=int, default=20)
-    parser.add_argument("--table-warmup", type=int, default=5)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--methods", nargs="*", default=["layermerge", "depth", "layeronly"])
     args = parser.parse_args()
 
     rows = [row for name in args.models for row in bench_model(name, args)]
-    write(f"speedup_{args.device.split(':')[0]}_{args.backend}",
-          {"device": args.device, "backend": args.backend, "batch": args.batch,
-           "input": "3x224x224", "dtype": "float32", "timing": f"median of {args.repeat} "
-           f"interleaved rounds after {args.warmup} warm-up calls",
-           "latency table": f"eager, {args.device}, batch {args.batch}, median of "
-           f"{args.table_repeat}", "importance": "output agreement proxy, no fine-tuning",
-           "original": "BatchNorm folded (identity plan)"},
-          rows, ["model", "method", "budget", "original_ms", "merged_ms", "speedup",
-                 "predicted_speedup", "paper_speedup", "measured_over_predicted",
-                 "original_measured_over_table", "blocks", "note"],
-          f"Speed-up over the original ({args.device}, {args.backend}, batch {args.batch})")
+    meta = {"device": args.device, "backend": args.backend, "batch": args.batch,
+            "input": "3x224x224", "dtype": "float32",
+            "check timing": f"each plan in a fresh runner, timed with the original: median "
+            f"of {args.final_repeat} interleaved rounds after {args.warmup} warm-up calls; "
+            "original_ms: median over those runs",
+            "solve": f"solve_measured, tolerance 0.1, {args.repeat} interleaved rounds per "
+            "timing", "latency table": ("onnxruntime" if args.backend == "onnxruntime"
+                                        else "eager") + f", median of {args.table_repeat}",
+            "importance": "output agreement proxy, no fine-tuning",
+            "original": "BatchNorm folded (identity plan)", "headline": headline(rows)}
+    suffix = f"_b{'_'.join(map(str, args.batch))}" if args.batch != [1, 8] else ""
+    write(f"speedup_{args.device.split(':')[0]}_{args.backend}{suffix}", meta, rows,
+          ["model", "batch", "method", "budget", "measured_ratio", "speedup",
+           "predicted_ratio", "solve_ratio", "table_basis_ratio", "paper_speedup", "rounds",
+           "solve_seconds", "blocks", "note"],
+          f"Measured budgets ({args.device}, {args.backend}, batch {args.batch})")
 
 
 if __name__ == "__main__":

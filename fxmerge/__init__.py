@@ -14,6 +14,7 @@ from .errors import (
     TableError,
     TraceError,
 )
+from .measured import NetworkTimer, solve_measured
 from .passes import GraphDiff, diff, merge, prune, transform
 from .plan import Block, Plan
 from .solve import Frontier, frontier, solve
@@ -37,6 +38,7 @@ __all__ = [
     "LatencyTable",
     "MergeError",
     "MergeSpace",
+    "NetworkTimer",
     "Plan",
     "PlanError",
     "Skip",
@@ -53,6 +55,7 @@ __all__ = [
     "merge",
     "prune",
     "solve",
+    "solve_measured",
     "trace",
     "transform",
 ]

@@ -223,16 +223,23 @@ def _tables(args: argparse.Namespace):
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
+    from .measured import NetworkTimer, solve_measured
     from .solve import frontier, solve
 
-    _, space = _space(args)
+    gm, space = _space(args)
     latency, importance = _tables(args)
-    plan = solve(space, latency, importance, budget=args.budget, budget_ms=args.budget_ms,
-                 method=args.method, levels=args.levels)
+    if args.budget is not None and args.budget_basis == "measured":
+        timer = NetworkTimer.for_table(gm, space, latency, repeat=args.timing_repeat)
+        plan = solve_measured(space, latency, importance, timer, budget=args.budget,
+                              method=args.method, levels=args.levels)
+    else:
+        plan = solve(space, latency, importance, budget=args.budget, budget_ms=args.budget_ms,
+                     method=args.method, levels=args.levels)
     print(plan.describe())
     _write(args.out, plan.to_json())
     if args.frontier or args.plot:
-        front = frontier(space, latency, importance, method=args.method, levels=args.levels)
+        front = frontier(space, latency, importance, method=args.method,
+                         levels=args.levels or 1000)
         _write(args.frontier, front.to_json())
         if args.plot:
             print(f"wrote {front.plot(args.plot)}", file=sys.stderr)
@@ -300,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("latency", help="measure the latency table")
     _add_model_args(p)
     p.add_argument("--out", help="write the table as JSON")
-    p.add_argument("--backend", choices=["eager", "compile", "tensorrt"], default="eager")
+    p.add_argument("--backend", choices=["eager", "compile", "onnxruntime", "tensorrt"],
+                   default="eager")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, help="deployment batch (default: the input shape's)")
     p.add_argument("--warmup", type=int, default=10)
@@ -324,11 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", required=True, help="latency table JSON")
     p.add_argument("--importance", required=True, help="importance table JSON")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--budget", type=float, help="fraction of the original latency")
-    budget.add_argument("--budget-ms", type=float, help="absolute latency budget (ms)")
+    budget.add_argument("--budget", type=float, help="fraction of the original network's "
+                        "latency, measured on the latency table's backend, device and batch")
+    budget.add_argument("--budget-ms", type=float, help="absolute budget on the table (ms)")
+    p.add_argument("--budget-basis", choices=["measured", "table"], default="measured",
+                   help="measured: plans are timed whole against the original until one "
+                   "fits --budget; table: --budget is a fraction of the table's sum")
+    p.add_argument("--timing-repeat", type=int, default=30,
+                   help="interleaved rounds per network timing (measured basis)")
     p.add_argument("--method", choices=["layermerge", "depth", "layeronly"],
                    default="layermerge")
-    p.add_argument("--levels", type=int, default=1000)
+    p.add_argument("--levels", type=int, help="budget levels of the DP (default 1000; "
+                   "Depth: 0.05 ms units)")
     p.add_argument("--out", help="write the plan as JSON")
     p.add_argument("--frontier", help="write the importance/latency frontier as JSON")
     p.add_argument("--plot", help="save the frontier as a PNG (needs matplotlib)")

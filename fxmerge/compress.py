@@ -10,6 +10,7 @@ from typing import Any
 from torch import fx, nn
 
 from .capture import ExampleInputs, trace
+from .measured import NetworkTimer, solve_measured
 from .passes import merge, prune
 from .plan import Plan
 from .solve import solve
@@ -34,11 +35,13 @@ class CompressResult:
         return merge(self.pruned.eval())
 
     def report(self) -> str:
-        """Predicted latency and importance, and each block's convs and merged kernel."""
+        """Measured and predicted latency, importance, and each block's convs and kernel."""
         original = self.latency.identity_latency(self.space)
         p = self.plan
-        head = (f"{p.method} at budget {p.budget:.0%}: predicted {p.predicted_latency_ms:.4g} ms "
-                f"of {original:.4g} ms ({p.predicted_latency_ms / original:.1%}), importance "
+        basis = "measured" if p.measured else "table"
+        head = (f"{p.method} at budget {p.budget:.0%} ({basis} latency): table "
+                f"{p.predicted_latency_ms:.4g} ms of {original:.4g} ms "
+                f"({p.predicted_latency_ms / original:.1%}), importance "
                 f"{p.predicted_importance:.4g}; {len(p.removed_convs)} convs and "
                 f"{len(p.inner_positions)} activations removed, {len(p.blocks)} blocks")
         return head + "\n" + p.describe()
@@ -55,17 +58,27 @@ def compress(
     finetune: Callable[[nn.Module], nn.Module | None] | None = None,
     exclude: tuple[str, ...] = (),
     stride_rule: str = "paper",
-    levels: int = 1000,
+    levels: int | None = None,
     add_activations: bool | None = None,
+    budget_basis: str = "measured",
+    timing: Mapping[str, Any] | None = None,
 ) -> CompressResult:
-    """Trace, analyse, build the tables, solve at `budget` (a fraction of the original
-    table latency) and prune. `model` is not changed.
+    """Trace, analyse, build the tables, solve at `budget` and prune. `model` is not
+    changed.
+
+    `budget` is a fraction of the original network's measured latency (BatchNorm folded) on
+    the backend, device and batch of the latency table: plans are transformed and timed
+    against the original until one measures within it (`solve_measured`; `timing`: keyword
+    arguments for its `NetworkTimer`, such as `repeat`). `budget_basis="table"` makes it a
+    fraction of the table's sum instead, with no network timed.
 
     `latency`: a `LatencyTable`, or keyword arguments for `measure_latency` (default: eager
     on the CPU at the example batch). `importance`: an `ImportanceTable`, or an
     `evaluate(model) -> float` for the paper's estimator (with `finetune`), or None for the
     cheap output-agreement proxy on `example_inputs`.
     """
+    if budget_basis not in ("measured", "table"):
+        raise ValueError(f"budget_basis must be 'measured' or 'table', got {budget_basis!r}")
     gm = trace(model, example_inputs)
     space = analyze(gm, stride_rule=stride_rule, exclude=exclude,
                     add_activations=add_activations)
@@ -75,6 +88,11 @@ def compress(
         importance = estimate_importance(space, evaluate=OutputAgreement(gm, example_inputs))
     elif not isinstance(importance, ImportanceTable):
         importance = estimate_importance(space, evaluate=importance, finetune=finetune)
-    plan = solve(space, latency, importance, budget=budget, method=method, levels=levels)
+    if budget_basis == "measured":
+        timer = NetworkTimer.for_table(gm, space, latency, **dict(timing or {}))
+        plan = solve_measured(space, latency, importance, timer, budget=budget, method=method,
+                              levels=levels)
+    else:
+        plan = solve(space, latency, importance, budget=budget, method=method, levels=levels)
     pruned = prune(gm, plan)
     return CompressResult(plan, space, pruned, latency, importance)

@@ -51,6 +51,7 @@ class Plan:
     predicted_latency_ms: float | None = None
     predicted_importance: float | None = None
     extra: dict = field(default_factory=dict)
+    measured: dict = field(default_factory=dict)  # `solve_measured`: the network as timed
 
     # ---- derived views --------------------------------------------------------------
     @property
@@ -175,7 +176,8 @@ class Plan:
                 budget_ms=_typed(data, "budget_ms", number, default=None),
                 predicted_latency_ms=_typed(data, "predicted_latency_ms", number, default=None),
                 predicted_importance=_typed(data, "predicted_importance", number, default=None),
-                extra=_typed(data, "extra", dict, default={}))
+                extra=_typed(data, "extra", dict, default={}),
+                measured=_typed(data, "measured", dict, default={}))
         except TypeError as exc:
             raise PlanError(f"not a fxmerge plan: {exc}") from None
 
@@ -201,6 +203,12 @@ class Plan:
         header = (f"plan ({self.method}, budget={self.budget}, predicted "
                   f"{self.predicted_latency_ms} ms, importance {self.predicted_importance})")
         lines = [header]
+        if self.measured:
+            m = self.measured
+            lines.append(f"  measured ({m.get('backend')}, batch {m.get('batch_size')}): "
+                         f"{m.get('ratio', float('nan')):.1%} of the original's "
+                         f"{m.get('original_ms', float('nan')):.4g} ms (budget {self.budget:.0%}, "
+                         f"predicted {m.get('predicted_ratio', float('nan')):.1%})")
         for b in self.blocks:
             span = b.convs[0] if len(b.convs) == 1 else f"{b.convs[0]} .. {b.convs[-1]}"
             merged = f"{b.kernel}x{b.kernel}{' dw' if b.depthwise else ''}" if b.kept else "identity"

@@ -10,13 +10,14 @@ def test_compress_end_to_end_with_measured_latency_and_proxy_importance():
     x = torch.randn(4, 1, 16, 16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = fxmerge.compress(model, x, budget=0.7, exclude=DemoMobileNetV2.EXCLUDE,
-                              latency={"warmup": 1, "repeat": 3})
+                              latency={"warmup": 1, "repeat": 3}, budget_basis="table")
     plan = result.plan
     assert plan.method == "layermerge" and plan.budget == 0.7
     assert plan.predicted_latency_ms <= 0.7 * result.latency.identity_latency(result.space)
     assert result.importance.settings["estimator"] == "no fine-tuning"
     report = result.report()
-    assert "layermerge at budget 70%" in report and f"{len(plan.blocks)} blocks" in report
+    assert "layermerge at budget 70% (table latency)" in report and not plan.measured
+    assert f"{len(plan.blocks)} blocks" in report
     # ready to fine-tune: BatchNorms are still separate layers, weights are trainable
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in result.pruned.modules())
     assert all(p.requires_grad for p in result.pruned.parameters())

@@ -102,3 +102,59 @@ def test_compile_backend_runs():
     space = fxmerge.analyze(fxmerge.trace(net, torch.randn(1, 3, 8, 8)))
     table = fxmerge.measure_latency(space, backend="compile", warmup=1, repeat=2)
     assert table.settings["backend"] == "compile" and len(table) == space.num_entries
+
+
+def test_timing_statistics_are_robust_to_an_outlier():
+    t = fxmerge.tables.timing.Timing.of([1.0, 1.1, 0.9, 1.0, 50.0])
+    assert t.ms == 1.0 and t.n == 5 and t.q1 <= 1.0 <= t.q3 and t.spread < 30
+    assert fxmerge.tables.timing.Timing.of([2.0]).spread == 0.0
+
+
+def test_table_is_checked_against_the_whole_network():
+    table = fxmerge.measure_latency(tiny_space(), warmup=1, repeat=3)
+    s = table.settings
+    assert s["check"] == "ok" and s["network_ms"] > 0 and "spread" in s
+    assert s["table_share"] == pytest.approx(
+        table.identity_latency(tiny_space()) / s["network_ms"], rel=1e-3)
+
+
+def test_a_table_timed_under_load_is_retimed_then_flagged(monkeypatch):
+    """Convs that time 100x slower than the network they make up cannot be right: the table
+    is timed again, and when it stays wrong the warning and the record say so, and solve
+    repeats the warning."""
+    space = tiny_space()
+    calls = []
+
+    def loaded(sig, **kw):
+        calls.append(sig)
+        return fxmerge.tables.timing.Timing(1000.0, 1000.0, 1000.0, 1)
+
+    monkeypatch.setattr(latency_mod, "time_signature", loaded)
+    with pytest.warns(UserWarning, match=r"table sums to .*x the whole original network"):
+        table = fxmerge.measure_latency(space, warmup=1, repeat=2)
+    assert len(calls) == 2 * table.settings["num_signatures"]  # timed twice
+    assert table.settings["check"].startswith("failed")
+    again = fxmerge.LatencyTable.from_json(table.to_json())
+    imp = fxmerge.ImportanceTable.from_values(space, {e: 1.0 for e in space.entries})
+    with pytest.warns(UserWarning, match="failed its check"):
+        fxmerge.solve(space, again, imp, budget=0.9)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
+                    reason="onnxruntime is not installed (pip install 'fxmerge[onnx]')")
+def test_onnxruntime_backend_times_layers_and_runs_networks_exactly():
+    from helpers import randomize_batchnorm, relative_error
+
+    space = tiny_space()
+    table = fxmerge.measure_latency(space, backend="onnxruntime", warmup=1, repeat=2)
+    assert table.settings["backend"] == "onnxruntime" and table.settings["check"] == "ok"
+    assert len(table) == space.num_entries
+    net = randomize_batchnorm(small_net([("conv", 4, 3, 1, True, False),
+                                         ("conv", 4, 3, 1, True, False)]))
+    x = torch.randn(2, 3, 8, 8)
+    gm = fxmerge.trace(net, x)
+    plan = fxmerge.Plan.random(fxmerge.analyze(gm), seed=1)
+    run = fxmerge.tables.timing.plan_runner(gm, plan, "onnxruntime", (x,))
+    with torch.no_grad():
+        expected = fxmerge.transform(gm, plan)(x)
+    assert relative_error(expected, torch.from_numpy(run(x)[0])) < 1e-5

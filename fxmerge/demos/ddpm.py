@@ -23,13 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture import trace
+from ..measured import NetworkTimer
 from ..models import DDPM_EXCLUDE, DDPMUNet
 from ..passes import merge, prune, transform
 from ..plan import Plan
 from ..solve import METHODS
 from ..space import analyze
 from ..tables.importance import estimate_importance
-from ..tables.latency import measure_latency, time_interleaved
+from ..tables.latency import measure_latency
+from ..tables.timing import time_interleaved
 from .shared import accuracy, feasible_plans, load_digits, pyplot, train
 
 
@@ -240,9 +242,10 @@ def run_ddpm_demo(out: Path | None = None, config: DDPMDemoConfig = DDPMDemoConf
     print(f"importance table: {len(importance)} fine-tuned estimates ({clock()})")
 
     nets = {"original": transform(gm, Plan.identity(space))}
-    original_table = latency.identity_latency(space)
+    timer = NetworkTimer.for_table(gm, space, latency, repeat=config.compare_repeat // 2)
     rows, plans = [], {}
-    for method, budget, plan in feasible_plans(space, latency, importance, config.budgets):
+    for method, budget, plan in feasible_plans(space, latency, importance, config.budgets,
+                                               timer=timer):
         pruned = train_diffusion(prune(gm, plan), x_train, diffusion,
                                  steps=config.finetune_steps, lr=config.finetune_lr,
                                  batch=config.batch)
@@ -256,10 +259,11 @@ def run_ddpm_demo(out: Path | None = None, config: DDPMDemoConfig = DDPMDemoConf
                      "merge_error": error,
                      "convs_removed": len(plan.removed_convs),
                      "activations_removed": len(plan.inner_positions),
-                     "predicted_ratio": round(plan.predicted_latency_ms / original_table, 4)})
+                     "predicted_ratio": plan.measured["predicted_ratio"]})
     print(f"fine-tuned and merged {len(rows)} networks ({clock()})")
 
-    measured = time_interleaved(nets, (x, t), repeat=config.compare_repeat)
+    measured = {name: timing.ms for name, timing in
+                time_interleaved(nets, (x, t), repeat=config.compare_repeat).items()}
     samples = {name: diffusion.sample(net, config.samples, config.size)
                for name, net in nets.items()}
     frechet = {name: frechet_distance(classifier.features(s), real)
@@ -269,6 +273,7 @@ def run_ddpm_demo(out: Path | None = None, config: DDPMDemoConfig = DDPMDemoConf
     for row in rows:
         name = f"{row['method']}@{row['budget']}"
         row.update(speedup=round(measured["original"] / measured[name], 3),
+                   measured_ratio=round(measured[name] / measured["original"], 4),
                    latency_ms=round(measured[name], 4), frechet=round(frechet[name], 3))
     print_table(rows, original, floor)
     if out is not None:
@@ -302,12 +307,13 @@ def print_table(rows: list[dict], original: dict, floor: float) -> None:
     print(f"\noriginal: held-out loss {original['loss']:.4f}, Frechet distance "
           f"{original['frechet']:.2f} (real vs real: {floor:.2f}), {original['latency_ms']:.2f} ms")
     head = (f"{'method':<11} {'budget':>6} {'loss':>7} {'Frechet':>8} {'latency ms':>10} "
-            f"{'speed-up':>8}")
+            f"{'measured':>8} {'speed-up':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['method']:<11} {r['budget']:>6.0%} {r['loss']:>7.4f} {r['frechet']:>8.2f} "
-              f"{r['latency_ms']:>10.2f} {r['speedup']:>7.2f}x")
+              f"{r['latency_ms']:>10.2f} {r['measured_ratio']:>8.1%} {r['speedup']:>7.2f}x")
+    print("budget and measured: fractions of the original's measured latency")
 
 
 def plot_samples(path: Path, samples: dict[str, torch.Tensor], rows: list[dict]) -> None:

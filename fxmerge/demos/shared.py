@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InfeasibleBudget
+from ..measured import NetworkTimer, solve_measured
 from ..plan import Plan
 from ..solve import METHODS, solve
 from ..space import MergeSpace
@@ -76,15 +77,18 @@ def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float
 
 
 def feasible_plans(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable,
-                   budgets: tuple[float, ...], methods: tuple[str, ...] = tuple(METHODS)
-                   ) -> Iterator[tuple[str, float, Plan]]:
-    """`(method, budget, plan)` for every method and budget; those the method cannot reach
-    on this table are reported and skipped."""
+                   budgets: tuple[float, ...], methods: tuple[str, ...] = tuple(METHODS),
+                   timer: NetworkTimer | None = None) -> Iterator[tuple[str, float, Plan]]:
+    """`(method, budget, plan)` for every method and budget, budgets measured with `timer`
+    (table budgets without); those the method cannot reach are reported and skipped."""
     for method in methods:
         for budget in budgets:
             try:
-                yield method, budget, solve(space, latency, importance, budget=budget,
-                                            method=method)
+                yield method, budget, (
+                    solve(space, latency, importance, budget=budget, method=method)
+                    if timer is None else
+                    solve_measured(space, latency, importance, timer, budget=budget,
+                                   method=method))
             except InfeasibleBudget as exc:
                 print(f"{method} at {budget:.0%}: infeasible ({exc})")
 

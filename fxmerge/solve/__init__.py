@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import numbers
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,9 @@ def solve(
     if (budget is None) == (budget_ms is None):
         raise ValueError("give exactly one of budget (a fraction) or budget_ms")
     original = latency.identity_latency(space)
+    if str(latency.settings.get("check", "")).startswith("failed"):
+        warnings.warn(f"solving on a latency table that failed its check against the whole "
+                      f"network ({latency.settings['check'][8:]})", stacklevel=2)
     if budget_ms is None:
         budget_ms = _positive("budget", budget) * original
     _positive("budget_ms", budget_ms)
@@ -109,6 +113,12 @@ def solve(
     log.info("%s: %d blocks, predicted %.4g ms (budget %.4g ms)", method, len(plan.blocks),
              plan.predicted_latency_ms, budget_ms)
     return plan
+
+
+def fastest_latency(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable,
+                    method: str = "layermerge") -> float:
+    """The smallest table latency any `method` plan reaches."""
+    return min_latency(space.L, _method(method).edges(space, latency, importance))
 
 
 @dataclass
@@ -185,4 +195,4 @@ def frontier(space: MergeSpace, latency: LatencyTable, importance: ImportanceTab
                     conv_scores)
 
 
-__all__ = ["METHODS", "Frontier", "frontier", "solve"]
+__all__ = ["METHODS", "Frontier", "fastest_latency", "frontier", "solve"]

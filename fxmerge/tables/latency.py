@@ -9,23 +9,22 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
 import statistics
 import time
-from collections.abc import Callable
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..capture.ops import ACTIVATION_CLASSES
-from ..capture.trace import ExampleInputs, as_tuple
+from ..capture.trace import example_inputs
 from ..errors import TableError
+from ..plan import Plan
 from ..space import IDENTITY, Entry, MergeSpace
 from .base import EntryTable, show_progress
+from .timing import Timing, at_batch, machine_description, plan_runner, prepare, time_callable
 
 log = logging.getLogger(__name__)
 
@@ -89,82 +88,19 @@ class LatencyTable(EntryTable):
         return total
 
 
-# ---- timing -------------------------------------------------------------------------------
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_callable(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeat: int
-                  ) -> float:
-    """Median milliseconds of `fn()` over `repeat` runs after `warmup` runs."""
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        _synchronize(device)
-        samples = []
-        if device.type == "cuda":
-            for _ in range(repeat):
-                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end))
-        else:
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                fn()
-                samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
-
-
-def time_interleaved(nets: dict[str, Callable], x: ExampleInputs, *, repeat: int,
-                     warmup: int = 3) -> dict[str, float]:
-    """Median ms of each network on `x` (a tensor or a tuple of inputs), timed side by side:
-    after `warmup` calls each, every round calls every network once, in turn, so drift hits
-    them all alike."""
-    inputs = as_tuple(x)
-    with torch.inference_mode():
-        for net in nets.values():
-            for _ in range(warmup):
-                net(*inputs)
-    samples: dict[str, list[float]] = {name: [] for name in nets}
-    for _ in range(repeat):
-        for name, net in nets.items():
-            samples[name].append(time_callable(lambda n=net: n(*inputs), inputs[0].device,
-                                               warmup=0, repeat=1))
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
-def compile_for(module: nn.Module, backend: str, example: torch.Tensor) -> Callable:
-    """`module` prepared for a latency backend: eager, compile (inductor) or tensorrt."""
-    if backend == "eager":
-        return module
-    if backend == "compile":
-        return torch.compile(module, backend="inductor")
-    if backend == "tensorrt":
-        try:
-            import torch_tensorrt
-        except ImportError as exc:
-            raise TableError("the tensorrt backend needs torch-tensorrt: "
-                             "pip install 'fxmerge[trt]'") from exc
-        return torch_tensorrt.compile(module, inputs=[example])
-    raise TableError(f"unknown latency backend {backend!r} (eager, compile, tensorrt)")
-
-
 def time_signature(sig: ConvSignature, *, backend: str, device: torch.device,
-                   dtype: torch.dtype, warmup: int, repeat: int) -> float:
+                   dtype: torch.dtype, warmup: int, repeat: int) -> Timing:
     module = sig.module().to(device=device, dtype=dtype).eval()
     x = torch.randn(sig.input_shape, device=device, dtype=dtype)
-    fn = compile_for(module, backend, x)
+    fn = prepare(module, backend, x)
     return time_callable(lambda: fn(x), device, warmup=warmup, repeat=repeat)
 
 
-def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+# A whole network costs its searched convs (the table's sum) plus what the search leaves
+# out (stem, head, skip adds, norms, attention), less what running in context saves. A
+# table whose sum is outside these bounds, as a fraction of the whole network timed on the
+# same backend, was timed under other conditions than the network (a loaded machine).
+PLAUSIBLE_TABLE_SHARE = (0.2, 3.0)
 
 
 def measure_latency(
@@ -179,45 +115,85 @@ def measure_latency(
     threads: int | None = None,
     cache: str | Path | None = None,
     deduplicate: bool = True,
+    check: bool = True,
     progress: bool | None = None,
 ) -> LatencyTable:
     """Time every entry of `space` as its single merged layer; identity costs nothing.
 
-    Distinct conv signatures are timed once (`deduplicate=False` times every entry, to
-    measure what that saves). With `cache`, each timing is written to that JSON file as soon
-    as it is known, and a rerun with the same settings resumes where it stopped.
+    Each timing is the median of `repeat` runs (their spread is recorded). Distinct conv
+    signatures are timed once (`deduplicate=False` times every entry, to measure what that
+    saves). With `cache`, each timing is written to that JSON file as soon as it is known,
+    and a rerun with the same settings resumes where it stopped. With `check`, the original
+    network (BatchNorm folded) is timed whole on the same backend; a table whose sum is not a
+    plausible share of it (`PLAUSIBLE_TABLE_SHARE`) is timed again, and if it still is not,
+    a warning says so and `settings["check"]` records it (`solve` repeats the warning).
     """
     from tqdm.auto import tqdm
 
     device = torch.device(device)
     if threads is not None:
         torch.set_num_threads(threads)
+    batch = batch_size or space.input_shape(0)[0]
     settings = {
         "backend": backend, "device": str(device), "machine": machine_description(device),
-        "batch_size": batch_size or space.input_shape(0)[0], "dtype": str(dtype),
-        "warmup": warmup, "repeat": repeat, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "statistic": "median",
+        "batch_size": batch, "dtype": str(dtype), "warmup": warmup, "repeat": repeat,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "statistic": "median",
     }
     signatures = {e: entry_signature(space, e, batch_size) for e in space.entries
                   if (e.k, e.dw) != IDENTITY}
     jobs = list(dict.fromkeys(signatures.values())) if deduplicate else list(signatures)
     timings = _load_cache(cache, settings)
-    todo = [job for job in jobs if _job_key(job, signatures) not in timings]
     started = time.perf_counter()
-    bar = tqdm(todo, desc="latency table", unit="conv", disable=not show_progress(progress))
-    for job in bar:
-        sig = signatures[job] if isinstance(job, Entry) else job
-        timings[_job_key(job, signatures)] = time_signature(
-            sig, backend=backend, device=device, dtype=dtype, warmup=warmup, repeat=repeat)
-        _save_cache(cache, settings, timings)
-    values = {e: 0.0 for e in space.entries if e not in signatures}  # removing a conv
-    values.update({e: timings[_job_key(sig if deduplicate else e, signatures)]
-                   for e, sig in signatures.items()})
+    for attempt in (1, 2):
+        todo = [job for job in jobs if _job_key(job, signatures) not in timings]
+        bar = tqdm(todo, desc="latency table", unit="conv", disable=not show_progress(progress))
+        spreads = []
+        for job in bar:
+            sig = signatures[job] if isinstance(job, Entry) else job
+            timing = time_signature(sig, backend=backend, device=device, dtype=dtype,
+                                    warmup=warmup, repeat=repeat)
+            timings[_job_key(job, signatures)] = timing.ms
+            spreads.append(timing.spread)
+            _save_cache(cache, settings, timings)
+        values = {e: 0.0 for e in space.entries if e not in signatures}  # removing a conv
+        values.update({e: timings[_job_key(sig if deduplicate else e, signatures)]
+                       for e, sig in signatures.items()})
+        table = LatencyTable(values, space.signature, settings)
+        if spreads:
+            settings["spread"] = round(statistics.median(spreads), 4)
+        if not check:
+            break
+        verdict = _check_against_network(table, space, backend, device, dtype, batch)
+        if verdict is None or attempt == 2:
+            break
+        log.warning("%s; timing the table again", verdict)
+        timings = {}
+    if check and verdict is not None:
+        settings["check"] = f"failed: {verdict}"
+        warnings.warn(f"latency table: {verdict}; the machine was probably busy: time it "
+                      "again on an idle machine", stacklevel=2)
     settings.update(num_entries=len(values), num_signatures=len(set(signatures.values())),
                     num_timed=len(jobs), seconds=round(time.perf_counter() - started, 3))
     log.info("latency table: %d entries, %d distinct signatures", len(values),
              settings["num_signatures"])
-    return LatencyTable(values, space.signature, settings)
+    return table
+
+
+def _check_against_network(table: LatencyTable, space: MergeSpace, backend: str,
+                           device: torch.device, dtype: torch.dtype, batch: int) -> str | None:
+    """Time the original network whole and record it in the table's settings; None if the
+    table's sum is a plausible share of it, else what is wrong."""
+    inputs = tuple(x.to(device) for x in at_batch(example_inputs(space.gm), batch))
+    run = plan_runner(space.gm, Plan.identity(space), backend, inputs, dtype)
+    network = time_callable(lambda: run(*inputs), device, warmup=3, repeat=10)
+    share = table.identity_latency(space) / network.ms
+    table.settings.update(network_ms=round(network.ms, 6), table_share=round(share, 4),
+                          check="ok")
+    low, high = PLAUSIBLE_TABLE_SHARE
+    if low <= share <= high:
+        return None
+    return (f"the table sums to {share:.2f}x the whole original network's "
+            f"{network.ms:.4g} ms (plausible: {low} to {high})")
 
 
 def _job_key(job: ConvSignature | Entry, signatures: dict) -> str:

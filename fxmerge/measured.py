@@ -1,0 +1,198 @@
+"""Measured budgets: the plan whose network, timed whole and side by side with the original
+(BatchNorm folded), runs within a fraction of the original's measured latency.
+
+The latency table predicts a plan's cost as a sum of isolated layers; the network also runs
+what the search leaves out, and a layer costs something else in context. `solve_measured`
+closes that gap by measurement: it solves at a table budget, transforms and times the plan
+against the original, and re-solves at a corrected table budget (a secant step through the
+measured points, bracketed) until the measured ratio lands in `[budget * (1 - tolerance),
+budget]`. Every plan one `NetworkTimer` has measured calibrates the next solve's first
+guess, and the model that predicts a plan's ratio from its table latency.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from itertools import pairwise
+
+import torch
+from torch import fx
+
+from .capture.trace import example_inputs
+from .errors import InfeasibleBudget
+from .plan import Plan
+from .solve import fastest_latency, solve
+from .space import MergeSpace
+from .tables.importance import ImportanceTable
+from .tables.latency import LatencyTable
+from .tables.timing import at_batch, machine_description, plan_runner, time_interleaved
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One plan's network timed against the original: medians, and their ratio."""
+
+    table_ms: float
+    ms: float
+    original_ms: float
+    spread: float
+
+    @property
+    def ratio(self) -> float:
+        return self.ms / self.original_ms
+
+
+class NetworkTimer:
+    """Times the networks plans make of `gm` against its original, side by side, on one
+    backend, device and batch (by default those its latency table was measured with);
+    remembers each plan's measurement."""
+
+    def __init__(self, gm: fx.GraphModule, space: MergeSpace, *, backend: str = "eager",
+                 device: str | torch.device = "cpu", batch_size: int | None = None,
+                 repeat: int = 30, warmup: int = 5) -> None:
+        self.gm, self.space = gm, space
+        self.backend, self.device = backend, torch.device(device)
+        self.inputs = tuple(x.to(self.device) for x in at_batch(example_inputs(gm), batch_size))
+        self.repeat, self.warmup = repeat, warmup
+        self.original = plan_runner(gm, Plan.identity(space), backend, self.inputs)
+        self.measurements: dict[tuple, Measurement] = {}
+
+    @classmethod
+    def for_table(cls, gm: fx.GraphModule, space: MergeSpace, latency: LatencyTable,
+                  **kwargs) -> NetworkTimer:
+        """A timer on the backend, device and batch `latency` was measured with."""
+        s = latency.settings
+        return cls(gm, space, backend=s.get("backend", "eager"), device=s.get("device", "cpu"),
+                   batch_size=s.get("batch_size"), **kwargs)
+
+    @property
+    def settings(self) -> dict:
+        return {"backend": self.backend, "device": str(self.device),
+                "machine": machine_description(self.device),
+                "batch_size": self.inputs[0].shape[0] if self.inputs[0].dim() else 1,
+                "threads": torch.get_num_threads(), "repeat": self.repeat,
+                "statistic": "median of interleaved rounds"}
+
+    def measure(self, plan: Plan) -> Measurement:
+        """`plan`'s network and the original, timed side by side (once per plan)."""
+        if plan.blocks not in self.measurements:
+            run = plan_runner(self.gm, plan, self.backend, self.inputs)
+            t = time_interleaved({"original": self.original, "plan": run}, self.inputs,
+                                 repeat=self.repeat, warmup=self.warmup)
+            self.measurements[plan.blocks] = Measurement(
+                plan.predicted_latency_ms, t["plan"].ms, t["original"].ms,
+                max(t["plan"].spread, t["original"].spread))
+        return self.measurements[plan.blocks]
+
+    def points(self, original_table_ms: float) -> list[tuple[float, float]]:
+        """(table latency, measured ratio) of every plan measured, and of the original."""
+        return sorted({(original_table_ms, 1.0),
+                       *((m.table_ms, m.ratio) for m in self.measurements.values())})
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float:
+    """y at `x` on the piecewise-linear curve through `points` (x, y), extended by its end
+    segments; through the origin when there is only one point."""
+    pts = sorted(points)
+    if len(pts) == 1:
+        return pts[0][1] * x / pts[0][0]
+    for (x0, y0), (x1, y1) in pairwise(pts):
+        if x <= x1:
+            break  # else: the last segment, extended
+    return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def predict_ratio(timer: NetworkTimer, latency: LatencyTable, table_ms: float,
+                  exclude: tuple | None = None) -> float:
+    """The measured ratio the timer's calibration predicts for a plan of this table latency
+    (leaving out the measurement of the plan with blocks `exclude`)."""
+    original = latency.identity_latency(timer.space)
+    pts = {(original, 1.0)} | {(m.table_ms, m.ratio) for b, m in timer.measurements.items()
+                               if b != exclude}
+    return interpolate(list(pts), table_ms)
+
+
+def solve_measured(
+    space: MergeSpace,
+    latency: LatencyTable,
+    importance: ImportanceTable,
+    timer: NetworkTimer,
+    *,
+    budget: float,
+    method: str = "layermerge",
+    levels: int | None = None,
+    tolerance: float = 0.1,
+    rounds: int = 8,
+) -> Plan:
+    """The best `method` plan whose network measures within `budget` (a fraction of the
+    original's measured latency) and, where the plans allow, above `budget * (1 -
+    tolerance)`. The plan records its measurement in `plan.measured`."""
+    if not 0 < tolerance < 1:
+        raise ValueError(f"tolerance must be in (0, 1), got {tolerance}")
+    if not 0 < budget:
+        raise ValueError(f"budget must be positive, got {budget}")
+    original = latency.identity_latency(space)
+    low, aim = budget * (1 - tolerance), budget * (1 - tolerance / 2)
+    floor = fastest_latency(space, latency, importance, method)
+    below, above = (0.0, 0.0), (float("inf"), float("inf"))  # own (table ms, ratio) bracket
+    tried: list[tuple[Plan, Measurement, float]] = []
+    table_ms = _guess(timer.points(original), aim)
+    for _ in range(rounds):
+        table_ms = min(max(table_ms, floor), original * max(1.0, budget))
+        try:
+            plan = solve(space, latency, importance, budget_ms=table_ms * (1 + 1e-9),
+                         method=method, levels=levels)
+        except InfeasibleBudget:  # levels too coarse this close to the fastest plan
+            floor = table_ms * 1.01
+            continue
+        predicted = predict_ratio(timer, latency, plan.predicted_latency_ms, plan.blocks)
+        m = timer.measure(plan)
+        tried.append((plan, m, predicted))
+        log.info("%s: table %.4g ms -> measured %.1f%% (aim %.1f%%)", method, m.table_ms,
+                 100 * m.ratio, 100 * aim)
+        if low <= m.ratio <= budget:
+            break
+        if m.ratio > budget:
+            above = min(above, (m.table_ms, m.ratio))
+        else:
+            below = max(below, (m.table_ms, m.ratio))
+        if above[0] <= floor * (1 + 1e-9):
+            break  # the fastest plan is too slow
+        pts = [p for p in (below, above) if 0 < p[0] < float("inf")]
+        table_ms = _guess(pts if len(pts) == 2 else timer.points(original), aim)
+        # the next plan must lie strictly between the bracket's plans
+        gap = 1e-3 * original
+        if above[0] - below[0] <= 2 * gap:
+            break
+        table_ms = min(max(table_ms, below[0] + gap), above[0] - gap)
+    fitting = [t for t in tried if t[1].ratio <= budget]
+    if not tried:
+        raise InfeasibleBudget(f"no {method} plan found near its fastest table latency "
+                               f"{floor:.4g} ms: use more levels")
+    if not fitting:
+        fastest = min(t[1].ratio for t in tried)
+        raise InfeasibleBudget(
+            f"no {method} plan measured within {budget:.1%} of the original's latency on "
+            f"{timer.backend} (the fastest plan tried measures {fastest:.1%}; the lowest "
+            f"table latency tried is {min(t[1].table_ms for t in tried) / original:.1%} of "
+            "the original's)")
+    plan, m, predicted = max(fitting, key=lambda t: t[1].ratio)
+    measured = {**timer.settings, "budget": budget, "tolerance": tolerance,
+                "ratio": round(m.ratio, 4), "ms": round(m.ms, 6),
+                "original_ms": round(m.original_ms, 6), "spread": round(m.spread, 4),
+                "predicted_ratio": round(predicted, 4), "rounds": len(tried),
+                "in_window": m.ratio >= low}
+    return replace(plan, budget=budget, budget_ms=round(budget * m.original_ms, 6),
+                   measured=measured)
+
+
+def _guess(points: list[tuple[float, float]], aim: float) -> float:
+    """The table latency at which the (table ms, ratio) curve through `points` reaches
+    `aim`: the inverse of `interpolate`, on points ordered by ratio."""
+    return interpolate([(r, t) for t, r in points], aim)
+
+
+__all__ = ["Measurement", "NetworkTimer", "predict_ratio", "solve_measured"]

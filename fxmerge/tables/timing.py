@@ -1,0 +1,177 @@
+"""Timing on a backend: robust statistics, side-by-side (interleaved) runs, and the backends
+a network or one layer can be prepared for (eager, torch.compile, ONNX Runtime, TensorRT)."""
+
+from __future__ import annotations
+
+import io
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..capture.trace import ExampleInputs, as_tuple
+from ..errors import TableError
+from ..passes import transform
+from ..plan import Plan
+
+BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds of repeated runs: the median, the quartiles and how many runs."""
+
+    ms: float
+    q1: float
+    q3: float
+    n: int
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> Timing:
+        if len(samples) < 2:
+            return cls(samples[0], samples[0], samples[0], len(samples))
+        q1, _, q3 = statistics.quantiles(samples, n=4)
+        return cls(statistics.median(samples), q1, q3, len(samples))
+
+    @property
+    def spread(self) -> float:
+        """The interquartile range relative to the median."""
+        return (self.q3 - self.q1) / self.ms if self.ms > 0 else 0.0
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _samples(fn: Callable[[], Any], device: torch.device, repeat: int) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def time_callable(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeat: int
+                  ) -> Timing:
+    """`fn()` timed `repeat` times after `warmup` runs."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        _synchronize(device)
+        return Timing.of(_samples(fn, device, repeat))
+
+
+def time_interleaved(nets: dict[str, Callable], x: ExampleInputs, *, repeat: int,
+                     warmup: int = 3) -> dict[str, Timing]:
+    """Each network on `x` (a tensor or a tuple of inputs), timed side by side: after
+    `warmup` calls each, every round calls every network once, in turn, so drift and load
+    hit them all alike."""
+    inputs = as_tuple(x)
+    device = inputs[0].device
+    samples: dict[str, list[float]] = {name: [] for name in nets}
+    with torch.inference_mode():
+        for net in nets.values():
+            for _ in range(warmup):
+                net(*inputs)
+        _synchronize(device)
+        for _ in range(repeat):
+            for name, net in nets.items():
+                samples[name] += _samples(lambda n=net: n(*inputs), device, 1)
+    return {name: Timing.of(s) for name, s in samples.items()}
+
+
+def prepare(module: nn.Module, backend: str, example: ExampleInputs) -> Callable:
+    """`module` (in eval mode, on its device) ready to run on a backend: the callable takes
+    the same tensors as the module."""
+    if backend == "eager":
+        return module
+    if backend == "compile":
+        return torch.compile(module, backend="inductor")
+    if backend == "onnxruntime":
+        return _onnxruntime_session(module, as_tuple(example))
+    if backend == "tensorrt":
+        try:
+            import torch_tensorrt
+        except ImportError as exc:
+            raise TableError("the tensorrt backend needs torch-tensorrt: "
+                             "pip install 'fxmerge[trt]'") from exc
+        return torch_tensorrt.compile(module, inputs=list(as_tuple(example)))
+    raise TableError(f"unknown latency backend {backend!r} ({', '.join(BACKENDS)})")
+
+
+def _onnxruntime_session(module: nn.Module, inputs: tuple) -> Callable:
+    """Export to ONNX in memory and open an InferenceSession (all graph optimisations, as
+    many intra-op threads as torch uses); the callable converts tensors to and from numpy."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise TableError("the onnxruntime backend needs onnxruntime: "
+                         "pip install 'fxmerge[onnx]'") from exc
+    if any(x.device.type != "cpu" for x in inputs):
+        raise TableError("the onnxruntime backend runs on the CPU: use device='cpu'")
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(module, inputs, buffer, dynamo=False,
+                          input_names=[f"x{i}" for i in range(len(inputs))])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    # idle sessions must not spin on the cores while another network is timed
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(buffer.getvalue(), options,
+                                   providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(*xs: torch.Tensor):
+        return session.run(None, {n: x.numpy() for n, x in zip(names, xs)})
+
+    return run
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def at_batch(inputs: ExampleInputs, batch: int | None) -> tuple[torch.Tensor, ...]:
+    """Example inputs with their batch dimension set to `batch` (repeated or cut)."""
+    inputs = as_tuple(inputs)
+    if batch is None:
+        return inputs
+    out = []
+    for x in inputs:
+        if x.dim() == 0:
+            out.append(x)
+            continue
+        reps = -(-batch // x.shape[0])
+        out.append(x.repeat(reps, *[1] * (x.dim() - 1))[:batch].contiguous())
+    return tuple(out)
+
+
+def plan_runner(gm: fx.GraphModule, plan: Plan, backend: str, inputs: tuple,
+                dtype: torch.dtype = torch.float32) -> Callable:
+    """The network `plan` makes of `gm` (merged, eval mode; the identity plan gives the
+    original with BatchNorm folded), on the inputs' device, prepared for `backend`."""
+    net = transform(gm, plan).to(device=inputs[0].device, dtype=dtype).eval()
+    return prepare(net, backend, inputs)

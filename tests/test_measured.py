@@ -1,0 +1,118 @@
+"""Measured budgets: the solve loop (against a deterministic stand-in for the clock), the
+real timer on a small network, and the calibration it predicts with."""
+
+import json
+import random
+
+import pytest
+import torch
+from models import small_net
+
+import fxmerge
+from fxmerge.measured import Measurement, NetworkTimer, interpolate, solve_measured
+from fxmerge.models import DemoMobileNetV2
+from fxmerge.solve import layeronly
+
+
+def demo_problem():
+    gm = fxmerge.trace(DemoMobileNetV2(), torch.randn(2, 1, 16, 16))
+    space = fxmerge.analyze(gm, exclude=DemoMobileNetV2.EXCLUDE)
+    lat = fxmerge.LatencyTable.from_values(
+        space, {e: 0.0 if e.k == 0 else 1.0 + 0.05 * e.k**2 for e in space.entries})
+    rng = random.Random(0)
+    keys = [*space.entries, *layeronly.importance_keys(space)]
+    imp = fxmerge.ImportanceTable.from_values(space, {k: rng.uniform(0.5, 1) for k in keys})
+    return gm, space, lat, imp
+
+
+class ClockModel(NetworkTimer):
+    """A timer whose network costs `outside` plus `scale` times the plan's table latency
+    (what the table leaves out, and layers costing more in context), without timing."""
+
+    def __init__(self, space, lat, outside: float, scale: float):
+        self.space, self.backend, self.device = space, "model", torch.device("cpu")
+        self.inputs, self.repeat, self.measurements = (torch.zeros(3),), 1, {}
+        self.original_ms = outside + scale * lat.identity_latency(space)
+        self.outside, self.scale, self.calls = outside, scale, 0
+
+    def measure(self, plan):
+        if plan.blocks not in self.measurements:
+            self.calls += 1
+            ms = self.outside + self.scale * plan.predicted_latency_ms
+            self.measurements[plan.blocks] = Measurement(plan.predicted_latency_ms, ms,
+                                                         self.original_ms, 0.0)
+        return self.measurements[plan.blocks]
+
+
+@pytest.mark.parametrize("method, budget, table_too_slow", [
+    ("layermerge", 0.75, True), ("layermerge", 0.6, True), ("depth", 0.9, False),
+    ("layeronly", 0.95, True)])
+def test_solve_lands_in_the_measured_window(method, budget, table_too_slow):
+    _, space, lat, imp = demo_problem()
+    timer = ClockModel(space, lat, outside=10.0, scale=1.5)
+    plan = solve_measured(space, lat, imp, timer, budget=budget, method=method)
+    m = plan.measured
+    assert m["ratio"] == pytest.approx(timer.measure(plan).ratio, abs=1e-4)
+    assert 0.9 * budget <= m["ratio"] <= budget and m["in_window"]
+    assert timer.calls <= m["rounds"] <= 8
+    assert plan.budget == budget and plan.method == method
+    # the table alone gives a slower network than asked (the gap fixed here), except where
+    # Depth's coarse plans happen to fall well below the budget
+    by_table = fxmerge.solve(space, lat, imp, budget=budget, method=method)
+    assert (timer.measure(by_table).ratio > budget) == table_too_slow
+    # the measured figures survive JSON
+    again = fxmerge.Plan.from_json(plan.to_json())
+    assert again.measured == json.loads(plan.to_json())["measured"] == m
+
+
+def test_a_second_solve_is_calibrated_by_the_first():
+    _, space, lat, imp = demo_problem()
+    timer = ClockModel(space, lat, outside=10.0, scale=1.5)
+    solve_measured(space, lat, imp, timer, budget=0.7)
+    first = timer.calls
+    plan = solve_measured(space, lat, imp, timer, budget=0.72)
+    assert timer.calls - first <= 1  # the first guess, from the first solve's points
+    # the model is exact for a linear clock: the prediction made before measuring is right
+    assert plan.measured["predicted_ratio"] == pytest.approx(plan.measured["ratio"], abs=2e-3)
+
+
+def test_unreachable_measured_budget_names_the_fastest_measurement():
+    _, space, lat, imp = demo_problem()
+    timer = ClockModel(space, lat, outside=20.0, scale=1.0)
+    with pytest.raises(fxmerge.InfeasibleBudget, match=r"no layermerge plan measured within "
+                       r"30.0% .* fastest plan tried measures"):
+        solve_measured(space, lat, imp, timer, budget=0.3)
+
+
+def test_interpolate_is_piecewise_linear_and_extends_its_ends():
+    pts = [(1.0, 0.5), (2.0, 1.0), (4.0, 1.5)]
+    assert interpolate(pts, 3.0) == pytest.approx(1.25)
+    assert interpolate(pts, 0.0) == pytest.approx(0.0)
+    assert interpolate(pts, 6.0) == pytest.approx(2.0)
+    assert interpolate([(2.0, 1.0)], 1.0) == pytest.approx(0.5)
+
+
+def test_real_timer_times_each_plan_once_against_the_original():
+    net = small_net([("conv", 8, 3, 1, True, False), ("conv", 8, 3, 1, True, False),
+                     ("conv", 8, 3, 1, True, False)])
+    gm = fxmerge.trace(net, torch.randn(1, 3, 32, 32))
+    space = fxmerge.analyze(gm)
+    timer = NetworkTimer(gm, space, batch_size=4, repeat=3, warmup=1)
+    assert timer.inputs[0].shape == (4, 3, 32, 32) and timer.settings["batch_size"] == 4
+    identity = fxmerge.Plan.identity(space)
+    m = timer.measure(identity)
+    assert m.ms > 0 and m.original_ms > 0 and 0.2 < m.ratio < 5
+    assert timer.measure(identity) is m and len(timer.measurements) == 1
+
+
+def test_compress_meets_a_measured_budget_by_default():
+    model = DemoMobileNetV2().eval()
+    x = torch.randn(8, 1, 16, 16)
+    result = fxmerge.compress(model, x, budget=0.9, exclude=DemoMobileNetV2.EXCLUDE,
+                              latency={"warmup": 1, "repeat": 3}, timing={"repeat": 5})
+    m = result.plan.measured
+    assert m["ratio"] <= 0.9 and m["backend"] == "eager" and m["batch_size"] == 8
+    assert "(measured latency)" in result.report() and "measured (eager, batch 8)" in \
+        result.report()
+    with pytest.raises(ValueError, match="budget_basis"):
+        fxmerge.compress(model, x, budget=0.9, budget_basis="wall")
