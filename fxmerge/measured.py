@@ -94,10 +94,11 @@ class NetworkTimer:
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float:
-    """y at `x` on the piecewise-linear curve through `points` (x, y), extended by its end
-    segments; through the origin when there is only one point."""
+    """y at `x` on the piecewise-linear curve through `points` (x, y > 0): below the first
+    point, the line from the origin to it (never negative), beyond the last, the last
+    segment extended."""
     pts = sorted(points)
-    if len(pts) == 1:
+    if len(pts) == 1 or x <= pts[0][0]:
         return pts[0][1] * x / pts[0][0]
     for (x0, y0), (x1, y1) in pairwise(pts):
         if x <= x1:
