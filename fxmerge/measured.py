@@ -87,10 +87,13 @@ class NetworkTimer:
                 max(t["plan"].spread, t["original"].spread))
         return self.measurements[plan.blocks]
 
-    def points(self, original_table_ms: float) -> list[tuple[float, float]]:
-        """(table latency, measured ratio) of every plan measured, and of the original."""
+    def points(self, original_table_ms: float, exclude: tuple | None = None
+               ) -> list[tuple[float, float]]:
+        """(table latency, measured ratio) of every plan measured but the one with blocks
+        `exclude`, and of the original."""
         return sorted({(original_table_ms, 1.0),
-                       *((m.table_ms, m.ratio) for m in self.measurements.values())})
+                       *((m.table_ms, m.ratio) for blocks, m in self.measurements.items()
+                         if blocks != exclude)})
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float:
@@ -104,16 +107,6 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float:
         if x <= x1:
             break  # else: the last segment, extended
     return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-
-
-def predict_ratio(timer: NetworkTimer, latency: LatencyTable, table_ms: float,
-                  exclude: tuple | None = None) -> float:
-    """The measured ratio the timer's calibration predicts for a plan of this table latency
-    (leaving out the measurement of the plan with blocks `exclude`)."""
-    original = latency.identity_latency(timer.space)
-    pts = {(original, 1.0)} | {(m.table_ms, m.ratio) for b, m in timer.measurements.items()
-                               if b != exclude}
-    return interpolate(list(pts), table_ms)
 
 
 def solve_measured(
@@ -149,7 +142,9 @@ def solve_measured(
         except InfeasibleBudget:  # levels too coarse this close to the fastest plan
             floor = table_ms * 1.01
             continue
-        predicted = predict_ratio(timer, latency, plan.predicted_latency_ms, plan.blocks)
+        # the calibration's prediction, from the other plans' timings
+        predicted = interpolate(timer.points(original, exclude=plan.blocks),
+                                plan.predicted_latency_ms)
         m = timer.measure(plan)
         tried.append((plan, m, predicted))
         log.info("%s: table %.4g ms -> measured %.1f%% (aim %.1f%%)", method, m.table_ms,
@@ -196,4 +191,4 @@ def _guess(points: list[tuple[float, float]], aim: float) -> float:
     return interpolate([(r, t) for t, r in points], aim)
 
 
-__all__ = ["Measurement", "NetworkTimer", "predict_ratio", "solve_measured"]
+__all__ = ["Measurement", "NetworkTimer", "solve_measured"]
