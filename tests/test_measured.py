@@ -119,3 +119,13 @@ def test_compress_meets_a_measured_budget_by_default():
         result.report()
     with pytest.raises(ValueError, match="budget_basis"):
         fxmerge.compress(model, x, budget=0.9, budget_basis="wall")
+
+
+@pytest.mark.parametrize("kwargs, match", [({"budget": 0.0}, "budget must be positive"),
+                                           ({"budget": 0.5, "tolerance": 1.0}, "tolerance")])
+def test_bad_budget_or_tolerance_is_refused_by_name(kwargs, match):
+    _, space, lat, imp = demo_problem()
+    timer = ClockModel(space, lat, outside=10.0, scale=1.5)
+    with pytest.raises(ValueError, match=match):
+        solve_measured(space, lat, imp, timer, **kwargs)
+    assert timer.calls == 0
