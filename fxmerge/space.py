@@ -251,6 +251,12 @@ class MergeSpace:
             state = _keep(state, self.convs[idx - 1])
         return KernelOption(state[0], state[2])
 
+    @cached_property
+    def full_entries(self) -> dict[tuple[int, int], Entry]:
+        """Every legal block's entry with all its convs kept (what Depth merges)."""
+        return {(i, j): Entry(i, j, *self.kernel_of(range(i + 1, j + 1)))
+                for i, j in self._options}
+
     def _states(self, i: int, j: int):
         """All (kernel, stride, depthwise, any_kept) reachable keeping R and any reducible."""
         states = {_EMPTY}

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from models import small_net
 
 import fxmerge
-from fxmerge.solve import depth, layeronly
+from fxmerge.solve import layeronly
 from fxmerge.solve.dp import discretise
 
 
@@ -66,12 +66,12 @@ def brute_layermerge(space, lat, imp, unit, levels):
 
 def split_latencies(space, lat, i, j):
     """Latency of every way to run span (i, j) as consecutive legal merged blocks."""
-    full = lat[depth.full_entry(space, i, j)]
+    full = lat[space.full_entries[(i, j)]]
     yield full
     for m in range(i + 1, j):
         if (i, m) in space.blocks and (m, j) in space.blocks:
             for head in split_latencies(space, lat, i, m):
-                yield head + lat[depth.full_entry(space, m, j)]
+                yield head + lat[space.full_entries[(m, j)]]
 
 
 def brute_depth(space, lat, imp, unit, levels):
@@ -80,7 +80,7 @@ def brute_depth(space, lat, imp, unit, levels):
         cost = sum(discretise(min(split_latencies(space, lat, i, j)), unit) for i, j in tiling)
         if cost <= levels:
             # the Depth paper's additive importance: log I of a merged span, 0 for one conv
-            best = max(best, sum(math.log(imp[depth.full_entry(space, i, j)]) if j > i + 1
+            best = max(best, sum(math.log(imp[space.full_entries[(i, j)]]) if j > i + 1
                                  else 0.0 for i, j in tiling))
     return best
 

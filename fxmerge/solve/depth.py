@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from itertools import pairwise
 
-from ..space import Entry, MergeSpace
+from ..space import MergeSpace
 from ..tables.importance import ImportanceTable
 from ..tables.latency import LatencyTable
 from .dp import Edge
@@ -22,27 +22,22 @@ from .dp import Edge
 UNIT_MS = 0.05
 
 
-def full_entry(space: MergeSpace, i: int, j: int) -> Entry:
-    """The entry of block `(i, j)` with every conv kept."""
-    opt = space.kernel_of(range(i + 1, j + 1))
-    return Entry(i, j, opt.kernel, opt.depthwise)
-
-
 def fastest_splits(space: MergeSpace, latency: LatencyTable) -> dict:
     """Stage 1: `(i, k) -> (T_opt, [split positions])` for every legal block."""
+    alone = {b: latency[e] for b, e in space.full_entries.items()}
     best: dict[tuple[int, int], tuple[float, list[int]]] = {}
-    for i, k in sorted(space.blocks, key=lambda b: b[1] - b[0]):
-        options = [(latency[full_entry(space, i, k)], [])]
+    for i, k in sorted(alone, key=lambda b: b[1] - b[0]):
+        options = [(alone[(i, k)], [])]
         for j in range(i + 1, k):
-            if (i, j) in best and (j, k) in space.blocks:
+            if (i, j) in best and (j, k) in alone:
                 t_ij, splits = best[(i, j)]
-                options.append((t_ij + latency[full_entry(space, j, k)], [*splits, j]))
+                options.append((t_ij + alone[(j, k)], [*splits, j]))
         best[(i, k)] = min(options, key=lambda o: o[0])
     return best
 
 
 def edges(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable) -> list[Edge]:
-    needed = [full_entry(space, i, j) for i, j in space.blocks]
+    needed = list(space.full_entries.values())
     latency.check(space, needed)
     importance.check(space, needed)
     splits = fastest_splits(space, latency)
@@ -57,7 +52,7 @@ def additive_importance(space: MergeSpace, importance: ImportanceTable, i: int, 
     LayerMerge protocol, which means nothing to Depth)."""
     if j == i + 1:
         return 0.0
-    return math.log(max(importance[full_entry(space, i, j)], 1e-300))
+    return math.log(max(importance[space.full_entries[(i, j)]], 1e-300))
 
 
 def blocks(space: MergeSpace, path: list[Edge], scores: Mapping[str, float]):
