@@ -19,14 +19,13 @@ from itertools import pairwise
 import torch
 from torch import fx
 
-from .capture.trace import example_inputs
 from .errors import InfeasibleBudget
 from .plan import Plan
 from .solve import fastest_latency, solve
 from .space import MergeSpace
 from .tables.importance import ImportanceTable
 from .tables.latency import LatencyTable
-from .tables.timing import at_batch, machine_description, plan_runner, time_interleaved
+from .tables.timing import machine_description, plan_runner, time_interleaved, timing_inputs
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ class NetworkTimer:
                  repeat: int = 30, warmup: int = 5) -> None:
         self.gm, self.space = gm, space
         self.backend, self.device = backend, torch.device(device)
-        self.inputs = tuple(x.to(self.device) for x in at_batch(example_inputs(gm), batch_size))
+        self.inputs = timing_inputs(gm, batch_size, self.device)
         self.repeat, self.warmup = repeat, warmup
         self.original = plan_runner(gm, Plan.identity(space), backend, self.inputs)
         self.measurements: dict[tuple, Measurement] = {}

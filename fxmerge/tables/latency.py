@@ -19,12 +19,11 @@ import torch
 from torch import nn
 
 from ..capture.ops import ACTIVATION_CLASSES
-from ..capture.trace import example_inputs
 from ..errors import TableError
 from ..plan import Plan
 from ..space import IDENTITY, Entry, MergeSpace
 from .base import EntryTable, show_progress
-from .timing import Timing, at_batch, machine_description, plan_runner, prepare, time_callable
+from .timing import Timing, machine_description, plan_runner, prepare, time_callable, timing_inputs
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +182,7 @@ def _check_against_network(table: LatencyTable, space: MergeSpace, backend: str,
                            device: torch.device, dtype: torch.dtype, batch: int) -> str | None:
     """Time the original network whole and record it in the table's settings; None if the
     table's sum is a plausible share of it, else what is wrong."""
-    inputs = tuple(x.to(device) for x in at_batch(example_inputs(space.gm), batch))
+    inputs = timing_inputs(space.gm, batch, device)
     run = plan_runner(space.gm, Plan.identity(space), backend, inputs, dtype)
     network = time_callable(lambda: run(*inputs), device, warmup=3, repeat=10)
     share = table.identity_latency(space) / network.ms

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..capture.trace import ExampleInputs, as_tuple
+from ..capture.trace import ExampleInputs, as_tuple, example_inputs
 from ..errors import TableError
 from ..passes import transform
 from ..plan import Plan
@@ -167,6 +167,13 @@ def at_batch(inputs: ExampleInputs, batch: int | None) -> tuple[torch.Tensor, ..
         reps = -(-batch // x.shape[0])
         out.append(x.repeat(reps, *[1] * (x.dim() - 1))[:batch].contiguous())
     return tuple(out)
+
+
+def timing_inputs(gm: fx.GraphModule, batch: int | None, device: torch.device
+                  ) -> tuple[torch.Tensor, ...]:
+    """The graph's example inputs (recorded at capture) at `batch`, on `device`: what a
+    whole network is timed on."""
+    return tuple(x.to(device) for x in at_batch(example_inputs(gm), batch))
 
 
 def plan_runner(gm: fx.GraphModule, plan: Plan, backend: str, inputs: tuple,
