@@ -13,6 +13,7 @@ guess, and the model that predicts a plan's ratio from its table latency.
 from __future__ import annotations
 
 import logging
+import statistics
 from dataclasses import dataclass, replace
 from itertools import pairwise
 
@@ -32,31 +33,38 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Measurement:
-    """One plan's network timed against the original: medians, and their ratio."""
+    """One plan's network timed against the original: medians over fresh preparations."""
 
     table_ms: float
     ms: float
     original_ms: float
+    ratio: float
     spread: float
-
-    @property
-    def ratio(self) -> float:
-        return self.ms / self.original_ms
 
 
 class NetworkTimer:
     """Times the networks plans make of `gm` against its original, side by side, on one
     backend, device and batch (by default those its latency table was measured with);
-    remembers each plan's measurement."""
+    remembers each plan's measurement.
+
+    A network prepared afresh (new weight buffers, a new session) can run several percent
+    faster or slower than the same network prepared before, so each measurement prepares
+    the plan's network and the original `preparations` times, times each pair for
+    `repeat / preparations` interleaved rounds (at least one) and takes the median of the pairs' ratios.
+    """
 
     def __init__(self, gm: fx.GraphModule, space: MergeSpace, *, backend: str = "eager",
                  device: str | torch.device = "cpu", batch_size: int | None = None,
-                 repeat: int = 30, warmup: int = 5) -> None:
+                 repeat: int = 30, warmup: int = 5, preparations: int = 3) -> None:
+        if min(preparations, repeat) < 1:
+            raise ValueError(f"repeat and preparations must be positive, got {repeat}, "
+                             f"{preparations}")
         self.gm, self.space = gm, space
         self.backend, self.device = backend, torch.device(device)
         self.inputs = timing_inputs(gm, batch_size, self.device)
         self.repeat, self.warmup = repeat, warmup
-        self.original = plan_runner(gm, Plan.identity(space), backend, self.inputs)
+        self.preparations = min(preparations, repeat)  # at least one round each
+        self.identity = Plan.identity(space)
         self.measurements: dict[tuple, Measurement] = {}
 
     @classmethod
@@ -73,17 +81,27 @@ class NetworkTimer:
                 "machine": machine_description(self.device),
                 "batch_size": self.inputs[0].shape[0] if self.inputs[0].dim() else 1,
                 "threads": torch.get_num_threads(), "repeat": self.repeat,
-                "statistic": "median of interleaved rounds"}
+                "preparations": self.preparations,
+                "statistic": "median over fresh preparations of the ratio of medians of "
+                             "interleaved rounds"}
 
     def measure(self, plan: Plan) -> Measurement:
         """`plan`'s network and the original, timed side by side (once per plan)."""
         if plan.blocks not in self.measurements:
-            run = plan_runner(self.gm, plan, self.backend, self.inputs)
-            t = time_interleaved({"original": self.original, "plan": run}, self.inputs,
-                                 repeat=self.repeat, warmup=self.warmup)
+            rounds = -(-self.repeat // self.preparations)
+            pairs = []
+            for _ in range(self.preparations):
+                nets = {"original": plan_runner(self.gm, self.identity, self.backend,
+                                                self.inputs),
+                        "plan": plan_runner(self.gm, plan, self.backend, self.inputs)}
+                pairs.append(time_interleaved(nets, self.inputs, repeat=rounds,
+                                              warmup=self.warmup))
             self.measurements[plan.blocks] = Measurement(
-                plan.predicted_latency_ms, t["plan"].ms, t["original"].ms,
-                max(t["plan"].spread, t["original"].spread))
+                plan.predicted_latency_ms,
+                statistics.median(t["plan"].ms for t in pairs),
+                statistics.median(t["original"].ms for t in pairs),
+                statistics.median(t["plan"].ms / t["original"].ms for t in pairs),
+                max(max(t["plan"].spread, t["original"].spread) for t in pairs))
         return self.measurements[plan.blocks]
 
     def points(self, original_table_ms: float, exclude: tuple | None = None

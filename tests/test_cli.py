@@ -176,7 +176,9 @@ def test_demo_quick_over_two_seeds_writes_results(tmp_path):
 def test_demo_ddpm_quick_writes_results(tmp_path):
     proc, result = quick_demo(tmp_path, "--task", "ddpm")
     rows = result["rows"]
-    assert "layermerge" in {r["method"] for r in rows}  # Depth may not reach 80% measured
+    # which methods reach 90% measured depends on the (short, noisy) timing; Depth rarely does
+    assert rows and {r["method"] for r in rows} <= {"layermerge", "depth", "layeronly"}
+    assert all(r["solve_ratio"] <= r["budget"] for r in rows)  # measured budgets
     assert {"method", "budget", "speedup", "loss", "frechet", "measured_ratio"} <= set(rows[0])
     assert all(r["merge_error"] < 1e-4 and r["speedup"] > 0 for r in rows)
     assert result["original"]["frechet"] >= 0

@@ -9,6 +9,7 @@ import torch
 from models import small_net
 
 import fxmerge
+from fxmerge import measured
 from fxmerge.measured import Measurement, NetworkTimer, interpolate, solve_measured
 from fxmerge.models import DemoMobileNetV2
 from fxmerge.solve import layeronly
@@ -31,7 +32,7 @@ class ClockModel(NetworkTimer):
 
     def __init__(self, space, lat, outside: float, scale: float):
         self.space, self.backend, self.device = space, "model", torch.device("cpu")
-        self.inputs, self.repeat, self.measurements = (torch.zeros(3),), 1, {}
+        self.inputs, self.repeat, self.preparations, self.measurements = (torch.zeros(3),), 1, 1, {}
         self.original_ms = outside + scale * lat.identity_latency(space)
         self.outside, self.scale, self.calls = outside, scale, 0
 
@@ -39,8 +40,8 @@ class ClockModel(NetworkTimer):
         if plan.blocks not in self.measurements:
             self.calls += 1
             ms = self.outside + self.scale * plan.predicted_latency_ms
-            self.measurements[plan.blocks] = Measurement(plan.predicted_latency_ms, ms,
-                                                         self.original_ms, 0.0)
+            self.measurements[plan.blocks] = Measurement(
+                plan.predicted_latency_ms, ms, self.original_ms, ms / self.original_ms, 0.0)
         return self.measurements[plan.blocks]
 
 
@@ -95,17 +96,25 @@ def test_interpolate_is_piecewise_linear_and_extends_its_ends():
     assert interpolate([(2.0, 1.0)], 1.0) == pytest.approx(0.5)
 
 
-def test_real_timer_times_each_plan_once_against_the_original():
+def test_real_timer_times_each_plan_once_in_fresh_preparations(monkeypatch):
     net = small_net([("conv", 8, 3, 1, True, False), ("conv", 8, 3, 1, True, False),
                      ("conv", 8, 3, 1, True, False)])
     gm = fxmerge.trace(net, torch.randn(1, 3, 32, 32))
     space = fxmerge.analyze(gm)
     timer = NetworkTimer(gm, space, batch_size=4, repeat=3, warmup=1)
     assert timer.inputs[0].shape == (4, 3, 32, 32) and timer.settings["batch_size"] == 4
+    prepared = []
+    real_runner = measured.plan_runner
+    monkeypatch.setattr(measured, "plan_runner",
+                        lambda gm, plan, *a: prepared.append(plan) or real_runner(gm, plan, *a))
     identity = fxmerge.Plan.identity(space)
     m = timer.measure(identity)
     assert m.ms > 0 and m.original_ms > 0 and 0.2 < m.ratio < 5
     assert timer.measure(identity) is m and len(timer.measurements) == 1
+    assert len(prepared) == 2 * timer.preparations == 6  # the pair, prepared afresh 3 times
+    assert NetworkTimer(gm, space, repeat=2, preparations=3).preparations == 2
+    with pytest.raises(ValueError, match="preparations must be positive"):
+        NetworkTimer(gm, space, preparations=0)
 
 
 def test_compress_meets_a_measured_budget_by_default():

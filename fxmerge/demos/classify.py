@@ -56,7 +56,7 @@ class DemoConfig:
     @classmethod
     def quick(cls) -> DemoConfig:
         return cls(budgets=(0.6,), train_epochs=1, importance_steps=2, finetune_epochs=1,
-                   latency_batch=8, latency_repeat=3, compare_repeat=3, size=16)
+                   latency_batch=8, latency_repeat=3, compare_repeat=6, size=16)
 
 
 class _Finetune:

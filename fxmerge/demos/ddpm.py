@@ -58,9 +58,9 @@ class DDPMDemoConfig:
 
     @classmethod
     def quick(cls) -> DDPMDemoConfig:
-        return cls(budgets=(0.8,), timesteps=10, train_steps=5,
+        return cls(budgets=(0.9,), timesteps=10, train_steps=5,
                    importance_steps=1, finetune_steps=2, eval_pairs=32, samples=16,
-                   classifier_epochs=1, latency_batch=4, latency_repeat=2, compare_repeat=2)
+                   classifier_epochs=1, latency_batch=4, latency_repeat=2, compare_repeat=6)
 
 
 class Diffusion:
@@ -259,7 +259,8 @@ def run_ddpm_demo(out: Path | None = None, config: DDPMDemoConfig = DDPMDemoConf
                      "merge_error": error,
                      "convs_removed": len(plan.removed_convs),
                      "activations_removed": len(plan.inner_positions),
-                     "predicted_ratio": plan.measured["predicted_ratio"]})
+                     "predicted_ratio": plan.measured["predicted_ratio"],
+                     "solve_ratio": plan.measured["ratio"]})
     print(f"fine-tuned and merged {len(rows)} networks ({clock()})")
 
     measured = {name: timing.ms for name, timing in
