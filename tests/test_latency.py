@@ -8,6 +8,7 @@ from models import small_net
 
 import fxmerge
 from fxmerge.tables import latency as latency_mod
+from fxmerge.tables.timing import time_interleaved
 
 MBV2_EXCLUDE = ["features.0.0", "features.18.0"]
 
@@ -108,6 +109,14 @@ def test_timing_statistics_are_robust_to_an_outlier():
     t = fxmerge.tables.timing.Timing.of([1.0, 1.1, 0.9, 1.0, 50.0])
     assert t.ms == 1.0 and t.n == 5 and t.q1 <= 1.0 <= t.q3 and t.spread < 30
     assert fxmerge.tables.timing.Timing.of([2.0]).spread == 0.0
+
+
+def test_interleaved_rounds_reverse_the_order_every_other_round():
+    calls = []
+    nets = {name: (lambda x, n=name: calls.append(n)) for name in ("a", "b", "c")}
+    timings = time_interleaved(nets, torch.zeros(1), repeat=3, warmup=1)
+    assert calls == [*"abc", *"abc", *"cba", *"abc"]  # warm-up, then three rounds
+    assert {name: t.n for name, t in timings.items()} == {"a": 3, "b": 3, "c": 3}
 
 
 def test_table_is_checked_against_the_whole_network():

@@ -81,19 +81,21 @@ def time_callable(fn: Callable[[], Any], device: torch.device, *, warmup: int, r
 def time_interleaved(nets: dict[str, Callable], x: ExampleInputs, *, repeat: int,
                      warmup: int = 3) -> dict[str, Timing]:
     """Each network on `x` (a tensor or a tuple of inputs), timed side by side: after
-    `warmup` calls each, every round calls every network once, in turn, so drift and load
-    hit them all alike."""
+    `warmup` calls each, every round calls every network once, in turn, the order reversed
+    every other round, so drift, load and the place in the round hit them all alike."""
     inputs = as_tuple(x)
     device = inputs[0].device
     samples: dict[str, list[float]] = {name: [] for name in nets}
+    order = list(nets)
     with torch.inference_mode():
         for net in nets.values():
             for _ in range(warmup):
                 net(*inputs)
         _synchronize(device)
         for _ in range(repeat):
-            for name, net in nets.items():
-                samples[name] += _samples(lambda n=net: n(*inputs), device, 1)
+            for name in order:
+                samples[name] += _samples(lambda n=nets[name]: n(*inputs), device, 1)
+            order.reverse()
     return {name: Timing.of(s) for name, s in samples.items()}
 
 
