@@ -50,7 +50,8 @@ class NetworkTimer:
     A network prepared afresh (new weight buffers, a new session) can run several percent
     faster or slower than the same network prepared before, so each measurement prepares
     the plan's network and the original `preparations` times, times each pair for
-    `repeat / preparations` interleaved rounds (at least one) and takes the median of the pairs' ratios.
+    `repeat / preparations` interleaved rounds (at least one) and takes the median of the
+    pairs' ratios (`preparations=1` where preparing is slow, as compiling can be).
     """
 
     def __init__(self, gm: fx.GraphModule, space: MergeSpace, *, backend: str = "eager",
