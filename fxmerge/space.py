@@ -253,7 +253,8 @@ class MergeSpace:
 
     @cached_property
     def full_entries(self) -> dict[tuple[int, int], Entry]:
-        """Every legal block's entry with all its convs kept (what Depth merges)."""
+        """Every legal block's entry with all its convs kept (what Depth merges; for one
+        conv, the entry that leaves it as it is)."""
         return {(i, j): Entry(i, j, *self.kernel_of(range(i + 1, j + 1)))
                 for i, j in self._options}
 

@@ -90,7 +90,7 @@ def brute_layeronly(space, lat, imp, unit, levels):
     best = -math.inf
     for removed in itertools.product([False, True], repeat=len(reducible)):
         gone = {c.name for c, r in zip(reducible, removed) if r}
-        cost = sum(discretise(lat[layeronly.single_conv_entry(space, c.index)], unit)
+        cost = sum(discretise(lat[space.full_entries[(c.index - 1, c.index)]], unit)
                    for c in space.convs if c.name not in gone)
         # the paper's problem (8): the sum over kept convs of exp(-Δ) = 1 / exp(Δ)
         value = sum(1.0 if c.irreducible else 1.0 / imp[c.name]

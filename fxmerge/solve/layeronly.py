@@ -11,15 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..space import Entry, MergeSpace
+from ..space import MergeSpace
 from ..tables.importance import ImportanceTable
 from ..tables.latency import LatencyTable
 from .dp import Edge
-
-
-def single_conv_entry(space: MergeSpace, p: int) -> Entry:
-    opt = space.kernel_of([p])
-    return Entry(p - 1, p, opt.kernel, opt.depthwise)
 
 
 def importance_keys(space: MergeSpace) -> list[str]:
@@ -28,7 +23,7 @@ def importance_keys(space: MergeSpace) -> list[str]:
 
 
 def edges(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable) -> list[Edge]:
-    keep_entries = [single_conv_entry(space, c.index) for c in space.convs]
+    keep_entries = [space.full_entries[(c.index - 1, c.index)] for c in space.convs]
     latency.check(space, keep_entries)
     importance.check(space, importance_keys(space))
     out = []

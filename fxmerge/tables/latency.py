@@ -79,11 +79,10 @@ class LatencyTable(EntryTable):
         self.check_graph(space)
         total = 0.0
         for c in space.convs:
-            opt = space.kernel_options(c.index - 1, c.index)
-            full = space.kernel_of([c.index])
-            if full not in opt:
+            entry = space.full_entries.get((c.index - 1, c.index))
+            if entry is None:
                 raise TableError(f"no single-conv entry for {c.name}")
-            total += self[Entry(c.index - 1, c.index, full.kernel, full.depthwise)]
+            total += self[entry]
         return total
 
 
