@@ -113,8 +113,9 @@ def test_real_timer_times_each_plan_once_in_fresh_preparations(monkeypatch):
     assert timer.measure(identity) is m and len(timer.measurements) == 1
     assert len(prepared) == 2 * timer.preparations == 6  # the pair, prepared afresh 3 times
     assert NetworkTimer(gm, space, repeat=2, preparations=3).preparations == 2
-    with pytest.raises(ValueError, match="preparations must be positive"):
-        NetworkTimer(gm, space, preparations=0)
+    for bad in ({"preparations": 0}, {"repeat": 0}):
+        with pytest.raises(ValueError, match="repeat and preparations must be positive"):
+            NetworkTimer(gm, space, **bad)
 
 
 def test_compress_meets_a_measured_budget_by_default():
