@@ -42,7 +42,7 @@ def synthetic_problem(factory, exclude):
     lat = fxmerge.LatencyTable.from_values(space, {e: v * 1e-8 for e, v in macs.items()},
                                            source="MACs proxy")
     rng = random.Random(0)
-    keys = list(space.entries) + layeronly.importance_keys(space)
+    keys = [*space.entries, *space.depth_keys, *layeronly.importance_keys(space)]
     imp = fxmerge.ImportanceTable.from_values(space, {k: rng.uniform(0.5, 1) for k in keys})
     return gm, space, lat, imp
 

@@ -18,7 +18,7 @@ from .measured import NetworkTimer, solve_measured
 from .passes import GraphDiff, diff, merge, prune, transform
 from .plan import Block, Plan
 from .solve import Frontier, frontier, solve
-from .space import Conv, Entry, KernelOption, MergeSpace, Skip, analyze
+from .space import Conv, DepthKey, Entry, KernelOption, MergeSpace, Skip, analyze
 from .tables.importance import ImportanceTable, estimate_importance
 from .tables.latency import LatencyTable, measure_latency
 
@@ -28,6 +28,7 @@ __all__ = [
     "Block",
     "CompressResult",
     "Conv",
+    "DepthKey",
     "Entry",
     "Frontier",
     "FxMergeError",

@@ -199,6 +199,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 
 def cmd_importance(args: argparse.Namespace) -> int:
+    from .tables.base import key_name
     from .tables.importance import OutputAgreement, estimate_importance
 
     gm, space = _space(args)
@@ -209,7 +210,7 @@ def cmd_importance(args: argparse.Namespace) -> int:
     table = estimate_importance(space, evaluate=evaluate, finetune=finetune, cache=args.cache)
     low = sorted(table.values.items(), key=lambda kv: kv[1])[:5]
     print(f"{len(table)} importance values ({table.settings['estimator']}); lowest: "
-          + ", ".join(f"{k if isinstance(k, str) else tuple(k)}={v:.3g}" for k, v in low))
+          + ", ".join(f"{key_name(k)}={v:.3g}" for k, v in low))
     _write(args.out, table.to_json())
     return EXIT_OK
 

@@ -43,7 +43,8 @@ class CompressResult:
                 f"{p.predicted_latency_ms:.4g} ms of {original:.4g} ms "
                 f"({p.predicted_latency_ms / original:.1%}), importance "
                 f"{p.predicted_importance:.4g}; {len(p.removed_convs)} convs and "
-                f"{len(p.inner_positions)} activations removed, {len(p.blocks)} blocks")
+                f"{len(p.removed_activations(self.space))} activations removed, "
+                f"{len(p.added_activations(self.space))} added, {len(p.blocks)} blocks")
         return head + "\n" + p.describe()
 
 
@@ -84,10 +85,11 @@ def compress(
                     add_activations=add_activations)
     if not isinstance(latency, LatencyTable):
         latency = measure_latency(space, **dict(latency or {}))
-    if importance is None:
-        importance = estimate_importance(space, evaluate=OutputAgreement(gm, example_inputs))
-    elif not isinstance(importance, ImportanceTable):
-        importance = estimate_importance(space, evaluate=importance, finetune=finetune)
+    if not isinstance(importance, ImportanceTable):  # only the keys `method` reads
+        evaluate = importance or OutputAgreement(gm, example_inputs)
+        importance = estimate_importance(
+            space, evaluate=evaluate, finetune=finetune if importance else None,
+            layeronly=method == "layeronly", depth=method == "depth")
     if budget_basis == "measured":
         timer = NetworkTimer.for_table(gm, space, latency, **dict(timing or {}))
         plan = solve_measured(space, latency, importance, timer, budget=budget, method=method,

@@ -5,20 +5,24 @@ from __future__ import annotations
 import fnmatch
 import json
 import random
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .errors import PlanError
 from .space import MergeSpace
 
+PLAN_FORMAT = 2  # 2: `Block.activation` says whether an activation follows, added ones too
+
 
 @dataclass(frozen=True)
 class Block:
     """Convs `convs` (consecutive, by module name) merged into one `kernel`x`kernel` conv.
 
-    A block that keeps no conv is the identity (kernel 0; LayerOnly's removed layers). The
-    activation at the block's end is kept unless `activation` is False (Depth splits a span
-    without activations into several convs).
+    A block that keeps no conv is the identity (kernel 0; LayerOnly's removed layers).
+    `activation`: whether an activation follows the block: the network's own, or, where the
+    network has none, the added one (`add_activations`, docs/method.md §4). False where the
+    network has one removes it (Depth splits a span without activations into several convs).
     """
 
     convs: tuple[str, ...]
@@ -62,12 +66,17 @@ class Plan:
     def removed_convs(self) -> tuple[str, ...]:
         return tuple(n for b in self.blocks for n in b.convs if n not in b.kept)
 
-    @property
-    def inner_positions(self) -> tuple[str, ...]:
-        """Convs after which the activation is removed: inside blocks, and at the end of
-        blocks that drop it."""
+    def removed_activations(self, space: MergeSpace) -> tuple[str, ...]:
+        """Convs after which the network's activation is removed: inside blocks, and at the
+        end of blocks that drop it."""
         return tuple(n for b in self.blocks
-                     for n in (b.convs if not b.activation else b.convs[:-1]))
+                     for n in (b.convs if not b.activation else b.convs[:-1])
+                     if space.conv(n).activation is not None)
+
+    def added_activations(self, space: MergeSpace) -> tuple[str, ...]:
+        """Convs after which the plan adds an activation the network lacks there."""
+        return tuple(b.convs[-1] for b in self.blocks
+                     if b.activation and space.conv(b.convs[-1]).activation is None)
 
     def spans(self, space: MergeSpace) -> list[tuple[int, int]]:
         """Each block as positions `(i, j)` of `space`."""
@@ -76,16 +85,17 @@ class Plan:
 
     # ---- construction ---------------------------------------------------------------
     @classmethod
-    def from_spans(cls, space: MergeSpace, spans, kept: set[str], *, no_activation=(),
-                   **info) -> Plan:
-        """A plan from block spans `(i, j)` and the set of kept conv names; blocks ending at
-        a position in `no_activation` drop the activation there."""
-        blocks = []
+    def from_spans(cls, space: MergeSpace, spans, kept: set[str], *,
+                   activation: Mapping[int, bool] | None = None, **info) -> Plan:
+        """A plan from block spans `(i, j)` and the set of kept conv names. A block ending
+        at `j` has an activation as `activation[j]` says, else as `space.end_activation`."""
+        blocks, activation = [], activation or {}
         for i, j in spans:
             convs = tuple(c.name for c in space.convs[i:j])
             kept_here = tuple(n for n in convs if n in kept)
             k, dw = _kernel(space, kept_here)
-            blocks.append(Block(convs, kept_here, k, dw, j not in no_activation))
+            act = activation.get(j, space.end_activation(i, j) is not None)
+            blocks.append(Block(convs, kept_here, k, dw, act))
         return cls(tuple(blocks), space.signature, space.stride_rule, space.exclude,
                    space.add_activations, **info)
 
@@ -138,6 +148,10 @@ class Plan:
             if list(b.kept) != [n for n in b.convs if n in b.kept]:
                 raise PlanError(f"block {b.convs[0]}..{b.convs[-1]}: 'kept' must list its "
                                 "convs once each, in network order")
+            if b.activation and space.activation(j) is None and not space.add_activations:
+                raise PlanError(f"block {b.convs[0]}..{b.convs[-1]} adds an activation after "
+                                f"{b.convs[-1]}, where the network has none, but the plan's "
+                                "add_activations is off")
             if (b.kernel, b.depthwise) != _kernel(space, b.kept):
                 k, dw = _kernel(space, b.kept)
                 raise PlanError(
@@ -146,7 +160,7 @@ class Plan:
 
     # ---- JSON ------------------------------------------------------------------------
     def to_json(self, indent: int | None = 1) -> str:
-        return json.dumps(asdict(self), indent=indent)
+        return json.dumps({"format": PLAN_FORMAT, **asdict(self)}, indent=indent)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -160,9 +174,13 @@ class Plan:
         raw_blocks = _typed(data, "blocks", list)
         if not raw_blocks or not all(isinstance(b, dict) for b in raw_blocks):
             raise PlanError("not a fxmerge plan: 'blocks' must be a non-empty list of objects")
+        if data.get("format", 1) != PLAN_FORMAT:
+            raise PlanError(f"plan is in format {data.get('format', 1)!r:.20}, this fxmerge "
+                            f"reads format {PLAN_FORMAT} (format 1 did not record the "
+                            "activations it added): solve again")
         blocks = tuple(Block(_names(b, "convs"), _names(b, "kept"), _typed(b, "kernel", int),
                              _typed(b, "depthwise", bool),
-                             _typed(b, "activation", bool, default=True))
+                             _typed(b, "activation", bool))
                        for b in raw_blocks)
         number = (int, float, type(None))
         try:

@@ -34,6 +34,18 @@ class Entry(NamedTuple):
     dw: bool
 
 
+@dataclass(frozen=True)
+class DepthKey:
+    """Depth's importance key for a block whose ends it may change: block `(i, j)` merged
+    whole, with an activation after position `i` (`start`) and after `j` (`end`) or not.
+    (A dataclass, not a tuple, so that it never equals an `Entry`.)"""
+
+    i: int
+    j: int
+    start: bool
+    end: bool
+
+
 class KernelOption(NamedTuple):
     kernel: int
     depthwise: bool
@@ -217,6 +229,45 @@ class MergeSpace:
         if self.activation(j) is None and self.add_activations and j - i >= 2:
             return self.added_activation
         return self.activation(j)
+
+    def activation_options(self, p: int) -> tuple[bool, ...]:
+        """Whether an activation may follow position `p` at a Depth block's end: where the
+        network has one (and at the input) it stays; where it has none, Depth may add one
+        when `add_activations` is on (its paper's choice at MobileNetV2's block ends)."""
+        if p == 0 or self.activation(p) is not None:
+            return (True,)
+        return (False, True) if self.add_activations else (False,)
+
+    def _as_is(self, i: int, j: int) -> tuple[bool, bool]:
+        """(start, end) activations of block `(i, j)` as its full entry has them."""
+        return i == 0 or self.activation(i) is not None, self.end_activation(i, j) is not None
+
+    def activation_choices(self, i: int, j: int) -> tuple[tuple[bool, bool], ...]:
+        """Depth's (start, end) activation choices for block `(i, j)`, restricted as its
+        authors do: a block starting where the network has no activation chooses its
+        start (and has one at its end where it may), any other block chooses its end; the
+        full entry's choice is always among them, so the original network is a path."""
+        starts, ends = self.activation_options(i), self.activation_options(j)
+        if len(starts) > 1:
+            choices = {(start, ends[-1]) for start in starts}
+        else:
+            choices = {(starts[0], end) for end in ends}
+        return tuple(sorted(choices | {self._as_is(i, j)}))
+
+    def depth_key(self, i: int, j: int, start: bool, end: bool) -> Entry | DepthKey | None:
+        """The importance key scoring block `(i, j)` merged whole with these end
+        activations: None for the original network (one conv, its ends as they are), the
+        block's full entry when that entry's network is the same, else a `DepthKey`."""
+        if (start, end) != self._as_is(i, j):
+            return DepthKey(i, j, start, end)
+        return None if j == i + 1 else self.full_entries[(i, j)]
+
+    @cached_property
+    def depth_keys(self) -> tuple[DepthKey, ...]:
+        """The keys Depth's activation choices need beyond the full entries."""
+        return tuple(key for i, j in self._options
+                     for start, end in self.activation_choices(i, j)
+                     if isinstance(key := self.depth_key(i, j, start, end), DepthKey))
 
     def input_shape(self, p: int) -> tuple[int, ...]:
         """Shape of the value at position `p`, as the conv after it sees it."""

@@ -39,6 +39,8 @@ def random_tables(space, seed):
         space, {e: rng.uniform(0.8, 1.2) * (0.5 + 0.05 * e.k**2) for e in space.entries})
     values = {e: math.exp(-rng.uniform(0, 0.3) * (e.j - e.i - 1)) for e in space.entries}
     values.update({name: rng.uniform(0.5, 1.0) for name in layeronly.importance_keys(space)})
+    # an added activation may help or hurt (Depth's choices at ends without one)
+    values.update({key: math.exp(rng.uniform(-0.1, 0.3)) for key in space.depth_keys})
     return lat, fxmerge.ImportanceTable.from_values(space, values)
 
 
@@ -74,14 +76,28 @@ def split_latencies(space, lat, i, j):
                 yield head + lat[space.full_entries[(m, j)]]
 
 
+def depth_value(space, imp, i, j, start, end):
+    """The Depth paper's additive importance of span (i, j) with these end activations:
+    log I of what it changes, 0 when it changes nothing."""
+    as_is = (i == 0 or space.activation(i) is not None,
+             space.activation(j) is not None or (j - i > 1 and space.add_activations))
+    if (start, end) != as_is:
+        return math.log(imp[fxmerge.DepthKey(i, j, start, end)])
+    return 0.0 if j == i + 1 else math.log(imp[space.full_entries[(i, j)]])
+
+
 def brute_depth(space, lat, imp, unit, levels):
     best = -math.inf
     for tiling in tilings(space):
         cost = sum(discretise(min(split_latencies(space, lat, i, j)), unit) for i, j in tiling)
-        if cost <= levels:
-            # the Depth paper's additive importance: log I of a merged span, 0 for one conv
-            best = max(best, sum(math.log(imp[space.full_entries[(i, j)]]) if j > i + 1
-                                 else 0.0 for i, j in tiling))
+        if cost > levels:
+            continue
+        ends = [j for _, j in tiling]
+        for acts in itertools.product(*[space.activation_options(j) for j in ends]):
+            after = {0: True} | dict(zip(ends, acts))
+            if all((after[i], after[j]) in space.activation_choices(i, j) for i, j in tiling):
+                best = max(best, sum(depth_value(space, imp, i, j, after[i], after[j])
+                                     for i, j in tiling))
     return best
 
 

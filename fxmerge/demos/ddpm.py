@@ -258,7 +258,7 @@ def run_ddpm_demo(out: Path | None = None, config: DDPMDemoConfig = DDPMDemoConf
                      "loss": round(held_out(merged), 5),
                      "merge_error": error,
                      "convs_removed": len(plan.removed_convs),
-                     "activations_removed": len(plan.inner_positions),
+                     "activations_removed": len(plan.removed_activations(space)),
                      "predicted_ratio": plan.measured["predicted_ratio"],
                      "solve_ratio": plan.measured["ratio"]})
     print(f"fine-tuned and merged {len(rows)} networks ({clock()})")

@@ -72,16 +72,14 @@ def _insert_skip_pads(gm: fx.GraphModule, skip_crop: dict) -> None:
 
 
 def _add_activations(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> None:
-    """The network's own activation after each block that `space.end_activation` gives one
-    the network lacks there (MobileNetV2's projections; docs/method.md §4)."""
+    """The network's own activation after each block the plan gives one where the network
+    has none (MobileNetV2's projections; docs/method.md §4)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     kind = space.added_activation
     template = next(gm.get_submodule(nodes[u.act].target)  # the network's own, settings too
                     for c, u in zip(space.convs, space.units) if c.activation == kind)
-    for n_added, (b, (i, j)) in enumerate(zip(plan.blocks, plan.spans(space))):
-        if not b.activation or space.activation(j) is not None or not space.end_activation(i, j):
-            continue
-        value = nodes[space.units[j - 1].output]
+    for n_added, conv in enumerate(plan.added_activations(space)):
+        value = nodes[space.units[space.conv(conv).index - 1].output]
         name = f"fxmerge_added_act_{n_added}"  # capture names its activations fxmerge_act_N
         gm.add_submodule(name, copy.deepcopy(template))
         with gm.graph.inserting_after(value):
@@ -95,7 +93,7 @@ def _relocate_norms(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> None:
     1, bias 0), as the authors do: it now normalises another layer's output, so the removed
     norm's scale and shift mean nothing there; fine-tuning trains it."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    inner = set(plan.inner_positions)
+    inner = set(plan.removed_activations(space))
     for (i, j) in plan.spans(space):
         removed = [space.units[p - 1].rnorm for p in range(i + 1, j + 1)
                    if space.conv(p).name in inner and space.units[p - 1].rnorm]
@@ -135,9 +133,8 @@ def _check_skips(gm: fx.GraphModule, space: MergeSpace) -> None:
 
 def prune(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     """Apply `plan` to a traced model (see `fxmerge.trace`) and return a new, trainable
-    GraphModule; `gm` is not changed. A plan made with `add_activations` (the space's
-    setting) gets an activation after each block of several convs that ends where the
-    network has none."""
+    GraphModule; `gm` is not changed. Blocks whose `activation` is on where the network
+    has none get the network's activation there (`add_activations`)."""
     if not isinstance(gm, fx.GraphModule):
         raise PlanError("prune needs a GraphModule: trace the model with fxmerge.trace first")
     try:
@@ -151,13 +148,12 @@ def prune(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
 
     skip_crop = _move_padding(out, space, plan)
     _insert_skip_pads(out, skip_crop)
-    if plan.add_activations:
+    if plan.added_activations(space):
         _add_activations(out, space, plan)
     _relocate_norms(out, space, plan)
-    for name in plan.inner_positions:
+    for name in plan.removed_activations(space):
         unit = space.units[space.conv(name).index - 1]
-        if unit.act is not None:
-            _bypass(out, nodes[unit.rnorm or unit.act], nodes[unit.act])
+        _bypass(out, nodes[unit.rnorm or unit.act], nodes[unit.act])
     for name in plan.removed_convs:
         unit = space.units[space.conv(name).index - 1]
         _bypass(out, nodes[unit.conv], nodes[unit.norm or unit.conv])
@@ -168,6 +164,7 @@ def prune(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     propagate_shapes(out, example_inputs(gm))
     _check_skips(out, space)
     out.meta[PLAN_KEY] = plan
-    log.info("pruned: %d convs removed, %d activations removed",
-             len(plan.removed_convs), len(plan.inner_positions))
+    log.info("pruned: %d convs removed, %d activations removed, %d added",
+             len(plan.removed_convs), len(plan.removed_activations(space)),
+             len(plan.added_activations(space)))
     return out

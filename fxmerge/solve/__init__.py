@@ -53,10 +53,10 @@ def _method(name: str):
 
 def _to_plan(space: MergeSpace, method: str, path: list[Edge],
              scores: Mapping[str, float] | None, **info) -> Plan:
-    spans, kept, no_activation = _method(method).blocks(
+    spans, kept, activation = _method(method).blocks(
         space, path, scores if scores is not None else space.conv_scores)
     return Plan.from_spans(
-        space, spans, kept, no_activation=no_activation, method=method,
+        space, spans, kept, activation=activation, method=method,
         predicted_latency_ms=sum(e.latency_ms for e in path),
         predicted_importance=sum(e.value for e in path), **info)
 
@@ -93,10 +93,10 @@ def solve(
     levels = default_levels(method, budget_ms) if levels is None else levels
     _check_levels(levels)
     edges = _method(method).edges(space, latency, importance)
-    result = run_dp(space.L, edges, budget_ms / levels, levels)
+    result = run_dp(edges, budget_ms / levels, levels)
     found = result.fitting_path(budget_ms)
     if found is None:
-        lowest = min_latency(space.L, edges)
+        lowest = min_latency(edges)
         if lowest <= budget_ms:
             raise InfeasibleBudget(
                 f"the fastest {method} plan ({lowest:.4g} ms) fits {budget_ms:.4g} ms, but "
@@ -118,7 +118,7 @@ def solve(
 def fastest_latency(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable,
                     method: str = "layermerge") -> float:
     """The smallest table latency any `method` plan reaches."""
-    return min_latency(space.L, _method(method).edges(space, latency, importance))
+    return min_latency(_method(method).edges(space, latency, importance))
 
 
 @dataclass
@@ -135,7 +135,7 @@ class Frontier:
     def points(self) -> list[dict]:
         """Pareto points of the optimal plans at every level: predicted latency (and as a
         fraction of the original), predicted importance; importance strictly increasing."""
-        row, candidates = self.result.best[self.space.L], {}
+        row, candidates = self.result.best[-1], {}
         for t in range(self.result.levels + 1):
             if row[t] > float("-inf"):
                 latency = sum(e.latency_ms for e in self.result.path(t))
@@ -191,7 +191,7 @@ def frontier(space: MergeSpace, latency: LatencyTable, importance: ImportanceTab
     if original <= 0:
         raise TableError("the original network's table latency is not positive")
     edges = _method(method).edges(space, latency, importance)
-    return Frontier(space, method, original, run_dp(space.L, edges, original / levels, levels),
+    return Frontier(space, method, original, run_dp(edges, original / levels, levels),
                     conv_scores)
 
 

@@ -5,7 +5,11 @@ merged convs, `T_opt(i, k) = min(T(i, k), min_j T_opt(i, j) + T(j, k))`.
 Stage 2: the shared DP over kept-activation positions, each span costing `T_opt` and worth
 its additive importance, as that paper defines it: the score change of merging the whole
 span, `Δ = log I` of its all-convs-kept entry, relative to leaving it unchanged (a single
-conv: 0). Latencies are discretised in units of `UNIT_MS`, as that paper does.
+conv: 0). Where the network has no activation (MobileNetV2's block ends) and
+`add_activations` is on, a span's end may have one added or not, as that paper's
+MobileNetV2 variant chooses: the DP's nodes are (position, activation after it), and each
+choice has its own importance (`space.depth_key`). Latencies are discretised in units of
+`UNIT_MS`, as that paper does.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Mapping
 from itertools import pairwise
 
 from ..space import MergeSpace
+from ..tables.base import Key
 from ..tables.importance import ImportanceTable
 from ..tables.latency import LatencyTable
 from .dp import Edge
@@ -36,30 +41,51 @@ def fastest_splits(space: MergeSpace, latency: LatencyTable) -> dict:
     return best
 
 
+def node(p: int, activation: bool) -> int:
+    """The DP node of position `p` followed by an activation or not (the input: node 0)."""
+    return 2 * p + (not activation)
+
+
+def importance_keys(space: MergeSpace) -> list[Key]:
+    """The importance Depth reads: each block of several convs merged whole (its full
+    entry), and `space.depth_keys` where its ends may change."""
+    full = [e for (i, j), e in space.full_entries.items() if j - i > 1]
+    return [*full, *space.depth_keys]
+
+
 def edges(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable) -> list[Edge]:
-    needed = list(space.full_entries.values())
-    latency.check(space, needed)
-    importance.check(space, needed)
+    """An edge per block and choice of its end activations (`space.activation_choices`),
+    from `node(i, start)` to `node(j, end)`; then free edges from both nodes of position L
+    to the last node."""
+    latency.check(space, list(space.full_entries.values()))
+    importance.check(space, importance_keys(space))
     splits = fastest_splits(space, latency)
-    return [Edge(i, j, splits[(i, j)][0], additive_importance(space, importance, i, j),
-                 (i, j, tuple(splits[(i, j)][1]))) for i, j in space.blocks]
+    out = []
+    for i, j in space.blocks:
+        for start, end in space.activation_choices(i, j):
+            key = space.depth_key(i, j, start, end)
+            out.append(Edge(node(i, start), node(j, end), splits[(i, j)][0],
+                            additive_importance(importance, key),
+                            (i, j, tuple(splits[(i, j)][1]), end)))
+    sink = node(space.L, False) + 1
+    out += [Edge(node(space.L, a), sink, 0.0, 0.0, None) for a in (True, False)]
+    return out
 
 
-def additive_importance(space: MergeSpace, importance: ImportanceTable, i: int, j: int
-                        ) -> float:
-    """The score change of merging span `(i, j)`: `log I` of its full entry; 0 for a single
-    conv, which changes nothing (its table value may measure a re-initialised conv, the
-    LayerMerge protocol, which means nothing to Depth)."""
-    if j == i + 1:
-        return 0.0
-    return math.log(max(importance[space.full_entries[(i, j)]], 1e-300))
+def additive_importance(importance: ImportanceTable, key: Key | None) -> float:
+    """The score change of a block merged whole with its end activations, `Δ = log I` of
+    its key; 0 for the original network (one conv, its ends as they are): its table value,
+    if any, may measure a re-initialised conv (the LayerMerge protocol), which means nothing
+    to Depth."""
+    return 0.0 if key is None else math.log(max(importance[key], 1e-300))
 
 
 def blocks(space: MergeSpace, path: list[Edge], scores: Mapping[str, float]):
-    spans, no_activation = [], set()
+    spans, activation = [], {}
     for edge in path:
-        i, j, cuts = edge.payload
-        bounds = [i, *cuts, j]
-        spans += list(pairwise(bounds))
-        no_activation.update(cuts)
-    return spans, {c.name for c in space.convs}, no_activation
+        if edge.payload is None:  # the last node
+            continue
+        i, j, cuts, end = edge.payload
+        spans += list(pairwise([i, *cuts, j]))
+        activation.update({c: False for c in cuts} | {j: end})
+    return spans, {c.name for c in space.convs}, activation

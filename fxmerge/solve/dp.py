@@ -1,6 +1,7 @@
-"""The exact dynamic program all three methods share: a longest path over positions
-0..L where each step (an edge i -> j) has a latency cost and an importance value, under a
-latency budget discretised into `levels` units."""
+"""The exact dynamic program all three methods share: a longest path over nodes 0..N (the
+positions 0..L, or for Depth a position and whether an activation follows it), from 0 to
+the last node, where each step (an edge a -> b, a < b) has a latency cost and an importance
+value, under a latency budget discretised into `levels` units."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ..errors import InfeasibleBudget, TableError
 
 @dataclass(frozen=True)
 class Edge:
-    """One choice for positions `start -> end`: its latency, importance and what it means."""
+    """One choice for nodes `start -> end`: its latency, importance and what it means."""
 
     start: int
     end: int
@@ -27,7 +28,7 @@ class Edge:
 
 @dataclass
 class DPResult:
-    """`best[l, t]`: the largest total value reaching position l within t units."""
+    """`best[n, t]`: the largest total value reaching node n within t units."""
 
     edges: Sequence[Edge]
     costs: np.ndarray
@@ -71,8 +72,13 @@ def discretise(latency_ms: float, unit_ms: float) -> int:
     return max(0, math.floor(latency_ms / unit_ms + 1e-9))
 
 
-def run_dp(L: int, edges: Sequence[Edge], unit_ms: float, levels: int) -> DPResult:
+def last_node(edges: Sequence[Edge]) -> int:
+    return max(e.end for e in edges)
+
+
+def run_dp(edges: Sequence[Edge], unit_ms: float, levels: int) -> DPResult:
     """Fill the table of Algorithm 1 (LayerMerge) for every budget 0..levels units."""
+    L = last_node(edges)
     for e in edges:
         if not (math.isfinite(e.latency_ms) and math.isfinite(e.value)):
             raise TableError(f"non-finite latency or importance for {e.payload}")
@@ -97,8 +103,9 @@ def run_dp(L: int, edges: Sequence[Edge], unit_ms: float, levels: int) -> DPResu
     return DPResult(edges, costs, best, choice, unit_ms)
 
 
-def min_latency(L: int, edges: Sequence[Edge]) -> float:
+def min_latency(edges: Sequence[Edge]) -> float:
     """The smallest total latency of any path (what an infeasible budget is told)."""
+    L = last_node(edges)
     lowest = [0.0] + [math.inf] * L
     for e in sorted(edges, key=lambda e: e.end):
         lowest[e.end] = min(lowest[e.end], lowest[e.start] + e.latency_ms)

@@ -23,4 +23,4 @@ def blocks(space: MergeSpace, path: list[Edge], scores: Mapping[str, float]):
         i, j, k, dw = edge.payload
         spans.append((i, j))
         kept.update(space.choose_convs(i, j, k, dw, scores))
-    return spans, kept, set()
+    return spans, kept, {}

@@ -11,19 +11,35 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..errors import TableError
-from ..space import IDENTITY, Entry, MergeSpace
+from ..space import IDENTITY, DepthKey, Entry, MergeSpace
 
-Key = Entry | str  # an entry (i, j, k, dw), or a conv name for LayerOnly's per-conv tables
+# an entry (i, j, k, dw); a conv name (LayerOnly's per-conv importance); or a block with
+# chosen end activations (Depth's importance)
+Key = Entry | str | DepthKey
 
 
 def _key_to_json(key: Key) -> Any:
+    if isinstance(key, DepthKey):
+        return {"block": [key.i, key.j], "start_activation": key.start,
+                "end_activation": key.end}
     return key if isinstance(key, str) else list(key)
 
 
 def _key_from_json(raw: Any) -> Key:
-    """A key from JSON: a conv name, or `[i, j, k, dw]` (TableError for anything else)."""
+    """A key from JSON: a conv name, `[i, j, k, dw]`, or a Depth key `{"block": [i, j],
+    "start_activation": bool, "end_activation": bool}` (TableError for anything else)."""
     if isinstance(raw, str):
         return raw
+    if isinstance(raw, dict):
+        block, start, end = (raw.get(k) for k in ("block", "start_activation",
+                                                   "end_activation"))
+        if (set(raw) != {"block", "start_activation", "end_activation"}
+                or not isinstance(block, list) or len(block) != 2
+                or not all(type(v) is int and v >= 0 for v in block)
+                or not isinstance(start, bool) or not isinstance(end, bool)):
+            raise TableError(f"table key {raw!r:.60} is not a Depth key {{'block': [i, j], "
+                             "'start_activation': bool, 'end_activation': bool}")
+        return DepthKey(block[0], block[1], start, end)
     ints = isinstance(raw, list) and len(raw) == 4 and all(
         isinstance(v, int) and not isinstance(v, bool) for v in raw[:3])
     if not ints or not isinstance(raw[3], (bool, int)) or min(raw[:3]) < 0:
@@ -51,7 +67,7 @@ class EntryTable:
     @classmethod
     def _check_value(cls, key: Key, value: Any) -> float:
         """`value` as a float, or `TableError` when it cannot be one of this table's."""
-        name = key if isinstance(key, str) else tuple(key)
+        name = key_name(key)
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TableError(f"{cls.kind} table value for {name} is {value!r:.40}, not a number")
         if not math.isfinite(value) or abs(value) > MAX_VALUE:
@@ -94,9 +110,8 @@ class EntryTable:
         checked when the table was made)."""
         self.check_graph(space)
         for key in (space.entries if keys is None else keys):
-            name = key if isinstance(key, str) else tuple(key)
             if key not in self.values:
-                raise TableError(f"{self.kind} table has no value for entry {name}")
+                raise TableError(f"{self.kind} table has no value for entry {key_name(key)}")
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps({
@@ -126,13 +141,18 @@ class EntryTable:
         return cls({_key_from_json(k): v for k, v in rows}, signature, settings)
 
 
+def key_name(key: Key) -> Any:
+    """How an error message names a key."""
+    return key if isinstance(key, (str, DepthKey)) else tuple(key)
+
+
 def show_progress(progress: bool | None) -> bool:
     """Whether to draw a progress bar: as asked, else only on a terminal."""
     return bool(progress) if progress is not None else os.isatty(2)
 
 
 def _normalise(key: Any) -> Key:
-    if isinstance(key, str):
+    if isinstance(key, (str, DepthKey)):
         return key
     try:
         return _key_from_json(list(key))

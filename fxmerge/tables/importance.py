@@ -26,7 +26,7 @@ from torch import fx, nn
 from ..capture.trace import ExampleInputs, as_tuple, ensure_shapes, example_inputs
 from ..errors import TableError
 from ..plan import Plan
-from ..space import Entry, MergeSpace
+from ..space import DepthKey, Entry, MergeSpace
 from .base import EntryTable, Key, _key_from_json, _key_to_json, show_progress
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,16 @@ def block_plan(space: MergeSpace, entry: Entry, scores: dict[str, float]) -> Pla
     kept = {c.name for c in space.convs} - {c.name for c in space.convs[i:j]}
     kept |= set(space.choose_convs(i, j, k, dw, scores))
     return Plan.from_spans(space, spans, kept, method=f"importance:{tuple(entry)}")
+
+
+def depth_plan(space: MergeSpace, key: DepthKey) -> Plan:
+    """Only block `(key.i, key.j)` changed, merged whole, its end activations as the key
+    says (Depth's importance where its ends may change)."""
+    spans = sorted([*_singletons(space, range(key.i + 1, key.j + 1)), (key.i, key.j)])
+    return Plan.from_spans(space, spans, {c.name for c in space.convs},
+                           activation={key.i: key.start, key.j: key.end},
+                           method=f"importance:depth {key.i}-{key.j} "
+                                  f"activations {int(key.start)}{int(key.end)}")
 
 
 def removal_plan(space: MergeSpace, conv: str) -> Plan:
@@ -155,13 +165,15 @@ def reset_modules(space: MergeSpace, entry: Entry) -> tuple[str, ...]:
     return (conv.name, conv.norm) if conv.norm else (conv.name,)
 
 
-def importance_jobs(space: MergeSpace, layeronly: bool, reset_single: bool
+def importance_jobs(space: MergeSpace, layeronly: bool, reset_single: bool, depth: bool
                     ) -> dict[Key, tuple[Plan, tuple[str, ...]]]:
     """The plan to score for every key of the table, and the modules to re-initialise."""
     scores = space.conv_scores
     jobs: dict[Key, tuple[Plan, tuple[str, ...]]] = {
         e: (block_plan(space, e, scores), reset_modules(space, e) if reset_single else ())
         for e in space.entries}
+    if depth:
+        jobs.update({key: (depth_plan(space, key), ()) for key in space.depth_keys})
     if layeronly:
         jobs.update({c.name: (removal_plan(space, c.name), ()) for c in space.convs
                      if not c.irreducible})
@@ -177,6 +189,7 @@ def estimate_importance(
     executor: Executor | None = None,
     cache: str | Path | None = None,
     layeronly: bool = True,
+    depth: bool = True,
     retries: int = 1,
     keys: Iterable[Key] | None = None,
     reset_single: bool | None = None,
@@ -189,7 +202,8 @@ def estimate_importance(
     they must then be picklable. `cache` is a JSON-lines file: each finished entry is
     appended at once, and a rerun skips what it holds. A failing entry is logged by name and
     retried `retries` times; the others are kept. `layeronly` adds the per-conv keys the
-    LayerOnly baseline needs. `keys` limits the run to some keys (the table is then partial).
+    LayerOnly baseline needs, `depth` the Depth baseline's keys for blocks whose end
+    activations it may change (`space.depth_keys`; none unless `add_activations`). `keys` limits the run to some keys (the table is then partial).
     `reset_single` re-initialises the conv (and norm) of each single-conv entry before the
     fine-tune, as the authors do; by default it is on exactly when there is a `finetune`.
     """
@@ -209,7 +223,7 @@ def estimate_importance(
                        "reset_single": reset_single})
     if not math.isfinite(base):
         raise TableError(f"evaluate() of the original network returned {base}")
-    jobs = importance_jobs(space, layeronly, reset_single)
+    jobs = importance_jobs(space, layeronly, reset_single, depth)
     inputs = example_inputs(gm)
     if keys is not None:
         jobs = {k: jobs[k] for k in keys}
