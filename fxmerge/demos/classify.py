@@ -29,8 +29,16 @@ from ..solve import METHODS, frontier
 from ..space import Entry, MergeSpace, analyze
 from ..tables.importance import ImportanceTable, agreement_importance, estimate_importance
 from ..tables.latency import LatencyTable, measure_latency
-from ..tables.timing import time_interleaved
-from .shared import accuracy, feasible_plans, load_digits, pyplot, summarize, train
+from .shared import (
+    PREPARATIONS,
+    accuracy,
+    feasible_plans,
+    load_digits,
+    pyplot,
+    summarize,
+    time_against_original,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +160,13 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
                      "accuracy": round(accuracy(merged, data.test), 2),
                      "predicted_ratio": plan.measured["predicted_ratio"],
                      "solve_ratio": plan.measured["ratio"]})
-    measured = {name: t.ms for name, t in
-                time_interleaved(nets, example, repeat=config.compare_repeat).items()}
+    measured = time_against_original(nets, example, config.compare_repeat)
     for row in rows:
-        merged_ms = measured[f"{row['method']}@{row['budget']}"]
-        row.update(latency_ms=round(merged_ms, 4), original_ms=round(measured["original"], 4),
-                   measured_ratio=round(merged_ms / measured["original"], 4),
-                   speedup=round(measured["original"] / merged_ms, 3))
+        merged = measured[f"{row['method']}@{row['budget']}"]
+        row.update(latency_ms=round(merged["ms"], 4),
+                   original_ms=round(measured["original"]["ms"], 4),
+                   measured_ratio=round(merged["ratio"], 4),
+                   speedup=round(1 / merged["ratio"], 3))
     print_table(rows, base_acc)
     costs = {"finetune_importance_s": round(finetune_s, 2), "finetune_keys": len(importance),
              "proxy_importance_s": round(proxy_s, 2), "proxy_keys": len(proxy),
@@ -215,7 +223,9 @@ def write_results(out: Path, rows: list[dict], runs: list[SeedRun], config: Demo
     base = [r.base_acc for r in runs]
     meta = {"model": "DemoMobileNetV2", "data": "sklearn digits, 32x32", "device": "cpu",
             "batch": config.latency_batch, "threads": torch.get_num_threads(),
-            "timing": f"median of {config.compare_repeat} interleaved rounds after 3 warm-up calls",
+            "timing": f"{config.compare_repeat} interleaved rounds over {PREPARATIONS} fresh "
+                      "copies of every network (3 warm-up calls each): median latency, and "
+                      "the median over copies of the ratio to the original",
             "seeds": len(runs), "original_accuracy": base[0] if len(base) == 1 else base,
             "original_accuracy_mean": statistics.fmean(base),
             "original_accuracy_std": statistics.pstdev(base), "config": asdict(config)}

@@ -31,8 +31,15 @@ from ..solve import METHODS
 from ..space import analyze
 from ..tables.importance import estimate_importance
 from ..tables.latency import measure_latency
-from ..tables.timing import time_interleaved
-from .shared import accuracy, feasible_plans, load_digits, pyplot, train
+from .shared import (
+    PREPARATIONS,
+    accuracy,
+    feasible_plans,
+    load_digits,
+    pyplot,
+    time_against_original,
+    train,
+)
 
 
 @dataclass(frozen=True)
@@ -263,19 +270,18 @@ def run_ddpm_demo(out: Path | None = None, config: DDPMDemoConfig = DDPMDemoConf
                      "solve_ratio": plan.measured["ratio"]})
     print(f"fine-tuned and merged {len(rows)} networks ({clock()})")
 
-    measured = {name: timing.ms for name, timing in
-                time_interleaved(nets, (x, t), repeat=config.compare_repeat).items()}
+    measured = time_against_original(nets, (x, t), config.compare_repeat)
     samples = {name: diffusion.sample(net, config.samples, config.size)
                for name, net in nets.items()}
     frechet = {name: frechet_distance(classifier.features(s), real)
                for name, s in samples.items()}
     original = {"loss": round(base_loss, 5), "frechet": round(frechet["original"], 3),
-                "latency_ms": round(measured["original"], 4)}
+                "latency_ms": round(measured["original"]["ms"], 4)}
     for row in rows:
         name = f"{row['method']}@{row['budget']}"
-        row.update(speedup=round(measured["original"] / measured[name], 3),
-                   measured_ratio=round(measured[name] / measured["original"], 4),
-                   latency_ms=round(measured[name], 4), frechet=round(frechet[name], 3))
+        row.update(speedup=round(1 / measured[name]["ratio"], 3),
+                   measured_ratio=round(measured[name]["ratio"], 4),
+                   latency_ms=round(measured[name]["ms"], 4), frechet=round(frechet[name], 3))
     print_table(rows, original, floor)
     if out is not None:
         out = Path(out)
@@ -284,8 +290,10 @@ def run_ddpm_demo(out: Path | None = None, config: DDPMDemoConfig = DDPMDemoConf
                           f"{config.size}x{config.size} digits"),
                 "device": "cpu", "threads": torch.get_num_threads(),
                 "batch": config.latency_batch, "backend": "eager",
-                "timing": f"median of {config.compare_repeat} interleaved rounds after 3 "
-                          "warm-up calls", "loss": "held-out DDPM loss (noise MSE) on "
+                "timing": f"{config.compare_repeat} interleaved rounds over {PREPARATIONS} "
+                          "fresh copies of every network (3 warm-up calls each): median "
+                          "latency, and the median over copies of the ratio to the original",
+                "loss": "held-out DDPM loss (noise MSE) on "
                           f"{config.eval_pairs} fixed triples", "frechet": "Frechet distance "
                           f"of {config.samples} samples to the test digits in the features "
                           "of a digit classifier trained in the run",

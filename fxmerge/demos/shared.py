@@ -3,6 +3,7 @@ the solve-or-skip loop over methods and budgets, and headless matplotlib."""
 
 from __future__ import annotations
 
+import copy
 import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from ..solve import METHODS, solve
 from ..space import MergeSpace
 from ..tables.importance import ImportanceTable
 from ..tables.latency import LatencyTable
+from ..tables.timing import ExampleInputs, time_interleaved
+
+PREPARATIONS = 3  # fresh copies per final timing, as NetworkTimer prepares (method.md §3b)
 
 
 @dataclass
@@ -121,3 +125,19 @@ def summarize(runs: Sequence[list[dict]], metrics: tuple[str, ...]) -> list[dict
             summary["speedup"] = summary["speedup_mean"]
         out.append(summary)
     return out
+
+
+def time_against_original(nets: dict[str, nn.Module], inputs: ExampleInputs, repeat: int
+                          ) -> dict[str, dict[str, float]]:
+    """Every network of `nets` timed side by side with `nets["original"]`, as NetworkTimer
+    times a plan: `PREPARATIONS` times over fresh copies (on a CPU a copy runs at another
+    speed than its source), `repeat` interleaved rounds in all; per network its median
+    latency (`ms`) and the median of its ratios to the original (`ratio`)."""
+    runs = []
+    for _ in range(PREPARATIONS):
+        fresh = {name: copy.deepcopy(net) for name, net in nets.items()}
+        timings = time_interleaved(fresh, inputs, repeat=-(-repeat // PREPARATIONS))
+        runs.append({name: t.ms for name, t in timings.items()})
+    return {name: {"ms": statistics.median(r[name] for r in runs),
+                   "ratio": statistics.median(r[name] / r["original"] for r in runs)}
+            for name in nets}
