@@ -13,7 +13,6 @@ guess, and the model that predicts a plan's ratio from its table latency.
 from __future__ import annotations
 
 import logging
-import statistics
 from dataclasses import dataclass, replace
 from itertools import pairwise
 
@@ -26,7 +25,13 @@ from .solve import fastest_latency, solve
 from .space import MergeSpace
 from .tables.importance import ImportanceTable
 from .tables.latency import LatencyTable
-from .tables.timing import machine_description, plan_runner, time_interleaved, timing_inputs
+from .tables.timing import (
+    PREPARATIONS,
+    machine_description,
+    plan_runner,
+    time_against_reference,
+    timing_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +61,7 @@ class NetworkTimer:
 
     def __init__(self, gm: fx.GraphModule, space: MergeSpace, *, backend: str = "eager",
                  device: str | torch.device = "cpu", batch_size: int | None = None,
-                 repeat: int = 30, warmup: int = 5, preparations: int = 3) -> None:
+                 repeat: int = 30, warmup: int = 5, preparations: int = PREPARATIONS) -> None:
         if min(preparations, repeat) < 1:
             raise ValueError(f"repeat and preparations must be positive, got {repeat}, "
                              f"{preparations}")
@@ -89,20 +94,15 @@ class NetworkTimer:
     def measure(self, plan: Plan) -> Measurement:
         """`plan`'s network and the original, timed side by side (once per plan)."""
         if plan.blocks not in self.measurements:
-            rounds = -(-self.repeat // self.preparations)
-            pairs = []
-            for _ in range(self.preparations):
-                nets = {"original": plan_runner(self.gm, self.identity, self.backend,
-                                                self.inputs),
-                        "plan": plan_runner(self.gm, plan, self.backend, self.inputs)}
-                pairs.append(time_interleaved(nets, self.inputs, repeat=rounds,
-                                              warmup=self.warmup))
+            t = time_against_reference(
+                lambda: {"original": plan_runner(self.gm, self.identity, self.backend,
+                                                 self.inputs),
+                         "plan": plan_runner(self.gm, plan, self.backend, self.inputs)},
+                self.inputs, repeat=self.repeat, preparations=self.preparations,
+                warmup=self.warmup)
             self.measurements[plan.blocks] = Measurement(
-                plan.predicted_latency_ms,
-                statistics.median(t["plan"].ms for t in pairs),
-                statistics.median(t["original"].ms for t in pairs),
-                statistics.median(t["plan"].ms / t["original"].ms for t in pairs),
-                max(max(t["plan"].spread, t["original"].spread) for t in pairs))
+                plan.predicted_latency_ms, t["plan"].ms, t["original"].ms, t["plan"].ratio,
+                max(t["plan"].spread, t["original"].spread))
         return self.measurements[plan.blocks]
 
     def points(self, original_table_ms: float, exclude: tuple | None = None

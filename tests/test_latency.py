@@ -8,7 +8,8 @@ from models import small_net
 
 import fxmerge
 from fxmerge.tables import latency as latency_mod
-from fxmerge.tables.timing import time_interleaved
+from fxmerge.tables import timing
+from fxmerge.tables.timing import Timing, time_against_reference, time_interleaved
 
 MBV2_EXCLUDE = ["features.0.0", "features.18.0"]
 
@@ -170,3 +171,26 @@ def test_onnxruntime_backend_times_layers_and_runs_networks_exactly():
     with torch.no_grad():
         expected = fxmerge.transform(gm, plan)(x)
     assert relative_error(expected, torch.from_numpy(run(x)[0])) < 1e-5
+
+
+def test_time_against_reference_prepares_afresh_and_takes_medians(monkeypatch):
+    """Each preparation is a fresh `make()`, timed for repeat / preparations rounds; the
+    result is the median latency, the median of the per-preparation ratios and the largest
+    spread."""
+    made, rounds = [], []
+    plan_ms = iter([5.0, 9.0, 6.0])  # the plan's median in each preparation
+    original_ms = iter([10.0, 10.0, 20.0])
+
+    def fake(nets, x, *, repeat, warmup):
+        rounds.append(repeat)
+        p, o = next(plan_ms), next(original_ms)
+        return {"plan": Timing(p, p * 0.9, p * 1.1, repeat), "original": Timing(o, o, o, repeat)}
+
+    monkeypatch.setattr(timing, "time_interleaved", fake)
+    out = time_against_reference(lambda: made.append(1) or {"plan": None, "original": None},
+                                 torch.zeros(1), repeat=10, preparations=3)
+    assert len(made) == 3 and rounds == [4, 4, 4]
+    assert out["plan"].ms == 6.0 and out["original"].ms == 10.0
+    assert out["plan"].ratio == 0.5  # median of 0.5, 0.9, 0.3; not 6 / 10
+    assert out["original"].ratio == 1.0
+    assert out["plan"].spread == pytest.approx(0.2)

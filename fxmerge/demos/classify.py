@@ -163,10 +163,10 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
     measured = time_against_original(nets, example, config.compare_repeat)
     for row in rows:
         merged = measured[f"{row['method']}@{row['budget']}"]
-        row.update(latency_ms=round(merged["ms"], 4),
-                   original_ms=round(measured["original"]["ms"], 4),
-                   measured_ratio=round(merged["ratio"], 4),
-                   speedup=round(1 / merged["ratio"], 3))
+        row.update(latency_ms=round(merged.ms, 4),
+                   original_ms=round(measured["original"].ms, 4),
+                   measured_ratio=round(merged.ratio, 4),
+                   speedup=round(1 / merged.ratio, 3))
     print_table(rows, base_acc)
     costs = {"finetune_importance_s": round(finetune_s, 2), "finetune_keys": len(importance),
              "proxy_importance_s": round(proxy_s, 2), "proxy_keys": len(proxy),

@@ -276,12 +276,12 @@ def run_ddpm_demo(out: Path | None = None, config: DDPMDemoConfig = DDPMDemoConf
     frechet = {name: frechet_distance(classifier.features(s), real)
                for name, s in samples.items()}
     original = {"loss": round(base_loss, 5), "frechet": round(frechet["original"], 3),
-                "latency_ms": round(measured["original"]["ms"], 4)}
+                "latency_ms": round(measured["original"].ms, 4)}
     for row in rows:
         name = f"{row['method']}@{row['budget']}"
-        row.update(speedup=round(1 / measured[name]["ratio"], 3),
-                   measured_ratio=round(measured[name]["ratio"], 4),
-                   latency_ms=round(measured[name]["ms"], 4), frechet=round(frechet[name], 3))
+        row.update(speedup=round(1 / measured[name].ratio, 3),
+                   measured_ratio=round(measured[name].ratio, 4),
+                   latency_ms=round(measured[name].ms, 4), frechet=round(frechet[name], 3))
     print_table(rows, original, floor)
     if out is not None:
         out = Path(out)

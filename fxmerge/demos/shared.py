@@ -19,9 +19,7 @@ from ..solve import METHODS, solve
 from ..space import MergeSpace
 from ..tables.importance import ImportanceTable
 from ..tables.latency import LatencyTable
-from ..tables.timing import ExampleInputs, time_interleaved
-
-PREPARATIONS = 3  # fresh copies per final timing, as NetworkTimer prepares (method.md §3b)
+from ..tables.timing import PREPARATIONS, ExampleInputs, Relative, time_against_reference
 
 
 @dataclass
@@ -127,17 +125,10 @@ def summarize(runs: Sequence[list[dict]], metrics: tuple[str, ...]) -> list[dict
     return out
 
 
+
 def time_against_original(nets: dict[str, nn.Module], inputs: ExampleInputs, repeat: int
-                          ) -> dict[str, dict[str, float]]:
-    """Every network of `nets` timed side by side with `nets["original"]`, as NetworkTimer
-    times a plan: `PREPARATIONS` times over fresh copies (on a CPU a copy runs at another
-    speed than its source), `repeat` interleaved rounds in all; per network its median
-    latency (`ms`) and the median of its ratios to the original (`ratio`)."""
-    runs = []
-    for _ in range(PREPARATIONS):
-        fresh = {name: copy.deepcopy(net) for name, net in nets.items()}
-        timings = time_interleaved(fresh, inputs, repeat=-(-repeat // PREPARATIONS))
-        runs.append({name: t.ms for name, t in timings.items()})
-    return {name: {"ms": statistics.median(r[name] for r in runs),
-                   "ratio": statistics.median(r[name] / r["original"] for r in runs)}
-            for name in nets}
+                          ) -> dict[str, Relative]:
+    """Every network of `nets` timed side by side with `nets["original"]` as NetworkTimer
+    times a plan: over `PREPARATIONS` sets of fresh copies, `repeat` rounds in all."""
+    return time_against_reference(lambda: {n: copy.deepcopy(m) for n, m in nets.items()},
+                                  inputs, repeat=repeat, preparations=PREPARATIONS)

@@ -22,6 +22,7 @@ from ..passes import transform
 from ..plan import Plan
 
 BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
+PREPARATIONS = 3  # fresh preparations per whole-network timing (docs/method.md §3b)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,31 @@ def time_interleaved(nets: dict[str, Callable], x: ExampleInputs, *, repeat: int
                 samples[name] += _samples(lambda n=nets[name]: n(*inputs), device, 1)
             order.reverse()
     return {name: Timing.of(s) for name, s in samples.items()}
+
+
+@dataclass(frozen=True)
+class Relative:
+    """One network timed against a reference over fresh preparations: its median latency,
+    the median of its ratios to the reference, and the largest spread of its timings."""
+
+    ms: float
+    ratio: float
+    spread: float
+
+
+def time_against_reference(make: Callable[[], dict[str, Callable]], x: ExampleInputs, *,
+                           repeat: int, preparations: int, warmup: int = 3,
+                           reference: str = "original") -> dict[str, Relative]:
+    """`make()` prepares the networks afresh (a network prepared again can run several
+    percent faster or slower on a CPU); each of `preparations` sets is timed side by side
+    for `repeat / preparations` interleaved rounds (at least one)."""
+    rounds = -(-repeat // preparations)
+    runs = [time_interleaved(make(), x, repeat=rounds, warmup=warmup)
+            for _ in range(preparations)]
+    return {name: Relative(statistics.median(r[name].ms for r in runs),
+                           statistics.median(r[name].ms / r[reference].ms for r in runs),
+                           max(r[name].spread for r in runs))
+            for name in runs[0]}
 
 
 def prepare(module: nn.Module, backend: str, example: ExampleInputs) -> Callable:
