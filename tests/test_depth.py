@@ -135,3 +135,21 @@ def test_plans_of_the_old_format_are_refused(spaces):
     del data["blocks"][0]["activation"]
     with pytest.raises(fxmerge.PlanError, match="missing 'activation'"):
         fxmerge.Plan.from_json(json.dumps(data))
+
+
+@pytest.mark.parametrize("raw", [
+    {"block": [1, 3], "start_activation": True},
+    {"block": [1], "start_activation": True, "end_activation": False},
+    {"block": [1, -3], "start_activation": True, "end_activation": False},
+    {"block": [1, True], "start_activation": True, "end_activation": False},
+    {"block": [1, 3], "start_activation": 1, "end_activation": False},
+    {"block": [1, 3], "start_activation": True, "end_activation": False, "k": 3},
+])
+def test_malformed_depth_keys_are_refused_by_name(raw):
+    text = json.dumps({"kind": "importance", "signature": "x", "values": [[raw, 1.0]]})
+    with pytest.raises(fxmerge.TableError, match="is not a Depth key"):
+        fxmerge.ImportanceTable.from_json(text)
+    good = {"block": [1, 3], "start_activation": True, "end_activation": False}
+    table = fxmerge.ImportanceTable.from_json(json.dumps(
+        {"kind": "importance", "signature": "x", "values": [[good, 1.0]]}))
+    assert list(table.values) == [fxmerge.DepthKey(1, 3, True, False)]
