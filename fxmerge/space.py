@@ -263,11 +263,17 @@ class MergeSpace:
         return None if j == i + 1 else self.full_entries[(i, j)]
 
     @cached_property
+    def depth_choices(self) -> dict[tuple[int, int], tuple[tuple[bool, bool, Entry | DepthKey | None], ...]]:
+        """Every block's `(start, end, depth_key)` choices (what the Depth solver reads)."""
+        return {(i, j): tuple((start, end, self.depth_key(i, j, start, end))
+                              for start, end in self.activation_choices(i, j))
+                for i, j in self._options}
+
+    @cached_property
     def depth_keys(self) -> tuple[DepthKey, ...]:
         """The keys Depth's activation choices need beyond the full entries."""
-        return tuple(key for i, j in self._options
-                     for start, end in self.activation_choices(i, j)
-                     if isinstance(key := self.depth_key(i, j, start, end), DepthKey))
+        return tuple(key for choices in self.depth_choices.values()
+                     for _, _, key in choices if isinstance(key, DepthKey))
 
     def input_shape(self, p: int) -> tuple[int, ...]:
         """Shape of the value at position `p`, as the conv after it sees it."""

@@ -32,12 +32,11 @@ def fastest_splits(space: MergeSpace, latency: LatencyTable) -> dict:
     alone = {b: latency[e] for b, e in space.full_entries.items()}
     best: dict[tuple[int, int], tuple[float, list[int]]] = {}
     for i, k in sorted(alone, key=lambda b: b[1] - b[0]):
-        options = [(alone[(i, k)], [])]
+        fastest, cut = alone[(i, k)], None  # ties: the whole block, then the first cut
         for j in range(i + 1, k):
-            if (i, j) in best and (j, k) in alone:
-                t_ij, splits = best[(i, j)]
-                options.append((t_ij + alone[(j, k)], [*splits, j]))
-        best[(i, k)] = min(options, key=lambda o: o[0])
+            if (i, j) in best and (j, k) in alone and best[(i, j)][0] + alone[(j, k)] < fastest:
+                fastest, cut = best[(i, j)][0] + alone[(j, k)], j
+        best[(i, k)] = (fastest, [] if cut is None else [*best[(i, cut)][1], cut])
     return best
 
 
@@ -54,19 +53,18 @@ def importance_keys(space: MergeSpace) -> list[Key]:
 
 
 def edges(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable) -> list[Edge]:
-    """An edge per block and choice of its end activations (`space.activation_choices`),
+    """An edge per block and choice of its end activations (`space.depth_choices`),
     from `node(i, start)` to `node(j, end)`; then free edges from both nodes of position L
     to the last node."""
     latency.check(space, list(space.full_entries.values()))
     importance.check(space, importance_keys(space))
     splits = fastest_splits(space, latency)
     out = []
-    for i, j in space.blocks:
-        for start, end in space.activation_choices(i, j):
-            key = space.depth_key(i, j, start, end)
-            out.append(Edge(node(i, start), node(j, end), splits[(i, j)][0],
-                            additive_importance(importance, key),
-                            (i, j, tuple(splits[(i, j)][1]), end)))
+    for (i, j), choices in space.depth_choices.items():
+        t_opt, cuts = splits[(i, j)]
+        for start, end, key in choices:
+            out.append(Edge(node(i, start), node(j, end), t_opt,
+                            additive_importance(importance, key), (i, j, tuple(cuts), end)))
     sink = node(space.L, False) + 1
     out += [Edge(node(space.L, a), sink, 0.0, 0.0, None) for a in (True, False)]
     return out

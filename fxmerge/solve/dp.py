@@ -8,15 +8,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..errors import InfeasibleBudget, TableError
 
 
-@dataclass(frozen=True)
-class Edge:
+class Edge(NamedTuple):
     """One choice for nodes `start -> end`: its latency, importance and what it means."""
 
     start: int
