@@ -263,8 +263,10 @@ class MergeSpace:
         return None if j == i + 1 else self.full_entries[(i, j)]
 
     @cached_property
-    def depth_choices(self) -> dict[tuple[int, int], tuple[tuple[bool, bool, Entry | DepthKey | None], ...]]:
-        """Every block's `(start, end, depth_key)` choices (what the Depth solver reads)."""
+    def depth_choices(self) -> dict[tuple[int, int],
+                                    tuple[tuple[bool, bool, Entry | DepthKey | None], ...]]:
+        """Every block's `(start, end, depth_key(...))` activation choices, computed once
+        (what the Depth solver reads)."""
         return {(i, j): tuple((start, end, self.depth_key(i, j, start, end))
                               for start, end in self.activation_choices(i, j))
                 for i, j in self._options}

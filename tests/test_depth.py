@@ -40,8 +40,10 @@ def test_each_key_names_the_network_it_scores(spaces):
     identity = fxmerge.Plan.identity(space).blocks
     everything = {c.name for c in space.convs}
     kinds = set()
+    assert list(space.depth_choices) == list(space.blocks)
     for i, j in space.blocks:
         choices = space.activation_choices(i, j)
+        assert len(space.depth_choices[(i, j)]) == len(choices)
         # the authors' restriction: a block starting without an activation chooses its start
         free = 0 if len(space.activation_options(i)) > 1 else 1
         assert len({c[free] for c in choices}) == len(choices) == len(set(
@@ -50,6 +52,7 @@ def test_each_key_names_the_network_it_scores(spaces):
             plan = fxmerge.Plan.from_spans(space, spans_with(space, i, j), everything,
                                            activation={i: start, j: end})
             key = space.depth_key(i, j, start, end)
+            assert (start, end, key) in space.depth_choices[(i, j)]  # what the solver reads
             kinds.add(type(key).__name__)
             if key is None:  # the original network
                 assert plan.blocks == identity

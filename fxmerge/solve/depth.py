@@ -34,8 +34,10 @@ def fastest_splits(space: MergeSpace, latency: LatencyTable) -> dict:
     for i, k in sorted(alone, key=lambda b: b[1] - b[0]):
         fastest, cut = alone[(i, k)], None  # ties: the whole block, then the first cut
         for j in range(i + 1, k):
-            if (i, j) in best and (j, k) in alone and best[(i, j)][0] + alone[(j, k)] < fastest:
-                fastest, cut = best[(i, j)][0] + alone[(j, k)], j
+            if (i, j) in best and (j, k) in alone:
+                t = best[(i, j)][0] + alone[(j, k)]
+                if t < fastest:
+                    fastest, cut = t, j
         best[(i, k)] = (fastest, [] if cut is None else [*best[(i, cut)][1], cut])
     return best
 
