@@ -125,7 +125,6 @@ def summarize(runs: Sequence[list[dict]], metrics: tuple[str, ...]) -> list[dict
     return out
 
 
-
 def time_against_original(nets: dict[str, nn.Module], inputs: ExampleInputs, repeat: int
                           ) -> dict[str, Relative]:
     """Every network of `nets` timed side by side with `nets["original"]` as NetworkTimer
