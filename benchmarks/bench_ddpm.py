@@ -19,7 +19,7 @@ from common import write
 
 import fxmerge
 from fxmerge.models import DDPM_EXCLUDE, DDPMUNet
-from fxmerge.tables.importance import agreement_importance
+from fxmerge.tables.agreement import agreement_importance
 from fxmerge.tables.timing import time_interleaved
 
 # LayerMerge paper, Table 4 (DDPM on CIFAR-10, PyTorch speed-up)

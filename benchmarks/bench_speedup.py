@@ -32,7 +32,7 @@ from common import write
 
 import fxmerge
 from fxmerge.measured import NetworkTimer, solve_measured
-from fxmerge.tables.importance import agreement_importance
+from fxmerge.tables.agreement import agreement_importance
 
 MBV2_EXCLUDE = ["features.0.0", "features.18.0"]
 MODELS = {

@@ -19,6 +19,7 @@ from .passes import GraphDiff, diff, merge, prune, transform
 from .plan import Block, Plan
 from .solve import Frontier, frontier, solve
 from .space import Conv, DepthKey, Entry, KernelOption, MergeSpace, Skip, analyze
+from .tables.agreement import agreement_importance
 from .tables.importance import ImportanceTable, estimate_importance
 from .tables.latency import LatencyTable, measure_latency
 
@@ -46,6 +47,7 @@ __all__ = [
     "SpaceError",
     "TableError",
     "TraceError",
+    "agreement_importance",
     "analyze",
     "backend",
     "compress",

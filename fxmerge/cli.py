@@ -199,15 +199,20 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 
 def cmd_importance(args: argparse.Namespace) -> int:
+    from .tables.agreement import agreement_importance
     from .tables.base import key_name
-    from .tables.importance import OutputAgreement, estimate_importance
+    from .tables.importance import estimate_importance
 
-    gm, space = _space(args)
-    evaluate = _attribute(args.evaluate) if args.evaluate else None
-    if evaluate is None:
-        evaluate = OutputAgreement(gm, example_batch(args, args.calibration_batch))
-    finetune = _attribute(args.finetune) if args.finetune else None
-    table = estimate_importance(space, evaluate=evaluate, finetune=finetune, cache=args.cache)
+    if not args.evaluate and (args.finetune or args.cache):
+        raise ValueError("--finetune and --cache need --evaluate (the output-agreement "
+                         "default neither fine-tunes nor caches: it takes seconds)")
+    _, space = _space(args)
+    if args.evaluate:
+        finetune = _attribute(args.finetune) if args.finetune else None
+        table = estimate_importance(space, evaluate=_attribute(args.evaluate),
+                                    finetune=finetune, cache=args.cache)
+    else:
+        table = agreement_importance(space, example_batch(args, args.calibration_batch))
     low = sorted(table.values.items(), key=lambda kv: kv[1])[:5]
     print(f"{len(table)} importance values ({table.settings['estimator']}); lowest: "
           + ", ".join(f"{key_name(k)}={v:.3g}" for k, v in low))
@@ -323,9 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the table as JSON")
     p.add_argument("--evaluate", help="file.py:function scoring a model (higher is better); "
                    "default: output agreement with the original on a random batch")
-    p.add_argument("--finetune", help="file.py:function fine-tuning a model briefly")
-    p.add_argument("--calibration-batch", type=int, default=8)
-    p.add_argument("--cache", help="JSON-lines file: finished entries; a rerun resumes")
+    p.add_argument("--finetune", help="file.py:function fine-tuning a model briefly "
+                   "(with --evaluate)")
+    p.add_argument("--calibration-batch", type=int, default=8,
+                   help="batch of the output-agreement default")
+    p.add_argument("--cache", help="JSON-lines file: finished entries; a rerun resumes "
+                   "(with --evaluate)")
     p.set_defaults(func=cmd_importance)
 
     p = sub.add_parser("solve", help="pick the best plan under a latency budget")

@@ -15,7 +15,8 @@ from .passes import merge, prune
 from .plan import Plan
 from .solve import solve
 from .space import MergeSpace, analyze
-from .tables.importance import ImportanceTable, OutputAgreement, estimate_importance
+from .tables.agreement import agreement_importance
+from .tables.importance import ImportanceTable, estimate_importance
 from .tables.latency import LatencyTable, measure_latency
 
 
@@ -85,11 +86,14 @@ def compress(
                     add_activations=add_activations)
     if not isinstance(latency, LatencyTable):
         latency = measure_latency(space, **dict(latency or {}))
-    if not isinstance(importance, ImportanceTable):  # only the keys `method` reads
-        evaluate = importance or OutputAgreement(gm, example_inputs)
-        importance = estimate_importance(
-            space, evaluate=evaluate, finetune=finetune if importance else None,
-            layeronly=method == "layeronly", depth=method == "depth")
+    if importance is None:  # only the keys `method` reads
+        importance = agreement_importance(space, example_inputs,
+                                          layeronly=method == "layeronly",
+                                          depth=method == "depth")
+    elif not isinstance(importance, ImportanceTable):
+        importance = estimate_importance(space, evaluate=importance, finetune=finetune,
+                                         layeronly=method == "layeronly",
+                                         depth=method == "depth")
     if budget_basis == "measured":
         timer = NetworkTimer.for_table(gm, space, latency, **dict(timing or {}))
         plan = solve_measured(space, latency, importance, timer, budget=budget, method=method,

@@ -46,7 +46,9 @@ def test_pipeline_analyze_latency_importance_solve_transform(tmp_path, capsys):
     assert run("importance", *MODEL, "--out", tmp_path / "imp.json") == 0
     imp = fxmerge.ImportanceTable.from_json((tmp_path / "imp.json").read_text())
     assert len(imp) == 89 + 48 + 6  # entries, Depth's activation choices, LayerOnly's convs
-    assert imp.settings["estimator"] == "no fine-tuning"
+    assert imp.settings["estimator"] == "output agreement (no fine-tuning)"
+    assert run("importance", *MODEL, "--cache", tmp_path / "imp.jsonl") == 1
+    assert "--cache need --evaluate" in capsys.readouterr().err
 
     assert run("solve", *MODEL, "--latency", tmp_path / "lat.json", "--importance",
                tmp_path / "imp.json", "--budget", 0.8, "--budget-basis", "table", "--out",

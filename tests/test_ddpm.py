@@ -135,7 +135,7 @@ def test_tables_and_solve_on_the_unet(small):
     latency = fxmerge.measure_latency(space, warmup=0, repeat=1)
     removals = [e for e in space.entries if e.k == 0]
     assert len(removals) == 3 and all(latency[e] == 0.0 for e in removals)
-    importance = fxmerge.tables.importance.agreement_importance(space, (X, T))
+    importance = fxmerge.agreement_importance(space, (X, T))
     assert all(e in importance for e in space.entries)
     for budget in (0.73, 0.58):
         plan = fxmerge.solve(space, latency, importance, budget=budget)

@@ -10,7 +10,8 @@ from helpers import randomize_batchnorm, relative_error
 
 import fxmerge
 from fxmerge.models import DemoMobileNetV2
-from fxmerge.tables.importance import agreement_importance, block_plan, depth_plan
+from fxmerge.tables.agreement import agreement_importance
+from fxmerge.tables.importance import block_plan, depth_plan
 
 X = torch.randn(2, 1, 16, 16)
 

@@ -10,7 +10,10 @@ from models import small_net
 from torch import nn
 
 import fxmerge
-from fxmerge.tables.importance import OutputAgreement, agreement_importance, estimate_importance
+from fxmerge.models.demo import DemoMobileNetV2
+from fxmerge.passes.prune import prune_graph
+from fxmerge.tables.agreement import CachedOutputs, OutputAgreement, agreement_importance
+from fxmerge.tables.importance import block_plan, estimate_importance
 
 SPEC = [("conv", 8, 3, 1, True, False), ("res", [("c", 3, False), ("c", 3, False)]),
         ("conv", 8, 3, 1, True, True), ("conv", 8, 1, 2, True, False)]
@@ -159,3 +162,38 @@ def test_a_cache_made_with_another_reset_setting_is_refused(space, tmp_path):
     estimate_importance(space, evaluate=evaluate, cache=cache, layeronly=False, keys=[])
     with pytest.raises(fxmerge.TableError, match="reset_single"):
         estimate_importance(space, evaluate=evaluate, cache=cache, reset_single=True)
+
+
+def test_fast_proxy_equals_scoring_each_pruned_network():
+    """agreement_importance re-uses the original's values where a plan changes nothing; it
+    must give what OutputAgreement gives on each key's whole pruned network, for LayerMerge
+    entries, Depth's activation choices and LayerOnly's removals alike."""
+    x = torch.randn(4, 1, 16, 16)
+    gm = fxmerge.trace(randomize_batchnorm(DemoMobileNetV2()), x)
+    space = fxmerge.analyze(gm, exclude=DemoMobileNetV2.EXCLUDE)
+    assert space.add_activations and space.depth_keys
+    fast = agreement_importance(space, x)
+    keys = [*list(space.entries)[::4], *space.depth_keys[::3],
+            *[c.name for c in space.convs if not c.irreducible][:3]]
+    slow = estimate_importance(space, evaluate=OutputAgreement(gm, x), keys=keys)
+    assert set(slow.values) == set(keys) and set(keys) <= set(fast.values)
+    assert min(slow.values.values()) < 0.99
+    for key, value in slow.values.items():
+        assert fast[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+    assert fast.settings["calibration_batch"] == 4
+
+
+def test_only_what_a_plan_changes_is_recomputed(space):
+    x = torch.randn(2, 3, 12, 12)
+    cache = CachedOutputs(space.gm, x)
+    identity = prune_graph(space, fxmerge.Plan.identity(space))
+    assert len(cache.unchanged(identity)) == len(identity.graph.nodes) - 1  # all but output
+    last = max((e for e in space.entries if e.j - e.i > 1), key=lambda e: e.i)
+    plan = block_plan(space, last, space.conv_scores)
+    changed = prune_graph(space, plan)
+    reused = {n.name for n in cache.unchanged(changed)}
+    assert space.units[last.i].input in reused  # the block's input: computed before it
+    assert 0 < len(reused) < len(changed.graph.nodes) - 1
+    with torch.no_grad():
+        full = fxmerge.prune(space.gm, plan).eval()(x)
+    assert torch.allclose(cache.run(changed), full, rtol=1e-6, atol=1e-7)

@@ -10,6 +10,8 @@ from models import TinyUNet, small_net
 from torch import nn
 
 import fxmerge
+from fxmerge.passes.prune import prune_graph
+from fxmerge.tables.agreement import CachedOutputs
 from fxmerge.tables.latency import entry_signature
 
 MBV2_EXCLUDE = ("features.0.0", "features.18.0")
@@ -117,6 +119,14 @@ def test_passes_never_mutate_their_input():
     assert gm.code == code and pruned.code == pruned_code
     assert all(torch.equal(v, state[k]) for k, v in gm.state_dict().items())
     assert gm.get_submodule("layer1.0.conv2").padding == (1, 1)
+    paddings = {c.name: gm.get_submodule(c.name).padding for c in space.convs}
+    replaced = {}  # prune_graph keeps gm's modules, replacing some, changing none
+    for seed in range(4):
+        replaced |= prune_graph(space, fxmerge.Plan.random(space, seed)).modules
+    assert set(replaced) & set(paddings)
+    assert all(m is not gm.get_submodule(t) for t, m in replaced.items() if t in paddings)
+    assert {c.name: gm.get_submodule(c.name).padding for c in space.convs} == paddings
+    assert gm.code == code
 
 
 def test_shared_activation_module_survives():
@@ -299,5 +309,8 @@ def test_random_nets_and_plans_merge_exactly(spec, stride_rule, seed, add_activa
     merged = fxmerge.merge(pruned)
     with torch.no_grad():
         assert relative_error(pruned(x), merged(x)) <= 1e-5
+        # what the importance proxy runs: prune_graph, from the original's cached values
+        assert relative_error(pruned(x), CachedOutputs(gm, x).run(prune_graph(space, plan))
+                              ) <= 1e-10
     assert merged_conv_names(merged) & {c.name for c in space.convs} == {
         b.kept[0] for b in plan.blocks}

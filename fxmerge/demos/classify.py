@@ -27,7 +27,8 @@ from ..passes import prune, transform
 from ..plan import Plan
 from ..solve import METHODS, frontier
 from ..space import Entry, MergeSpace, analyze
-from ..tables.importance import ImportanceTable, agreement_importance, estimate_importance
+from ..tables.agreement import agreement_importance
+from ..tables.importance import ImportanceTable, estimate_importance
 from ..tables.latency import LatencyTable, measure_latency
 from .shared import (
     PREPARATIONS,

@@ -3,6 +3,9 @@
 Removed activations and convs become identity, each block's padding moves to its first kept
 conv (so that merging it later is exact), and skips inside a block are cropped or padded to
 meet the larger feature maps. Fine-tune the result, then call `fxmerge.merge`.
+
+The edits never change a module in place (a conv whose padding moves is replaced by a copy),
+so `prune_graph` can apply them to a graph whose modules stay the original's.
 """
 
 from __future__ import annotations
@@ -25,6 +28,26 @@ log = logging.getLogger(__name__)
 PLAN_KEY = "fxmerge_plan"
 
 
+class PrunedGraph:
+    """A plan applied without copying modules: `graph`, the original's nodes copied and
+    edited, and `modules`, the modules the edits replaced or added (by target); every other
+    target is `base`'s. Scoring many plans this way is cheap; never train it."""
+
+    def __init__(self, base: fx.GraphModule) -> None:
+        self.base = base
+        self.graph = copy.deepcopy(base.graph)
+        self.modules: dict[str, nn.Module] = {}
+
+    def get_submodule(self, target: str) -> nn.Module:
+        return self.modules[target] if target in self.modules else self.base.get_submodule(target)
+
+    def add_submodule(self, target: str, module: nn.Module) -> None:
+        self.modules[target] = module
+
+
+Editable = fx.GraphModule | PrunedGraph  # what the edits below act on
+
+
 def block_borders(space: MergeSpace, i: int, j: int, kept: set[str]) -> dict[int, int]:
     """Border width at each position of block `(i, j)` once its padding sits on its first
     kept conv: the extra pixels each side that later convs of the block will consume."""
@@ -35,7 +58,7 @@ def block_borders(space: MergeSpace, i: int, j: int, kept: set[str]) -> dict[int
     return border
 
 
-def _move_padding(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> dict:
+def _move_padding(gm: Editable, space: MergeSpace, plan: Plan) -> dict:
     """Set paddings; return, per skip inside a block, the crop (>0) or pad (<0) of its source."""
     kept = set(plan.kept_convs)
     skip_crop = {}
@@ -46,7 +69,7 @@ def _move_padding(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> dict:
         first = space.conv(block.kept[0]).index
         for name in block.kept:
             p = space.conv(name).index
-            gm.get_submodule(name).padding = (border[p - 1],) * 2 if p == first else (0, 0)
+            _set_padding(gm, name, (border[p - 1],) * 2 if p == first else (0, 0))
         physical = {p: (0 if p < first else border[p]) for p in border}
         for skip in space.skips:
             if i <= skip.source and skip.target <= j:
@@ -57,7 +80,17 @@ def _move_padding(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> dict:
     return skip_crop
 
 
-def _insert_skip_pads(gm: fx.GraphModule, skip_crop: dict) -> None:
+def _set_padding(gm: Editable, name: str, padding: tuple[int, int]) -> None:
+    """Give conv `name` a new padding on a shallow copy, never in place. The copy shares
+    the conv's parameters (`copy.copy` refuses parametrized modules, so copy the dict)."""
+    conv = gm.get_submodule(name)
+    if tuple(conv.padding) != padding:
+        new = conv.__class__.__new__(conv.__class__)
+        new.__dict__ = {**conv.__dict__, "padding": padding}
+        gm.add_submodule(name, new)
+
+
+def _insert_skip_pads(gm: Editable, skip_crop: dict) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     for skip, crop in skip_crop.items():
         source = nodes[skip.source_node]
@@ -71,7 +104,7 @@ def _insert_skip_pads(gm: fx.GraphModule, skip_crop: dict) -> None:
         consumer.replace_input_with(source, pad)
 
 
-def _add_activations(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> None:
+def _add_activations(gm: Editable, space: MergeSpace, plan: Plan) -> None:
     """The network's own activation after each block the plan gives one where the network
     has none (MobileNetV2's projections; docs/method.md §4)."""
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -87,7 +120,7 @@ def _add_activations(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> None:
         value.replace_all_uses_with(act, delete_user_cb=lambda user, new=act: user is not new)
 
 
-def _relocate_norms(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> None:
+def _relocate_norms(gm: Editable, space: MergeSpace, plan: Plan) -> None:
     """A block whose removed activations had a relocatable norm (GroupNorm) before them gets
     one norm of that kind after its last conv, before the skip add. It is made fresh (weight
     1, bias 0), as the authors do: it now normalises another layer's output, so the removed
@@ -110,7 +143,7 @@ def _relocate_norms(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> None:
         value.replace_all_uses_with(norm, delete_user_cb=lambda user, new=norm: user is not new)
 
 
-def _bypass(gm: fx.GraphModule, first: fx.Node, last: fx.Node) -> None:
+def _bypass(gm: Editable, first: fx.Node, last: fx.Node) -> None:
     """Replace the chain `first .. last` by `first`'s input and erase it."""
     last.replace_all_uses_with(first.args[0])
     node = last
@@ -131,6 +164,23 @@ def _check_skips(gm: fx.GraphModule, space: MergeSpace) -> None:
                             f"and {shapes[1]}: the skip could not be aligned")
 
 
+def _apply(out: Editable, space: MergeSpace, plan: Plan) -> None:
+    """Edit `out`, a copy of `space.gm`, by `plan` (modules are replaced, never changed)."""
+    nodes = {n.name: n for n in out.graph.nodes}
+    skip_crop = _move_padding(out, space, plan)
+    _insert_skip_pads(out, skip_crop)
+    if plan.added_activations(space):
+        _add_activations(out, space, plan)
+    _relocate_norms(out, space, plan)
+    for name in plan.removed_activations(space):
+        unit = space.units[space.conv(name).index - 1]
+        _bypass(out, nodes[unit.rnorm or unit.act], nodes[unit.act])
+    for name in plan.removed_convs:
+        unit = space.units[space.conv(name).index - 1]
+        _bypass(out, nodes[unit.conv], nodes[unit.norm or unit.conv])
+    out.graph.lint()
+
+
 def prune(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     """Apply `plan` to a traced model (see `fxmerge.trace`) and return a new, trainable
     GraphModule; `gm` is not changed. Blocks whose `activation` is on where the network
@@ -144,21 +194,7 @@ def prune(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
         raise PlanError(f"plan was made for another graph: {exc}") from None
     plan.validate(space)
     out = copy.deepcopy(gm)
-    nodes = {n.name: n for n in out.graph.nodes}
-
-    skip_crop = _move_padding(out, space, plan)
-    _insert_skip_pads(out, skip_crop)
-    if plan.added_activations(space):
-        _add_activations(out, space, plan)
-    _relocate_norms(out, space, plan)
-    for name in plan.removed_activations(space):
-        unit = space.units[space.conv(name).index - 1]
-        _bypass(out, nodes[unit.rnorm or unit.act], nodes[unit.act])
-    for name in plan.removed_convs:
-        unit = space.units[space.conv(name).index - 1]
-        _bypass(out, nodes[unit.conv], nodes[unit.norm or unit.conv])
-
-    out.graph.lint()
+    _apply(out, space, plan)
     out.delete_all_unused_submodules()
     out.recompile()
     propagate_shapes(out, example_inputs(gm))
@@ -167,4 +203,13 @@ def prune(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     log.info("pruned: %d convs removed, %d activations removed, %d added",
              len(plan.removed_convs), len(plan.removed_activations(space)),
              len(plan.added_activations(space)))
+    return out
+
+
+def prune_graph(space: MergeSpace, plan: Plan) -> PrunedGraph:
+    """`plan` applied to `space.gm` as `prune` does, but without copying, compiling or
+    shape-checking a network: for scoring many plans (the output-agreement importance)."""
+    plan.validate(space)
+    out = PrunedGraph(space.gm)
+    _apply(out, space, plan)
     return out

@@ -18,12 +18,10 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, as_completed
 from pathlib import Path
-from typing import Any
 
-import torch
 from torch import fx, nn
 
-from ..capture.trace import ExampleInputs, as_tuple, ensure_shapes, example_inputs
+from ..capture.trace import ensure_shapes, example_inputs
 from ..errors import TableError
 from ..plan import Plan
 from ..space import DepthKey, Entry, MergeSpace
@@ -262,29 +260,3 @@ def estimate_importance(
                 "base_score": base, "num_keys": len(values),
                 "single_convs_reinitialised": reset_single}
     return ImportanceTable(values, space.signature, settings)
-
-
-class OutputAgreement:
-    """A cheap `evaluate` that needs no training or data labels: minus the relative squared
-    error between a network's output and the original's on a calibration batch. Cost: one
-    forward pass of that batch per entry (seconds for a whole table on a CPU); it ranks
-    blocks by how much they change the function, not by task accuracy."""
-
-    def __init__(self, original: nn.Module, batch: ExampleInputs) -> None:
-        self.batch = as_tuple(batch)  # the inputs of one call: (x,) or (x, t)
-        with torch.no_grad():
-            self.reference = copy.deepcopy(original).eval()(*self.batch)
-
-    def __call__(self, model: nn.Module) -> float:
-        with torch.no_grad():
-            out = model.eval()(*self.batch)
-        err = (out - self.reference).pow(2).sum() / self.reference.pow(2).sum().clamp_min(1e-12)
-        return -float(err)
-
-
-def agreement_importance(space: MergeSpace, batch: ExampleInputs, **kwargs: Any
-                         ) -> ImportanceTable:
-    """The cheap proxy table: `estimate_importance` with `OutputAgreement`, no fine-tuning."""
-    table = estimate_importance(space, evaluate=OutputAgreement(space.gm, batch), **kwargs)
-    table.settings["estimator"] = "output agreement (no fine-tuning)"
-    return table
