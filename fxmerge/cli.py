@@ -7,6 +7,7 @@ import importlib.util
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -289,13 +290,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.task == "ddpm":
         from .demos.ddpm import DDPMDemoConfig, run_ddpm_demo
 
-        if args.seeds != 1:
-            raise ValueError("--seeds is for the classify task (one ddpm run takes ~7 min)")
+        if args.seeds != 1 or args.distorted:
+            raise ValueError("--seeds and --distorted are for the classify task")
         run_ddpm_demo(out, DDPMDemoConfig.quick() if args.quick else DDPMDemoConfig())
     else:
         from .demos.classify import DemoConfig, run_demo
 
-        run_demo(out, DemoConfig.quick() if args.quick else DemoConfig(), seeds=args.seeds)
+        config = DemoConfig.quick() if args.quick else DemoConfig()
+        run_demo(out, replace(config, distorted=args.distorted), seeds=args.seeds)
     return EXIT_OK
 
 
@@ -380,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for results.json, the tables and the plots")
     p.add_argument("--seeds", type=int, default=1, help="repeat the whole job over N seeds "
                    "(split, training, fine-tuning) and report mean ± std (classify)")
+    p.add_argument("--distorted", action="store_true", help="the harder task: digits "
+                   "rotated, scaled, shifted and noisy (classify)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -7,6 +7,7 @@ import torch
 
 import fxmerge
 from fxmerge.cli import main
+from fxmerge.demos.shared import load_digits
 from fxmerge.models import DemoMobileNetV2
 
 MODEL = ["fxmerge:DemoMobileNetV2", "--input-shape", "2,1,16,16", "--exclude", "stem.0",
@@ -189,6 +190,18 @@ def test_demo_ddpm_quick_writes_results(tmp_path):
     assert "Frechet" in proc.stdout
 
 
+def test_distorted_digits_are_a_harder_seeded_variant(capsys):
+    plain = load_digits(16, seed=0)
+    hard, again, other = (load_digits(16, seed=s, distorted=True) for s in (0, 0, 1))
+    assert torch.equal(hard.test[1], plain.test[1])  # the same split and labels
+    assert hard.test[0].shape == plain.test[0].shape
+    assert torch.equal(hard.test[0], again.test[0])  # seeded
+    assert not torch.equal(hard.train[0], plain.train[0])
+    assert not torch.equal(hard.train[0], other.train[0])
+    assert run("demo", "--task", "ddpm", "--distorted") == 1
+    assert "for the classify task" in capsys.readouterr().err
+
+
 def test_several_inputs_integer_ones_included(capsys):
     ddpm = ["fxmerge:DDPMUNet", "--input-shape", "1,3,32,32", "--input-shape", "1:int:1000",
             "--exclude", "*attn*", "*.shortcut", "conv_out"]
@@ -220,7 +233,7 @@ def test_bad_inputs_exit_1_with_one_line(tmp_path, capsys):
         (["transform", *MODEL, "--plan", tmp_path / "plan.json"], "invalid JSON"),
         (["analyze", *MODEL[:3], "--exclude", "nothing.*"], "matches no Conv2d"),
         (["demo", "--seeds", "0"], "--seeds must be at least 1"),
-        (["demo", "--task", "ddpm", "--seeds", "2"], "--seeds is for the classify task"),
+        (["demo", "--task", "ddpm", "--seeds", "2"], "are for the classify task"),
     ]
     for argv, match in cases:
         assert run(*argv) == 1, argv

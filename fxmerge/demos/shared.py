@@ -4,6 +4,7 @@ the solve-or-skip loop over methods and budgets, and headless matplotlib."""
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,14 +32,34 @@ class Digits:
     test: tuple[torch.Tensor, torch.Tensor]
 
 
-def load_digits(size: int = 32, seed: int = 0, scale: str = "standard") -> Digits:
+def distort(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Each image rotated (up to 30 degrees), scaled (0.75-1.15), shifted (up to 15% of its
+    side) and given pixel noise (std 0.15 of the [0, 1] range): the harder task."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(x)
+    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(30)
+    zoom = 0.75 + 0.4 * torch.rand(n, generator=gen)
+    shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * 0.3
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+    return x + 0.15 * torch.randn(x.shape, generator=gen)
+
+
+def load_digits(size: int = 32, seed: int = 0, scale: str = "standard",
+                distorted: bool = False) -> Digits:
     """The 8x8 digits upsampled to `size`; `scale` "standard" (zero mean, unit deviation)
-    or "symmetric" (pixels in [-1, 1], as diffusion models take them)."""
+    or "symmetric" (pixels in [-1, 1], as diffusion models take them); `distorted` applies
+    `distort` (the harder task; the images change with `seed`)."""
     from sklearn.datasets import load_digits as sk_digits
 
     data = sk_digits()
     x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    if distorted:
+        x = distort(x, seed)
     if scale == "standard":
         x = (x - x.mean()) / x.std()
     elif scale == "symmetric":
