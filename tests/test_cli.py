@@ -195,9 +195,12 @@ def test_distorted_digits_are_a_harder_seeded_variant(capsys):
     hard, again, other = (load_digits(16, seed=s, distorted=True) for s in (0, 0, 1))
     assert torch.equal(hard.test[1], plain.test[1])  # the same split and labels
     assert hard.test[0].shape == plain.test[0].shape
+    assert torch.equal(hard.train[1], plain.train[1].repeat(4))  # four views of each
+    views = hard.train[0].view(4, 1000, 1, 16, 16)
+    assert not torch.equal(views[0], views[1])
     assert torch.equal(hard.test[0], again.test[0])  # seeded
-    assert not torch.equal(hard.train[0], plain.train[0])
-    assert not torch.equal(hard.train[0], other.train[0])
+    assert not torch.equal(hard.test[0], plain.test[0])
+    assert not torch.equal(hard.test[0], other.test[0])
     assert run("demo", "--task", "ddpm", "--distorted") == 1
     assert "for the classify task" in capsys.readouterr().err
 

@@ -32,10 +32,12 @@ class Digits:
     test: tuple[torch.Tensor, torch.Tensor]
 
 
-def distort(x: torch.Tensor, seed: int) -> torch.Tensor:
+TRAIN_VIEWS = 4  # distorted views of each training image in the harder task
+
+
+def distort(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Each image rotated (up to 30 degrees), scaled (0.75-1.15), shifted (up to 15% of its
     side) and given pixel noise (std 0.15 of the [0, 1] range): the harder task."""
-    gen = torch.Generator().manual_seed(seed)
     n = len(x)
     angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(30)
     zoom = 0.75 + 0.4 * torch.rand(n, generator=gen)
@@ -51,25 +53,32 @@ def distort(x: torch.Tensor, seed: int) -> torch.Tensor:
 def load_digits(size: int = 32, seed: int = 0, scale: str = "standard",
                 distorted: bool = False) -> Digits:
     """The 8x8 digits upsampled to `size`; `scale` "standard" (zero mean, unit deviation)
-    or "symmetric" (pixels in [-1, 1], as diffusion models take them); `distorted` applies
-    `distort` (the harder task; the images change with `seed`)."""
+    or "symmetric" (pixels in [-1, 1], as diffusion models take them). `distorted`: the
+    harder task, every image through `distort` (drawn with `seed`), and `TRAIN_VIEWS`
+    distorted views of each training image (4000 training images)."""
     from sklearn.datasets import load_digits as sk_digits
 
     data = sk_digits()
     x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    if distorted:
-        x = distort(x, seed)
+    y = torch.tensor(data.target)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    views = TRAIN_VIEWS if distorted else 1
+    if distorted:  # split first, so that each training view is drawn afresh
+        gen = torch.Generator().manual_seed(seed)
+        x, y = x[order], y[order]
+        x = torch.cat([*(distort(x[:1000], gen) for _ in range(views)), distort(x[1000:], gen)])
+        y = torch.cat([y[:1000].repeat(views), y[1000:]])
     if scale == "standard":
         x = (x - x.mean()) / x.std()
     elif scale == "symmetric":
         x = x.clamp(0, 1) * 2 - 1
     else:
         raise ValueError(f"load_digits: scale must be 'standard' or 'symmetric', not {scale!r}")
-    y = torch.tensor(data.target)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    x, y = x[order], y[order]
-    return Digits((x[:1000], y[:1000]), (x[1000:1300], y[1000:1300]), (x[1300:], y[1300:]))
+    if not distorted:
+        x, y = x[order], y[order]
+    n = 1000 * views
+    return Digits((x[:n], y[:n]), (x[n:n + 300], y[n:n + 300]), (x[n + 300:], y[n + 300:]))
 
 
 def train(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], *, epochs: float = 1,
