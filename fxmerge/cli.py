@@ -296,9 +296,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         from .demos.classify import DemoConfig, run_demo
 
-        config = DemoConfig.distorted_task() if args.distorted else DemoConfig()
         if args.quick:
             config = replace(DemoConfig.quick(), distorted=args.distorted)
+        else:
+            config = DemoConfig.distorted_task() if args.distorted else DemoConfig()
         run_demo(out, config, seeds=args.seeds)
     return EXIT_OK
 

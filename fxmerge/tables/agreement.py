@@ -128,5 +128,5 @@ def agreement_importance(space: MergeSpace, batch: ExampleInputs, *, layeronly: 
         gm.train(was_training)
     settings = {"estimator": "output agreement (no fine-tuning)", "base_score": 0.0,
                 "num_keys": len(values), "single_convs_reinitialised": False,
-                "calibration_batch": int(as_tuple(batch)[0].shape[0])}
+                "calibration_batch": int(cache.batch[0].shape[0])}
     return ImportanceTable(values, space.signature, settings)
