@@ -50,6 +50,8 @@ def test_pipeline_analyze_latency_importance_solve_transform(tmp_path, capsys):
     assert imp.settings["estimator"] == "output agreement (no fine-tuning)"
     assert run("importance", *MODEL, "--cache", tmp_path / "imp.jsonl") == 1
     assert "--cache need --evaluate" in capsys.readouterr().err
+    assert run("importance", *MODEL, "--finetune", tmp_path / "ft.py:finetune") == 1
+    assert "--cache need --evaluate" in capsys.readouterr().err
 
     assert run("solve", *MODEL, "--latency", tmp_path / "lat.json", "--importance",
                tmp_path / "imp.json", "--budget", 0.8, "--budget-basis", "table", "--out",
