@@ -18,13 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from common import write
 
-from fxmerge import ImportanceTable, agreement_importance, analyze, trace
-from fxmerge.demos.classify import DemoConfig, spearman
-from fxmerge.demos.shared import accuracy, load_digits, train
-from fxmerge.models.demo import DemoMobileNetV2
+from fxmerge import ImportanceTable, agreement_importance
+from fxmerge.demos.classify import DemoConfig, spearman, train_seed
 from fxmerge.space import Entry
 from fxmerge.tables.agreement import OutputAgreement
 from fxmerge.tables.importance import estimate_importance
@@ -44,16 +41,12 @@ def main(results: Path, importance: Path) -> None:
                            for k, v in meta["config"].items()})
     cost = next(c for c in meta["importance_cost"] if c["seed"] == 0)
     finetune_ms = cost["finetune_importance_s"] / cost["finetune_keys"] * 1e3
-    torch.manual_seed(0)  # as the demo's seed 0
-    data = load_digits(config.size, seed=0, distorted=config.distorted)
-    model = train(DemoMobileNetV2(), data.train, epochs=config.train_epochs,
-                  batch=config.batch, seed=0)
+    trained = train_seed(config, 0)  # as the demo's seed 0
     base = meta["original_accuracy"]
     base = base[0] if isinstance(base, list) else base
-    if round(accuracy(model, data.test), 2) != round(base, 2):
+    if round(trained.base_acc, 2) != round(base, 2):
         sys.exit(f"{results}: retrained seed 0 is not the recorded network")
-    gm = trace(model, data.test[0][: config.latency_batch])
-    space = analyze(gm, exclude=DemoMobileNetV2.EXCLUDE)
+    data, gm, space = trained.data, trained.gm, trained.space
     finetuned = ImportanceTable.from_json(importance.read_text())
     times: dict[object, list[float]] = {b: [] for b in BATCHES}
     times["networks"] = []

@@ -31,11 +31,14 @@ def machine() -> dict:
     return info
 
 
-def write(name: str, meta: dict, rows: list[dict], columns: list[str], title: str) -> None:
-    """Write `results/<name>.json` and a markdown table `results/<name>.md`; print the table."""
+def write(name: str, meta: dict, rows: list[dict], columns: list[str], title: str,
+          runs: list[dict] | None = None) -> None:
+    """Write `results/<name>.json` and a markdown table `results/<name>.md`; print the table.
+    `runs` (the rows `rows` summarise) go to the JSON only."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"machine": machine(), **meta}
-    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    data = {"meta": meta, "rows": rows} | ({"runs": runs} if runs is not None else {})
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1))
     lines = [f"# {title}", "", *(f"- {k}: {v}" for k, v in meta.items()), "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..capture import trace
 from ..compress import CompressResult
@@ -32,6 +32,7 @@ from ..tables.importance import ImportanceTable, estimate_importance
 from ..tables.latency import LatencyTable, measure_latency
 from .shared import (
     PREPARATIONS,
+    Digits,
     accuracy,
     feasible_plans,
     load_digits,
@@ -117,8 +118,18 @@ def spearman(a: ImportanceTable, b: ImportanceTable) -> float:
     return float(spearmanr([a[k] for k in keys], [b[k] for k in keys]).statistic)
 
 
-def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> SeedRun:
-    """Split, train, measure both tables, solve, fine-tune, merge and time, with `seed`."""
+@dataclass
+class Trained:
+    """A seed's data, trained network and its merge space."""
+
+    data: Digits
+    gm: fx.GraphModule
+    space: MergeSpace
+    base_acc: float
+
+
+def train_seed(config: DemoConfig, seed: int) -> Trained:
+    """Split the data and train the demo network with `seed`; trace and analyse it."""
     torch.manual_seed(seed)
     started = time.perf_counter()
     data = load_digits(config.size, seed=seed, distorted=config.distorted)
@@ -127,18 +138,42 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
     base_acc = accuracy(model, data.test)
     print(f"[seed {seed}] trained DemoMobileNetV2: test accuracy {base_acc:.2f}% "
           f"({time.perf_counter() - started:.0f} s)")
+    gm = trace(model, data.test[0][: config.latency_batch])
+    return Trained(data, gm, analyze(gm, exclude=DemoMobileNetV2.EXCLUDE), base_acc)
 
+
+def finetune_importance(trained: Trained, config: DemoConfig,
+                        progress: bool | None = None) -> ImportanceTable:
+    """The paper's importance table (every method's keys): brief fine-tune, validation
+    accuracy."""
+    data = trained.data
+    return estimate_importance(
+        trained.space, evaluate=_Accuracy(data.val),
+        finetune=_Finetune(data.train, config.importance_steps, config.importance_batch),
+        reset_single=config.reset_single, progress=progress)
+
+
+def finetune_plan(trained: Trained, plan: Plan, config: DemoConfig, seed: int,
+                  latency: LatencyTable, importance: ImportanceTable) -> tuple[nn.Module, float]:
+    """`plan`'s pruned network fine-tuned, then merged, and its test accuracy."""
+    result = CompressResult(plan, trained.space, prune(trained.gm, plan), latency, importance)
+    train(result.pruned, trained.data.train, epochs=config.finetune_epochs, lr=1e-3,
+          batch=config.batch, seed=seed)
+    merged = result.merge()
+    return merged, round(accuracy(merged, trained.data.test), 2)
+
+
+def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> SeedRun:
+    """Split, train, measure both tables, solve, fine-tune, merge and time, with `seed`."""
+    started = time.perf_counter()
+    trained = train_seed(config, seed)
+    data, gm, space, base_acc = trained.data, trained.gm, trained.space, trained.base_acc
     example = data.test[0][: config.latency_batch]
-    gm = trace(model, example)
-    space = analyze(gm, exclude=DemoMobileNetV2.EXCLUDE)
     latency = measure_latency(space, warmup=5, repeat=config.latency_repeat, progress=progress)
     print(f"latency table: {space.num_entries} entries, {latency.settings['num_signatures']} "
           f"convs timed, batch {config.latency_batch}, {latency.settings['seconds']:.0f} s")
     tick = time.perf_counter()
-    importance = estimate_importance(
-        space, evaluate=_Accuracy(data.val),
-        finetune=_Finetune(data.train, config.importance_steps, config.importance_batch),
-        reset_single=config.reset_single, progress=progress)
+    importance = finetune_importance(trained, config, progress)
     finetune_s = time.perf_counter() - tick
     tick = time.perf_counter()
     proxy = agreement_importance(space, data.val[0][:64], layeronly=False, depth=False)
@@ -160,12 +195,9 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
     plans = [*feasible_plans(space, latency, importance, config.budgets, timer=timer),
              *proxy_plans]
     for method, budget, plan in plans:
-        result = CompressResult(plan, space, prune(gm, plan), latency, importance)
-        train(result.pruned, data.train, epochs=config.finetune_epochs, lr=1e-3,
-              batch=config.batch, seed=seed)
-        nets[f"{method}@{budget}"] = merged = result.merge()
-        rows.append({"seed": seed, "method": method, "budget": budget,
-                     "accuracy": round(accuracy(merged, data.test), 2),
+        nets[f"{method}@{budget}"], acc = finetune_plan(trained, plan, config, seed, latency,
+                                                        importance)
+        rows.append({"seed": seed, "method": method, "budget": budget, "accuracy": acc,
                      "predicted_ratio": plan.measured["predicted_ratio"],
                      "solve_ratio": plan.measured["ratio"]})
     measured = time_against_original(nets, example, config.compare_repeat)
@@ -278,4 +310,5 @@ def plot_results(path: Path, rows: list[dict], base: list[float], first: SeedRun
     plt.close(fig)
 
 
-__all__ = ["DemoConfig", "run_demo"]
+__all__ = ["DemoConfig", "Trained", "finetune_importance", "finetune_plan", "run_demo",
+           "train_seed"]
