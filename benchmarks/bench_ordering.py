@@ -1,0 +1,185 @@
+"""Why LayerMerge does not beat Depth on the demo: the objective or the cost model?
+
+    python benchmarks/bench_ordering.py [--seeds 3] [--budgets 0.55 0.35] [--plain]
+
+(seeds 0 .. N-1; seeds already in the results file, with the same budgets, are kept.)
+
+Per seed, the distorted-digits demo network is trained and its fine-tuned importance table
+estimated exactly as `fxmerge demo --distorted` does (the same seeds give the same tables),
+then plans are solved at *table* budgets (equal predicted latency) on two cost models:
+
+- `cpu`: the latency table measured on this machine (what the demo uses);
+- `flops`: every entry costs its multiply-adds (a device on which a merged kernel costs what
+  its arithmetic costs; no per-layer overhead).
+
+and with three objectives over one importance table:
+
+- `layermerge`: the paper's, the sum over blocks of `I = exp(Δ)`. Each block is worth about
+  1 + Δ, so the objective counts blocks (kept activations) as much as accuracy;
+- `layermerge-additive`: the same space and table, maximising the sum of `Δ = log I`, the
+  predicted accuracy change (Depth's kind of objective);
+- `depth`: the Depth baseline (activations only, additive importance).
+
+Each plan is fine-tuned and merged as the demo does, and every merged network is timed
+against the original on the CPU (side by side, interleaved). Writes
+`results/ordering_<task>.{json,md}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+from common import RESULTS, write
+
+from fxmerge.demos.classify import DemoConfig, finetune_importance, finetune_plan, train_seed
+from fxmerge.demos.shared import summarize, time_against_original
+from fxmerge.errors import InfeasibleBudget
+from fxmerge.passes import transform
+from fxmerge.plan import Plan
+from fxmerge.solve import solve
+from fxmerge.space import IDENTITY, Entry, MergeSpace
+from fxmerge.tables.importance import ImportanceTable
+from fxmerge.tables.latency import LatencyTable, entry_signature, measure_latency
+
+OBJECTIVES = ("layermerge", "layermerge-additive", "depth")
+
+
+def flops_table(space: MergeSpace) -> LatencyTable:
+    """Each entry's multiply-adds (in millions) as its cost; removing a conv costs 0."""
+    values = {}
+    for e in space.entries:
+        if (e.k, e.dw) == IDENTITY:
+            values[e] = 0.0
+            continue
+        s = entry_signature(space, e)
+        n, c, h, w = s.input_shape
+        out_hw = math.ceil(h / s.stride) * math.ceil(w / s.stride)
+        values[e] = n * s.out_channels * out_hw * (c // s.groups) * s.kernel ** 2 / 1e6
+    return LatencyTable.from_values(space, values, source="multiply-adds (millions)")
+
+
+def additive(space: MergeSpace, importance: ImportanceTable) -> ImportanceTable:
+    """The table with each entry's `Δ = log I` as its value: LayerMerge's DP then maximises
+    the predicted accuracy change instead of the sum of exponentials. A conv left as it is
+    is worth 0, as in Depth (its table value is the fine-tune's noise)."""
+    unchanged = {space.full_entries[(c.index - 1, c.index)] for c in space.convs}
+    values = {k: 0.0 if k in unchanged else math.log(v)
+              for k, v in importance.values.items() if isinstance(k, Entry)}
+    return ImportanceTable(values, importance.signature, {"objective": "sum of log I"})
+
+
+def predicted_delta(space: MergeSpace, plan: Plan, deltas: ImportanceTable) -> float:
+    """Σ Δ over the plan's blocks (`deltas`: an `additive` table), in accuracy points;
+    Depth's own value for its plans."""
+    if plan.method == "depth":
+        return 100 * plan.predicted_importance
+    return 100 * sum(deltas[Entry(i, j, b.kernel, b.depthwise)]
+                     for b, (i, j) in zip(plan.blocks, plan.spans(space)))
+
+
+def run_seed(config: DemoConfig, seed: int, budgets: list[float]) -> list[dict]:
+    trained = train_seed(config, seed)
+    space = trained.space
+    cpu = measure_latency(space, warmup=5, repeat=config.latency_repeat, progress=False)
+    tick = time.perf_counter()
+    importance = finetune_importance(trained, config, progress=False)
+    print(f"[seed {seed}] importance: {len(importance)} keys in "
+          f"{time.perf_counter() - tick:.0f} s")
+    deltas = additive(space, importance)
+    tables = {"cpu": cpu, "flops": flops_table(space)}
+    nets = {"original": transform(trained.gm, Plan.identity(space))}
+    rows = []
+    for cost, latency in tables.items():
+        for objective in OBJECTIVES:
+            table = deltas if objective == "layermerge-additive" else importance
+            method = "depth" if objective == "depth" else "layermerge"
+            for budget in budgets:
+                try:
+                    plan = solve(space, latency, table, budget=budget, method=method)
+                except InfeasibleBudget as exc:
+                    print(f"{cost} {objective} {budget:.0%}: infeasible ({exc})")
+                    continue
+                name = f"{cost}/{objective}@{budget}"
+                nets[name], acc = finetune_plan(trained, plan, config, seed, latency,
+                                                importance)
+                rows.append({
+                    "seed": seed, "cost": cost, "objective": objective, "budget": budget,
+                    "accuracy": acc,
+                    "table_ratio": round(plan.predicted_latency_ms
+                                         / latency.identity_latency(space), 4),
+                    "predicted_delta": round(predicted_delta(space, plan, deltas), 2),
+                    "removed_convs": len(plan.removed_convs),
+                    "removed_activations": len(plan.removed_activations(space)),
+                    "net": name})
+                print(f"[seed {seed}] {name}: accuracy {acc:.2f}%, "
+                      f"predicted Δ {rows[-1]['predicted_delta']:+.1f} pt, "
+                      f"{rows[-1]['removed_convs']} convs and "
+                      f"{rows[-1]['removed_activations']} activations removed")
+    measured = time_against_original(nets, trained.data.test[0][: config.latency_batch],
+                                     config.compare_repeat)
+    for row in rows:
+        row["speedup"] = round(1 / measured[row.pop("net")].ratio, 3)
+        row["base_accuracy"] = round(trained.base_acc, 2)
+    return rows
+
+
+def previous_runs(path: Path, budgets: list[float]) -> dict[int, list[dict]]:
+    """The rows of every seed an earlier run with the same budgets wrote to `path`: a rerun
+    with more seeds runs only the new ones."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if data["meta"].get("budget_list") != budgets:
+        return {}
+    seeds: dict[int, list[dict]] = {}
+    for row in data["runs"]:
+        seeds.setdefault(row["seed"], []).append(row)
+    return seeds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.55, 0.35])
+    parser.add_argument("--plain", action="store_true", help="plain digits, not distorted")
+    args = parser.parse_args()
+    config = DemoConfig() if args.plain else DemoConfig.distorted_task()
+    task = "digits" if args.plain else "distorted"
+    done = previous_runs(RESULTS / f"ordering_{task}.json", args.budgets)
+    runs = [done.get(seed) or run_seed(config, seed, args.budgets)
+            for seed in range(args.seeds)]
+    for r in runs:
+        for row in r:
+            row["method"] = f"{row['cost']}/{row['objective']}"
+    rows = summarize(runs, ("accuracy", "speedup", "predicted_delta", "table_ratio",
+                            "removed_convs", "removed_activations"))
+    for row in rows:
+        row["cost"], row["objective"] = row.pop("method").split("/")
+    base = [r[0]["base_accuracy"] for r in runs if r]
+    found = {(r["cost"], r["objective"], r["budget"]) for r in rows}
+    infeasible = [f"{c}/{o}@{b}" for c in ("cpu", "flops") for o in OBJECTIVES
+                  for b in args.budgets if (c, o, b) not in found]
+    write(f"ordering_{task}", {
+        "task": f"{task} digits demo network (DemoMobileNetV2), "
+                f"{config.importance_steps}-step fine-tuned importance",
+        "seeds": args.seeds, "budget_list": args.budgets,
+        "infeasible in every seed": ", ".join(infeasible) or "none",
+        "original_accuracy_mean": round(statistics.fmean(base), 2),
+        "original_accuracy_std": round(statistics.pstdev(base), 2),
+        "budgets": "fractions of each cost model's table latency of the original",
+        "speedup": f"CPU eager, batch {config.latency_batch}, {config.compare_repeat} "
+                   "interleaved rounds over fresh copies, median ratio"},
+        rows, ["cost", "objective", "budget", "seeds", "accuracy_mean", "accuracy_std",
+               "speedup_mean", "predicted_delta_mean", "table_ratio_mean",
+               "removed_convs_mean", "removed_activations_mean"],
+        "LayerMerge vs Depth: objective and cost model, at equal table latency",
+        runs=[row for r in runs for row in r])
+
+
+if __name__ == "__main__":
+    main()
