@@ -105,8 +105,7 @@ def run_seed(config: DemoConfig, seed: int, budgets: list[float]) -> list[dict]:
                     print(f"{cost} {objective} {budget:.0%}: infeasible ({exc})")
                     continue
                 name = f"{cost}/{objective}@{budget}"
-                nets[name], acc = finetune_plan(trained, plan, config, seed, latency,
-                                                importance)
+                nets[name], acc = finetune_plan(trained, plan, config, seed)
                 rows.append({
                     "seed": seed, "cost": cost, "objective": objective, "budget": budget,
                     "accuracy": acc,
@@ -153,10 +152,9 @@ def main() -> None:
     done = previous_runs(RESULTS / f"ordering_{task}.json", args.budgets)
     runs = [done.get(seed) or run_seed(config, seed, args.budgets)
             for seed in range(args.seeds)]
-    for r in runs:
-        for row in r:
-            row["method"] = f"{row['cost']}/{row['objective']}"
-    rows = summarize(runs, ("accuracy", "speedup", "predicted_delta", "table_ratio",
+    grouped = [[{**row, "method": f"{row['cost']}/{row['objective']}"} for row in r]
+               for r in runs]
+    rows = summarize(grouped, ("accuracy", "speedup", "predicted_delta", "table_ratio",
                             "removed_convs", "removed_activations"))
     for row in rows:
         row["cost"], row["objective"] = row.pop("method").split("/")

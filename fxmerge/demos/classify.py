@@ -20,10 +20,9 @@ import torch
 from torch import fx, nn
 
 from ..capture import trace
-from ..compress import CompressResult
 from ..measured import NetworkTimer
 from ..models import DemoMobileNetV2
-from ..passes import prune, transform
+from ..passes import merge, prune, transform
 from ..plan import Plan
 from ..solve import METHODS, frontier
 from ..space import Entry, MergeSpace, analyze
@@ -153,13 +152,13 @@ def finetune_importance(trained: Trained, config: DemoConfig,
         reset_single=config.reset_single, progress=progress)
 
 
-def finetune_plan(trained: Trained, plan: Plan, config: DemoConfig, seed: int,
-                  latency: LatencyTable, importance: ImportanceTable) -> tuple[nn.Module, float]:
+def finetune_plan(trained: Trained, plan: Plan, config: DemoConfig, seed: int
+                  ) -> tuple[nn.Module, float]:
     """`plan`'s pruned network fine-tuned, then merged, and its test accuracy."""
-    result = CompressResult(plan, trained.space, prune(trained.gm, plan), latency, importance)
-    train(result.pruned, trained.data.train, epochs=config.finetune_epochs, lr=1e-3,
+    pruned = prune(trained.gm, plan)
+    train(pruned, trained.data.train, epochs=config.finetune_epochs, lr=1e-3,
           batch=config.batch, seed=seed)
-    merged = result.merge()
+    merged = merge(pruned.eval())
     return merged, round(accuracy(merged, trained.data.test), 2)
 
 
@@ -195,8 +194,7 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
     plans = [*feasible_plans(space, latency, importance, config.budgets, timer=timer),
              *proxy_plans]
     for method, budget, plan in plans:
-        nets[f"{method}@{budget}"], acc = finetune_plan(trained, plan, config, seed, latency,
-                                                        importance)
+        nets[f"{method}@{budget}"], acc = finetune_plan(trained, plan, config, seed)
         rows.append({"seed": seed, "method": method, "budget": budget, "accuracy": acc,
                      "predicted_ratio": plan.measured["predicted_ratio"],
                      "solve_ratio": plan.measured["ratio"]})
