@@ -1,6 +1,7 @@
 """Why LayerMerge does not beat Depth on the demo: the objective or the cost model?
 
     python benchmarks/bench_ordering.py [--seeds 3] [--budgets 0.55 0.35] [--plain]
+                                        [--importance-steps 12]
 
 (seeds 0 .. N-1; seeds already in the results file, with the same budgets, are kept.)
 
@@ -21,17 +22,22 @@ and with three objectives over one importance table:
 - `depth`: the Depth baseline (activations only, additive importance).
 
 Each plan is fine-tuned and merged as the demo does, and every merged network is timed
-against the original on the CPU (side by side, interleaved). Writes
-`results/ordering_<task>.{json,md}`.
+against the original on the CPU (side by side, interleaved). How well the importance table
+predicts: of the pairs of plans solved for the same seed, cost model and budget (equal
+table latency), how many it orders as their accuracies after fine-tuning do.
+`--importance-steps` sets the importance fine-tune's length (the demo's: 12). Writes
+`results/ordering_<task>[_steps<N>].{json,md}`.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from common import RESULTS, write
@@ -88,8 +94,8 @@ def run_seed(config: DemoConfig, seed: int, budgets: list[float]) -> list[dict]:
     cpu = measure_latency(space, warmup=5, repeat=config.latency_repeat, progress=False)
     tick = time.perf_counter()
     importance = finetune_importance(trained, config, progress=False)
-    print(f"[seed {seed}] importance: {len(importance)} keys in "
-          f"{time.perf_counter() - tick:.0f} s")
+    importance_s = round(time.perf_counter() - tick, 1)
+    print(f"[seed {seed}] importance: {len(importance)} keys in {importance_s:.0f} s")
     deltas = additive(space, importance)
     tables = {"cpu": cpu, "flops": flops_table(space)}
     nets = {"original": transform(trained.gm, Plan.identity(space))}
@@ -124,7 +130,39 @@ def run_seed(config: DemoConfig, seed: int, budgets: list[float]) -> list[dict]:
     for row in rows:
         row["speedup"] = round(1 / measured[row.pop("net")].ratio, 3)
         row["base_accuracy"] = round(trained.base_acc, 2)
+        row["importance_s"] = importance_s
     return rows
+
+
+def ordered_pairs(runs: list[dict]) -> tuple[int, int]:
+    """`(right, pairs)`: pairs of different plans with equal table latency (same seed, cost
+    model and budget) and different accuracies, and how many of them the predicted Δ orders
+    as the accuracies after fine-tuning do (chance: half)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["seed"], r["cost"], r["budget"]), []).append(r)
+    right = pairs = 0
+    for rows in groups.values():
+        for a, b in itertools.combinations(rows, 2):
+            measured = a["accuracy"] - b["accuracy"]
+            predicted = a["predicted_delta"] - b["predicted_delta"]
+            if measured and predicted:
+                pairs += 1
+                right += (measured > 0) == (predicted > 0)
+    return right, pairs
+
+
+def paired_with_depth(runs: list[dict], budget: float) -> str:
+    """LayerMerge's accuracy minus Depth's on the `cpu` table at `budget`, paired by seed:
+    mean ± standard error over the seeds."""
+    acc = {(r["seed"], r["objective"]): r["accuracy"] for r in runs
+           if r["cost"] == "cpu" and r["budget"] == budget}
+    diffs = [a - acc[(seed, "depth")] for (seed, objective), a in acc.items()
+             if objective == "layermerge" and (seed, "depth") in acc]
+    if len(diffs) < 2:
+        return "fewer than two seeds"
+    sem = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return f"{statistics.fmean(diffs):+.2f} ± {sem:.2f} pt over {len(diffs)} seeds"
 
 
 def previous_runs(path: Path, budgets: list[float]) -> dict[int, list[dict]]:
@@ -146,9 +184,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.55, 0.35])
     parser.add_argument("--plain", action="store_true", help="plain digits, not distorted")
+    parser.add_argument("--importance-steps", type=int, default=DemoConfig.importance_steps,
+                        help="the importance fine-tune's steps (default: the demo's)")
     args = parser.parse_args()
     config = DemoConfig() if args.plain else DemoConfig.distorted_task()
+    config = replace(config, importance_steps=args.importance_steps)
+    data = "plain" if args.plain else "distorted"
     task = "digits" if args.plain else "distorted"
+    if args.importance_steps != DemoConfig.importance_steps:
+        task += f"_steps{args.importance_steps}"
     done = previous_runs(RESULTS / f"ordering_{task}.json", args.budgets)
     runs = [done.get(seed) or run_seed(config, seed, args.budgets)
             for seed in range(args.seeds)]
@@ -159,16 +203,24 @@ def main() -> None:
     for row in rows:
         row["cost"], row["objective"] = row.pop("method").split("/")
     base = [r[0]["base_accuracy"] for r in runs if r]
+    all_runs = [row for r in runs for row in r]
+    right, pairs = ordered_pairs(all_runs)
+    seconds = [r[0]["importance_s"] for r in runs if "importance_s" in r[0]]
     found = {(r["cost"], r["objective"], r["budget"]) for r in rows}
     infeasible = [f"{c}/{o}@{b}" for c in ("cpu", "flops") for o in OBJECTIVES
                   for b in args.budgets if (c, o, b) not in found]
     write(f"ordering_{task}", {
-        "task": f"{task} digits demo network (DemoMobileNetV2), "
+        "task": f"{data} digits demo network (DemoMobileNetV2), "
                 f"{config.importance_steps}-step fine-tuned importance",
         "seeds": args.seeds, "budget_list": args.budgets,
         "infeasible in every seed": ", ".join(infeasible) or "none",
         "original_accuracy_mean": round(statistics.fmean(base), 2),
         "original_accuracy_std": round(statistics.pstdev(base), 2),
+        "equal-latency plan pairs the predicted Δ orders right": f"{right} of {pairs}",
+        **{f"LayerMerge − Depth at {b:.0%} (cpu table, paired by seed)":
+           paired_with_depth(all_runs, b) for b in args.budgets},
+        "importance table seconds (mean over seeds that recorded it)":
+            round(statistics.fmean(seconds)) if seconds else "not recorded",
         "budgets": "fractions of each cost model's table latency of the original",
         "speedup": f"CPU eager, batch {config.latency_batch}, {config.compare_repeat} "
                    "interleaved rounds over fresh copies, median ratio"},
@@ -176,7 +228,7 @@ def main() -> None:
                "speedup_mean", "predicted_delta_mean", "table_ratio_mean",
                "removed_convs_mean", "removed_activations_mean"],
         "LayerMerge vs Depth: objective and cost model, at equal table latency",
-        runs=[row for r in runs for row in r])
+        runs=all_runs)
 
 
 if __name__ == "__main__":
