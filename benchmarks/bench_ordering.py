@@ -37,6 +37,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,19 +89,11 @@ def predicted_delta(space: MergeSpace, plan: Plan, deltas: ImportanceTable) -> f
                      for b, (i, j) in zip(plan.blocks, plan.spans(space)))
 
 
-def run_seed(config: DemoConfig, seed: int, budgets: list[float]) -> list[dict]:
-    trained = train_seed(config, seed)
-    space = trained.space
-    cpu = measure_latency(space, warmup=5, repeat=config.latency_repeat, progress=False)
-    tick = time.perf_counter()
-    importance = finetune_importance(trained, config, progress=False)
-    importance_s = round(time.perf_counter() - tick, 1)
-    print(f"[seed {seed}] importance: {len(importance)} keys in {importance_s:.0f} s")
-    deltas = additive(space, importance)
-    tables = {"cpu": cpu, "flops": flops_table(space)}
-    nets = {"original": transform(trained.gm, Plan.identity(space))}
-    rows = []
-    for cost, latency in tables.items():
+def solve_plans(space: MergeSpace, cpu: LatencyTable, importance: ImportanceTable,
+                deltas: ImportanceTable, budgets: list[float]) -> Iterator[tuple[dict, Plan]]:
+    """`(row, plan)` for every cost model, objective and budget a plan exists for; `row`
+    describes the plan (its predicted Δ from `deltas`, an `additive` table)."""
+    for cost, latency in {"cpu": cpu, "flops": flops_table(space)}.items():
         for objective in OBJECTIVES:
             table = deltas if objective == "layermerge-additive" else importance
             method = "depth" if objective == "depth" else "layermerge"
@@ -110,21 +103,32 @@ def run_seed(config: DemoConfig, seed: int, budgets: list[float]) -> list[dict]:
                 except InfeasibleBudget as exc:
                     print(f"{cost} {objective} {budget:.0%}: infeasible ({exc})")
                     continue
-                name = f"{cost}/{objective}@{budget}"
-                nets[name], acc = finetune_plan(trained, plan, config, seed)
-                rows.append({
-                    "seed": seed, "cost": cost, "objective": objective, "budget": budget,
-                    "accuracy": acc,
-                    "table_ratio": round(plan.predicted_latency_ms
-                                         / latency.identity_latency(space), 4),
-                    "predicted_delta": round(predicted_delta(space, plan, deltas), 2),
-                    "removed_convs": len(plan.removed_convs),
-                    "removed_activations": len(plan.removed_activations(space)),
-                    "net": name})
-                print(f"[seed {seed}] {name}: accuracy {acc:.2f}%, "
-                      f"predicted Δ {rows[-1]['predicted_delta']:+.1f} pt, "
-                      f"{rows[-1]['removed_convs']} convs and "
-                      f"{rows[-1]['removed_activations']} activations removed")
+                yield {"cost": cost, "objective": objective, "budget": budget,
+                       "table_ratio": round(plan.predicted_latency_ms
+                                            / latency.identity_latency(space), 4),
+                       "predicted_delta": round(predicted_delta(space, plan, deltas), 2),
+                       "removed_convs": len(plan.removed_convs),
+                       "removed_activations": len(plan.removed_activations(space))}, plan
+
+
+def run_seed(config: DemoConfig, seed: int, budgets: list[float]) -> list[dict]:
+    trained = train_seed(config, seed)
+    space = trained.space
+    cpu = measure_latency(space, warmup=5, repeat=config.latency_repeat, progress=False)
+    tick = time.perf_counter()
+    importance = finetune_importance(trained, config, progress=False)
+    importance_s = round(time.perf_counter() - tick, 1)
+    print(f"[seed {seed}] importance: {len(importance)} keys in {importance_s:.0f} s")
+    deltas = additive(space, importance)
+    nets = {"original": transform(trained.gm, Plan.identity(space))}
+    rows = []
+    for row, plan in solve_plans(space, cpu, importance, deltas, budgets):
+        name = f"{row['cost']}/{row['objective']}@{row['budget']}"
+        nets[name], row["accuracy"] = finetune_plan(trained, plan, config, seed)
+        rows.append({"seed": seed, **row, "net": name})
+        print(f"[seed {seed}] {name}: accuracy {row['accuracy']:.2f}%, "
+              f"predicted Δ {row['predicted_delta']:+.1f} pt, {row['removed_convs']} convs "
+              f"and {row['removed_activations']} activations removed")
     measured = time_against_original(nets, trained.data.test[0][: config.latency_batch],
                                      config.compare_repeat)
     for row in rows:

@@ -9,6 +9,7 @@ fine-tune each plan, merge it, and time original and merged networks side by sid
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import statistics
@@ -27,7 +28,7 @@ from ..plan import Plan
 from ..solve import METHODS, frontier
 from ..space import Entry, MergeSpace, analyze
 from ..tables.agreement import agreement_importance
-from ..tables.importance import ImportanceTable, estimate_importance
+from ..tables.importance import ImportanceTable, estimate_importance, score_plan
 from ..tables.latency import LatencyTable, measure_latency
 from .shared import (
     PREPARATIONS,
@@ -150,6 +151,15 @@ def finetune_importance(trained: Trained, config: DemoConfig,
         trained.space, evaluate=_Accuracy(data.val),
         finetune=_Finetune(data.train, config.importance_steps, config.importance_batch),
         reset_single=config.reset_single, progress=progress)
+
+
+def plan_delta(trained: Trained, plan: Plan, config: DemoConfig) -> float:
+    """The importance estimator applied to a whole plan: the change of validation accuracy
+    (a fraction) after the estimator's brief fine-tune, as each table entry is measured."""
+    data = trained.data
+    evaluate = _Accuracy(data.val)
+    finetune = _Finetune(data.train, config.importance_steps, config.importance_batch)
+    return score_plan(trained.gm, plan, evaluate, finetune) - evaluate(copy.deepcopy(trained.gm))
 
 
 def finetune_plan(trained: Trained, plan: Plan, config: DemoConfig, seed: int
@@ -308,5 +318,5 @@ def plot_results(path: Path, rows: list[dict], base: list[float], first: SeedRun
     plt.close(fig)
 
 
-__all__ = ["DemoConfig", "Trained", "finetune_importance", "finetune_plan", "run_demo",
-           "train_seed"]
+__all__ = ["DemoConfig", "Trained", "finetune_importance", "finetune_plan", "plan_delta",
+           "run_demo", "train_seed"]
