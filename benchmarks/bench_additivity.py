@@ -20,9 +20,14 @@ plans. Writes `results/additivity_distorted.{json,md}`; seeds already there are 
 from __future__ import annotations
 
 import argparse
-import statistics
 
-from bench_ordering import additive, ordered_pairs, previous_runs, solve_plans
+from bench_ordering import (
+    additive,
+    ordered_pairs,
+    previous_runs,
+    solve_plans,
+    summarize_plans,
+)
 from common import RESULTS, write
 
 from fxmerge.demos.classify import (
@@ -42,7 +47,7 @@ def run_seed(config: DemoConfig, seed: int, budgets: list[float]) -> list[dict]:
     importance = finetune_importance(trained, config, progress=False)
     rows = []
     for row, plan in solve_plans(space, cpu, importance, additive(space, importance), budgets):
-        row["joint_delta"] = round(100 * plan_delta(trained, plan, config), 2)
+        row["joint_delta"] = round(100 * plan_delta(trained, plan, config, importance), 2)
         row["accuracy"] = finetune_plan(trained, plan, config, seed)[1]
         rows.append({"seed": seed, **row})
         print(f"[seed {seed}] {row['cost']}/{row['objective']}@{row['budget']}: predicted Δ "
@@ -58,17 +63,13 @@ def main() -> None:
     args = parser.parse_args()
     config = DemoConfig.distorted_task()
     done = previous_runs(RESULTS / "additivity_distorted.json", args.budgets)
-    runs = [row for seed in range(args.seeds)
-            for row in done.get(seed) or run_seed(config, seed, args.budgets)]
+    per_seed = [done.get(seed) or run_seed(config, seed, args.budgets)
+                for seed in range(args.seeds)]
+    runs = [row for r in per_seed for row in r]
     by_sum = ordered_pairs(runs)
     by_joint = ordered_pairs([{**r, "predicted_delta": r["joint_delta"]} for r in runs])
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["cost"], r["objective"], r["budget"]), []).append(r)
-    rows = [{"cost": c, "objective": o, "budget": b, "plans": len(g),
-             **{f"{m}_mean": round(statistics.fmean(r[m] for r in g), 2)
-                for m in ("predicted_delta", "joint_delta", "accuracy", "removed_convs")}}
-            for (c, o, b), g in groups.items()]
+    rows = summarize_plans(per_seed, ("predicted_delta", "joint_delta", "accuracy",
+                                      "removed_convs"))
     write("additivity_distorted", {
         "task": f"distorted digits demo network (DemoMobileNetV2), "
                 f"{config.importance_steps}-step fine-tuned importance",
@@ -79,7 +80,7 @@ def main() -> None:
             f"{by_joint[0]} of {by_joint[1]}",
         "deltas": "accuracy points on the validation split, after the estimator's fine-tune",
         "accuracy": "test accuracy after the demo's fine-tune, merged"},
-        rows, ["cost", "objective", "budget", "plans", "predicted_delta_mean",
+        rows, ["cost", "objective", "budget", "seeds", "predicted_delta_mean",
                "joint_delta_mean", "accuracy_mean", "removed_convs_mean"],
         "Does a plan's importance add up? Sum of entries against the whole plan",
         runs=runs)

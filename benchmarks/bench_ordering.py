@@ -169,6 +169,16 @@ def paired_with_depth(runs: list[dict], budget: float) -> str:
     return f"{statistics.fmean(diffs):+.2f} ± {sem:.2f} pt over {len(diffs)} seeds"
 
 
+def summarize_plans(runs: list[list[dict]], metrics: tuple[str, ...]) -> list[dict]:
+    """`summarize` (mean and std over seeds) per cost model, objective and budget."""
+    grouped = [[{**row, "method": f"{row['cost']}/{row['objective']}"} for row in r]
+               for r in runs]
+    rows = summarize(grouped, metrics)
+    for row in rows:
+        row["cost"], row["objective"] = row.pop("method").split("/")
+    return rows
+
+
 def previous_runs(path: Path, budgets: list[float]) -> dict[int, list[dict]]:
     """The rows of every seed an earlier run with the same budgets wrote to `path`: a rerun
     with more seeds runs only the new ones."""
@@ -200,12 +210,8 @@ def main() -> None:
     done = previous_runs(RESULTS / f"ordering_{task}.json", args.budgets)
     runs = [done.get(seed) or run_seed(config, seed, args.budgets)
             for seed in range(args.seeds)]
-    grouped = [[{**row, "method": f"{row['cost']}/{row['objective']}"} for row in r]
-               for r in runs]
-    rows = summarize(grouped, ("accuracy", "speedup", "predicted_delta", "table_ratio",
-                            "removed_convs", "removed_activations"))
-    for row in rows:
-        row["cost"], row["objective"] = row.pop("method").split("/")
+    rows = summarize_plans(runs, ("accuracy", "speedup", "predicted_delta", "table_ratio",
+                                  "removed_convs", "removed_activations"))
     base = [r[0]["base_accuracy"] for r in runs if r]
     all_runs = [row for r in runs for row in r]
     right, pairs = ordered_pairs(all_runs)

@@ -9,7 +9,6 @@ fine-tune each plan, merge it, and time original and merged networks side by sid
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import statistics
@@ -142,24 +141,29 @@ def train_seed(config: DemoConfig, seed: int) -> Trained:
     return Trained(data, gm, analyze(gm, exclude=DemoMobileNetV2.EXCLUDE), base_acc)
 
 
+def _estimator(trained: Trained, config: DemoConfig) -> tuple[_Accuracy, _Finetune]:
+    """The importance estimator's score and brief fine-tune."""
+    data = trained.data
+    return (_Accuracy(data.val),
+            _Finetune(data.train, config.importance_steps, config.importance_batch))
+
+
 def finetune_importance(trained: Trained, config: DemoConfig,
                         progress: bool | None = None) -> ImportanceTable:
     """The paper's importance table (every method's keys): brief fine-tune, validation
     accuracy."""
-    data = trained.data
-    return estimate_importance(
-        trained.space, evaluate=_Accuracy(data.val),
-        finetune=_Finetune(data.train, config.importance_steps, config.importance_batch),
-        reset_single=config.reset_single, progress=progress)
+    evaluate, finetune = _estimator(trained, config)
+    return estimate_importance(trained.space, evaluate=evaluate, finetune=finetune,
+                               reset_single=config.reset_single, progress=progress)
 
 
-def plan_delta(trained: Trained, plan: Plan, config: DemoConfig) -> float:
+def plan_delta(trained: Trained, plan: Plan, config: DemoConfig,
+               importance: ImportanceTable) -> float:
     """The importance estimator applied to a whole plan: the change of validation accuracy
-    (a fraction) after the estimator's brief fine-tune, as each table entry is measured."""
-    data = trained.data
-    evaluate = _Accuracy(data.val)
-    finetune = _Finetune(data.train, config.importance_steps, config.importance_batch)
-    return score_plan(trained.gm, plan, evaluate, finetune) - evaluate(copy.deepcopy(trained.gm))
+    (a fraction) after the estimator's brief fine-tune, from the base score `importance`'s
+    entries were measured against."""
+    evaluate, finetune = _estimator(trained, config)
+    return score_plan(trained.gm, plan, evaluate, finetune) - importance.settings["base_score"]
 
 
 def finetune_plan(trained: Trained, plan: Plan, config: DemoConfig, seed: int
