@@ -23,8 +23,10 @@ import argparse
 
 from bench_ordering import (
     additive,
-    ordered_pairs,
+    pair_orders,
+    paired_with_depth,
     previous_runs,
+    provenance,
     solve_plans,
     summarize_plans,
 )
@@ -62,22 +64,20 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.55, 0.35])
     args = parser.parse_args()
     config = DemoConfig.distorted_task()
-    done = previous_runs(RESULTS / "additivity_distorted.json", args.budgets)
+    done, earlier = previous_runs(RESULTS / "additivity_distorted.json", args.budgets)
     per_seed = [done.get(seed) or run_seed(config, seed, args.budgets)
                 for seed in range(args.seeds)]
     runs = [row for r in per_seed for row in r]
-    by_sum = ordered_pairs(runs)
-    by_joint = ordered_pairs([{**r, "predicted_delta": r["joint_delta"]} for r in runs])
     rows = summarize_plans(per_seed, ("predicted_delta", "joint_delta", "accuracy",
                                       "removed_convs"))
     write("additivity_distorted", {
+        **provenance(done, earlier, args.seeds),
         "task": f"distorted digits demo network (DemoMobileNetV2), "
                 f"{config.importance_steps}-step fine-tuned importance",
         "seeds": args.seeds, "budget_list": args.budgets,
-        "equal-latency plan pairs ordered right by the sum of entries":
-            f"{by_sum[0]} of {by_sum[1]}",
-        "equal-latency plan pairs ordered right by the joint estimate":
-            f"{by_joint[0]} of {by_joint[1]}",
+        **pair_orders(runs, {"the sum of entries": lambda r: r["predicted_delta"],
+                             "the joint estimate": lambda r: r["joint_delta"]}),
+        **paired_with_depth(runs, args.budgets),
         "deltas": "accuracy points on the validation split, after the estimator's fine-tune",
         "accuracy": "test accuracy after the demo's fine-tune, merged"},
         rows, ["cost", "objective", "budget", "seeds", "predicted_delta_mean",

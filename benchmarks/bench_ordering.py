@@ -37,7 +37,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -138,10 +138,10 @@ def run_seed(config: DemoConfig, seed: int, budgets: list[float]) -> list[dict]:
     return rows
 
 
-def ordered_pairs(runs: list[dict]) -> tuple[int, int]:
+def ordered_pairs(runs: list[dict], score: Callable[[dict], float]) -> tuple[int, int]:
     """`(right, pairs)`: pairs of different plans with equal table latency (same seed, cost
-    model and budget) and different accuracies, and how many of them the predicted Δ orders
-    as the accuracies after fine-tuning do (chance: half)."""
+    model and budget) that differ in accuracy and in `score`, and how many of them `score`
+    orders as the accuracies after fine-tuning do (chance: half)."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["seed"], r["cost"], r["budget"]), []).append(r)
@@ -149,16 +149,29 @@ def ordered_pairs(runs: list[dict]) -> tuple[int, int]:
     for rows in groups.values():
         for a, b in itertools.combinations(rows, 2):
             measured = a["accuracy"] - b["accuracy"]
-            predicted = a["predicted_delta"] - b["predicted_delta"]
+            predicted = score(a) - score(b)
             if measured and predicted:
                 pairs += 1
                 right += (measured > 0) == (predicted > 0)
     return right, pairs
 
 
-def paired_with_depth(runs: list[dict], budget: float) -> str:
-    """LayerMerge's accuracy minus Depth's on the `cpu` table at `budget`, paired by seed:
-    mean ± standard error over the seeds."""
+def pair_orders(runs: list[dict], scores: dict[str, Callable[[dict], float]]) -> dict[str, str]:
+    """Meta fields: for each named score, and for the number of convs a plan removes (fewer
+    first), the equal-latency plan pairs it orders right."""
+    scores = {**scores, "fewer removed convs": lambda r: -r["removed_convs"]}
+    return {f"equal-latency plan pairs ordered right by {name}":
+            "{} of {}".format(*ordered_pairs(runs, score)) for name, score in scores.items()}
+
+
+def paired_with_depth(runs: list[dict], budgets: list[float]) -> dict[str, str]:
+    """Meta fields: LayerMerge's accuracy minus Depth's on the `cpu` table at each budget,
+    paired by seed (mean ± standard error over the seeds)."""
+    return {f"LayerMerge − Depth at {b:.0%} (cpu table, paired by seed)": _paired(runs, b)
+            for b in budgets}
+
+
+def _paired(runs: list[dict], budget: float) -> str:
     acc = {(r["seed"], r["objective"]): r["accuracy"] for r in runs
            if r["cost"] == "cpu" and r["budget"] == budget}
     diffs = [a - acc[(seed, "depth")] for (seed, objective), a in acc.items()
@@ -179,18 +192,29 @@ def summarize_plans(runs: list[list[dict]], metrics: tuple[str, ...]) -> list[di
     return rows
 
 
-def previous_runs(path: Path, budgets: list[float]) -> dict[int, list[dict]]:
-    """The rows of every seed an earlier run with the same budgets wrote to `path`: a rerun
-    with more seeds runs only the new ones."""
+def previous_runs(path: Path, budgets: list[float]) -> tuple[dict[int, list[dict]], dict]:
+    """The rows of every seed an earlier run with the same budgets wrote to `path` (a rerun
+    with more seeds runs only the new ones), and the machine that run recorded."""
     if not path.exists():
-        return {}
+        return {}, {}
     data = json.loads(path.read_text())
     if data["meta"].get("budget_list") != budgets:
-        return {}
+        return {}, {}
     seeds: dict[int, list[dict]] = {}
     for row in data["runs"]:
         seeds.setdefault(row["seed"], []).append(row)
-    return seeds
+    return seeds, data["meta"]["machine"]
+
+
+def provenance(done: dict[int, list[dict]], earlier: dict, seeds: int) -> dict:
+    """Meta fields naming the machine of the seeds kept from an earlier run: `machine`
+    itself when every seed was kept, so a re-summary does not credit this machine."""
+    kept = [s for s in range(seeds) if s in done]
+    if not kept:
+        return {}
+    if len(kept) == seeds:
+        return {"machine": earlier}
+    return {f"seeds {kept} ran earlier on": earlier}
 
 
 def main() -> None:
@@ -207,28 +231,27 @@ def main() -> None:
     task = "digits" if args.plain else "distorted"
     if args.importance_steps != DemoConfig.importance_steps:
         task += f"_steps{args.importance_steps}"
-    done = previous_runs(RESULTS / f"ordering_{task}.json", args.budgets)
+    done, earlier = previous_runs(RESULTS / f"ordering_{task}.json", args.budgets)
     runs = [done.get(seed) or run_seed(config, seed, args.budgets)
             for seed in range(args.seeds)]
     rows = summarize_plans(runs, ("accuracy", "speedup", "predicted_delta", "table_ratio",
                                   "removed_convs", "removed_activations"))
     base = [r[0]["base_accuracy"] for r in runs if r]
     all_runs = [row for r in runs for row in r]
-    right, pairs = ordered_pairs(all_runs)
     seconds = [r[0]["importance_s"] for r in runs if "importance_s" in r[0]]
     found = {(r["cost"], r["objective"], r["budget"]) for r in rows}
     infeasible = [f"{c}/{o}@{b}" for c in ("cpu", "flops") for o in OBJECTIVES
                   for b in args.budgets if (c, o, b) not in found]
     write(f"ordering_{task}", {
+        **provenance(done, earlier, args.seeds),
         "task": f"{data} digits demo network (DemoMobileNetV2), "
                 f"{config.importance_steps}-step fine-tuned importance",
         "seeds": args.seeds, "budget_list": args.budgets,
         "infeasible in every seed": ", ".join(infeasible) or "none",
         "original_accuracy_mean": round(statistics.fmean(base), 2),
         "original_accuracy_std": round(statistics.pstdev(base), 2),
-        "equal-latency plan pairs the predicted Δ orders right": f"{right} of {pairs}",
-        **{f"LayerMerge − Depth at {b:.0%} (cpu table, paired by seed)":
-           paired_with_depth(all_runs, b) for b in args.budgets},
+        **pair_orders(all_runs, {"the predicted Δ": lambda r: r["predicted_delta"]}),
+        **paired_with_depth(all_runs, args.budgets),
         "importance table seconds (mean over seeds that recorded it)":
             round(statistics.fmean(seconds)) if seconds else "not recorded",
         "budgets": "fractions of each cost model's table latency of the original",
