@@ -155,6 +155,9 @@ def test_a_table_timed_under_load_is_retimed_then_flagged(monkeypatch):
 
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
                     reason="onnxruntime is not installed (pip install 'fxmerge[onnx]')")
+# each of this tiny table's layers pays a session call that the whole network pays once, so
+# its share of the network can fall outside the plausible range: the check may warn here
+@pytest.mark.filterwarnings("ignore:latency table. the table sums to")
 def test_onnxruntime_backend_times_layers_and_runs_networks_exactly():
     from helpers import randomize_batchnorm, relative_error
 
