@@ -24,7 +24,8 @@ and with three objectives over one importance table:
 Each plan is fine-tuned and merged as the demo does, and every merged network is timed
 against the original on the CPU (side by side, interleaved). How well the importance table
 predicts: of the pairs of plans solved for the same seed, cost model and budget (equal
-table latency), how many it orders as their accuracies after fine-tuning do.
+table latency), how many it orders as their accuracies after fine-tuning do, and how many
+the number of removed convs (fewer first) orders so.
 `--importance-steps` sets the importance fine-tune's length (the demo's: 12). Writes
 `results/ordering_<task>[_steps<N>].{json,md}`.
 """
