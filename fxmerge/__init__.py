@@ -3,9 +3,10 @@
 import logging
 
 from .backends import backend
-from .capture import trace
+from .capture import check_canonical, trace
 from .compress import CompressResult, compress
 from .errors import (
+    ArgumentError,
     FxMergeError,
     InfeasibleBudget,
     MergeError,
@@ -15,9 +16,9 @@ from .errors import (
     TraceError,
 )
 from .measured import NetworkTimer, solve_measured
-from .passes import GraphDiff, diff, merge, prune, transform
+from .passes import GraphDiff, MergePass, PrunePass, diff, merge, prune, transform
 from .plan import Block, Plan
-from .solve import Frontier, frontier, solve
+from .solve import METHODS, Frontier, Method, frontier, get_method, solve
 from .space import Conv, DepthKey, Entry, KernelOption, MergeSpace, Skip, analyze
 from .tables.agreement import agreement_importance
 from .tables.importance import ImportanceTable, estimate_importance
@@ -26,6 +27,8 @@ from .tables.latency import LatencyTable, measure_latency
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
+    "METHODS",
+    "ArgumentError",
     "Block",
     "CompressResult",
     "Conv",
@@ -39,10 +42,13 @@ __all__ = [
     "KernelOption",
     "LatencyTable",
     "MergeError",
+    "MergePass",
     "MergeSpace",
+    "Method",
     "NetworkTimer",
     "Plan",
     "PlanError",
+    "PrunePass",
     "Skip",
     "SpaceError",
     "TableError",
@@ -50,10 +56,12 @@ __all__ = [
     "agreement_importance",
     "analyze",
     "backend",
+    "check_canonical",
     "compress",
     "diff",
     "estimate_importance",
     "frontier",
+    "get_method",
     "measure_latency",
     "merge",
     "prune",

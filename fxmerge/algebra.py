@@ -1,16 +1,21 @@
 """Pure tensor maths for exact merging: affine convolutions, composed, folded and summed.
 
-An `AffineConv` is `y = conv2d(x, weight, bias, stride, padding) + sum_k A_k c_k` with a
-dense weight (groups expanded), a padding that may be negative while a chain is being built
-(a crop), and conditioning terms: vectors `c_k` (a time embedding, one per sample) added over
-the whole map somewhere in the chain, carried through later convs as `A_k` (exact once those
-convs pad nothing, because a conv of a constant map is the sum of its taps times it).
-Everything here works in the weight's dtype; callers use float64 for exactness.
+An `AffineConv` is `y = conv2d(x, weight, bias, stride, padding, dilation, groups) + sum_k
+A_k c_k`, kept in the native form of a convolution: grouped weights stay grouped and dilated
+kernels stay dilated, so a conv the plan leaves alone is never expanded, and a composition
+is only as large as the maths requires (docs/method.md §4). The padding may be negative while
+a chain is being built (a crop). Conditioning terms are vectors `c_k` (a time embedding, one
+per sample) added over the whole map somewhere in the chain, carried through later convs as
+`A_k` (exact once those convs pad nothing, because a conv of a constant map is the sum of
+its taps times it). Every function that materialises a kernel knows its size first and
+refuses one over `max_bytes`. Everything here works in the weight's dtype; callers use
+float64 for exactness.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -21,20 +26,28 @@ from .errors import MergeError
 
 @dataclass(frozen=True)
 class AffineConv:
-    weight: torch.Tensor  # (out, in, k, k), dense
+    weight: torch.Tensor  # (out, in / groups, k, k): the taps, `dilation` apart
     bias: torch.Tensor  # (out,)
     stride: int = 1
     padding: int = 0
+    groups: int = 1
+    dilation: int = 1
     is_identity: bool = False  # exactly the identity (1x1, stride 1, no bias), maybe padded
     conditions: tuple[tuple[object, torch.Tensor], ...] = ()  # (key of c_k, A_k (out, dim))
 
     @property
     def kernel(self) -> int:
+        """Taps per side (the native kernel size)."""
         return self.weight.shape[-1]
 
     @property
+    def extent(self) -> int:
+        """Pixels per side the kernel spans: `(kernel - 1) * dilation + 1`."""
+        return (self.kernel - 1) * self.dilation + 1
+
+    @property
     def in_channels(self) -> int:
-        return self.weight.shape[1]
+        return self.weight.shape[1] * self.groups
 
     @property
     def out_channels(self) -> int:
@@ -45,44 +58,83 @@ class AffineConv:
         if self.padding < 0:
             c = -self.padding
             x = x[..., c:x.shape[-2] - c, c:x.shape[-1] - c]
-        return F.conv2d(x, self.weight, self.bias, self.stride, max(self.padding, 0))
+        return F.conv2d(x, self.weight, self.bias, self.stride, max(self.padding, 0),
+                        self.dilation, self.groups)
 
-def dense_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """Expand a grouped conv weight `(out, in/groups, k, k)` to a block-diagonal dense one."""
-    if groups == 1:
+
+def kernel_bytes(out_channels: int, in_channels: int, groups: int, kernel: int,
+                 itemsize: int = 8) -> int:
+    """Bytes of a conv weight `(out, in / groups, kernel, kernel)` (float64 by default)."""
+    return out_channels * (in_channels // groups) * kernel * kernel * itemsize
+
+
+def format_bytes(n: int) -> str:
+    """`n` bytes for a person: MiB from 1 MiB up, else bytes."""
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def _check_size(shape: tuple[int, int, int, int], itemsize: int, max_bytes: int | None,
+                what: str) -> None:
+    size = math.prod(shape) * itemsize
+    if max_bytes is not None and size > max_bytes:
+        raise MergeError(f"{what} would be a {'x'.join(map(str, shape))} kernel of "
+                         f"{format_bytes(size)}, over the limit of {format_bytes(max_bytes)} "
+                         "(max_kernel_bytes)")
+
+
+def _regroup(weight: torch.Tensor, groups: int, to: int) -> torch.Tensor:
+    """A weight of `groups` groups written with `to` groups (`to` divides `groups`): each
+    new group is block-diagonal in the old groups it holds."""
+    if groups == to:
         return weight
     out_ch, in_per_group, *kernel = weight.shape
-    blocks = weight.reshape(groups, out_ch // groups, in_per_group, *kernel)
-    dense = weight.new_zeros(groups, out_ch // groups, groups, in_per_group, *kernel)
-    g = torch.arange(groups)
-    dense[g, :, g] = blocks
-    return dense.reshape(out_ch, groups * in_per_group, *kernel)
+    n = groups // to  # old groups per new group
+    blocks = weight.reshape(to, n, out_ch // groups, in_per_group, *kernel)
+    dense = weight.new_zeros(to, n, out_ch // groups, n, in_per_group, *kernel)
+    g = torch.arange(n)
+    dense[:, g, :, g] = blocks.transpose(0, 1)
+    return dense.reshape(out_ch, n * in_per_group, *kernel)
 
 
-def dilate_weight(weight: torch.Tensor, dilation: int) -> torch.Tensor:
-    """The equivalent undilated kernel: zeros between the taps."""
-    if dilation == 1:
+def _spread(weight: torch.Tensor, factor: int) -> torch.Tensor:
+    """Taps `factor` apart: zeros between them (a dilation written out)."""
+    if factor == 1 or weight.shape[-1] == 1:
         return weight
     k = weight.shape[-1]
-    size = (k - 1) * dilation + 1
-    out = weight.new_zeros(*weight.shape[:2], size, size)
-    out[..., ::dilation, ::dilation] = weight
+    out = weight.new_zeros(*weight.shape[:2], (k - 1) * factor + 1, (k - 1) * factor + 1)
+    out[..., ::factor, ::factor] = weight
     return out
 
 
+def _step(a: AffineConv) -> int:
+    """The pixels between taps, 0 for a 1x1 kernel (which fits any lattice)."""
+    return a.dilation if a.kernel > 1 else 0
+
+
+def _grouped_matmul(m: torch.Tensor, groups: int, v: torch.Tensor) -> torch.Tensor:
+    """`dense(m) @ v` for `m` `(out, in / groups)` block-diagonal in `groups` and `v`
+    `(in, ...)`, without expanding `m`."""
+    out_ch, in_per_group = m.shape
+    rest = v.shape[1:]
+    prod = torch.bmm(m.reshape(groups, out_ch // groups, in_per_group),
+                     v.reshape(groups, in_per_group, -1))
+    return prod.reshape(out_ch, *rest)
+
+
 def from_conv(conv: nn.Conv2d, dtype: torch.dtype = torch.float64) -> AffineConv:
-    """The affine map of an `nn.Conv2d` (square, zero padding)."""
-    weight = dilate_weight(dense_weight(conv.weight.detach().to(dtype), conv.groups),
-                           conv.dilation[0])
+    """The affine map of an `nn.Conv2d` (square, zero padding), in its own form: its
+    groups, dilation, stride and padding."""
+    weight = conv.weight.detach().to(dtype)
     bias = (conv.bias.detach().to(dtype) if conv.bias is not None
             else weight.new_zeros(conv.out_channels))
-    return AffineConv(weight, bias, conv.stride[0], conv.padding[0])
+    return AffineConv(weight, bias, conv.stride[0], conv.padding[0], conv.groups,
+                      conv.dilation[0])
 
 
 def identity(channels: int, dtype: torch.dtype = torch.float64) -> AffineConv:
-    """The identity as a 1x1 conv."""
-    weight = torch.eye(channels, dtype=dtype)[:, :, None, None]
-    return AffineConv(weight, torch.zeros(channels, dtype=dtype), is_identity=True)
+    """The identity as a depthwise 1x1 conv of weight 1."""
+    return AffineConv(torch.ones(channels, 1, 1, 1, dtype=dtype),
+                      torch.zeros(channels, dtype=dtype), groups=channels, is_identity=True)
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype = torch.float64):
@@ -99,48 +151,64 @@ def bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype = torch.float64):
 def fold_bn(a: AffineConv, bn: nn.BatchNorm2d) -> AffineConv:
     """`bn(a(x))` as one affine conv (BN in eval mode)."""
     scale, shift = bn_scale_shift(bn, a.weight.dtype)
-    return AffineConv(a.weight * scale[:, None, None, None], a.bias * scale + shift,
-                      a.stride, a.padding,
-                      conditions=tuple((k, m * scale[:, None]) for k, m in a.conditions))
+    return replace(a, weight=a.weight * scale[:, None, None, None],
+                   bias=a.bias * scale + shift, is_identity=False,
+                   conditions=tuple((k, m * scale[:, None]) for k, m in a.conditions))
 
 
 def add_condition(a: AffineConv, key: object) -> AffineConv:
     """`a(x) + c`, with `c` (named by `key`) one vector per sample over the whole map."""
     eye = torch.eye(a.out_channels, dtype=a.weight.dtype)
-    return AffineConv(a.weight, a.bias, a.stride, a.padding,
-                      conditions=(*a.conditions, (key, eye)))
+    return replace(a, is_identity=False, conditions=(*a.conditions, (key, eye)))
 
 
-def compose(first: AffineConv, second: AffineConv) -> AffineConv:
+def compose(first: AffineConv, second: AffineConv, max_bytes: int | None = None
+            ) -> AffineConv:
     """`second(first(x))` as one conv. Unless `first` is the identity, `second` must have no
     padding of its own (the prune pass moves a block's padding to its first conv, which is
     what keeps this exact).
 
-    The merged kernel is `(k2 - 1) * s1 + k1` wide: the second kernel is dilated by the
-    first stride, so a strided first conv is composed exactly.
+    The merged kernel spans `extent1 + (extent2 - 1) * s1` pixels: the second kernel's taps
+    sit `s1 * dilation2` apart, so a strided first conv composes exactly. Its taps lie on
+    the coarsest lattice holding both kernels' taps (the gcd of those two steps: a dilation
+    shared by both convs stays a dilation), and it has the groups both convs share (the gcd
+    of their groups; equal groups stay grouped, depthwise stays depthwise).
     """
     if first.is_identity and (first.padding >= 0 or second.padding == 0):
         # zero-pad (or crop) then conv: a single padding
-        return AffineConv(second.weight, second.bias, second.stride,
-                          second.padding + first.padding)
+        return replace(second, padding=second.padding + first.padding, is_identity=False)
     if second.padding != 0:
         raise MergeError(
             f"cannot compose: the second conv pads by {second.padding}; move the padding of a "
             "block to its first conv (fxmerge.prune does) before merging")
     if first.out_channels != second.in_channels:
         raise MergeError(f"channel mismatch {first.out_channels} -> {second.in_channels}")
-    s, k1, k2 = first.stride, first.kernel, second.kernel
-    size = (k2 - 1) * s + k1
-    weight = first.weight.new_zeros(second.out_channels, first.in_channels, size, size)
-    flat = first.weight.reshape(first.out_channels, -1)
-    for uy in range(k2):
-        for ux in range(k2):
-            tap = (second.weight[:, :, uy, ux] @ flat).view(weight.shape[0], -1, k1, k1)
-            weight[:, :, s * uy:s * uy + k1, s * ux:s * ux + k1] += tap
+    s = first.stride
+    step = math.gcd(_step(first), s * _step(second)) or 1
+    groups = math.gcd(first.groups, second.groups)
+    size = (first.extent - 1 + (second.extent - 1) * s) // step + 1
+    k1 = (first.extent - 1) // step + 1  # the first kernel's taps on the merged lattice
+    in_per_group = first.in_channels // groups
+    itemsize = first.weight.element_size()
+    _check_size((second.out_channels, in_per_group, size, size), itemsize, max_bytes,
+                "the composed conv")
+    _check_size((first.out_channels, in_per_group, k1, k1), itemsize, max_bytes,
+                "the first conv, re-grouped")
+    inner = _spread(_regroup(first.weight, first.groups, groups), first.dilation // step
+                    if first.kernel > 1 else 1)
+    flat, pitch = inner.reshape(first.out_channels, -1), s * second.dilation // step
+    weight = inner.new_zeros(second.out_channels, in_per_group, size, size)
+    for uy in range(second.kernel):  # each tap of the second conv, in its own groups
+        for ux in range(second.kernel):
+            tap = _grouped_matmul(second.weight[:, :, uy, ux], second.groups, flat)
+            y, x = pitch * uy, pitch * ux
+            weight[:, :, y:y + k1, x:x + k1] += tap.reshape(-1, in_per_group, k1, k1)
     taps = second.weight.sum(dim=(2, 3))
-    bias = taps @ first.bias + second.bias
-    return AffineConv(weight, bias, first.stride * second.stride, first.padding,
-                      conditions=tuple((k, taps @ m) for k, m in first.conditions))
+    return AffineConv(
+        weight, _grouped_matmul(taps, second.groups, first.bias) + second.bias,
+        first.stride * second.stride, first.padding, groups, step,
+        conditions=tuple((k, _grouped_matmul(taps, second.groups, m))
+                         for k, m in first.conditions))
 
 
 def crop_output(a: AffineConv, amount: int) -> AffineConv:
@@ -149,56 +217,52 @@ def crop_output(a: AffineConv, amount: int) -> AffineConv:
     if amount < 0 and not a.is_identity:
         raise MergeError(
             f"zero-padding the output of a non-identity conv by {-amount} is not a convolution")
-    return AffineConv(a.weight, a.bias, a.stride, a.padding - amount * a.stride, a.is_identity,
-                      a.conditions)
+    return replace(a, padding=a.padding - amount * a.stride)
 
 
-def add(a: AffineConv, b: AffineConv) -> AffineConv:
-    """`a(x) + b(x)` as one conv: both kernels placed on one grid. This is how a skip
-    connection (identity, or a folded 1x1 projection) is fused into a merged conv."""
+def add(a: AffineConv, b: AffineConv, max_bytes: int | None = None) -> AffineConv:
+    """`a(x) + b(x)` as one conv: both kernels placed on one grid, with the groups and tap
+    lattice both share. This is how a skip connection (identity, or a folded 1x1
+    projection) is fused into a merged conv."""
     if a.stride != b.stride:
         raise MergeError(f"cannot fuse an add of stride {a.stride} and stride {b.stride} paths")
-    reach_a = a.kernel - 1 - 2 * a.padding
-    reach_b = b.kernel - 1 - 2 * b.padding
+    reach_a = a.extent - 1 - 2 * a.padding
+    reach_b = b.extent - 1 - 2 * b.padding
     if reach_a != reach_b:
         raise MergeError("cannot fuse an add whose two paths are not centred on one grid")
     pad = max(a.padding, b.padding)
-    size = reach_a + 2 * pad + 1
-    weight = a.weight.new_zeros(a.out_channels, a.in_channels, size, size)
+    extent = reach_a + 2 * pad + 1
+    step = math.gcd(_step(a), _step(b), pad - a.padding, pad - b.padding) or 1
+    groups = math.gcd(a.groups, b.groups)
+    size = (extent - 1) // step + 1
+    shape = (a.out_channels, a.in_channels // groups, size, size)
+    _check_size(shape, a.weight.element_size(), max_bytes, "the fused add")
+    weight = a.weight.new_zeros(shape)
     for part in (a, b):
-        o = pad - part.padding
-        weight[:, :, o:o + part.kernel, o:o + part.kernel] += part.weight
-    return AffineConv(weight, a.bias + b.bias, a.stride, pad,
+        w = _spread(_regroup(part.weight, part.groups, groups),
+                    part.dilation // step if part.kernel > 1 else 1)
+        o = (pad - part.padding) // step
+        weight[:, :, o:o + w.shape[-1], o:o + w.shape[-1]] += w
+    return AffineConv(weight, a.bias + b.bias, a.stride, pad, groups, step,
                       conditions=a.conditions + b.conditions)
 
 
-def regroup(a: AffineConv) -> tuple[torch.Tensor, int]:
-    """The weight in grouped form: depthwise when the dense weight is diagonal, else dense."""
-    w = a.weight
-    if w.shape[0] == w.shape[1] and w.shape[0] > 1:
-        off_diagonal = w * (1 - torch.eye(w.shape[0], dtype=w.dtype))[:, :, None, None]
-        if not off_diagonal.any():
-            idx = torch.arange(w.shape[0])
-            return w[idx, idx].unsqueeze(1), w.shape[0]
-    return w, 1
-
-
 def to_conv(a: AffineConv, dtype: torch.dtype, device: torch.device | None = None) -> nn.Conv2d:
-    """An `nn.Conv2d` computing `a` without its conditioning terms (see
-    `condition_conv`), re-grouped to depthwise when possible."""
+    """An `nn.Conv2d` computing `a` without its conditioning terms (see `condition_conv`),
+    with `a`'s groups and dilation; its weights are never initialised, only assigned."""
     if a.padding < 0:
         raise MergeError(f"merged conv would need negative padding {a.padding}")
-    weight, groups = regroup(a)
     conv = nn.Conv2d(a.in_channels, a.out_channels, a.kernel, a.stride, a.padding,
-                     groups=groups, bias=True)
-    conv.weight.data = weight.to(dtype=dtype, device=device).contiguous()
-    conv.bias.data = a.bias.to(dtype=dtype, device=device)
+                     dilation=a.dilation, groups=a.groups, bias=True, device="meta")
+    conv.weight = nn.Parameter(a.weight.to(dtype=dtype, device=device).contiguous())
+    conv.bias = nn.Parameter(a.bias.to(dtype=dtype, device=device))
     return conv
 
 
 def condition_conv(matrix: torch.Tensor, dtype: torch.dtype,
                    device: torch.device | None = None) -> nn.Conv2d:
     """The 1x1 conv that maps a conditioning vector `(B, dim, 1, 1)` to its term `A c`."""
-    conv = nn.Conv2d(matrix.shape[1], matrix.shape[0], 1, bias=False)
-    conv.weight.data = matrix[:, :, None, None].to(dtype=dtype, device=device).contiguous()
+    conv = nn.Conv2d(matrix.shape[1], matrix.shape[0], 1, bias=False, device="meta")
+    conv.weight = nn.Parameter(matrix[:, :, None, None].to(dtype=dtype, device=device)
+                               .contiguous())
     return conv

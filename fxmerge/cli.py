@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import FxMergeError
+from .errors import ArgumentError, FxMergeError
+from .space import MAX_KERNEL_BYTES
 
 EXIT_OK, EXIT_ERROR = 0, 1  # argparse exits with 2 on bad usage
 
@@ -23,17 +24,17 @@ def load_model(spec: str) -> torch.nn.Module:
     try:
         model = factory(**kwargs)
     except Exception as exc:  # noqa: BLE001 (the user's factory: any failure, one line)
-        raise ValueError(f"model {spec!r} could not be built: {type(exc).__name__}: "
+        raise ArgumentError(f"model {spec!r} could not be built: {type(exc).__name__}: "
                          f"{exc}") from None
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model {spec!r} built a {type(model).__name__}, not an nn.Module")
+        raise ArgumentError(f"model {spec!r} built a {type(model).__name__}, not an nn.Module")
     return model
 
 
 def _factory(spec: str):
     source, _, rest = spec.partition(":")
     if not rest:
-        raise ValueError(f"model spec {spec!r} needs the form SOURCE:NAME")
+        raise ArgumentError(f"model spec {spec!r} needs the form SOURCE:NAME")
     if source == "torchvision":
         import torchvision
 
@@ -44,16 +45,16 @@ def _factory(spec: str):
             try:
                 kwargs[key] = json.loads(value)
             except ValueError:
-                raise ValueError(f"model keyword {item!r}: the value must be JSON") from None
+                raise ArgumentError(f"model keyword {item!r}: the value must be JSON") from None
         factory = getattr(torchvision.models, name, None)
         if factory is None:
-            raise ValueError(f"torchvision.models has no {name!r}")
+            raise ArgumentError(f"torchvision.models has no {name!r}")
         return factory, kwargs
     if source == "fxmerge":
         from . import models
 
         if rest not in models.__all__:
-            raise ValueError(f"fxmerge.models has no {rest!r} (it has {models.__all__})")
+            raise ArgumentError(f"fxmerge.models has no {rest!r} (it has {models.__all__})")
         return getattr(models, rest), {}
     return _attribute(spec), {}
 
@@ -66,10 +67,10 @@ def load_tensors(path: str | Path, what: str = "--weights") -> dict:
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001 (whatever the file holds, one line)
-        raise ValueError(f"{what} {path}: not a file of tensors that can be loaded safely "
+        raise ArgumentError(f"{what} {path}: not a file of tensors that can be loaded safely "
                          f"({type(exc).__name__}); fxmerge never unpickles code") from None
     if not isinstance(data, dict):
-        raise TypeError(f"{what} {path}: expected a state_dict, got {type(data).__name__}")
+        raise ArgumentError(f"{what} {path}: expected a state_dict, got {type(data).__name__}")
     return data
 
 
@@ -78,7 +79,7 @@ def _load_state(module: torch.nn.Module, state: dict, path: str | Path) -> None:
         module.load_state_dict(state)
     except Exception as exc:  # noqa: BLE001 (missing keys, shapes, dtypes: one line)
         first = str(exc).strip().splitlines()
-        raise ValueError(f"--weights {path} does not fit the model: "
+        raise ArgumentError(f"--weights {path} does not fit the model: "
                          f"{' '.join(first[:2])[:300]}") from None
 
 
@@ -128,6 +129,10 @@ def _add_model_args(p: argparse.ArgumentParser, pruned_weights: bool = False) ->
                    help="an activation after merged blocks of several convs that end without "
                    "one (auto: on, except in nets with GroupNorm before activations); a plan "
                    "keeps the setting it was solved with")
+    p.add_argument("--max-kernel-mb", type=float, default=MAX_KERNEL_BYTES / 2**20,
+                   metavar="MIB", help="offer no merged kernel larger than this, in MiB of "
+                   f"float64 (default {MAX_KERNEL_BYTES / 2**20:.0f}): it bounds the memory "
+                   "merging takes")
 
 
 def _space(args: argparse.Namespace):
@@ -140,7 +145,7 @@ def _space(args: argparse.Namespace):
     gm = trace(model.eval(), example_batch(args))
     add = {"auto": None, "on": True, "off": False}[args.add_activations]
     return gm, analyze(gm, stride_rule=args.stride_rule, exclude=args.exclude,
-                       add_activations=add)
+                       add_activations=add, max_kernel_bytes=round(args.max_kernel_mb * 2**20))
 
 
 def _write(path: str | None, text: str) -> None:
@@ -162,12 +167,12 @@ def _attribute(spec: str):
     source, _, name = spec.rpartition(":")
     path = Path(source)
     if not path.is_file():
-        raise ValueError(f"no such file: {source}")
+        raise ArgumentError(f"no such file: {source}")
     module_spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not hasattr(module, name):
-        raise ValueError(f"{source} defines no {name!r}")
+        raise ArgumentError(f"{source} defines no {name!r}")
     return getattr(module, name)
 
 
@@ -190,6 +195,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
     _, space = _space(args)
     table = measure_latency(space, backend=args.backend, device=args.device,
                             batch_size=args.batch, warmup=args.warmup, repeat=args.repeat,
+                            seconds=args.seconds,
                             cache=args.cache, deduplicate=not args.no_dedup)
     s = table.settings
     print(f"{s['num_entries']} entries from {s['num_signatures']} distinct convs, "
@@ -205,7 +211,7 @@ def cmd_importance(args: argparse.Namespace) -> int:
     from .tables.importance import estimate_importance
 
     if not args.evaluate and (args.finetune or args.cache):
-        raise ValueError("--finetune and --cache need --evaluate (the output-agreement "
+        raise ArgumentError("--finetune and --cache need --evaluate (the output-agreement "
                          "default neither fine-tunes nor caches: it takes seconds)")
     _, space = _space(args)
     if args.evaluate:
@@ -286,12 +292,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if args.seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+        raise ArgumentError(f"--seeds must be at least 1, got {args.seeds}")
     if args.task == "ddpm":
         from .demos.ddpm import DDPMDemoConfig, run_ddpm_demo
 
         if args.seeds != 1 or args.distorted:
-            raise ValueError("--seeds and --distorted are for the classify task")
+            raise ArgumentError("--seeds and --distorted are for the classify task")
         run_ddpm_demo(out, DDPMDemoConfig.quick() if args.quick else DDPMDemoConfig())
     else:
         from .demos.classify import DemoConfig, run_demo
@@ -324,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="deployment batch (default: the input shape's)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeat", type=int, default=30)
+    p.add_argument("--seconds", type=float, default=0.3, help="time each layer for about "
+                   "this long (fewer runs for slow layers; default 0.3)")
     p.add_argument("--cache", help="JSON file to resume an interrupted measurement from")
     p.add_argument("--no-dedup", action="store_true", help="time every entry separately")
     p.set_defaults(func=cmd_latency)
@@ -397,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FxMergeError, ValueError, TypeError, OSError) as exc:
+    except (FxMergeError, OSError) as exc:  # a bug elsewhere shows its traceback
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, OSError) and exc.filename:
             message = f"{exc.filename}: {exc.strerror or message}"

@@ -10,10 +10,11 @@ from typing import Any
 from torch import fx, nn
 
 from .capture import ExampleInputs, trace
+from .errors import ArgumentError
 from .measured import NetworkTimer, solve_measured
 from .passes import merge, prune
 from .plan import Plan
-from .solve import solve
+from .solve import get_method, solve
 from .space import MergeSpace, analyze
 from .tables.agreement import agreement_importance
 from .tables.importance import ImportanceTable, estimate_importance
@@ -80,25 +81,23 @@ def compress(
     cheap output-agreement proxy on `example_inputs`.
     """
     if budget_basis not in ("measured", "table"):
-        raise ValueError(f"budget_basis must be 'measured' or 'table', got {budget_basis!r}")
+        raise ArgumentError(f"budget_basis must be 'measured' or 'table', got {budget_basis!r}")
     gm = trace(model, example_inputs)
     space = analyze(gm, stride_rule=stride_rule, exclude=exclude,
                     add_activations=add_activations)
+    keys = get_method(method).importance_keys(space)  # only the keys `method` reads
     if not isinstance(latency, LatencyTable):
         latency = measure_latency(space, **dict(latency or {}))
-    if importance is None:  # only the keys `method` reads
-        importance = agreement_importance(space, example_inputs,
-                                          layeronly=method == "layeronly",
-                                          depth=method == "depth")
+    if importance is None:
+        importance = agreement_importance(space, example_inputs, keys=keys)
     elif not isinstance(importance, ImportanceTable):
         importance = estimate_importance(space, evaluate=importance, finetune=finetune,
-                                         layeronly=method == "layeronly",
-                                         depth=method == "depth")
+                                         keys=keys)
     if budget_basis == "measured":
         timer = NetworkTimer.for_table(gm, space, latency, **dict(timing or {}))
         plan = solve_measured(space, latency, importance, timer, budget=budget, method=method,
                               levels=levels)
     else:
         plan = solve(space, latency, importance, budget=budget, method=method, levels=levels)
-    pruned = prune(gm, plan)
+    pruned = prune(gm, plan, space)
     return CompressResult(plan, space, pruned, latency, importance)

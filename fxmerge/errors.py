@@ -27,3 +27,8 @@ class TableError(FxMergeError):
 
 class InfeasibleBudget(FxMergeError):
     """No plan meets the latency budget; the message states the smallest achievable latency."""
+
+
+class ArgumentError(FxMergeError, ValueError, TypeError):
+    """An argument given to fxmerge is invalid: a wrong value or type, or a bad command-line
+    form (also a ValueError and a TypeError, what such mistakes raise in Python)."""

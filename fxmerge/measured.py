@@ -19,7 +19,7 @@ from itertools import pairwise
 import torch
 from torch import fx
 
-from .errors import InfeasibleBudget
+from .errors import ArgumentError, InfeasibleBudget
 from .plan import Plan
 from .solve import fastest_latency, solve
 from .space import MergeSpace
@@ -63,7 +63,7 @@ class NetworkTimer:
                  device: str | torch.device = "cpu", batch_size: int | None = None,
                  repeat: int = 30, warmup: int = 5, preparations: int = PREPARATIONS) -> None:
         if min(preparations, repeat) < 1:
-            raise ValueError(f"repeat and preparations must be positive, got {repeat}, "
+            raise ArgumentError(f"repeat and preparations must be positive, got {repeat}, "
                              f"{preparations}")
         self.gm, self.space = gm, space
         self.backend, self.device = backend, torch.device(device)
@@ -143,9 +143,9 @@ def solve_measured(
     original's measured latency) and, where the plans allow, above `budget * (1 -
     tolerance)`. The plan records its measurement in `plan.measured`."""
     if not 0 < tolerance < 1:
-        raise ValueError(f"tolerance must be in (0, 1), got {tolerance}")
+        raise ArgumentError(f"tolerance must be in (0, 1), got {tolerance}")
     if not 0 < budget:
-        raise ValueError(f"budget must be positive, got {budget}")
+        raise ArgumentError(f"budget must be positive, got {budget}")
     original = latency.identity_latency(space)
     low, aim = budget * (1 - tolerance), budget * (1 - tolerance / 2)
     floor = fastest_latency(space, latency, importance, method)

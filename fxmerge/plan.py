@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .errors import PlanError
-from .space import MergeSpace
+from .errors import PlanError, SpaceError
+from .space import MAX_KERNEL_BYTES, MergeSpace, analyze
 
 PLAN_FORMAT = 2  # 2: `Block.activation` says whether an activation follows, added ones too
 
@@ -40,6 +40,12 @@ def _kernel(space: MergeSpace, kept) -> tuple[int, bool]:
     return opt.kernel, opt.depthwise
 
 
+def _merged_bytes(space: MergeSpace, i: int, kept) -> int:
+    """The most merging a block starting at `i` that keeps these convs materialises (0 for
+    one conv or none: a conv the plan leaves as it is is never composed)."""
+    return space.merge_peak_bytes(i, (space.conv(n).index for n in kept))
+
+
 @dataclass(frozen=True)
 class Plan:
     """Blocks tiling the searched convs. Activations are kept at block ends, removed inside."""
@@ -49,6 +55,7 @@ class Plan:
     stride_rule: str = "paper"
     exclude: tuple[str, ...] = ()
     add_activations: bool = False
+    max_kernel_bytes: int = MAX_KERNEL_BYTES
     method: str = "manual"
     budget: float | None = None
     budget_ms: float | None = None
@@ -97,7 +104,7 @@ class Plan:
             act = activation.get(j, space.end_activation(i, j) is not None)
             blocks.append(Block(convs, kept_here, k, dw, act))
         return cls(tuple(blocks), space.signature, space.stride_rule, space.exclude,
-                   space.add_activations, **info)
+                   space.add_activations, space.max_kernel_bytes, **info)
 
     @classmethod
     def identity(cls, space: MergeSpace) -> Plan:
@@ -116,10 +123,22 @@ class Plan:
             chosen = {c.name for c in convs if c.irreducible or rng.random() < 0.5}
             if not chosen:
                 chosen = {rng.choice(convs).name}
+            if _merged_bytes(space, i, chosen) > space.max_kernel_bytes:
+                j, chosen = i + 1, {space.convs[i].name}  # over the bound: this conv alone
             kept |= chosen
             spans.append((i, j))
             i = j
         return cls.from_spans(space, spans, kept, method=f"random:{seed}")
+
+    def space_of(self, gm) -> MergeSpace:
+        """The space of `gm` analysed with this plan's settings: the one it was made on, if
+        it was made for this graph (pass that space around instead, where you have it)."""
+        try:
+            return analyze(gm, stride_rule=self.stride_rule, exclude=self.exclude,
+                           add_activations=self.add_activations,
+                           max_kernel_bytes=self.max_kernel_bytes)
+        except SpaceError as exc:
+            raise PlanError(f"plan was made for another graph: {exc}") from None
 
     # ---- checks ----------------------------------------------------------------------
     def validate(self, space: MergeSpace) -> None:
@@ -129,13 +148,14 @@ class Plan:
                 f"plan was made for another graph (signature {self.signature}, this graph "
                 f"{space.signature}); re-solve on this model, or analyse it with "
                 f"stride_rule={self.stride_rule!r}, exclude={list(self.exclude)}, "
-                f"add_activations={self.add_activations}")
+                f"add_activations={self.add_activations}, "
+                f"max_kernel_bytes={self.max_kernel_bytes}")
         names = [c.name for c in space.convs]
         covered = [n for b in self.blocks for n in b.convs]
         if covered != names:
             raise PlanError("plan blocks do not tile the searched convs in order")
         for b, (i, j) in zip(self.blocks, self.spans(space)):
-            if (i, j) not in space.blocks:
+            if (i, j) not in space.blocks and (i, j) not in space.oversized:
                 raise PlanError(
                     f"block {b.convs[0]}..{b.convs[-1]} (positions {i}..{j}) is not legal: "
                     "it crosses a barrier, a stride break or half a residual segment")
@@ -152,6 +172,11 @@ class Plan:
                 raise PlanError(f"block {b.convs[0]}..{b.convs[-1]} adds an activation after "
                                 f"{b.convs[-1]}, where the network has none, but the plan's "
                                 "add_activations is off")
+            size = _merged_bytes(space, i, b.kept)
+            if size > self.max_kernel_bytes:
+                raise PlanError(f"block {b.convs[0]}..{b.convs[-1]} would materialise a kernel "
+                                f"of {size} bytes to merge, over max_kernel_bytes="
+                                f"{self.max_kernel_bytes}")
             if (b.kernel, b.depthwise) != _kernel(space, b.kept):
                 k, dw = _kernel(space, b.kept)
                 raise PlanError(
@@ -189,6 +214,8 @@ class Plan:
                 stride_rule=_typed(data, "stride_rule", str, default="paper"),
                 exclude=_names(data, "exclude", default=()),
                 add_activations=_typed(data, "add_activations", bool, default=False),
+                max_kernel_bytes=_typed(data, "max_kernel_bytes", int,
+                                        default=MAX_KERNEL_BYTES),
                 method=_typed(data, "method", str, default="manual"),
                 budget=_typed(data, "budget", number, default=None),
                 budget_ms=_typed(data, "budget_ms", number, default=None),

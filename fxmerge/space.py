@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -18,9 +19,8 @@ from typing import NamedTuple
 import networkx as nx
 from torch import fx, nn
 
-from .capture import ops
-from .capture.trace import INPUTS_KEY
-from .errors import SpaceError
+from .capture import check_canonical, ops
+from .errors import ArgumentError, SpaceError, TraceError
 
 STRIDE_RULES = ("paper", "exact")
 
@@ -128,15 +128,38 @@ class _SkipBranch:
     branch: tuple[fx.Node, ...]
 
 
+class MergedConv(NamedTuple):
+    """The conv an entry becomes, in native form: taps per side, their dilation, groups, and
+    the bytes of its float64 kernel (what the merge materialises)."""
+
+    kernel: int
+    dilation: int
+    groups: int
+    bytes: int
+
+
 IDENTITY = KernelOption(0, False)  # a block that keeps no conv: latency 0
-_EMPTY = (1, 1, True, False)  # (kernel, stride, depthwise, any conv kept) of no conv
+MAX_KERNEL_BYTES = 2**29  # 512 MiB: the largest kernel a merge may materialise (§1)
+# (extent, stride, depthwise, any conv kept, tap step, groups, over the bound) of no conv; a
+# step or groups of 0 is "not yet set" (gcd(0, n) = n)
+_EMPTY = (1, 1, True, False, 0, 0, False)
 
 
-def _keep(state: tuple[int, int, bool, bool], c: Conv) -> tuple[int, int, bool, bool]:
-    """The merged state after also keeping conv `c`: its kernel, dilated by the stride so
-    far, widens the receptive field; strides multiply; depthwise only if every conv is."""
-    k, s, dw, _ = state
-    return k + (c.kernel - 1) * c.dilation * s, s * c.stride, dw and c.depthwise, True
+def _keep(state: tuple, c: Conv) -> tuple:
+    """The merged state after also keeping conv `c`: its kernel, its taps `dilation * s`
+    apart, widens the receptive field; strides multiply; the taps lie on the gcd of the
+    kept convs' steps (a 1x1 has none); the groups are the gcd of theirs; depthwise only if
+    every conv is (docs/method.md §4). Whether it is over the bound is the space's to say."""
+    k, s, dw, _, step, groups, over = state
+    tap = c.dilation * s if c.kernel > 1 else 0
+    return (k + (c.kernel - 1) * tap, s * c.stride, dw and c.depthwise, True,
+            math.gcd(step, tap), math.gcd(groups, c.groups), over)
+
+
+def _taps(state: tuple) -> int:
+    """Taps per side of a merged state's kernel."""
+    extent, step = state[0], state[4]
+    return (extent - 1) // step + 1 if step else 1
 
 
 class MergeSpace:
@@ -154,6 +177,7 @@ class MergeSpace:
         exclude: Iterable[str] = (),
         left_out: Mapping[str, str] | None = None,
         add_activations: bool | None = False,
+        max_kernel_bytes: int = MAX_KERNEL_BYTES,
     ) -> None:
         self.gm = gm
         self.convs = tuple(convs)
@@ -164,6 +188,10 @@ class MergeSpace:
         self.stride_rule = stride_rule
         self.exclude = tuple(sorted(exclude))
         self.left_out = dict(left_out or {})
+        self.max_kernel_bytes = max_kernel_bytes
+        self._merged: dict[Entry, MergedConv] = {}
+        self._over_bound = 0  # options left out for their kernel's size
+        self.oversized: set[tuple[int, int]] = set()  # blocks with every option left out
         self._options = self._enumerate_blocks()
         if add_activations is None:  # as the authors: not where GroupNorms precede them
             add_activations = not any(c.relocatable_norm for c in self.convs)
@@ -269,7 +297,7 @@ class MergeSpace:
         (what the Depth solver reads)."""
         return {(i, j): tuple((start, end, self.depth_key(i, j, start, end))
                               for start, end in self.activation_choices(i, j))
-                for i, j in self._options}
+                for i, j in self.full_entries}
 
     @cached_property
     def depth_keys(self) -> tuple[DepthKey, ...]:
@@ -289,12 +317,15 @@ class MergeSpace:
         it leaves out the batch size, so a plan applies at any batch."""
         text = "|".join(
             f"{c.name}:{c.in_shape[1:]}:{c.out_shape[1:]}:{c.kernel}:{c.stride}:{c.groups}"
+            + (f":d{c.dilation}" if c.dilation != 1 else "")
             for c in self.convs
         )
         text += f"|{sorted(self.breaks)}|{[(s.source, s.target) for s in self.skips]}"
         text += f"|{self.stride_rule}"
         if self.add_activations:  # latency entries and pruned networks differ with it
             text += "|add_activations"
+        if self._over_bound:  # the bound left entries out
+            text += f"|max_kernel_bytes={self.max_kernel_bytes}"
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
     # ---- block enumeration -----------------------------------------------------------
@@ -314,16 +345,60 @@ class MergeSpace:
     def full_entries(self) -> dict[tuple[int, int], Entry]:
         """Every legal block's entry with all its convs kept (what Depth merges; for one
         conv, the entry that leaves it as it is)."""
-        return {(i, j): Entry(i, j, *self.kernel_of(range(i + 1, j + 1)))
+        full = {(i, j): Entry(i, j, *self.kernel_of(range(i + 1, j + 1)))
                 for i, j in self._options}
+        return {block: e for block, e in full.items() if e in self._merged}
+
+    def _composition_bytes(self, i: int, state: tuple, c: Conv) -> int:
+        """The most a merge of block `(i, ...)` materialises when it composes conv `c` onto
+        the convs merged into `state` (0 when nothing is composed: `c` comes first): the new
+        kernel, or the merged one re-grouped to the new groups, whichever has more outputs."""
+        if not state[3]:
+            return 0
+        new = _keep(state, c)
+        in_per_group = self.convs[i].in_channels // new[5]
+        return max(c.in_channels, c.out_channels) * in_per_group * _taps(new) ** 2 * 8
+
+    def _extend(self, i: int, state: tuple, c: Conv) -> tuple:
+        """`_keep`, and whether block `(i, ...)`'s merge has now gone over the bound."""
+        over = state[6] or self._composition_bytes(i, state, c) > self.max_kernel_bytes
+        return (*_keep(state, c)[:6], over)
+
+    def merge_peak_bytes(self, i: int, kept: Iterable[int]) -> int:
+        """The most merging these convs (indices) of a block starting at `i` materialises."""
+        state, peak = _EMPTY, 0
+        for idx in sorted(kept):
+            c = self.convs[idx - 1]
+            peak = max(peak, self._composition_bytes(i, state, c))
+            state = _keep(state, c)
+        return peak
 
     def _states(self, i: int, j: int):
-        """All (kernel, stride, depthwise, any_kept) reachable keeping R and any reducible."""
+        """Every merged state (see `_keep`) reachable keeping R and any reducible convs."""
         states = {_EMPTY}
         for c in self.convs[i:j]:
-            kept = {_keep(state, c) for state in states}
+            kept = {self._extend(i, state, c) for state in states}
             states = kept if c.irreducible else kept | states
         return states
+
+    def _merged_conv(self, i: int, j: int, state: tuple) -> MergedConv:
+        """The native conv block `(i, j)` becomes from a merged `state`: its taps, their
+        dilation, its groups (1 where it fuses a projection shortcut) and kernel bytes."""
+        step, groups = state[4], state[5]
+        if any(i <= s.source and s.target <= j and s.projection for s in self.skips):
+            groups = 1
+        kernel = _taps(state)
+        in_channels, out_channels = self.convs[i].in_channels, self.convs[j - 1].out_channels
+        return MergedConv(kernel, step or 1, groups,
+                          out_channels * (in_channels // groups) * kernel * kernel * 8)
+
+    def merged_conv(self, entry: Entry) -> MergedConv:
+        """The conv entry `(i, j, k, dw)` merges into (where subsets of the block's convs
+        reach the same `k` on different lattices or groups, the largest of them); an identity
+        entry makes no conv (kernel 0, no bytes)."""
+        if (entry.k, entry.dw) == IDENTITY:
+            return MergedConv(0, 1, 1, 0)
+        return self._merged[entry]
 
     def _enumerate_blocks(self) -> dict[tuple[int, int], tuple[KernelOption, ...]]:
         options: dict[tuple[int, int], tuple[KernelOption, ...]] = {}
@@ -333,9 +408,24 @@ class MergeSpace:
                     break
                 if self._crosses_segment(i, j):
                     continue
-                opts = sorted({KernelOption(k, dw) for k, _, dw, kept in self._states(i, j) if kept})
-                if opts:
-                    options[(i, j)] = tuple(opts)
+                merged: dict[KernelOption, MergedConv] = {}
+                over: set[KernelOption] = set()
+                for state in self._states(i, j):
+                    if not state[3]:
+                        continue
+                    option = KernelOption(state[0], state[2])
+                    if state[6]:  # its merge would materialise too much
+                        over.add(option)
+                        continue
+                    conv = self._merged_conv(i, j, state)
+                    if option not in merged or conv.bytes > merged[option].bytes:
+                        merged[option] = conv
+                self._over_bound += len(over - set(merged))
+                self._merged.update({Entry(i, j, *o): conv for o, conv in merged.items()})
+                if merged:
+                    options[(i, j)] = tuple(sorted(merged))
+                elif over:
+                    self.oversized.add((i, j))
         for p in self._removable_alone(options):
             options[(p - 1, p)] = (IDENTITY, *options[(p - 1, p)])
         return options
@@ -359,8 +449,8 @@ class MergeSpace:
         self, i: int, j: int, k: int, dw: bool, scores: Mapping[str, float] | None = None
     ) -> tuple[str, ...]:
         """Eq. 3: among the kept-conv subsets of block `(i, j)` that contain every irreducible
-        conv and give kernel `k` (depthwise `dw`), the one with the largest total score
-        (`conv_scores` unless given)."""
+        conv and give kernel `k` (depthwise `dw`), and merge within `max_kernel_bytes`, the
+        one with the largest total score (`conv_scores` unless given)."""
         scores = self.conv_scores if scores is None else scores
         if (k, dw) == IDENTITY:
             return ()
@@ -368,14 +458,15 @@ class MergeSpace:
         for c in self.convs[i:j]:
             nxt: dict[tuple, tuple[float, tuple[str, ...]]] = {}
             for state, (score, kept) in best.items():
-                cand = [(_keep(state, c), (score + scores[c.name], kept + (c.name,)))]
+                cand = [(self._extend(i, state, c), (score + scores[c.name], kept + (c.name,)))]
                 if not c.irreducible:
                     cand.append((state, (score, kept)))
                 for key, val in cand:
                     if key not in nxt or val[0] > nxt[key][0]:
                         nxt[key] = val
             best = nxt
-        found = [v for (kk, _, d, kept), v in best.items() if kept and kk == k and d == dw]
+        found = [v for (kk, _, d, kept, _, _, over), v in best.items()
+                 if kept and not over and kk == k and d == dw]
         if not found:
             raise KeyError(f"no kept-conv subset of block ({i}, {j}) gives kernel {k}, dw={dw}")
         return max(found)[1]
@@ -423,6 +514,9 @@ class MergeSpace:
             f"{len(self.barriers)} barrier nodes, stride_rule={self.stride_rule}: "
             f"{self.num_blocks} blocks, {self.num_entries} entries"
         )
+        if self._over_bound:
+            lines.append(f"{self._over_bound} merged kernels over max_kernel_bytes="
+                         f"{self.max_kernel_bytes} not offered")
         if self.add_activations:
             lines.append(f"add_activations: a {self.added_activation} after each merged "
                          "block of several convs that ends without an activation")
@@ -555,7 +649,7 @@ def _build_unit(gm: fx.GraphModule, conv: fx.Node, adds: dict[fx.Node, _SkipBran
 
 def analyze(
     gm: fx.GraphModule, *, stride_rule: str = "paper", exclude: Iterable[str] = (),
-    add_activations: bool | None = None,
+    add_activations: bool | None = None, max_kernel_bytes: int = MAX_KERNEL_BYTES,
 ) -> MergeSpace:
     """Derive the LayerMerge search space of a traced graph (see `fxmerge.trace`).
 
@@ -567,13 +661,22 @@ def analyze(
     that end where it has none, in latency entries, importance, solving and pruning alike.
     By default on, as the authors do for their classifiers, except in networks with
     relocatable norms (GroupNorm before the activations: diffusion U-Nets, where they add
-    none).
+    none). `max_kernel_bytes` bounds the merged kernels offered (their float64 size, what
+    `merge` materialises): a larger composition is not an entry (a single conv always is).
     """
+    try:
+        check_canonical(gm)
+    except TraceError as exc:  # the graph, not the space, is what is wrong
+        raise SpaceError(str(exc)) from None
     if stride_rule not in STRIDE_RULES:
         raise SpaceError(f"stride_rule must be one of {STRIDE_RULES}, got {stride_rule!r}")
+    if isinstance(max_kernel_bytes, bool) or not isinstance(max_kernel_bytes, int) \
+            or max_kernel_bytes <= 0:
+        raise SpaceError(f"max_kernel_bytes must be a positive number of bytes, got "
+                         f"{max_kernel_bytes!r}")
     if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
-        raise TypeError(f"exclude must be a list of module names or glob patterns, got "
-                        f"{exclude!r}")
+        raise ArgumentError(f"exclude must be a list of module names or glob patterns, got "
+                            f"{exclude!r}")
     exclude = set(exclude)
     convs_named = [n for n, m in gm.named_modules() if isinstance(m, nn.Conv2d)]
     for pattern in exclude:
@@ -581,8 +684,6 @@ def analyze(
             raise SpaceError(f"exclude names '{pattern}', which matches no Conv2d of this model")
     left_out = left_out_convs(gm, exclude)
     nodes = {n.name: n for n in gm.graph.nodes}
-    if INPUTS_KEY not in gm.meta:
-        raise SpaceError("the graph has no shapes: trace the model with fxmerge.trace")
 
     adds = _find_skip_adds(gm, left_out)
     while True:
@@ -660,4 +761,4 @@ def analyze(
     barriers = [name for name, kind in kinds.items() if kind == "barrier"]
     return MergeSpace(gm, convs, units, skips, breaks, barriers, stride_rule, exclude,
                       {n: why for n, why in left_out.items() if why != "excluded"},
-                      add_activations)
+                      add_activations, max_kernel_bytes)

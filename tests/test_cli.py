@@ -160,6 +160,7 @@ def quick_demo(out, *args):
     return proc, json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_demo_quick_over_two_seeds_writes_results(tmp_path):
     proc, result = quick_demo(tmp_path, "--seeds", "2")
     runs, rows = result["runs"], result["rows"]
@@ -178,6 +179,7 @@ def test_demo_quick_over_two_seeds_writes_results(tmp_path):
     assert "over 2 seeds" in proc.stdout
 
 
+@pytest.mark.slow
 def test_demo_ddpm_quick_writes_results(tmp_path):
     proc, result = quick_demo(tmp_path, "--task", "ddpm")
     rows = result["rows"]

@@ -25,6 +25,11 @@ def space():
     return fxmerge.analyze(gm)
 
 
+def no_layeronly(space):
+    """Every key but LayerOnly's per-conv ones."""
+    return [*space.entries, *space.depth_keys]
+
+
 def has_kernel(model, k):
     return any(isinstance(m, nn.Conv2d) and m.kernel_size[0] == k for m in model.modules())
 
@@ -52,7 +57,7 @@ def test_finetune_is_called_on_a_trainable_copy(space):
     def finetune(model):
         seen.append(model.training)
 
-    estimate_importance(space, evaluate=lambda m: 0.0, finetune=finetune, layeronly=False)
+    estimate_importance(space, evaluate=lambda m: 0.0, finetune=finetune, keys=no_layeronly(space))
     assert len(seen) == space.num_entries and all(seen)
 
 
@@ -120,9 +125,9 @@ def test_process_pool_executor(space):
     # spawn, not fork: a forked child can deadlock in torch's thread pools
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         table = estimate_importance(space, evaluate=OutputAgreement(space.gm, batch),
-                                    executor=pool, layeronly=False)
+                                    executor=pool, keys=no_layeronly(space))
     serial = estimate_importance(space, evaluate=OutputAgreement(space.gm, batch),
-                                 layeronly=False)
+                                 keys=no_layeronly(space))
     assert table.values.keys() == serial.values.keys()
     for k, v in serial.values.items():
         assert math.isclose(table[k], v, rel_tol=1e-5)
@@ -143,10 +148,12 @@ def test_single_conv_entries_are_reinitialised_before_the_finetune(space):
     def unchanged(model):
         return model
 
-    table = estimate_importance(space, evaluate=evaluate, finetune=unchanged, layeronly=False)
+    table = estimate_importance(space, evaluate=evaluate, finetune=unchanged,
+                                keys=no_layeronly(space))
     assert table.settings["single_convs_reinitialised"]
     singles = [e for e in space.entries if e.j == e.i + 1 and e.k > 0]
-    plain = estimate_importance(space, evaluate=evaluate, finetune=unchanged, layeronly=False,
+    plain = estimate_importance(space, evaluate=evaluate, finetune=unchanged,
+                                keys=no_layeronly(space),
                                 reset_single=False)
     assert singles and all(plain[e] == pytest.approx(1.0) for e in singles)
     assert all(table[e] < 0.999 for e in singles)
@@ -159,7 +166,7 @@ def test_single_conv_entries_are_reinitialised_before_the_finetune(space):
 def test_a_cache_made_with_another_reset_setting_is_refused(space, tmp_path):
     evaluate = OutputAgreement(space.gm, torch.randn(4, 3, 12, 12))
     cache = tmp_path / "imp.jsonl"
-    estimate_importance(space, evaluate=evaluate, cache=cache, layeronly=False, keys=[])
+    estimate_importance(space, evaluate=evaluate, cache=cache, keys=[])
     with pytest.raises(fxmerge.TableError, match="reset_single"):
         estimate_importance(space, evaluate=evaluate, cache=cache, reset_single=True)
 

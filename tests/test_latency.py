@@ -197,3 +197,45 @@ def test_time_against_reference_prepares_afresh_and_takes_medians(monkeypatch):
     assert out["plan"].ratio == 0.5  # median of 0.5, 0.9, 0.3; not 6 / 10
     assert out["original"].ratio == 1.0
     assert out["plan"].spread == pytest.approx(0.2)
+
+
+def test_each_layer_is_timed_to_a_time_budget(monkeypatch):
+    """A slow layer gets a few runs, a fast one all of them: the table's cost follows the
+    convs that matter, not the huge merged kernels no budget would pick."""
+    clock = {"now": 0.0, "calls": 0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["now"])
+
+    def layer(ms):
+        def run():
+            clock["now"] += ms / 1e3
+            clock["calls"] += 1
+        return run
+
+    slow = timing.time_callable(layer(100.0), torch.device("cpu"), warmup=10, repeat=30,
+                                seconds=0.3)
+    assert slow.n == timing.MIN_TIMED_RUNS and slow.ms == pytest.approx(100.0)
+    assert clock["calls"] <= 1 + 1 + timing.MIN_TIMED_RUNS  # a first run, a warm-up, 3 timed
+    clock["calls"] = 0
+    fast = timing.time_callable(layer(0.1), torch.device("cpu"), warmup=10, repeat=30,
+                                seconds=0.3)
+    assert fast.n == 30 and clock["calls"] == 1 + 9 + 30
+    few = timing.time_callable(layer(0.1), torch.device("cpu"), warmup=0, repeat=2,
+                               seconds=0.3)
+    assert few.n == 2  # never more runs than asked
+
+
+def test_timed_layers_are_built_without_random_initialisation(monkeypatch):
+    real = torch.nn.init.kaiming_uniform_
+
+    def only_on_meta(tensor, *args, **kwargs):  # a meta tensor holds no data: free
+        if tensor.device.type != "meta":
+            pytest.fail("a timed layer was randomly initialised")
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", only_on_meta)
+    sig = latency_mod.ConvSignature((1, 8, 12, 12), 8, 3, 1, 4, 8, "relu", dilation=4)
+    module = sig.module(torch.device("cpu"), torch.float32)
+    conv = module[0]
+    assert (conv.dilation, conv.groups, conv.padding) == ((4, 4), 8, (4, 4))
+    assert module(torch.randn(1, 8, 12, 12)).shape == (1, 8, 12, 12)
+    assert "k3 d4 s1 p4 g8 relu" in sig.key

@@ -18,7 +18,7 @@ from torch import fx
 
 from ..capture import propagate_shapes, verify
 from ..capture.canonical import CONV_FUNCTIONS, canonicalize
-from ..errors import FxMergeError, PlanError, SpaceError
+from ..errors import ArgumentError, FxMergeError, PlanError, SpaceError
 from ..passes import transform
 from ..plan import Plan
 from ..space import analyze
@@ -42,7 +42,7 @@ def hand_over(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], then: 
             raise FxMergeError("then='tensorrt' needs torch-tensorrt: "
                                "pip install 'fxmerge[trt]'") from exc
         return torch.compile(gm, backend="tensorrt")
-    raise ValueError(f"then must be one of {THEN}, got {then!r}")
+    raise ArgumentError(f"then must be one of {THEN}, got {then!r}")
 
 
 class _LazyInductor:
@@ -67,7 +67,7 @@ def backend(plan: Plan, *, then: str = "inductor") -> Callable:
     compile the result with `then`. For inference: the model's weights are read at compile
     time."""
     if then not in THEN:
-        raise ValueError(f"then must be one of {THEN}, got {then!r}")
+        raise ArgumentError(f"then must be one of {THEN}, got {then!r}")
 
     def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
         try:
@@ -93,7 +93,8 @@ def apply_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan
         if isinstance(m, torch.nn.Conv2d))]
     try:
         space = analyze(canonical, stride_rule=plan.stride_rule, exclude=exclude,
-                        add_activations=plan.add_activations)
+                        add_activations=plan.add_activations,
+                        max_kernel_bytes=plan.max_kernel_bytes)
     except SpaceError:
         if any(n.op == "call_module" and isinstance(canonical.get_submodule(n.target),
                                                     torch.nn.Conv2d)
@@ -104,7 +105,7 @@ def apply_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan
     part = plan.restrict(space)
     log.info("fxmerge backend: %d of the plan's %d blocks in this graph", len(part.blocks),
              len(plan.blocks))
-    return transform(canonical, part)
+    return transform(canonical, part, space)
 
 
 class _Refusal:
@@ -114,7 +115,7 @@ class _Refusal:
         self.error = error
 
     def __call__(self, *args: Any) -> Any:
-        raise type(self.error)(str(self.error))
+        raise type(self.error)(str(self.error)) from self.error
 
 
 def registered_backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],

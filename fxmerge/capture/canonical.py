@@ -35,7 +35,7 @@ CONV_FUNCTIONS = {torch.conv2d, F.conv2d, aten.conv2d.default, aten.conv2d.paddi
 _NORM = {F.batch_norm, torch.batch_norm, aten.batch_norm.default,
          aten._native_batch_norm_legit_no_training.default}
 _GROUP_NORM = {F.group_norm, aten.group_norm.default}
-_ACT = {F.relu: nn.ReLU, torch.relu: nn.ReLU, aten.relu.default: nn.ReLU,
+ACTIVATION_FUNCTIONS = {F.relu: nn.ReLU, torch.relu: nn.ReLU, aten.relu.default: nn.ReLU,
         aten.relu_.default: nn.ReLU, F.relu6: nn.ReLU6, aten.relu6.default: nn.ReLU6,
         aten.relu6_.default: nn.ReLU6, F.silu: nn.SiLU,
         aten.silu.default: nn.SiLU, aten.silu_.default: nn.SiLU, F.hardswish: nn.Hardswish,
@@ -54,7 +54,7 @@ _DROPOUT = {F.dropout, F.dropout2d, aten.dropout.default}
 _SHAPE_READS = {getattr, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
                 operator.ge, operator.and_, len, "size", "dim"}
 _TRACER_VALUES = ("example_value", "val", "tensor_dict", "grapharg")
-_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
 def module_path(node: fx.Node) -> str | None:
@@ -313,7 +313,7 @@ class _Canonicaliser:
 
     def module(self, node: fx.Node) -> None:
         m = self.gm.get_submodule(node.target)
-        if type(m) in _IDENTITY_MODULES and not has_hooks(m):
+        if type(m) in IDENTITY_MODULES and not has_hooks(m):
             self.bypass(node, node.args[0])
         elif type(m) is nn.Conv2d and isinstance(m.padding, str):
             padding = _static_padding(m.padding, m.kernel_size, m.stride, m.dilation)
@@ -326,7 +326,8 @@ class _Canonicaliser:
     def run(self) -> fx.GraphModule:
         handlers = {**dict.fromkeys(CONV_FUNCTIONS, self.conv), **dict.fromkeys(_NORM, self.norm),
                     **dict.fromkeys(_GROUP_NORM, self.group_norm),
-                    **{t: partial(self.activation, cls=cls) for t, cls in _ACT.items()},
+                    **{t: partial(self.activation, cls=cls)
+                       for t, cls in ACTIVATION_FUNCTIONS.items()},
                     **dict.fromkeys(_HARDTANH, self.hardtanh), **dict.fromkeys(_MUL, self.swish),
                     **dict.fromkeys(_ADD, self.add)}
         for node in list(self.gm.graph.nodes):

@@ -13,7 +13,7 @@ from torch import fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils._pytree import tree_leaves
 
-from ..errors import TraceError
+from ..errors import ArgumentError, TraceError
 from .canonical import canonicalize
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def as_tuple(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...]:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):
-        raise TypeError(f"example_inputs must be a tensor or a sequence of tensors, got "
+        raise ArgumentError(f"example_inputs must be a tensor or a sequence of tensors, got "
                         f"{type(example_inputs).__name__}")
     return tuple(example_inputs)
 

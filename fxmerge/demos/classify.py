@@ -192,8 +192,8 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
     importance = finetune_importance(trained, config, progress)
     finetune_s = time.perf_counter() - tick
     tick = time.perf_counter()
-    proxy = agreement_importance(space, data.val[0][: config.proxy_batch], layeronly=False,
-                                 depth=False)
+    proxy = agreement_importance(space, data.val[0][: config.proxy_batch],
+                                 keys=space.entries)
     proxy_s = time.perf_counter() - tick
     rho = spearman(importance, proxy)
     print(f"importance table: {len(importance)} fine-tuned estimates in {finetune_s:.0f} s "

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InfeasibleBudget
+from ..errors import ArgumentError, InfeasibleBudget
 from ..measured import NetworkTimer, solve_measured
 from ..plan import Plan
 from ..solve import METHODS, solve
@@ -74,7 +74,7 @@ def load_digits(size: int = 32, seed: int = 0, scale: str = "standard",
     elif scale == "symmetric":
         x = x.clamp(0, 1) * 2 - 1
     else:
-        raise ValueError(f"load_digits: scale must be 'standard' or 'symmetric', not {scale!r}")
+        raise ArgumentError(f"load_digits: scale must be 'standard' or 'symmetric', not {scale!r}")
     if not distorted:
         x, y = x[order], y[order]
     n = 1000 * views

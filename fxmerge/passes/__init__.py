@@ -1,7 +1,11 @@
-"""Graph rewrites: each a function (gm, ...) -> new gm that never mutates its input."""
+"""Graph rewrites as torch.fx passes with contracts (`PrunePass`, `MergePass`: requires /
+call / ensures; they run in a `PassManager`), and the functional API over them (`prune`,
+`merge`, `transform`). No pass changes the graph it is given."""
 
+from .base import FxMergePass
 from .diff import GraphDiff, diff
-from .merge import merge, transform
-from .prune import prune
+from .merge import MergePass, merge, transform
+from .prune import PrunePass, prune
 
-__all__ = ["GraphDiff", "diff", "merge", "prune", "transform"]
+__all__ = ["FxMergePass", "GraphDiff", "MergePass", "PrunePass", "diff", "merge", "prune",
+           "transform"]

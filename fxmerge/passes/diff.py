@@ -12,8 +12,9 @@ def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
         m = gm.get_submodule(node.target)
         if isinstance(m, nn.Conv2d):
             g = f" g{m.groups}" if m.groups > 1 else ""
+            d = f" d{m.dilation[0]}" if m.dilation[0] > 1 else ""
             return (f"{node.target}: Conv2d {m.in_channels}->{m.out_channels} "
-                    f"{m.kernel_size[0]}x{m.kernel_size[1]} s{m.stride[0]} p{m.padding[0]}{g}")
+                    f"{m.kernel_size[0]}x{m.kernel_size[1]} s{m.stride[0]} p{m.padding[0]}{d}{g}")
         return f"{node.target}: {type(m).__name__}"
     if node.op == "call_function":
         return f"{node.name}: {getattr(node.target, '__name__', node.target)}"

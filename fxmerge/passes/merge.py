@@ -14,12 +14,16 @@ import operator
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.utils._pytree import tree_leaves
 
 from .. import algebra
-from ..capture import ops
+from ..capture import check_canonical, ops
+from ..capture.trace import example_inputs
 from ..errors import MergeError
 from ..plan import Plan
-from ..space import excluded
+from ..space import MergeSpace, excluded
+from .base import FxMergePass
 from .prune import PLAN_KEY, prune
 
 log = logging.getLogger(__name__)
@@ -31,10 +35,11 @@ class _BlockReader:
     """Computes the affine map from a block's input node to nodes of the block."""
 
     def __init__(self, gm: fx.GraphModule, source: fx.Node, channels: int,
-                 exclude: tuple[str, ...]) -> None:
+                 exclude: tuple[str, ...], max_bytes: int) -> None:
         self.gm = gm
         self.source = source
         self.exclude = exclude
+        self.max_bytes = max_bytes
         self.affine: dict[fx.Node, algebra.AffineConv] = {
             source: algebra.identity(channels, torch.float64)}
 
@@ -60,7 +65,7 @@ class _BlockReader:
             if excluded(node.target, self.exclude):
                 return self._refuse(node, strict, "the conv is excluded from merging")
             inner = self.read(node.args[0], strict=strict)
-            return inner and algebra.compose(inner, algebra.from_conv(module))
+            return inner and algebra.compose(inner, algebra.from_conv(module), self.max_bytes)
         if ops.is_norm(self.gm, node):
             if module.training:
                 raise MergeError(f"BatchNorm '{node.target}' is in training mode: call .eval() "
@@ -73,7 +78,7 @@ class _BlockReader:
             return inner and algebra.crop_output(inner, -amount)
         if ops.is_add(node):
             parts = [self.read(a, strict=strict) for a in node.args]
-            return None if None in parts else algebra.add(*parts)
+            return None if None in parts else algebra.add(*parts, self.max_bytes)
         pair = ops.conditioning_add(node)
         if pair is not None:
             main, condition = pair
@@ -85,20 +90,23 @@ class _BlockReader:
 
 
 def _merge_block(gm: fx.GraphModule, convs: dict[str, fx.Node], kept: tuple[str, ...],
-                 exclude: tuple[str, ...]) -> None:
+                 plan: Plan) -> None:
     first, last = convs[kept[0]], convs[kept[-1]]
     source = first.args[0]
     template = gm.get_submodule(kept[0])
-    reader = _BlockReader(gm, source, template.in_channels, exclude)
-    reader.read(last, strict=True)  # every node on a path from the block input, or refused
-    output = last
-    while True:  # the tail: the last conv's norm, then adds whose skip comes from the block
-        user = ops.only_user(output)
-        if user is None or not (ops.is_norm(gm, user) or ops.is_add(user)):
-            break
-        if reader.read(user, strict=False) is None:
-            break
-        output = user
+    reader = _BlockReader(gm, source, template.in_channels, plan.exclude, plan.max_kernel_bytes)
+    try:
+        reader.read(last, strict=True)  # every node on a path from the block input, or refused
+        output = last
+        while True:  # the tail: the last conv's norm, then adds whose skip comes from the block
+            user = ops.only_user(output)
+            if user is None or not (ops.is_norm(gm, user) or ops.is_add(user)):
+                break
+            if reader.read(user, strict=False) is None:
+                break
+            output = user
+    except MergeError as exc:
+        raise MergeError(f"block {kept[0]}..{kept[-1]}: {exc}") from None
     region = [n for n in reader.affine if n is not source]
     inside = set(region)
     for n in region:
@@ -147,40 +155,99 @@ def _fold_remaining_norms(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
-def merge(pruned: fx.GraphModule, plan: Plan | None = None) -> fx.GraphModule:
+class MergePass(FxMergePass):
+    """Merge every block of a pruned network into one conv.
+
+    requires: a canonical graph made by `prune` (its plan recorded, or `plan` given), not
+    merged already, every BatchNorm in eval mode.
+    ensures: one conv per block, named after its first kept conv, and no other kept conv
+    of a block left; with `verify`, the merged network computes what the pruned one does
+    on the graph's example inputs (a forward of each).
+
+    `in_place=True` merges the given graph itself instead of a copy (one model's memory
+    less): for a pruned graph nobody else holds, as in `transform`."""
+
+    def __init__(self, plan: Plan | None = None, *, verify: bool = False,
+                 in_place: bool = False) -> None:
+        if verify and in_place:
+            raise MergeError("MergePass(verify=True) compares the result with the graph it "
+                             "was given, which in_place=True changes")
+        self.plan = plan
+        self.verify = verify
+        self.in_place = in_place
+        self.pruned: fx.GraphModule | None = None
+
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        check_canonical(graph_module, shapes=False)
+        self.plan = self.plan or getattr(graph_module, "meta", {}).get(PLAN_KEY)
+        if self.plan is None:
+            raise MergeError("this graph carries no fxmerge plan: merge a graph made by "
+                             "fxmerge.prune, or pass its plan: merge(pruned, plan)")
+        if graph_module.meta.get(MERGED_KEY):
+            raise MergeError("this graph is already merged")
+        for name, m in graph_module.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+                raise MergeError(f"BatchNorm '{name}' is in training mode: call .eval() on the "
+                                 "pruned model before merging")
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        self.pruned = graph_module
+        out = (graph_module if self.in_place else copy.deepcopy(graph_module)).eval()
+        convs = {n.target: n for n in out.graph.nodes if n.op == "call_module"}
+        with torch.no_grad():
+            for block in filter(lambda b: b.kept, self.plan.blocks):
+                missing = [name for name in block.kept if name not in convs]
+                if missing:
+                    raise MergeError(f"kept conv(s) {missing} are not in this graph")
+                _merge_block(out, convs, block.kept, self.plan)
+            _fold_remaining_norms(out)
+        out.graph.lint()
+        out.delete_all_unused_submodules()
+        out.recompile()
+        out.meta[MERGED_KEY] = True
+        return PassResult(out, True)
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        called = {n.target for n in graph_module.graph.nodes if n.op == "call_module"}
+        for block in filter(lambda b: b.kept, self.plan.blocks):
+            if block.kept[0] not in called or called & set(block.kept[1:]):
+                raise MergeError(f"block {block.kept[0]}..{block.kept[-1]} did not become one "
+                                 "conv: please report this")
+        if self.verify:
+            _check_equal(self.pruned, graph_module)
+
+
+def _check_equal(pruned: fx.GraphModule, merged: fx.GraphModule) -> None:
+    """`MergeError` unless both networks agree on the pruned graph's example inputs."""
+    inputs = example_inputs(pruned)
+    with torch.no_grad():
+        want, got = (tree_leaves(net(*inputs)) for net in (pruned.eval(), merged))
+    for a, b in zip(want, got):
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        if a.shape != b.shape or not torch.allclose(a.double(), b.double(), rtol=1e-4,
+                                                     atol=1e-5 * max(1.0, scale)):
+            raise MergeError("the merged network differs from the pruned one on the example "
+                             "inputs: please report this")
+
+
+def merge(pruned: fx.GraphModule, plan: Plan | None = None, *, in_place: bool = False
+          ) -> fx.GraphModule:
     """Merge every block of a pruned network (from `fxmerge.prune`, in eval mode) into one
     conv. Returns a new GraphModule in eval mode; `pruned` is not changed.
 
     The plan is the one prune recorded on the graph; pass it again as `plan` when the graph
     lost it (torch.save / torch.load keep a GraphModule's code but not its metadata).
+    `in_place=True` merges `pruned` itself (see `MergePass`).
     """
-    plan = plan or getattr(pruned, "meta", {}).get(PLAN_KEY)
-    if plan is None:
-        raise MergeError("this graph carries no fxmerge plan: merge a graph made by "
-                         "fxmerge.prune, or pass its plan: merge(pruned, plan)")
-    if pruned.meta.get(MERGED_KEY):
-        raise MergeError("this graph is already merged")
-    for name, m in pruned.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-            raise MergeError(f"BatchNorm '{name}' is in training mode: call .eval() on the "
-                             "pruned model before merging")
-    out = copy.deepcopy(pruned).eval()
-    convs = {n.target: n for n in out.graph.nodes if n.op == "call_module"}
-    with torch.no_grad():
-        for block in filter(lambda b: b.kept, plan.blocks):
-            missing = [name for name in block.kept if name not in convs]
-            if missing:
-                raise MergeError(f"kept conv(s) {missing} are not in this graph")
-            _merge_block(out, convs, block.kept, plan.exclude)
-        _fold_remaining_norms(out)
-    out.graph.lint()
-    out.delete_all_unused_submodules()
-    out.recompile()
-    out.meta[MERGED_KEY] = True
-    log.info("merged %d blocks", len(plan.blocks))
+    step = MergePass(plan, in_place=in_place)
+    out = step(pruned).graph_module
+    log.info("merged %d blocks", len(step.plan.blocks))
     return out
 
 
-def transform(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
-    """`merge(prune(gm, plan))`, for inference: the pruned network is put in eval mode."""
-    return merge(prune(gm, plan).eval())
+def transform(gm: fx.GraphModule, plan: Plan, space: MergeSpace | None = None
+              ) -> fx.GraphModule:
+    """`merge(prune(gm, plan, space))`, for inference: the pruned network is put in eval
+    mode and merged in place (nobody else holds it), so `transform` holds `gm` and one
+    copy. Pass the `space` the plan was made on to skip analysing `gm` again."""
+    return merge(prune(gm, plan, space).eval(), in_place=True)

@@ -4,8 +4,10 @@ Removed activations and convs become identity, each block's padding moves to its
 conv (so that merging it later is exact), and skips inside a block are cropped or padded to
 meet the larger feature maps. Fine-tune the result, then call `fxmerge.merge`.
 
-The edits never change a module in place (a conv whose padding moves is replaced by a copy),
-so `prune_graph` can apply them to a graph whose modules stay the original's.
+A plan is read against its space once (`resolve`: every edit, by node and module name); the
+edits read only that. They never change a module in place (a conv whose padding moves is
+replaced by a copy), so `prune_graph` can apply them to a graph whose modules stay the
+original's.
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
 
-from ..capture import ops
+from ..capture import check_canonical, ops
 from ..capture.trace import example_inputs, propagate_shapes
-from ..errors import PlanError, SpaceError
+from ..errors import PlanError
 from ..plan import Plan
-from ..space import MergeSpace, analyze
+from ..space import MergeSpace
+from .base import FxMergePass
 
 log = logging.getLogger(__name__)
 
@@ -58,26 +63,82 @@ def block_borders(space: MergeSpace, i: int, j: int, kept: set[str]) -> dict[int
     return border
 
 
-def _move_padding(gm: Editable, space: MergeSpace, plan: Plan) -> dict:
-    """Set paddings; return, per skip inside a block, the crop (>0) or pad (<0) of its source."""
+@dataclass(frozen=True)
+class SkipPad:
+    """Crop (> 0) or zero-pad (< 0) a skip's source where it meets the larger maps of a
+    block whose padding moved: before its projection conv, or before its add."""
+
+    source: str
+    consumer: str  # the projection's module target, or the add node
+    is_projection: bool
+    crop: int
+
+
+@dataclass(frozen=True)
+class RelocatedNorm:
+    """A fresh norm `name` of `template`'s kind after `value` (docs/method.md §4)."""
+
+    name: str
+    template: str
+    value: str
+    channels: int
+
+
+@dataclass(frozen=True)
+class Edits:
+    """A plan resolved against its space: every edit `prune` makes, by node and module
+    name, in the order they are made."""
+
+    plan: Plan
+    paddings: tuple[tuple[str, int], ...]  # kept conv -> its padding (each side)
+    skip_pads: tuple[SkipPad, ...]
+    activation: str | None  # the network's activation module copied where one is added
+    added_after: tuple[str, ...]  # values an activation is added after
+    norms: tuple[RelocatedNorm, ...]
+    bypassed: tuple[tuple[str, str], ...]  # node chains (first, last) replaced by their input
+    removed_activations: int
+
+
+def resolve(space: MergeSpace, plan: Plan) -> Edits:
+    """Validate `plan` on `space` and read off every edit it asks for, once."""
+    plan.validate(space)
     kept = set(plan.kept_convs)
-    skip_crop = {}
-    for (i, j), block in zip(plan.spans(space), plan.blocks):
+    spans = plan.spans(space)
+    paddings, skip_pads = [], []
+    for (i, j), block in zip(spans, plan.blocks):
         if not block.kept:
             continue
         border = block_borders(space, i, j, kept)
         first = space.conv(block.kept[0]).index
-        for name in block.kept:
-            p = space.conv(name).index
-            _set_padding(gm, name, (border[p - 1],) * 2 if p == first else (0, 0))
+        paddings += [(name, border[first - 1] if space.conv(name).index == first else 0)
+                     for name in block.kept]
         physical = {p: (0 if p < first else border[p]) for p in border}
         for skip in space.skips:
             if i <= skip.source and skip.target <= j:
-                stride = gm.get_submodule(skip.projection).stride[0] if skip.projection else 1
+                stride = (space.gm.get_submodule(skip.projection).stride[0]
+                          if skip.projection else 1)
                 crop = physical[skip.source] - stride * physical[skip.target]
                 if crop:
-                    skip_crop[skip] = crop
-    return skip_crop
+                    skip_pads.append(SkipPad(skip.source_node, skip.projection or skip.add_node,
+                                             skip.projection is not None, crop))
+    added = plan.added_activations(space)
+    nodes = {n.name: n for n in space.gm.graph.nodes}
+    template = next((nodes[u.act].target for c, u in zip(space.convs, space.units)
+                     if c.activation == space.added_activation), None) if added else None
+    removed = plan.removed_activations(space)
+    inner, norms = set(removed), []
+    for i, j in spans:
+        rnorms = [space.units[p - 1].rnorm for p in range(i + 1, j + 1)
+                  if space.conv(p).name in inner and space.units[p - 1].rnorm]
+        if rnorms:
+            norms.append(RelocatedNorm(f"{space.conv(j).name}_norm", nodes[rnorms[-1]].target,
+                                       space.units[j - 1].pre_skip, space.conv(j).out_channels))
+    units = {c.name: u for c, u in zip(space.convs, space.units)}
+    bypassed = [(units[n].rnorm or units[n].act, units[n].act) for n in removed]
+    bypassed += [(units[n].conv, units[n].norm or units[n].conv) for n in plan.removed_convs]
+    return Edits(plan, tuple(paddings), tuple(skip_pads), template,
+                 tuple(units[n].output for n in added), tuple(norms), tuple(bypassed),
+                 len(removed))
 
 
 def _set_padding(gm: Editable, name: str, padding: tuple[int, int]) -> None:
@@ -90,57 +151,11 @@ def _set_padding(gm: Editable, name: str, padding: tuple[int, int]) -> None:
         gm.add_submodule(name, new)
 
 
-def _insert_skip_pads(gm: Editable, skip_crop: dict) -> None:
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for skip, crop in skip_crop.items():
-        source = nodes[skip.source_node]
-        if skip.projection:
-            consumer = next(n for n in source.users if n.op == "call_module"
-                            and n.target == skip.projection)
-        else:
-            consumer = nodes[skip.add_node]
-        with gm.graph.inserting_before(consumer):
-            pad = gm.graph.call_function(F.pad, (source, (-crop,) * 4))
-        consumer.replace_input_with(source, pad)
-
-
-def _add_activations(gm: Editable, space: MergeSpace, plan: Plan) -> None:
-    """The network's own activation after each block the plan gives one where the network
-    has none (MobileNetV2's projections; docs/method.md §4)."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    kind = space.added_activation
-    template = next(gm.get_submodule(nodes[u.act].target)  # the network's own, settings too
-                    for c, u in zip(space.convs, space.units) if c.activation == kind)
-    for n_added, conv in enumerate(plan.added_activations(space)):
-        value = nodes[space.units[space.conv(conv).index - 1].output]
-        name = f"fxmerge_added_act_{n_added}"  # capture names its activations fxmerge_act_N
-        gm.add_submodule(name, copy.deepcopy(template))
-        with gm.graph.inserting_after(value):
-            act = gm.graph.call_module(name, (value,))
-        value.replace_all_uses_with(act, delete_user_cb=lambda user, new=act: user is not new)
-
-
-def _relocate_norms(gm: Editable, space: MergeSpace, plan: Plan) -> None:
-    """A block whose removed activations had a relocatable norm (GroupNorm) before them gets
-    one norm of that kind after its last conv, before the skip add. It is made fresh (weight
-    1, bias 0), as the authors do: it now normalises another layer's output, so the removed
-    norm's scale and shift mean nothing there; fine-tuning trains it."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    inner = set(plan.removed_activations(space))
-    for (i, j) in plan.spans(space):
-        removed = [space.units[p - 1].rnorm for p in range(i + 1, j + 1)
-                   if space.conv(p).name in inner and space.units[p - 1].rnorm]
-        if not removed:
-            continue
-        template = gm.get_submodule(nodes[removed[-1]].target)
-        channels = space.conv(j).out_channels
-        name = f"{space.conv(j).name}_norm"
-        gm.add_submodule(name, nn.GroupNorm(math.gcd(template.num_groups, channels), channels,
-                                            template.eps, template.affine))
-        value = nodes[space.units[j - 1].pre_skip]
-        with gm.graph.inserting_after(value):
-            norm = gm.graph.call_module(name, (value,))
-        value.replace_all_uses_with(norm, delete_user_cb=lambda user, new=norm: user is not new)
+def _insert_after(gm: Editable, value: fx.Node, module_name: str) -> None:
+    """Call `module_name` on `value` and let every other user of `value` read its result."""
+    with gm.graph.inserting_after(value):
+        new = gm.graph.call_module(module_name, (value,))
+    value.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
 
 
 def _bypass(gm: Editable, first: fx.Node, last: fx.Node) -> None:
@@ -155,6 +170,33 @@ def _bypass(gm: Editable, first: fx.Node, last: fx.Node) -> None:
         node = prev
 
 
+def apply_edits(out: Editable, edits: Edits) -> None:
+    """Edit `out`, a copy of the planned graph (modules are replaced, never changed)."""
+    nodes = {n.name: n for n in out.graph.nodes}
+    for name, pad in edits.paddings:
+        _set_padding(out, name, (pad, pad))
+    for skip in edits.skip_pads:
+        source = nodes[skip.source]
+        consumer = (next(n for n in source.users if n.op == "call_module"
+                         and n.target == skip.consumer)
+                    if skip.is_projection else nodes[skip.consumer])
+        with out.graph.inserting_before(consumer):
+            pad = out.graph.call_function(F.pad, (source, (-skip.crop,) * 4))
+        consumer.replace_input_with(source, pad)
+    for n, value in enumerate(edits.added_after):  # the network's own, settings too
+        name = f"fxmerge_added_act_{n}"  # capture names its activations fxmerge_act_N
+        out.add_submodule(name, copy.deepcopy(out.get_submodule(edits.activation)))
+        _insert_after(out, nodes[value], name)
+    for norm in edits.norms:  # fresh (weight 1, bias 0): it normalises another layer now
+        template = out.get_submodule(norm.template)
+        out.add_submodule(norm.name, nn.GroupNorm(math.gcd(template.num_groups, norm.channels),
+                                                  norm.channels, template.eps, template.affine))
+        _insert_after(out, nodes[norm.value], norm.name)
+    for first, last in edits.bypassed:
+        _bypass(out, nodes[first], nodes[last])
+    out.graph.lint()
+
+
 def _check_skips(gm: fx.GraphModule, space: MergeSpace) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     for skip in space.skips:
@@ -164,52 +206,73 @@ def _check_skips(gm: fx.GraphModule, space: MergeSpace) -> None:
                             f"and {shapes[1]}: the skip could not be aligned")
 
 
-def _apply(out: Editable, space: MergeSpace, plan: Plan) -> None:
-    """Edit `out`, a copy of `space.gm`, by `plan` (modules are replaced, never changed)."""
-    nodes = {n.name: n for n in out.graph.nodes}
-    skip_crop = _move_padding(out, space, plan)
-    _insert_skip_pads(out, skip_crop)
-    if plan.added_activations(space):
-        _add_activations(out, space, plan)
-    _relocate_norms(out, space, plan)
-    for name in plan.removed_activations(space):
-        unit = space.units[space.conv(name).index - 1]
-        _bypass(out, nodes[unit.rnorm or unit.act], nodes[unit.act])
-    for name in plan.removed_convs:
-        unit = space.units[space.conv(name).index - 1]
-        _bypass(out, nodes[unit.conv], nodes[unit.norm or unit.conv])
-    out.graph.lint()
+def check_space(gm: fx.GraphModule, space: MergeSpace) -> None:
+    """`PlanError` unless `space` was analysed from `gm` (or a copy of it)."""
+    names = {n.name for n in gm.graph.nodes}
+    missing = [u.conv for u in space.units if u.conv not in names]
+    if missing:
+        raise PlanError(f"the space was analysed from another graph (no node '{missing[0]}' "
+                        "here): analyse this graph, or pass the graph the space came from")
 
 
-def prune(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+class PrunePass(FxMergePass):
+    """Apply `plan`, made on `space`, to the graph `space` was analysed from.
+
+    requires: a canonical graph, the one `space` describes, and a plan that fits the space.
+    ensures: the plan is recorded on the result; every conv the plan removes is gone and
+    every conv it keeps is called; every skip-add meets equal shapes."""
+
+    def __init__(self, plan: Plan, space: MergeSpace) -> None:
+        self.plan = plan
+        self.space = space
+        self.edits: Edits | None = None
+
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        if not isinstance(graph_module, fx.GraphModule):
+            raise PlanError("prune needs a GraphModule: trace the model with fxmerge.trace "
+                            "first")
+        check_canonical(graph_module)
+        check_space(graph_module, self.space)
+        self.edits = resolve(self.space, self.plan)
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        out = copy.deepcopy(graph_module)
+        apply_edits(out, self.edits or resolve(self.space, self.plan))
+        out.delete_all_unused_submodules()
+        out.recompile()
+        propagate_shapes(out, example_inputs(graph_module))
+        out.meta[PLAN_KEY] = self.plan
+        return PassResult(out, True)
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        _check_skips(graph_module, self.space)
+        called = {n.target for n in graph_module.graph.nodes if n.op == "call_module"}
+        left = set(self.plan.removed_convs) & called
+        lost = set(self.plan.kept_convs) - called
+        if left or lost:
+            raise PlanError(f"prune left removed convs {sorted(left)} or lost kept convs "
+                            f"{sorted(lost)}: please report this")
+
+
+def prune(gm: fx.GraphModule, plan: Plan, space: MergeSpace | None = None) -> fx.GraphModule:
     """Apply `plan` to a traced model (see `fxmerge.trace`) and return a new, trainable
-    GraphModule; `gm` is not changed. Blocks whose `activation` is on where the network
-    has none get the network's activation there (`add_activations`)."""
+    GraphModule; `gm` is not changed. Pass the `space` the plan was made on to skip
+    analysing `gm` again. Blocks whose `activation` is on where the network has none get
+    the network's activation there (`add_activations`)."""
     if not isinstance(gm, fx.GraphModule):
         raise PlanError("prune needs a GraphModule: trace the model with fxmerge.trace first")
-    try:
-        space = analyze(gm, stride_rule=plan.stride_rule, exclude=plan.exclude,
-                        add_activations=plan.add_activations)
-    except SpaceError as exc:
-        raise PlanError(f"plan was made for another graph: {exc}") from None
-    plan.validate(space)
-    out = copy.deepcopy(gm)
-    _apply(out, space, plan)
-    out.delete_all_unused_submodules()
-    out.recompile()
-    propagate_shapes(out, example_inputs(gm))
-    _check_skips(out, space)
-    out.meta[PLAN_KEY] = plan
+    space = space if space is not None else plan.space_of(gm)
+    step = PrunePass(plan, space)
+    out = step(gm).graph_module
     log.info("pruned: %d convs removed, %d activations removed, %d added",
-             len(plan.removed_convs), len(plan.removed_activations(space)),
-             len(plan.added_activations(space)))
+             len(plan.removed_convs), step.edits.removed_activations,
+             len(step.edits.added_after))
     return out
 
 
 def prune_graph(space: MergeSpace, plan: Plan) -> PrunedGraph:
     """`plan` applied to `space.gm` as `prune` does, but without copying, compiling or
     shape-checking a network: for scoring many plans (the output-agreement importance)."""
-    plan.validate(space)
     out = PrunedGraph(space.gm)
-    _apply(out, space, plan)
+    apply_edits(out, resolve(space, plan))
     return out

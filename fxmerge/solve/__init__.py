@@ -11,49 +11,52 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InfeasibleBudget, TableError
+from ..errors import ArgumentError, InfeasibleBudget, TableError
 from ..plan import Plan
 from ..space import MergeSpace
 from ..tables.importance import ImportanceTable
 from ..tables.latency import LatencyTable
 from . import depth, layermerge, layeronly
 from .dp import DPResult, Edge, min_latency, run_dp
+from .method import Method
 
 log = logging.getLogger(__name__)
 
-METHODS = {"layermerge": layermerge, "depth": depth, "layeronly": layeronly}
+METHODS: dict[str, Method] = {m.name: m for m in (layermerge.METHOD, depth.METHOD,
+                                                  layeronly.METHOD)}
 
 
 def _positive(name: str, value: object) -> float:
     """`value` if it is a positive finite number, else TypeError / ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {value!r}")
+        raise ArgumentError(f"{name} must be a number, got {value!r}")
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
+        raise ArgumentError(f"{name} must be a positive finite number, got {value}")
     return float(value)
 
 
 def default_levels(method: str, budget_ms: float) -> int:
     """1000 budget levels, or, for a method with its own unit (Depth: 0.05 ms), as many of
     those units as the budget holds."""
-    unit = getattr(_method(method), "UNIT_MS", None)
+    unit = get_method(method).unit_ms
     return 1000 if unit is None else max(1, math.ceil(budget_ms / unit - 1e-9))
 
 
 def _check_levels(levels: object) -> None:
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
-        raise ValueError(f"levels must be a positive integer, got {levels!r}")
+        raise ArgumentError(f"levels must be a positive integer, got {levels!r}")
 
 
-def _method(name: str):
+def get_method(name: str) -> Method:
+    """The registered method called `name` (`ValueError` listing the names otherwise)."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+        raise ArgumentError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
     return METHODS[name]
 
 
 def _to_plan(space: MergeSpace, method: str, path: list[Edge],
              scores: Mapping[str, float] | None, **info) -> Plan:
-    spans, kept, activation = _method(method).blocks(
+    spans, kept, activation = get_method(method).blocks(
         space, path, scores if scores is not None else space.conv_scores)
     return Plan.from_spans(
         space, spans, kept, activation=activation, method=method,
@@ -82,17 +85,17 @@ def solve(
     `plan.extra["units"]`), so a plan never exceeds its budget.
     """
     if (budget is None) == (budget_ms is None):
-        raise ValueError("give exactly one of budget (a fraction) or budget_ms")
+        raise ArgumentError("give exactly one of budget (a fraction) or budget_ms")
     original = latency.identity_latency(space)
-    if str(latency.settings.get("check", "")).startswith("failed"):
+    if latency.check_failure is not None:
         warnings.warn(f"solving on a latency table that failed its check against the whole "
-                      f"network ({latency.settings['check'][8:]})", stacklevel=2)
+                      f"network ({latency.check_failure})", stacklevel=2)
     if budget_ms is None:
         budget_ms = _positive("budget", budget) * original
     _positive("budget_ms", budget_ms)
     levels = default_levels(method, budget_ms) if levels is None else levels
     _check_levels(levels)
-    edges = _method(method).edges(space, latency, importance)
+    edges = get_method(method).edges(space, latency, importance)
     result = run_dp(edges, budget_ms / levels, levels)
     found = result.fitting_path(budget_ms)
     if found is None:
@@ -118,7 +121,7 @@ def solve(
 def fastest_latency(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable,
                     method: str = "layermerge") -> float:
     """The smallest table latency any `method` plan reaches."""
-    return min_latency(_method(method).edges(space, latency, importance))
+    return min_latency(get_method(method).edges(space, latency, importance))
 
 
 @dataclass
@@ -190,9 +193,10 @@ def frontier(space: MergeSpace, latency: LatencyTable, importance: ImportanceTab
     original = latency.identity_latency(space)
     if original <= 0:
         raise TableError("the original network's table latency is not positive")
-    edges = _method(method).edges(space, latency, importance)
+    edges = get_method(method).edges(space, latency, importance)
     return Frontier(space, method, original, run_dp(edges, original / levels, levels),
                     conv_scores)
 
 
-__all__ = ["METHODS", "Frontier", "fastest_latency", "frontier", "solve"]
+__all__ = ["METHODS", "Frontier", "Method", "fastest_latency", "frontier", "get_method",
+           "solve"]

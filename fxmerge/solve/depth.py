@@ -23,6 +23,7 @@ from ..tables.base import Key
 from ..tables.importance import ImportanceTable
 from ..tables.latency import LatencyTable
 from .dp import Edge
+from .method import Method
 
 UNIT_MS = 0.05
 
@@ -89,3 +90,6 @@ def blocks(space: MergeSpace, path: list[Edge], scores: Mapping[str, float]):
         spans += list(pairwise([i, *cuts, j]))
         activation.update({c: False for c in cuts} | {j: end})
     return spans, {c.name for c in space.convs}, activation
+
+
+METHOD = Method("depth", importance_keys, edges, blocks, UNIT_MS)

@@ -8,11 +8,17 @@ from ..space import MergeSpace
 from ..tables.importance import ImportanceTable
 from ..tables.latency import LatencyTable
 from .dp import Edge
+from .method import Method
+
+
+def importance_keys(space: MergeSpace) -> list:
+    """Every entry: each is an edge."""
+    return list(space.entries)
 
 
 def edges(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable) -> list[Edge]:
     latency.check(space)
-    importance.check(space)
+    importance.check(space, importance_keys(space))
     return [Edge(e.i, e.j, latency[e], importance[e], e) for e in space.entries]
 
 
@@ -24,3 +30,6 @@ def blocks(space: MergeSpace, path: list[Edge], scores: Mapping[str, float]):
         spans.append((i, j))
         kept.update(space.choose_convs(i, j, k, dw, scores))
     return spans, kept, {}
+
+
+METHOD = Method("layermerge", importance_keys, edges, blocks)

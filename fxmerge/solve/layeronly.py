@@ -15,6 +15,7 @@ from ..space import MergeSpace
 from ..tables.importance import ImportanceTable
 from ..tables.latency import LatencyTable
 from .dp import Edge
+from .method import Method
 
 
 def importance_keys(space: MergeSpace) -> list[str]:
@@ -40,3 +41,6 @@ def blocks(space: MergeSpace, path: list[Edge], scores: Mapping[str, float]):
     spans = [(e.start, e.end) for e in path]
     kept = {name for e in path for name, keep in [e.payload] if keep}
     return spans, kept, {}
+
+
+METHOD = Method("layeronly", importance_keys, edges, blocks)

@@ -12,23 +12,28 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_leaves
 
 from ..capture.trace import ExampleInputs, as_tuple
 from ..errors import TableError
 from ..passes.prune import PrunedGraph, prune_graph
 from ..space import MergeSpace
-from .base import show_progress
+from .base import Key, show_progress
 from .importance import ImportanceTable, importance_jobs
 
 
-def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
-    """Squared error of `out` relative to the squared size of `reference`."""
-    err = (out - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-12)
-    return float(err)
+def relative_error(out: Any, reference: Any) -> float:
+    """Squared error of `out` relative to the squared size of `reference`, over every
+    tensor they hold (a segmentation net's dict of outputs, a detector's tuple)."""
+    pairs = list(zip(tree_leaves(out), tree_leaves(reference)))
+    error = sum(float((a - b).pow(2).sum()) for a, b in pairs)
+    size = sum(float(b.pow(2).sum()) for _, b in pairs)
+    return error / max(size, 1e-12)
 
 
 class OutputAgreement:
@@ -104,11 +109,13 @@ class CachedOutputs:
             return _Run(variant).run(*self.batch, initial_env=self.unchanged(variant))
 
 
-def agreement_importance(space: MergeSpace, batch: ExampleInputs, *, layeronly: bool = True,
-                         depth: bool = True, progress: bool | None = None) -> ImportanceTable:
-    """The cheap proxy table: for every key (as `estimate_importance` lists them),
-    exp(-relative squared error) of the output of the network with only that change
-    against the original's on `batch`. About one partial forward of `batch` per key."""
+def agreement_importance(space: MergeSpace, batch: ExampleInputs, *,
+                         keys: Iterable[Key] | None = None, progress: bool | None = None
+                         ) -> ImportanceTable:
+    """The cheap proxy table: for each key (by default every key of the space, as
+    `estimate_importance`), exp(-relative squared error) of the output of the network with
+    only that change against the original's on `batch`. About one partial forward of
+    `batch` per key."""
     from tqdm.auto import tqdm
 
     gm = space.gm
@@ -117,7 +124,7 @@ def agreement_importance(space: MergeSpace, batch: ExampleInputs, *, layeronly: 
     try:
         cache = CachedOutputs(gm, batch)
         values = {}
-        jobs = importance_jobs(space, layeronly, reset_single=False, depth=depth)
+        jobs = importance_jobs(space, keys, reset_single=False)
         for key, (plan, _) in tqdm(jobs.items(), desc="importance (output agreement)",
                                    unit="entry", disable=not show_progress(progress)):
             err = relative_error(cache.run(prune_graph(space, plan)), cache.output)

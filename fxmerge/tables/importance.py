@@ -93,9 +93,10 @@ _FX_LOCK = threading.Lock()
 
 def score_plan(gm: fx.GraphModule | ShippedGraph, plan: Plan, evaluate: Evaluate,
                finetune: Finetune | None = None, inputs: tuple | None = None,
-               reset: tuple[str, ...] = ()) -> float:
-    """Prune `gm` by `plan`, re-initialise the `reset` modules, fine-tune (if asked), and
-    score the network in eval mode."""
+               reset: tuple[str, ...] = (), space: MergeSpace | None = None) -> float:
+    """Prune `gm` by `plan` (made on `space`, when given: `gm` is not analysed again),
+    re-initialise the `reset` modules, fine-tune (if asked), and score the network in eval
+    mode."""
     from ..passes.prune import prune
 
     with _FX_LOCK:
@@ -103,7 +104,7 @@ def score_plan(gm: fx.GraphModule | ShippedGraph, plan: Plan, evaluate: Evaluate
             gm = gm.load()
         if inputs is not None:
             ensure_shapes(gm, inputs)
-        model = prune(gm, plan)
+        model = prune(gm, plan, space)
         for name in reset:
             model.get_submodule(name).reset_parameters()
         if finetune is not None:
@@ -163,18 +164,34 @@ def reset_modules(space: MergeSpace, entry: Entry) -> tuple[str, ...]:
     return (conv.name, conv.norm) if conv.norm else (conv.name,)
 
 
-def importance_jobs(space: MergeSpace, layeronly: bool, reset_single: bool, depth: bool
+def importance_keys(space: MergeSpace) -> list[Key]:
+    """Every key a table of `space` can hold, of each kind: the entries (LayerMerge's),
+    Depth's keys where a block's end activations may change (`space.depth_keys`), and the
+    name of each reducible conv (LayerOnly's removal of it). A method's own keys are
+    `fxmerge.solve.get_method(name).importance_keys(space)`."""
+    return [*space.entries, *space.depth_keys,
+            *(c.name for c in space.convs if not c.irreducible)]
+
+
+def importance_jobs(space: MergeSpace, keys: Iterable[Key] | None, reset_single: bool
                     ) -> dict[Key, tuple[Plan, tuple[str, ...]]]:
-    """The plan to score for every key of the table, and the modules to re-initialise."""
+    """The plan to score for each key (default: `importance_keys`), and the modules to
+    re-initialise; `TableError` for a key that is not one of the space's."""
+    keys = importance_keys(space) if keys is None else list(keys)
+    known = set(importance_keys(space))
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise TableError(f"importance key {unknown[0]!r} is not one of this space's")
     scores = space.conv_scores
-    jobs: dict[Key, tuple[Plan, tuple[str, ...]]] = {
-        e: (block_plan(space, e, scores), reset_modules(space, e) if reset_single else ())
-        for e in space.entries}
-    if depth:
-        jobs.update({key: (depth_plan(space, key), ()) for key in space.depth_keys})
-    if layeronly:
-        jobs.update({c.name: (removal_plan(space, c.name), ()) for c in space.convs
-                     if not c.irreducible})
+    jobs: dict[Key, tuple[Plan, tuple[str, ...]]] = {}
+    for key in keys:
+        if isinstance(key, Entry):
+            jobs[key] = (block_plan(space, key, scores),
+                         reset_modules(space, key) if reset_single else ())
+        elif isinstance(key, DepthKey):
+            jobs[key] = (depth_plan(space, key), ())
+        else:
+            jobs[key] = (removal_plan(space, key), ())
     return jobs
 
 
@@ -186,8 +203,6 @@ def estimate_importance(
     finetune: Finetune | None = None,
     executor: Executor | None = None,
     cache: str | Path | None = None,
-    layeronly: bool = True,
-    depth: bool = True,
     retries: int = 1,
     keys: Iterable[Key] | None = None,
     reset_single: bool | None = None,
@@ -199,9 +214,9 @@ def estimate_importance(
     `executor` (a process pool, a dask client's executor, ...) the entries run in parallel;
     they must then be picklable. `cache` is a JSON-lines file: each finished entry is
     appended at once, and a rerun skips what it holds. A failing entry is logged by name and
-    retried `retries` times; the others are kept. `layeronly` adds the per-conv keys the
-    LayerOnly baseline needs, `depth` the Depth baseline's keys for blocks whose end
-    activations it may change (`space.depth_keys`; none unless `add_activations`). `keys` limits the run to some keys (the table is then partial).
+    retried `retries` times; the others are kept. `keys`: the keys to measure, by default
+    every key of the space (`importance_keys`); a method's own are
+    `fxmerge.solve.get_method(name).importance_keys(space)`.
     `reset_single` re-initialises the conv (and norm) of each single-conv entry before the
     fine-tune, as the authors do; by default it is on exactly when there is a `finetune`.
     """
@@ -221,10 +236,8 @@ def estimate_importance(
                        "reset_single": reset_single})
     if not math.isfinite(base):
         raise TableError(f"evaluate() of the original network returned {base}")
-    jobs = importance_jobs(space, layeronly, reset_single, depth)
+    jobs = importance_jobs(space, keys, reset_single)
     inputs = example_inputs(gm)
-    if keys is not None:
-        jobs = {k: jobs[k] for k in keys}
     todo = {k: job for k, job in jobs.items() if k not in done}
     log.info("importance: %d keys, %d cached, %d to run", len(jobs), len(jobs) - len(todo),
              len(todo))
@@ -234,7 +247,8 @@ def estimate_importance(
     graph = gm if executor is None else ShippedGraph(gm)
     for attempt in range(retries + 1):
         failures = {}
-        args = {key: (graph, plan, evaluate, finetune, inputs, reset)
+        local = space if executor is None else None  # a worker analyses its own copy
+        args = {key: (graph, plan, evaluate, finetune, inputs, reset, local)
                 for key, (plan, reset) in todo.items()}
         for key, outcome in _outcomes(executor, args, score_plan):
             if not isinstance(outcome, Exception) and not math.isfinite(outcome):

@@ -1,8 +1,9 @@
 """Latency tables: the measured cost of every candidate merged layer.
 
-Each entry `(i, j, k, dw)` is timed as the single conv it would become (channels, kernel,
-stride, groups, padding `k // 2`, on the real input shape at position `i`) followed by the
-network's activation at `j`. Entries that share a conv signature are timed once.
+Each entry `(i, j, k, dw)` is timed as the single conv it would become, in the form the
+merge gives it (channels, taps, dilation, groups, stride, padding `k // 2`, on the real input
+shape at position `i`: `MergeSpace.merged_conv`) followed by the network's activation at `j`.
+Entries that share a conv signature are timed once, each to a time budget.
 """
 
 from __future__ import annotations
@@ -39,16 +40,23 @@ class ConvSignature:
     padding: int
     groups: int
     activation: str | None
+    dilation: int = 1
 
     @property
     def key(self) -> str:
         n, c, h, w = self.input_shape
-        return (f"{n}x{c}x{h}x{w}->{self.out_channels} k{self.kernel} s{self.stride} "
-                f"p{self.padding} g{self.groups} {self.activation or 'none'}")
+        dilation = f" d{self.dilation}" if self.dilation != 1 else ""
+        return (f"{n}x{c}x{h}x{w}->{self.out_channels} k{self.kernel}{dilation} "
+                f"s{self.stride} p{self.padding} g{self.groups} {self.activation or 'none'}")
 
-    def module(self) -> nn.Module:
+    def module(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        """The layer, its weights a constant: timed weights need no random initialisation."""
         conv = nn.Conv2d(self.input_shape[1], self.out_channels, self.kernel, self.stride,
-                         self.padding, groups=self.groups)
+                         self.padding, self.dilation, self.groups, device="meta", dtype=dtype)
+        conv = conv.to_empty(device=device)
+        with torch.no_grad():
+            conv.weight.fill_(1e-3)
+            conv.bias.zero_()
         if self.activation is None:
             return conv
         return nn.Sequential(conv, ACTIVATION_CLASSES[self.activation]())
@@ -56,16 +64,18 @@ class ConvSignature:
 
 def entry_signature(space: MergeSpace, entry: Entry, batch_size: int | None = None
                     ) -> ConvSignature:
-    """The conv signature of one table entry (its activation: `space.end_activation`)."""
-    i, j, k, dw = entry
+    """The conv signature of one table entry: the conv `space.merged_conv` says the merge
+    makes, followed by `space.end_activation`."""
+    i, j, k, _ = entry
     shape = list(space.input_shape(i))
     if batch_size is not None:
         shape[0] = batch_size
     stride = 1
     for c in space.convs[i:j]:
         stride *= c.stride  # strided convs are irreducible, so always kept
-    return ConvSignature(tuple(shape), space.conv(j).out_channels, k, stride, k // 2,
-                         shape[1] if dw else 1, space.end_activation(i, j))
+    merged = space.merged_conv(entry)
+    return ConvSignature(tuple(shape), space.conv(j).out_channels, merged.kernel, stride,
+                         k // 2, merged.groups, space.end_activation(i, j), merged.dilation)
 
 
 class LatencyTable(EntryTable):
@@ -73,6 +83,14 @@ class LatencyTable(EntryTable):
 
     kind = "latency"
     positive = True
+
+    @property
+    def check_failure(self) -> str | None:
+        """Why the table failed its check against the whole network, or None."""
+        check = str(self.settings.get("check", "ok"))
+        if check == "failed":
+            return str(self.settings.get("check_failure", "no reason recorded"))
+        return check.removeprefix("failed: ") if check.startswith("failed") else None
 
     def identity_latency(self, space: MergeSpace) -> float:
         """The original network's table latency: every conv its own block."""
@@ -87,11 +105,12 @@ class LatencyTable(EntryTable):
 
 
 def time_signature(sig: ConvSignature, *, backend: str, device: torch.device,
-                   dtype: torch.dtype, warmup: int, repeat: int) -> Timing:
-    module = sig.module().to(device=device, dtype=dtype).eval()
+                   dtype: torch.dtype, warmup: int, repeat: int, seconds: float) -> Timing:
+    """One layer built, timed to a budget of `seconds` (see `time_callable`), and freed."""
+    module = sig.module(device, dtype).eval()
     x = torch.randn(sig.input_shape, device=device, dtype=dtype)
     fn = prepare(module, backend, x)
-    return time_callable(lambda: fn(x), device, warmup=warmup, repeat=repeat)
+    return time_callable(lambda: fn(x), device, warmup=warmup, repeat=repeat, seconds=seconds)
 
 
 # A whole network costs its searched convs (the table's sum) plus what the search leaves
@@ -110,6 +129,7 @@ def measure_latency(
     dtype: torch.dtype = torch.float32,
     warmup: int = 10,
     repeat: int = 30,
+    seconds: float = 0.3,
     threads: int | None = None,
     cache: str | Path | None = None,
     deduplicate: bool = True,
@@ -118,13 +138,16 @@ def measure_latency(
 ) -> LatencyTable:
     """Time every entry of `space` as its single merged layer; identity costs nothing.
 
-    Each timing is the median of `repeat` runs (their spread is recorded). Distinct conv
+    Each timing is the median of up to `repeat` runs after up to `warmup` runs, as many as
+    fit in about `seconds` per layer (at least 3 timed runs; their spread is recorded), so
+    fast layers get many runs and slow ones, which no budget would pick, few. Distinct conv
     signatures are timed once (`deduplicate=False` times every entry, to measure what that
     saves). With `cache`, each timing is written to that JSON file as soon as it is known,
     and a rerun with the same settings resumes where it stopped. With `check`, the original
     network (BatchNorm folded) is timed whole on the same backend; a table whose sum is not a
     plausible share of it (`PLAUSIBLE_TABLE_SHARE`) is timed again, and if it still is not,
-    a warning says so and `settings["check"]` records it (`solve` repeats the warning).
+    a warning says so and `settings["check"]` records it ("failed", with the reason in
+    `check_failure`; `solve` repeats the warning).
     """
     from tqdm.auto import tqdm
 
@@ -135,6 +158,7 @@ def measure_latency(
     settings = {
         "backend": backend, "device": str(device), "machine": machine_description(device),
         "batch_size": batch, "dtype": str(dtype), "warmup": warmup, "repeat": repeat,
+        "seconds_per_layer": seconds,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "statistic": "median",
     }
     signatures = {e: entry_signature(space, e, batch_size) for e in space.entries
@@ -149,7 +173,7 @@ def measure_latency(
         for job in bar:
             sig = signatures[job] if isinstance(job, Entry) else job
             timing = time_signature(sig, backend=backend, device=device, dtype=dtype,
-                                    warmup=warmup, repeat=repeat)
+                                    warmup=warmup, repeat=repeat, seconds=seconds)
             timings[_job_key(job, signatures)] = timing.ms
             spreads.append(timing.spread)
             _save_cache(cache, settings, timings)
@@ -167,7 +191,7 @@ def measure_latency(
         log.warning("%s; timing the table again", verdict)
         timings = {}
     if check and verdict is not None:
-        settings["check"] = f"failed: {verdict}"
+        settings.update(check="failed", check_failure=verdict)
         warnings.warn(f"latency table: {verdict}; the machine was probably busy: time it "
                       "again on an idle machine", stacklevel=2)
     settings.update(num_entries=len(values), num_signatures=len(set(signatures.values())),

@@ -69,11 +69,21 @@ def _samples(fn: Callable[[], Any], device: torch.device, repeat: int) -> list[f
     return out
 
 
-def time_callable(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeat: int
-                  ) -> Timing:
-    """`fn()` timed `repeat` times after `warmup` runs."""
+MIN_TIMED_RUNS = 3
+
+
+def time_callable(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeat: int,
+                  seconds: float | None = None) -> Timing:
+    """`fn()` timed `repeat` times after `warmup` runs; with `seconds`, fewer of both where
+    they would not fit in about that time (a first run, timed, says how long a run takes),
+    but never fewer than `MIN_TIMED_RUNS` timed ones unless `repeat` asks for fewer."""
     with torch.inference_mode():
-        for _ in range(warmup):
+        if seconds is not None:
+            first = _samples(fn, device, 1)[0] / 1e3
+            fit = int(seconds / max(first, 1e-9))
+            warmup = min(warmup - 1, fit // 4)
+            repeat = min(repeat, max(fit, MIN_TIMED_RUNS))
+        for _ in range(max(warmup, 0)):
             fn()
         _synchronize(device)
         return Timing.of(_samples(fn, device, repeat))

@@ -1,0 +1,19 @@
+"""The pass contract fxmerge's passes follow: torch.fx's `PassBase`, whose `ensures` checks
+the graph the pass returns (fxmerge's passes never change the graph they are given)."""
+
+from __future__ import annotations
+
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+
+class FxMergePass(PassBase):
+    """`requires(gm)` checks what the pass needs of its input, `call(gm)` returns a
+    `PassResult` holding a new GraphModule, and `ensures(result)` checks what the pass
+    promises of that result. Instances run in a torch.fx `PassManager`."""
+
+    def __call__(self, graph_module: fx.GraphModule) -> PassResult:
+        self.requires(graph_module)
+        result = self.call(graph_module)
+        self.ensures(result.graph_module)
+        return result

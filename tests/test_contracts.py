@@ -1,0 +1,150 @@
+"""The passes' contracts (requires / call / ensures, a PassManager pipeline), the canonical
+graph invariants, the method registry and the error classes."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from helpers import randomize_batchnorm, relative_error
+from torch import fx, nn
+from torch.fx.passes.infra.pass_manager import PassManager
+
+import fxmerge
+from fxmerge import algebra
+from fxmerge.backends.compile import _Refusal
+from fxmerge.capture import check_canonical, propagate_shapes
+from fxmerge.passes import MergePass, PrunePass
+from fxmerge.solve import METHODS, get_method
+from fxmerge.tables.importance import importance_keys
+
+X = torch.randn(2, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    gm = fxmerge.trace(randomize_batchnorm(torchvision.models.resnet18()), X)
+    return gm, fxmerge.analyze(gm)
+
+
+def test_a_pass_manager_runs_prune_then_merge(resnet):
+    gm, space = resnet
+    plan = fxmerge.Plan.random(space, 3)
+    before = copy.deepcopy(gm.state_dict())
+    result = PassManager([PrunePass(plan, space), MergePass(verify=True)])(gm)
+    assert result.modified
+    merged = result.graph_module
+    reference = fxmerge.transform(gm, plan)
+    convs = [n.target for n in merged.graph.nodes if n.op == "call_module"
+             and isinstance(merged.get_submodule(n.target), nn.Conv2d)]
+    assert convs == [n.target for n in reference.graph.nodes if n.op == "call_module"
+                     and isinstance(reference.get_submodule(n.target), nn.Conv2d)]
+    assert {b.kept[0] for b in plan.blocks if b.kept} <= set(convs)
+    with torch.no_grad():
+        assert relative_error(reference(X), merged(X)) <= 1e-6
+    assert all(torch.equal(v, gm.state_dict()[k]) for k, v in before.items())  # unchanged
+
+
+def test_prune_with_its_space_does_not_analyse_again(resnet, monkeypatch):
+    gm, space = resnet
+    plan = fxmerge.Plan.random(space, 1)
+    monkeypatch.setattr(fxmerge.plan, "analyze", lambda *a, **k: pytest.fail("analysed"))
+    pruned = fxmerge.prune(gm, plan, space)
+    merged = fxmerge.transform(gm, plan, space)
+    with torch.no_grad():
+        assert relative_error(pruned.eval()(X), merged(X)) <= 1e-5
+
+
+def test_prune_pass_requires_the_space_of_this_graph(resnet):
+    _, space = resnet
+    other = fxmerge.trace(torchvision.models.mobilenet_v2(), X)
+    with pytest.raises(fxmerge.PlanError, match="analysed from another graph"):
+        PrunePass(fxmerge.Plan.identity(space), space)(other)
+
+
+def test_merge_pass_verify_catches_a_wrong_merge(resnet, monkeypatch):
+    gm, space = resnet
+    pruned = fxmerge.prune(gm, fxmerge.Plan.random(space, 2), space).eval()
+    monkeypatch.setattr(algebra, "fold_bn", lambda a, bn: a)  # forgets every BatchNorm
+    with pytest.raises(fxmerge.MergeError, match="differs from the pruned one"):
+        MergePass(verify=True)(pruned)
+
+
+class FunctionalNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.skip = nn.Identity()
+
+    def forward(self, x):
+        return F.relu(self.skip(self.conv(x)))
+
+
+def test_check_canonical_names_the_node_and_the_rule():
+    check_canonical(fxmerge.trace(FunctionalNet(), X))  # canonical: nothing raised
+    raw = fx.symbolic_trace(FunctionalNet())
+    with pytest.raises(fxmerge.TraceError, match="no example inputs"):
+        check_canonical(raw)
+    propagate_shapes(raw, X)
+    with pytest.raises(fxmerge.TraceError, match=r"node 'skip' .* identity left in the graph"):
+        check_canonical(raw)
+    with pytest.raises(fxmerge.SpaceError, match="not canonical"):
+        fxmerge.analyze(raw)
+    with pytest.raises(fxmerge.TraceError, match="expected a GraphModule"):
+        check_canonical(FunctionalNet())
+
+
+def test_functional_activations_are_not_canonical():
+    gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    conv = next(n for n in gm.graph.nodes if n.op == "call_module")
+    with gm.graph.inserting_after(conv):
+        relu = gm.graph.call_function(F.relu, (conv,))
+    conv.replace_all_uses_with(relu, delete_user_cb=lambda u: u is not relu)
+    gm.recompile()
+    propagate_shapes(gm, X)
+    with pytest.raises(fxmerge.TraceError, match="functional activation"):
+        check_canonical(gm)
+
+
+def test_methods_are_registered_objects_that_name_their_keys(resnet):
+    _, space = resnet
+    assert set(METHODS) == {"layermerge", "depth", "layeronly"}
+    every = set(importance_keys(space))
+    latency = fxmerge.LatencyTable.from_values(
+        space, {e: 1.0 + e.k for e in space.entries if e.k} | {
+            e: 0.0 for e in space.entries if not e.k})
+    for name, method in METHODS.items():
+        keys = method.importance_keys(space)
+        assert keys and set(keys) <= every
+        importance = fxmerge.ImportanceTable.from_values(space, dict.fromkeys(keys, 0.9),
+                                                         keys=keys)
+        plan = fxmerge.solve(space, latency, importance, budget=0.9, method=name)
+        assert plan.method == name
+    assert get_method("depth").unit_ms == 0.05
+    with pytest.raises(ValueError, match="unknown method 'fast'; choose from"):
+        get_method("fast")
+
+
+def test_argument_errors_are_fxmerge_errors_and_value_errors():
+    with pytest.raises(fxmerge.ArgumentError) as info:
+        get_method("fast")
+    assert isinstance(info.value, ValueError) and isinstance(info.value, fxmerge.FxMergeError)
+
+
+def test_the_cli_shows_a_bug_as_a_traceback(monkeypatch):
+    from fxmerge import cli
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("a bug inside fxmerge")
+
+    monkeypatch.setattr(fxmerge.space, "analyze", bug)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["analyze", "torchvision:resnet18", "--input-shape", "1,3,32,32"])
+
+
+def test_the_compile_backend_keeps_the_exception_chain():
+    error = fxmerge.PlanError("the plan does not fit")
+    with pytest.raises(fxmerge.PlanError) as info:
+        _Refusal(error)()
+    assert info.value.__cause__ is error
