@@ -54,12 +54,12 @@ def main(results: Path, importance: Path) -> None:
     for _ in range(ROUNDS):
         for batch in BATCHES:
             t0 = time.perf_counter()
-            tables[batch] = agreement_importance(space, data.val[0][:batch], layeronly=False,
-                                                 depth=False, progress=False)
+            tables[batch] = agreement_importance(space, data.val[0][:batch],
+                                                 keys=space.entries, progress=False)
             times[batch].append((time.perf_counter() - t0) / space.num_entries * 1e3)
         t0 = time.perf_counter()  # the way it was done before: one whole network per entry
         estimate_importance(space, evaluate=OutputAgreement(gm, data.val[0][:64]),
-                            layeronly=False, depth=False, progress=False)
+                            keys=space.entries, progress=False)
         times["networks"].append((time.perf_counter() - t0) / space.num_entries * 1e3)
     rows = [{"proxy": "cached run" if b != "networks" else "one network per entry",
              "calibration_batch": b if b != "networks" else 64,
