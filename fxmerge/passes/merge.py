@@ -40,7 +40,7 @@ class _BlockReader:
         self.source = source
         self.exclude = exclude
         self.max_bytes = max_bytes
-        self.affine: dict[fx.Node, algebra.AffineConv] = {
+        self.affine: dict[fx.Node, algebra.AffineConv | None] = {
             source: algebra.identity(channels, torch.float64)}
 
     def read(self, node: fx.Node, *, strict: bool) -> algebra.AffineConv | None:
@@ -50,6 +50,9 @@ class _BlockReader:
         result = self._step(node, strict)
         if result is not None:
             self.affine[node] = result
+            for a in node.all_input_nodes:  # a value read once is spent: free its kernel
+                if a in self.affine and a is not self.source and len(a.users) == 1:
+                    self.affine[a] = None  # (it stays in the block's region)
         return result
 
     def _refuse(self, node: fx.Node, strict: bool, why: str):
