@@ -27,7 +27,7 @@ from .base import Key, show_progress
 from .importance import ImportanceTable, importance_jobs
 
 
-def relative_error(out: Any, reference: Any) -> float:
+def relative_squared_error(out: Any, reference: Any) -> float:
     """Squared error of `out` relative to the squared size of `reference`, over every
     tensor they hold (a segmentation net's dict of outputs, a detector's tuple)."""
     pairs = list(zip(tree_leaves(out), tree_leaves(reference)))
@@ -48,7 +48,7 @@ class OutputAgreement:
 
     def __call__(self, model: nn.Module) -> float:
         with torch.no_grad():
-            return -relative_error(model.eval()(*self.batch), self.reference)
+            return -relative_squared_error(model.eval()(*self.batch), self.reference)
 
 
 def _same_constants(a: Any, b: Any) -> bool:
@@ -127,7 +127,7 @@ def agreement_importance(space: MergeSpace, batch: ExampleInputs, *,
         jobs = importance_jobs(space, keys, reset_single=False)
         for key, (plan, _) in tqdm(jobs.items(), desc="importance (output agreement)",
                                    unit="entry", disable=not show_progress(progress)):
-            err = relative_error(cache.run(prune_graph(space, plan)), cache.output)
+            err = relative_squared_error(cache.run(prune_graph(space, plan)), cache.output)
             if not math.isfinite(err):
                 raise TableError(f"importance entry {key}: the output's error is {err}")
             values[key] = math.exp(-err)
