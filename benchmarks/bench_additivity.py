@@ -32,14 +32,26 @@ from bench_ordering import (
 )
 from common import RESULTS, write
 
+from fxmerge import ImportanceTable, Plan
 from fxmerge.demos.classify import (
     DemoConfig,
+    Trained,
+    estimator,
     finetune_importance,
     finetune_plan,
-    plan_delta,
     train_seed,
 )
+from fxmerge.tables.importance import score_plan
 from fxmerge.tables.latency import measure_latency
+
+
+def plan_delta(trained: Trained, plan: Plan, config: DemoConfig,
+               importance: ImportanceTable) -> float:
+    """The importance estimator applied to a whole plan: the change of validation accuracy
+    (a fraction) after the estimator's brief fine-tune, from the base score `importance`'s
+    entries were measured against."""
+    evaluate, finetune = estimator(trained, config)
+    return score_plan(trained.gm, plan, evaluate, finetune) - importance.settings["base_score"]
 
 
 def run_seed(config: DemoConfig, seed: int, budgets: list[float]) -> list[dict]:

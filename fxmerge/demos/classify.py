@@ -27,7 +27,7 @@ from ..plan import Plan
 from ..solve import METHODS, frontier
 from ..space import Entry, MergeSpace, analyze
 from ..tables.agreement import agreement_importance
-from ..tables.importance import ImportanceTable, estimate_importance, score_plan
+from ..tables.importance import ImportanceTable, estimate_importance
 from ..tables.latency import LatencyTable, measure_latency
 from .shared import (
     PREPARATIONS,
@@ -144,7 +144,7 @@ def train_seed(config: DemoConfig, seed: int) -> Trained:
     return Trained(data, gm, analyze(gm, exclude=DemoMobileNetV2.EXCLUDE), base_acc)
 
 
-def _estimator(trained: Trained, config: DemoConfig) -> tuple[_Accuracy, _Finetune]:
+def estimator(trained: Trained, config: DemoConfig) -> tuple[_Accuracy, _Finetune]:
     """The importance estimator's score and brief fine-tune."""
     data = trained.data
     return (_Accuracy(data.val),
@@ -155,18 +155,9 @@ def finetune_importance(trained: Trained, config: DemoConfig,
                         progress: bool | None = None) -> ImportanceTable:
     """The paper's importance table (every method's keys): brief fine-tune, validation
     accuracy."""
-    evaluate, finetune = _estimator(trained, config)
+    evaluate, finetune = estimator(trained, config)
     return estimate_importance(trained.space, evaluate=evaluate, finetune=finetune,
                                reset_single=config.reset_single, progress=progress)
-
-
-def plan_delta(trained: Trained, plan: Plan, config: DemoConfig,
-               importance: ImportanceTable) -> float:
-    """The importance estimator applied to a whole plan: the change of validation accuracy
-    (a fraction) after the estimator's brief fine-tune, from the base score `importance`'s
-    entries were measured against."""
-    evaluate, finetune = _estimator(trained, config)
-    return score_plan(trained.gm, plan, evaluate, finetune) - importance.settings["base_score"]
 
 
 def finetune_plan(trained: Trained, plan: Plan, config: DemoConfig, seed: int
@@ -326,5 +317,12 @@ def plot_results(path: Path, rows: list[dict], base: list[float], first: SeedRun
     plt.close(fig)
 
 
-__all__ = ["DemoConfig", "Trained", "finetune_importance", "finetune_plan", "plan_delta",
-           "run_demo", "train_seed"]
+__all__ = [
+    "DemoConfig",
+    "Trained",
+    "estimator",
+    "finetune_importance",
+    "finetune_plan",
+    "run_demo",
+    "train_seed",
+]
