@@ -89,7 +89,6 @@ class Edits:
     """A plan resolved against its space: every edit `prune` makes, by node and module
     name, in the order they are made."""
 
-    plan: Plan
     paddings: tuple[tuple[str, int], ...]  # kept conv -> its padding (each side)
     skip_pads: tuple[SkipPad, ...]
     activation: str | None  # the network's activation module copied where one is added
@@ -136,7 +135,7 @@ def resolve(space: MergeSpace, plan: Plan) -> Edits:
     units = {c.name: u for c, u in zip(space.convs, space.units)}
     bypassed = [(units[n].rnorm or units[n].act, units[n].act) for n in removed]
     bypassed += [(units[n].conv, units[n].norm or units[n].conv) for n in plan.removed_convs]
-    return Edits(plan, tuple(paddings), tuple(skip_pads), template,
+    return Edits(tuple(paddings), tuple(skip_pads), template,
                  tuple(units[n].output for n in added), tuple(norms), tuple(bypassed),
                  len(removed))
 
