@@ -148,3 +148,15 @@ def test_the_compile_backend_keeps_the_exception_chain():
     with pytest.raises(fxmerge.PlanError) as info:
         _Refusal(error)()
     assert info.value.__cause__ is error
+
+
+def test_merge_copies_unless_told_to_merge_in_place(resnet):
+    gm, space = resnet
+    pruned = fxmerge.prune(gm, fxmerge.Plan.random(space, 4), space).eval()
+    before = [n.target for n in pruned.graph.nodes if n.op == "call_module"]
+    merged = fxmerge.merge(pruned)
+    assert merged is not pruned
+    assert [n.target for n in pruned.graph.nodes if n.op == "call_module"] == before
+    assert fxmerge.merge(pruned, in_place=True) is pruned  # what transform does
+    with pytest.raises(fxmerge.MergeError, match="in_place=True changes"):
+        MergePass(verify=True, in_place=True)
