@@ -62,13 +62,7 @@ class AffineConv:
                         self.dilation, self.groups)
 
 
-def kernel_bytes(out_channels: int, in_channels: int, groups: int, kernel: int,
-                 itemsize: int = 8) -> int:
-    """Bytes of a conv weight `(out, in / groups, kernel, kernel)` (float64 by default)."""
-    return out_channels * (in_channels // groups) * kernel * kernel * itemsize
-
-
-def format_bytes(n: int) -> str:
+def _format_bytes(n: int) -> str:
     """`n` bytes for a person: MiB from 1 MiB up, else bytes."""
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
 
@@ -78,7 +72,7 @@ def _check_size(shape: tuple[int, int, int, int], itemsize: int, max_bytes: int 
     size = math.prod(shape) * itemsize
     if max_bytes is not None and size > max_bytes:
         raise MergeError(f"{what} would be a {'x'.join(map(str, shape))} kernel of "
-                         f"{format_bytes(size)}, over the limit of {format_bytes(max_bytes)} "
+                         f"{_format_bytes(size)}, over the limit of {_format_bytes(max_bytes)} "
                          "(max_kernel_bytes)")
 
 
