@@ -91,7 +91,8 @@ def _regroup(weight: torch.Tensor, groups: int, to: int) -> torch.Tensor:
 
 
 def _spread(weight: torch.Tensor, factor: int) -> torch.Tensor:
-    """Taps `factor` apart: zeros between them (a dilation written out)."""
+    """Taps `factor` apart: zeros between them (a dilation written out). A 1x1 kernel has
+    no taps to spread, whatever `factor` is."""
     if factor == 1 or weight.shape[-1] == 1:
         return weight
     k = weight.shape[-1]
@@ -188,8 +189,7 @@ def compose(first: AffineConv, second: AffineConv, max_bytes: int | None = None
                 "the composed conv")
     _check_size((first.out_channels, in_per_group, k1, k1), itemsize, max_bytes,
                 "the first conv, re-grouped")
-    inner = _spread(_regroup(first.weight, first.groups, groups), first.dilation // step
-                    if first.kernel > 1 else 1)
+    inner = _spread(_regroup(first.weight, first.groups, groups), first.dilation // step)
     flat, pitch = inner.reshape(first.out_channels, -1), s * second.dilation // step
     weight = inner.new_zeros(second.out_channels, in_per_group, size, size)
     for uy in range(second.kernel):  # each tap of the second conv, in its own groups
@@ -233,8 +233,7 @@ def add(a: AffineConv, b: AffineConv, max_bytes: int | None = None) -> AffineCon
     _check_size(shape, a.weight.element_size(), max_bytes, "the fused add")
     weight = a.weight.new_zeros(shape)
     for part in (a, b):
-        w = _spread(_regroup(part.weight, part.groups, groups),
-                    part.dilation // step if part.kernel > 1 else 1)
+        w = _spread(_regroup(part.weight, part.groups, groups), part.dilation // step)
         o = (pad - part.padding) // step
         weight[:, :, o:o + w.shape[-1], o:o + w.shape[-1]] += w
     return AffineConv(weight, a.bias + b.bias, a.stride, pad, groups, step,

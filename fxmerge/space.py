@@ -349,28 +349,30 @@ class MergeSpace:
                 for i, j in self._options}
         return {block: e for block, e in full.items() if e in self._merged}
 
-    def _composition_bytes(self, i: int, state: tuple, c: Conv) -> int:
+    def _composition_bytes(self, i: int, state: tuple, c: Conv, new: tuple) -> int:
         """The most a merge of block `(i, ...)` materialises when it composes conv `c` onto
-        the convs merged into `state` (0 when nothing is composed: `c` comes first): the new
-        kernel, or the merged one re-grouped to the new groups, whichever has more outputs."""
+        the convs merged into `state`, giving `new` (0 when nothing is composed: `c` comes
+        first): the new kernel, or the merged one re-grouped to the new groups, whichever
+        has more outputs."""
         if not state[3]:
             return 0
-        new = _keep(state, c)
         in_per_group = self.convs[i].in_channels // new[5]
         return max(c.in_channels, c.out_channels) * in_per_group * _taps(new) ** 2 * 8
 
     def _extend(self, i: int, state: tuple, c: Conv) -> tuple:
         """`_keep`, and whether block `(i, ...)`'s merge has now gone over the bound."""
-        over = state[6] or self._composition_bytes(i, state, c) > self.max_kernel_bytes
-        return (*_keep(state, c)[:6], over)
+        new = _keep(state, c)
+        over = state[6] or self._composition_bytes(i, state, c, new) > self.max_kernel_bytes
+        return (*new[:6], over)
 
     def merge_peak_bytes(self, i: int, kept: Iterable[int]) -> int:
         """The most merging these convs (indices) of a block starting at `i` materialises."""
         state, peak = _EMPTY, 0
         for idx in sorted(kept):
             c = self.convs[idx - 1]
-            peak = max(peak, self._composition_bytes(i, state, c))
-            state = _keep(state, c)
+            new = _keep(state, c)
+            peak = max(peak, self._composition_bytes(i, state, c, new))
+            state = new
         return peak
 
     def _states(self, i: int, j: int):
