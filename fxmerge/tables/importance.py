@@ -177,8 +177,9 @@ def importance_jobs(space: MergeSpace, keys: Iterable[Key] | None, reset_single:
                     ) -> dict[Key, tuple[Plan, tuple[str, ...]]]:
     """The plan to score for each key (default: `importance_keys`), and the modules to
     re-initialise; `TableError` for a key that is not one of the space's."""
-    keys = importance_keys(space) if keys is None else list(keys)
-    known = set(importance_keys(space))
+    every = importance_keys(space)
+    keys = every if keys is None else list(keys)
+    known = set(every)
     unknown = [k for k in keys if k not in known]
     if unknown:
         raise TableError(f"importance key {unknown[0]!r} is not one of this space's")
