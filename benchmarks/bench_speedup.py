@@ -3,7 +3,7 @@
 timed again, side by side with the original, to check it.
 
     python benchmarks/bench_speedup.py --backend eager --batch 1 8
-    python benchmarks/bench_speedup.py --backend compile --batch 1 8
+    python benchmarks/bench_speedup.py --backend inductor --batch 1 8
     python benchmarks/bench_speedup.py --backend onnxruntime --batch 1 8
     python benchmarks/bench_speedup.py --device cuda --backend eager --batch 128
 
@@ -31,7 +31,7 @@ import torchvision
 from common import write
 
 import fxmerge
-from fxmerge.measured import NetworkTimer, solve_measured
+from fxmerge.solve.measured import NetworkTimer, solve_measured
 from fxmerge.tables.agreement import agreement_importance
 
 MBV2_EXCLUDE = ["features.0.0", "features.18.0"]
@@ -139,7 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backend", choices=["eager", "compile", "onnxruntime"],
+    parser.add_argument("--backend", choices=["eager", "inductor", "onnxruntime"],
                         default="eager")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeat", type=int, default=20, help="rounds per loop timing")

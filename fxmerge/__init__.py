@@ -15,7 +15,7 @@ from .errors import (
     TableError,
     TraceError,
 )
-from .measured import NetworkTimer, solve_measured
+from .solve.measured import NetworkTimer, solve_measured
 from .passes import GraphDiff, MergePass, PrunePass, diff, merge, prune, transform
 from .plan import Block, Plan
 from .solve import METHODS, Frontier, Method, frontier, get_method, solve

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .backends.runtimes import BACKENDS
 from .errors import ArgumentError, FxMergeError
 from .space import MAX_KERNEL_BYTES
 
@@ -236,7 +237,7 @@ def _tables(args: argparse.Namespace):
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
-    from .measured import NetworkTimer, solve_measured
+    from .solve.measured import NetworkTimer, solve_measured
     from .solve import frontier, solve
 
     gm, space = _space(args)
@@ -324,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("latency", help="measure the latency table")
     _add_model_args(p)
     p.add_argument("--out", help="write the table as JSON")
-    p.add_argument("--backend", choices=["eager", "compile", "onnxruntime", "tensorrt"],
-                   default="eager")
+    p.add_argument("--backend", choices=BACKENDS, default="eager",
+                   help="what the layers are timed on (default: eager)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, help="deployment batch (default: the input shape's)")
     p.add_argument("--warmup", type=int, default=10)

@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from .capture import ExampleInputs, trace
 from .errors import ArgumentError
-from .measured import NetworkTimer, solve_measured
+from .solve.measured import NetworkTimer, solve_measured
 from .passes import merge, prune
 from .plan import Plan
 from .solve import get_method, solve

@@ -58,7 +58,7 @@ def test_solver_refuses_bad_budgets_methods_and_backends(resnet):
         fxmerge.solve(space, lat, imp, budget=0)
     with pytest.raises(ValueError, match="unknown method"):
         fxmerge.solve(space, lat, imp, budget=0.5, method="magic")
-    with pytest.raises(fxmerge.TableError, match="unknown latency backend"):
+    with pytest.raises(fxmerge.ArgumentError, match="unknown latency backend"):
         fxmerge.measure_latency(space, backend="tvm", warmup=0, repeat=1)
 
 

@@ -8,8 +8,8 @@ from models import small_net
 
 import fxmerge
 from fxmerge.tables import latency as latency_mod
-from fxmerge.tables import timing
-from fxmerge.tables.timing import Timing, time_against_reference, time_interleaved
+from fxmerge.backends import timing
+from fxmerge.backends.timing import Timing, time_against_reference, time_interleaved
 
 MBV2_EXCLUDE = ["features.0.0", "features.18.0"]
 
@@ -102,14 +102,14 @@ def test_tensorrt_backend_says_how_to_install():
 def test_compile_backend_runs():
     net = small_net([("conv", 4, 3, 1, True, False), ("conv", 4, 3, 1, True, False)])
     space = fxmerge.analyze(fxmerge.trace(net, torch.randn(1, 3, 8, 8)))
-    table = fxmerge.measure_latency(space, backend="compile", warmup=1, repeat=2)
-    assert table.settings["backend"] == "compile" and len(table) == space.num_entries
+    table = fxmerge.measure_latency(space, backend="inductor", warmup=1, repeat=2)
+    assert table.settings["backend"] == "inductor" and len(table) == space.num_entries
 
 
 def test_timing_statistics_are_robust_to_an_outlier():
-    t = fxmerge.tables.timing.Timing.of([1.0, 1.1, 0.9, 1.0, 50.0])
+    t = fxmerge.backends.timing.Timing.of([1.0, 1.1, 0.9, 1.0, 50.0])
     assert t.ms == 1.0 and t.n == 5 and t.q1 <= 1.0 <= t.q3 and t.spread < 30
-    assert fxmerge.tables.timing.Timing.of([2.0]).spread == 0.0
+    assert fxmerge.backends.timing.Timing.of([2.0]).spread == 0.0
 
 
 def test_interleaved_rounds_reverse_the_order_every_other_round():
@@ -140,7 +140,7 @@ def test_a_table_timed_under_load_is_retimed_then_flagged(monkeypatch):
 
     def loaded(sig, **kw):
         calls.append(sig)
-        return fxmerge.tables.timing.Timing(1000.0, 1000.0, 1000.0, 1)
+        return fxmerge.backends.timing.Timing(1000.0, 1000.0, 1000.0, 1)
 
     monkeypatch.setattr(latency_mod, "time_signature", loaded)
     with pytest.warns(UserWarning, match=r"table sums to .*x the whole original network"):
@@ -170,7 +170,7 @@ def test_onnxruntime_backend_times_layers_and_runs_networks_exactly():
     x = torch.randn(2, 3, 8, 8)
     gm = fxmerge.trace(net, x)
     plan = fxmerge.Plan.random(fxmerge.analyze(gm), seed=1)
-    run = fxmerge.tables.timing.plan_runner(gm, plan, "onnxruntime", (x,))
+    run = fxmerge.backends.plan_runner(gm, plan, "onnxruntime", (x,))
     with torch.no_grad():
         expected = fxmerge.transform(gm, plan)(x)
     assert relative_error(expected, torch.from_numpy(run(x)[0])) < 1e-5

@@ -9,8 +9,8 @@ import torch
 from models import small_net
 
 import fxmerge
-from fxmerge import measured
-from fxmerge.measured import Measurement, NetworkTimer, interpolate, solve_measured
+from fxmerge.solve import measured
+from fxmerge.solve.measured import Measurement, NetworkTimer, interpolate, solve_measured
 from fxmerge.models import DemoMobileNetV2
 from fxmerge.solve import layeronly
 

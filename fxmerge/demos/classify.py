@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from ..capture import trace
-from ..measured import NetworkTimer
+from ..solve.measured import NetworkTimer
 from ..models import DemoMobileNetV2
 from ..passes import merge, prune, transform
 from ..plan import Plan

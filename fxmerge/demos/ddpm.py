@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture import trace
-from ..measured import NetworkTimer
+from ..solve.measured import NetworkTimer
 from ..models import DDPM_EXCLUDE, DDPMUNet
 from ..passes import merge, prune, transform
 from ..plan import Plan

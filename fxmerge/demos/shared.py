@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ArgumentError, InfeasibleBudget
-from ..measured import NetworkTimer, solve_measured
+from ..solve.measured import NetworkTimer, solve_measured
 from ..plan import Plan
 from ..solve import METHODS, solve
 from ..space import MergeSpace
 from ..tables.importance import ImportanceTable
 from ..tables.latency import LatencyTable
-from ..tables.timing import PREPARATIONS, ExampleInputs, Relative, time_against_reference
+from ..backends.timing import PREPARATIONS, ExampleInputs, Relative, time_against_reference
 
 
 @dataclass

@@ -24,7 +24,8 @@ from ..errors import TableError
 from ..plan import Plan
 from ..space import IDENTITY, Entry, MergeSpace
 from .base import EntryTable, show_progress
-from .timing import Timing, machine_description, plan_runner, prepare, time_callable, timing_inputs
+from ..backends.runtimes import get_backend, plan_runner, prepare
+from ..backends.timing import Timing, machine_description, time_callable, timing_inputs
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ def measure_latency(
     """
     from tqdm.auto import tqdm
 
+    backend = get_backend(backend).value
     device = torch.device(device)
     if threads is not None:
         torch.set_num_threads(threads)

@@ -19,19 +19,19 @@ from itertools import pairwise
 import torch
 from torch import fx
 
-from .errors import ArgumentError, InfeasibleBudget
-from .plan import Plan
-from .solve import fastest_latency, solve
-from .space import MergeSpace
-from .tables.importance import ImportanceTable
-from .tables.latency import LatencyTable
-from .tables.timing import (
+from ..backends.runtimes import get_backend, plan_runner
+from ..backends.timing import (
     PREPARATIONS,
     machine_description,
-    plan_runner,
     time_against_reference,
     timing_inputs,
 )
+from ..errors import ArgumentError, InfeasibleBudget
+from ..plan import Plan
+from ..space import MergeSpace
+from ..tables.importance import ImportanceTable
+from ..tables.latency import LatencyTable
+from . import fastest_latency, solve
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class NetworkTimer:
             raise ArgumentError(f"repeat and preparations must be positive, got {repeat}, "
                              f"{preparations}")
         self.gm, self.space = gm, space
-        self.backend, self.device = backend, torch.device(device)
+        self.backend, self.device = get_backend(backend).value, torch.device(device)
         self.inputs = timing_inputs(gm, batch_size, self.device)
         self.repeat, self.warmup = repeat, warmup
         self.preparations = min(preparations, repeat)  # at least one round each

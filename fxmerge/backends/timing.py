@@ -1,27 +1,21 @@
-"""Timing on a backend: robust statistics, side-by-side (interleaved) runs, and the backends
-a network or one layer can be prepared for (eager, torch.compile, ONNX Runtime, TensorRT)."""
+"""Timing: robust statistics, side-by-side (interleaved) runs, the inputs a whole network is
+timed on. What a network runs on is `runtimes.prepare`'s."""
 
 from __future__ import annotations
 
-import io
 import os
 import platform
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from ..capture.trace import ExampleInputs, as_tuple, example_inputs
-from ..errors import TableError
-from ..passes import transform
-from ..plan import Plan
 
-BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
 PREPARATIONS = 3  # fresh preparations per whole-network timing (docs/method.md §3b)
 
 
@@ -135,57 +129,6 @@ def time_against_reference(make: Callable[[], dict[str, Callable]], x: ExampleIn
             for name in runs[0]}
 
 
-def prepare(module: nn.Module, backend: str, example: ExampleInputs) -> Callable:
-    """`module` (in eval mode, on its device) ready to run on a backend: the callable takes
-    the same tensors as the module."""
-    if backend == "eager":
-        return module
-    if backend == "compile":
-        return torch.compile(module, backend="inductor")
-    if backend == "onnxruntime":
-        return _onnxruntime_session(module, as_tuple(example))
-    if backend == "tensorrt":
-        try:
-            import torch_tensorrt
-        except ImportError as exc:
-            raise TableError("the tensorrt backend needs torch-tensorrt: "
-                             "pip install 'fxmerge[trt]'") from exc
-        return torch_tensorrt.compile(module, inputs=list(as_tuple(example)))
-    raise TableError(f"unknown latency backend {backend!r} ({', '.join(BACKENDS)})")
-
-
-def _onnxruntime_session(module: nn.Module, inputs: tuple) -> Callable:
-    """Export to ONNX in memory and open an InferenceSession (all graph optimisations, as
-    many intra-op threads as torch uses); the callable converts tensors to and from numpy."""
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise TableError("the onnxruntime backend needs onnxruntime: "
-                         "pip install 'fxmerge[onnx]'") from exc
-    if any(x.device.type != "cpu" for x in inputs):
-        raise TableError("the onnxruntime backend runs on the CPU: use device='cpu'")
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(module, inputs, buffer, dynamo=False,
-                          input_names=[f"x{i}" for i in range(len(inputs))])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    # idle sessions must not spin on the cores while another network is timed
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(buffer.getvalue(), options,
-                                   providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-
-    def run(*xs: torch.Tensor):
-        return session.run(None, {n: x.numpy() for n, x in zip(names, xs)})
-
-    return run
-
-
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -212,11 +155,3 @@ def timing_inputs(gm: fx.GraphModule, batch: int | None, device: torch.device
     """The graph's example inputs (recorded at capture) at `batch`, on `device`: what a
     whole network is timed on."""
     return tuple(x.to(device) for x in at_batch(example_inputs(gm), batch))
-
-
-def plan_runner(gm: fx.GraphModule, plan: Plan, backend: str, inputs: tuple,
-                dtype: torch.dtype = torch.float32) -> Callable:
-    """The network `plan` makes of `gm` (merged, eval mode; the identity plan gives the
-    original with BatchNorm folded), on the inputs' device, prepared for `backend`."""
-    net = transform(gm, plan).to(device=inputs[0].device, dtype=dtype).eval()
-    return prepare(net, backend, inputs)
