@@ -51,7 +51,7 @@ def plan_delta(trained: Trained, plan: Plan, config: DemoConfig,
     (a fraction) after the estimator's brief fine-tune, from the base score `importance`'s
     entries were measured against."""
     evaluate, finetune = estimator(trained, config)
-    return score_plan(trained.gm, plan, evaluate, finetune) - importance.settings["base_score"]
+    return score_plan(trained.gm, plan, evaluate, finetune) - importance.settings.base_score
 
 
 def run_seed(config: DemoConfig, seed: int, budgets: list[float]) -> list[dict]:

@@ -32,8 +32,8 @@ def main() -> None:
         table = fxmerge.measure_latency(space, batch_size=args.batch, warmup=args.warmup,
                                         repeat=args.repeat, deduplicate=dedup)
         s = table.settings
-        rows.append({"deduplicate": dedup, "entries": s["num_entries"],
-                     "timed_convs": s["num_timed"], "seconds": s["seconds"],
+        rows.append({"deduplicate": dedup, "entries": s.num_entries,
+                     "timed_convs": s.num_timed, "seconds": s.seconds,
                      "original_table_ms": table.identity_latency(space)})
     rows.append({"deduplicate": "saving", "timed_convs": rows[1]["timed_convs"]
                  - rows[0]["timed_convs"], "seconds": rows[1]["seconds"] / rows[0]["seconds"]})

@@ -110,8 +110,8 @@ def child(name: str, size: int, keys: int) -> dict:
     del merged
     with Stage(row, "latency"):
         latency = fxmerge.measure_latency(space)
-    row["timed_convs"] = latency.settings["num_signatures"]
-    row["table_check"] = latency.settings.get("check")
+    row["timed_convs"] = latency.settings.num_signatures
+    row["table_check"] = latency.settings.check
     all_keys = _all_keys(space)
     sample = random.Random(0).sample(all_keys, min(keys, len(all_keys)))
     start = time.perf_counter()  # the setup (one whole forward, the jobs) and one key

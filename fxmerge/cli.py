@@ -199,8 +199,8 @@ def cmd_latency(args: argparse.Namespace) -> int:
                             seconds=args.seconds,
                             cache=args.cache, deduplicate=not args.no_dedup)
     s = table.settings
-    print(f"{s['num_entries']} entries from {s['num_signatures']} distinct convs, "
-          f"{s['backend']} on {s['device']} ({s['machine']}), batch {s['batch_size']}: "
+    print(f"{s.num_entries} entries from {s.num_signatures} distinct convs, "
+          f"{s.backend} on {s.device} ({s.machine}), batch {s.batch_size}: "
           f"original table latency {table.identity_latency(space):.4g} ms")
     _write(args.out, table.to_json())
     return EXIT_OK
@@ -222,7 +222,7 @@ def cmd_importance(args: argparse.Namespace) -> int:
     else:
         table = agreement_importance(space, example_batch(args, args.calibration_batch))
     low = sorted(table.values.items(), key=lambda kv: kv[1])[:5]
-    print(f"{len(table)} importance values ({table.settings['estimator']}); lowest: "
+    print(f"{len(table)} importance values ({table.settings.estimator}); lowest: "
           + ", ".join(f"{key_name(k)}={v:.3g}" for k, v in low))
     _write(args.out, table.to_json())
     return EXIT_OK

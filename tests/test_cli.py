@@ -42,12 +42,12 @@ def test_pipeline_analyze_latency_importance_solve_transform(tmp_path, capsys):
     assert run("latency", *MODEL, "--warmup", 0, "--repeat", 2, "--out", tmp_path / "lat.json",
                "--cache", tmp_path / "lat-cache.json") == 0
     lat = fxmerge.LatencyTable.from_json((tmp_path / "lat.json").read_text())
-    assert len(lat) == 89 and lat.settings["batch_size"] == 2
+    assert len(lat) == 89 and lat.settings.batch_size == 2
 
     assert run("importance", *MODEL, "--out", tmp_path / "imp.json") == 0
     imp = fxmerge.ImportanceTable.from_json((tmp_path / "imp.json").read_text())
     assert len(imp) == 89 + 48 + 6  # entries, Depth's activation choices, LayerOnly's convs
-    assert imp.settings["estimator"] == "output agreement (no fine-tuning)"
+    assert imp.settings.estimator == "output agreement (no fine-tuning)"
     assert run("importance", *MODEL, "--cache", tmp_path / "imp.jsonl") == 1
     assert "--cache need --evaluate" in capsys.readouterr().err
     assert run("importance", *MODEL, "--finetune", tmp_path / "ft.py:finetune") == 1

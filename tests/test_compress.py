@@ -14,7 +14,7 @@ def test_compress_end_to_end_with_measured_latency_and_proxy_importance():
     plan = result.plan
     assert plan.method == "layermerge" and plan.budget == 0.7
     assert plan.predicted_latency_ms <= 0.7 * result.latency.identity_latency(result.space)
-    assert result.importance.settings["estimator"] == "output agreement (no fine-tuning)"
+    assert result.importance.settings.estimator == "output agreement (no fine-tuning)"
     report = result.report()
     assert "layermerge at budget 70% (table latency)" in report and not plan.measured
     assert f"{len(plan.blocks)} blocks" in report

@@ -160,3 +160,23 @@ def test_merge_copies_unless_told_to_merge_in_place(resnet):
     assert fxmerge.merge(pruned, in_place=True) is pruned  # what transform does
     with pytest.raises(fxmerge.MergeError, match="in_place=True changes"):
         MergePass(verify=True, in_place=True)
+
+
+def test_table_settings_are_typed_and_unknown_fields_refused(resnet):
+    _, space = resnet
+    table = fxmerge.LatencyTable.from_values(space, {e: 1.0 for e in space.entries},
+                                             backend="inductor", batch_size=8)
+    assert table.settings.backend == "inductor" and table.settings.source == "user values"
+    again = fxmerge.LatencyTable.from_json(table.to_json())
+    assert again.settings == table.settings and again.values == table.values
+    with pytest.raises(fxmerge.TableError, match="unknown setting.*'colour'"):
+        fxmerge.LatencyTable.from_json(table.to_json().replace('"backend"', '"colour"'))
+    with pytest.raises(fxmerge.ArgumentError, match="importance table settings"):
+        fxmerge.ImportanceTable.from_values(space, {e: 1.0 for e in space.entries}, backend="x")
+
+
+def test_backends_have_one_spelling_each():
+    from fxmerge.backends import BACKENDS, get_backend
+    assert BACKENDS == ("eager", "inductor", "onnxruntime", "tensorrt")
+    with pytest.raises(fxmerge.ArgumentError, match="unknown latency backend 'compile'"):
+        get_backend("compile")

@@ -150,7 +150,7 @@ def test_single_conv_entries_are_reinitialised_before_the_finetune(space):
 
     table = estimate_importance(space, evaluate=evaluate, finetune=unchanged,
                                 keys=no_layeronly(space))
-    assert table.settings["single_convs_reinitialised"]
+    assert table.settings.single_convs_reinitialised
     singles = [e for e in space.entries if e.j == e.i + 1 and e.k > 0]
     plain = estimate_importance(space, evaluate=evaluate, finetune=unchanged,
                                 keys=no_layeronly(space),
@@ -187,7 +187,7 @@ def test_fast_proxy_equals_scoring_each_pruned_network():
     assert min(slow.values.values()) < 0.99
     for key, value in slow.values.items():
         assert fast[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
-    assert fast.settings["calibration_batch"] == 4
+    assert fast.settings.calibration_batch == 4
 
 
 def test_only_what_a_plan_changes_is_recomputed(space):

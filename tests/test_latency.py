@@ -45,12 +45,11 @@ def test_measure_latency_times_each_signature_once(monkeypatch):
     monkeypatch.setattr(latency_mod, "time_signature",
                         lambda sig, **kw: calls.append(sig) or real(sig, **kw))
     table = fxmerge.measure_latency(space, warmup=1, repeat=2, check=False)
-    assert len(calls) == len(set(calls)) == table.settings["num_signatures"]
+    assert len(calls) == len(set(calls)) == table.settings.num_signatures
     assert set(table.values) == set(space.entries)
     assert all(v > 0 for v in table.values.values())
     s = table.settings
-    assert (s["backend"], s["device"], s["repeat"], s["statistic"]) == ("eager", "cpu", 2,
-                                                                          "median")
+    assert (s.backend, s.device, s.repeat, s.statistic) == ("eager", "cpu", 2, "median")
     calls.clear()
     fxmerge.measure_latency(space, warmup=1, repeat=2, deduplicate=False, check=False)
     assert len(calls) == space.num_entries
@@ -77,11 +76,11 @@ def test_interrupted_measurement_resumes_from_its_cache(monkeypatch, tmp_path):
                         lambda sig, **kw: calls.append(sig) or real(sig, **kw))
     table = fxmerge.measure_latency(space, warmup=1, repeat=2, cache=cache, check=False)
     assert not set(calls) & set(done)
-    assert len(calls) + len(done) == table.settings["num_signatures"]
+    assert len(calls) + len(done) == table.settings.num_signatures
     # other settings: the cache is not reused
     calls.clear()
     fxmerge.measure_latency(space, warmup=1, repeat=3, cache=cache, check=False)
-    assert len(calls) == table.settings["num_signatures"]
+    assert len(calls) == table.settings.num_signatures
 
 
 def test_table_is_refused_for_another_graph():
@@ -103,7 +102,7 @@ def test_compile_backend_runs():
     net = small_net([("conv", 4, 3, 1, True, False), ("conv", 4, 3, 1, True, False)])
     space = fxmerge.analyze(fxmerge.trace(net, torch.randn(1, 3, 8, 8)))
     table = fxmerge.measure_latency(space, backend="inductor", warmup=1, repeat=2)
-    assert table.settings["backend"] == "inductor" and len(table) == space.num_entries
+    assert table.settings.backend == "inductor" and len(table) == space.num_entries
 
 
 def test_timing_statistics_are_robust_to_an_outlier():
@@ -124,11 +123,11 @@ def test_table_is_checked_against_the_whole_network():
     table = fxmerge.measure_latency(tiny_space(), warmup=1, repeat=3)
     s = table.settings
     low, high = latency_mod.PLAUSIBLE_TABLE_SHARE
-    assert s["network_ms"] > 0 and "spread" in s
+    assert s.network_ms > 0 and s.spread is not None
     # (a table of layers this small can be flagged: call overhead; the record must agree)
-    assert (s["check"] == "ok") == (low <= s["table_share"] <= high)
-    assert s["table_share"] == pytest.approx(
-        table.identity_latency(tiny_space()) / s["network_ms"], rel=1e-3)
+    assert (s.check == "ok") == (low <= s.table_share <= high)
+    assert s.table_share == pytest.approx(
+        table.identity_latency(tiny_space()) / s.network_ms, rel=1e-3)
 
 
 def test_a_table_timed_under_load_is_retimed_then_flagged(monkeypatch):
@@ -145,8 +144,8 @@ def test_a_table_timed_under_load_is_retimed_then_flagged(monkeypatch):
     monkeypatch.setattr(latency_mod, "time_signature", loaded)
     with pytest.warns(UserWarning, match=r"table sums to .*x the whole original network"):
         table = fxmerge.measure_latency(space, warmup=1, repeat=2)
-    assert len(calls) == 2 * table.settings["num_signatures"]  # timed twice
-    assert table.settings["check"].startswith("failed")
+    assert len(calls) == 2 * table.settings.num_signatures  # timed twice
+    assert table.settings.check.startswith("failed")
     again = fxmerge.LatencyTable.from_json(table.to_json())
     imp = fxmerge.ImportanceTable.from_values(space, {e: 1.0 for e in space.entries})
     with pytest.warns(UserWarning, match="failed its check"):
@@ -163,7 +162,7 @@ def test_onnxruntime_backend_times_layers_and_runs_networks_exactly():
 
     space = tiny_space()
     table = fxmerge.measure_latency(space, backend="onnxruntime", warmup=1, repeat=2)
-    assert table.settings["backend"] == "onnxruntime" and table.settings["network_ms"] > 0
+    assert table.settings.backend == "onnxruntime" and table.settings.network_ms > 0
     assert len(table) == space.num_entries
     net = randomize_batchnorm(small_net([("conv", 4, 3, 1, True, False),
                                          ("conv", 4, 3, 1, True, False)]))

@@ -177,8 +177,8 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
     data, gm, space, base_acc = trained.data, trained.gm, trained.space, trained.base_acc
     example = data.test[0][: config.latency_batch]
     latency = measure_latency(space, warmup=5, repeat=config.latency_repeat, progress=progress)
-    print(f"latency table: {space.num_entries} entries, {latency.settings['num_signatures']} "
-          f"convs timed, batch {config.latency_batch}, {latency.settings['seconds']:.0f} s")
+    print(f"latency table: {space.num_entries} entries, {latency.settings.num_signatures} "
+          f"convs timed, batch {config.latency_batch}, {latency.settings.seconds:.0f} s")
     tick = time.perf_counter()
     importance = finetune_importance(trained, config, progress)
     finetune_s = time.perf_counter() - tick

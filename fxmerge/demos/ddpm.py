@@ -240,7 +240,7 @@ def run_ddpm_demo(out: Path | None = None, config: DDPMDemoConfig = DDPMDemoConf
     space = analyze(gm, exclude=DDPM_EXCLUDE)
     latency = measure_latency(space, warmup=5, repeat=config.latency_repeat, progress=progress)
     print(f"latency table: {space.num_entries} entries in {space.num_blocks} blocks, "
-          f"{latency.settings['num_signatures']} convs timed, batch {config.latency_batch} "
+          f"{latency.settings.num_signatures} convs timed, batch {config.latency_batch} "
           f"({clock()})")
     importance = estimate_importance(
         space, evaluate=_Score(held_out, base_loss),

@@ -78,8 +78,8 @@ class NetworkTimer:
                   **kwargs) -> NetworkTimer:
         """A timer on the backend, device and batch `latency` was measured with."""
         s = latency.settings
-        return cls(gm, space, backend=s.get("backend", "eager"), device=s.get("device", "cpu"),
-                   batch_size=s.get("batch_size"), **kwargs)
+        return cls(gm, space, backend=s.backend, device=s.device, batch_size=s.batch_size,
+                   **kwargs)
 
     @property
     def settings(self) -> dict:

@@ -24,7 +24,7 @@ from ..errors import TableError
 from ..passes.prune import PrunedGraph, prune_graph
 from ..space import MergeSpace
 from .base import Key, show_progress
-from .importance import ImportanceTable, importance_jobs
+from .importance import ImportanceSettings, ImportanceTable, importance_jobs
 
 
 def relative_squared_error(out: Any, reference: Any) -> float:
@@ -133,7 +133,8 @@ def agreement_importance(space: MergeSpace, batch: ExampleInputs, *,
             values[key] = math.exp(-err)
     finally:
         gm.train(was_training)
-    settings = {"estimator": "output agreement (no fine-tuning)", "base_score": 0.0,
-                "num_keys": len(values), "single_convs_reinitialised": False,
-                "calibration_batch": int(cache.batch[0].shape[0])}
+    settings = ImportanceSettings(estimator="output agreement (no fine-tuning)",
+                                  base_score=0.0, num_keys=len(values),
+                                  single_convs_reinitialised=False,
+                                  calibration_batch=int(cache.batch[0].shape[0]))
     return ImportanceTable(values, space.signature, settings)

@@ -7,10 +7,10 @@ import math
 import numbers
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
-from ..errors import TableError
+from ..errors import ArgumentError, TableError
 from ..space import IDENTITY, DepthKey, Entry, MergeSpace
 
 # an entry (i, j, k, dw); a conv name (LayerOnly's per-conv importance); or a block with
@@ -50,19 +50,44 @@ def _key_from_json(raw: Any) -> Key:
 MAX_VALUE = 1e9  # beyond this a value is a unit error or garbage, never a measurement
 
 
+@dataclass(frozen=True)
+class TableSettings:
+    """How a table was obtained: a typed record, the same fields in memory and in JSON
+    (fields left unset are not written)."""
+
+    source: str = "measured"  # or "user values" (`from_values`)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], what: str = "table"):
+        """Settings from JSON; a `TableError` names any field this kind of table has not."""
+        unknown = sorted(set(raw) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TableError(f"{what}: unknown setting(s) {', '.join(map(repr, unknown))} "
+                             f"(a {cls.__name__} has {', '.join(f.name for f in fields(cls))})")
+        return cls(**raw)
+
+
 @dataclass
 class EntryTable:
     """A number per key for one graph (its `signature`), with how it was obtained."""
 
     values: dict[Key, float]
     signature: str
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: TableSettings | None = None
 
     kind: ClassVar[str] = "table"
     positive: ClassVar[bool] = False  # latencies must be > 0
+    settings_type: ClassVar[type[TableSettings]] = TableSettings
 
     def __post_init__(self) -> None:
         self.values = {key: self._check_value(key, v) for key, v in self.values.items()}
+        if self.settings is None:
+            self.settings = self.settings_type()
+        elif isinstance(self.settings, Mapping):
+            self.settings = self.settings_type.from_dict(self.settings, f"{self.kind} table")
 
     @classmethod
     def _check_value(cls, key: Key, value: Any) -> float:
@@ -94,9 +119,13 @@ class EntryTable:
     @classmethod
     def from_values(cls, space: MergeSpace, values: Mapping[Key, float], *,
                     keys: Iterable[Key] | None = None, **settings: Any):
-        """A table from the user's own numbers; every key of the space is required."""
-        table = cls({_normalise(k): v for k, v in values.items()}, space.signature,
-                    dict(settings, source=settings.get("source", "user values")))
+        """A table from the user's own numbers; every key of the space is required.
+        `settings` are fields of the table's settings type (`source` is "user values")."""
+        try:
+            typed = cls.settings_type(**{"source": "user values", **settings})
+        except TypeError as exc:
+            raise ArgumentError(f"{cls.kind} table settings: {exc}") from None
+        table = cls({_normalise(k): v for k, v in values.items()}, space.signature, typed)
         table.check(space, keys)
         return table
 
@@ -115,7 +144,7 @@ class EntryTable:
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps({
-            "kind": self.kind, "signature": self.signature, "settings": self.settings,
+            "kind": self.kind, "signature": self.signature, "settings": self.settings.to_dict(),
             "values": [[_key_to_json(k), v] for k, v in self.values.items()],
         }, indent=indent)
 
@@ -138,7 +167,8 @@ class EntryTable:
         settings = data.get("settings", {})
         if not isinstance(settings, dict):
             raise TableError(f"{cls.kind} table: 'settings' must be an object")
-        return cls({_key_from_json(k): v for k, v in rows}, signature, settings)
+        return cls({_key_from_json(k): v for k, v in rows}, signature,
+                   cls.settings_type.from_dict(settings, f"{cls.kind} table"))
 
 
 def key_name(key: Key) -> Any:

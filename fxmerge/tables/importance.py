@@ -17,6 +17,7 @@ import pickle
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import fx, nn
@@ -25,12 +26,23 @@ from ..capture.trace import ensure_shapes, example_inputs
 from ..errors import TableError
 from ..plan import Plan
 from ..space import DepthKey, Entry, MergeSpace
-from .base import EntryTable, Key, _key_from_json, _key_to_json, show_progress
+from .base import EntryTable, Key, TableSettings, _key_from_json, _key_to_json, show_progress
 
 log = logging.getLogger(__name__)
 
 Evaluate = Callable[[nn.Module], float]
 Finetune = Callable[[nn.Module], nn.Module | None]
+
+
+@dataclass(frozen=True)
+class ImportanceSettings(TableSettings):
+    """How an importance table was estimated."""
+
+    estimator: str | None = None  # "finetune", "no fine-tuning", "output agreement ..."
+    base_score: float | None = None  # evaluate() of the original network
+    num_keys: int | None = None
+    single_convs_reinitialised: bool | None = None
+    calibration_batch: int | None = None  # the output-agreement proxy's batch
 
 
 class ImportanceTable(EntryTable):
@@ -40,6 +52,7 @@ class ImportanceTable(EntryTable):
     """
 
     kind = "importance"
+    settings_type = ImportanceSettings
 
 
 # ---- the network each key scores -------------------------------------------------------
@@ -271,7 +284,7 @@ def estimate_importance(
         raise TableError(f"{len(failures)} importance entries failed after {retries + 1} "
                          f"attempts (the others are cached): {listed}")
     values = {k: math.exp(done[k] - base) for k in jobs}
-    settings = {"estimator": "finetune" if finetune else "no fine-tuning",
-                "base_score": base, "num_keys": len(values),
-                "single_convs_reinitialised": reset_single}
+    settings = ImportanceSettings(estimator="finetune" if finetune else "no fine-tuning",
+                                  base_score=base, num_keys=len(values),
+                                  single_convs_reinitialised=reset_single)
     return ImportanceTable(values, space.signature, settings)

@@ -13,7 +13,7 @@ import logging
 import statistics
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from ..capture.ops import ACTIVATION_CLASSES
 from ..errors import TableError
 from ..plan import Plan
 from ..space import IDENTITY, Entry, MergeSpace
-from .base import EntryTable, show_progress
+from .base import EntryTable, TableSettings, show_progress
 from ..backends.runtimes import get_backend, plan_runner, prepare
 from ..backends.timing import Timing, machine_description, time_callable, timing_inputs
 
@@ -79,19 +79,51 @@ def entry_signature(space: MergeSpace, entry: Entry, batch_size: int | None = No
                          k // 2, merged.groups, space.end_activation(i, j), merged.dilation)
 
 
+@dataclass(frozen=True)
+class LatencySettings(TableSettings):
+    """How a latency table was timed, and what its check against the network found."""
+
+    backend: str = "eager"
+    device: str = "cpu"
+    machine: str | None = None
+    batch_size: int | None = None
+    dtype: str = "torch.float32"
+    warmup: int | None = None
+    repeat: int | None = None
+    seconds_per_layer: float | None = None
+    threads: int | None = None
+    torch: str | None = None
+    statistic: str = "median"
+    spread: float | None = None  # median interquartile range / median over the layers
+    check: str | None = None  # "ok" or "failed" (then `check_failure` says why); None: none
+    check_failure: str | None = None
+    network_ms: float | None = None  # the whole original network, timed by the check
+    table_share: float | None = None  # the table's sum over `network_ms`
+    num_entries: int | None = None
+    num_signatures: int | None = None  # distinct convs
+    num_timed: int | None = None
+    seconds: float | None = None  # the time the table took
+
+    def timing_conditions(self) -> dict:
+        """What a cached timing must share to be reused (threads aside)."""
+        return {k: v for k, v in asdict(self).items()
+                if k in ("backend", "device", "machine", "batch_size", "dtype", "warmup",
+                         "repeat", "seconds_per_layer", "torch", "statistic")}
+
+
 class LatencyTable(EntryTable):
     """Milliseconds per entry; `num_signatures` is how many distinct convs were timed."""
 
     kind = "latency"
     positive = True
+    settings_type = LatencySettings
 
     @property
     def check_failure(self) -> str | None:
         """Why the table failed its check against the whole network, or None."""
-        check = str(self.settings.get("check", "ok"))
-        if check == "failed":
-            return str(self.settings.get("check_failure", "no reason recorded"))
-        return check.removeprefix("failed: ") if check.startswith("failed") else None
+        if self.settings.check == "failed":
+            return self.settings.check_failure or "no reason recorded"
+        return None
 
     def identity_latency(self, space: MergeSpace) -> float:
         """The original network's table latency: every conv its own block."""
@@ -147,7 +179,7 @@ def measure_latency(
     and a rerun with the same settings resumes where it stopped. With `check`, the original
     network (BatchNorm folded) is timed whole on the same backend; a table whose sum is not a
     plausible share of it (`PLAUSIBLE_TABLE_SHARE`) is timed again, and if it still is not,
-    a warning says so and `settings["check"]` records it ("failed", with the reason in
+    a warning says so and `settings.check` records it ("failed", with the reason in
     `check_failure`; `solve` repeats the warning).
     """
     from tqdm.auto import tqdm
@@ -157,12 +189,10 @@ def measure_latency(
     if threads is not None:
         torch.set_num_threads(threads)
     batch = batch_size or space.input_shape(0)[0]
-    settings = {
-        "backend": backend, "device": str(device), "machine": machine_description(device),
-        "batch_size": batch, "dtype": str(dtype), "warmup": warmup, "repeat": repeat,
-        "seconds_per_layer": seconds,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "statistic": "median",
-    }
+    settings = LatencySettings(
+        backend=backend, device=str(device), machine=machine_description(device),
+        batch_size=batch, dtype=str(dtype), warmup=warmup, repeat=repeat,
+        seconds_per_layer=seconds, threads=torch.get_num_threads(), torch=torch.__version__)
     signatures = {e: entry_signature(space, e, batch_size) for e in space.entries
                   if (e.k, e.dw) != IDENTITY}
     jobs = list(dict.fromkeys(signatures.values())) if deduplicate else list(signatures)
@@ -182,9 +212,9 @@ def measure_latency(
         values = {e: 0.0 for e in space.entries if e not in signatures}  # removing a conv
         values.update({e: timings[_job_key(sig if deduplicate else e, signatures)]
                        for e, sig in signatures.items()})
-        table = LatencyTable(values, space.signature, settings)
         if spreads:
-            settings["spread"] = round(statistics.median(spreads), 4)
+            settings = replace(settings, spread=round(statistics.median(spreads), 4))
+        table = LatencyTable(values, space.signature, settings)
         if not check:
             break
         verdict = _check_against_network(table, space, backend, device, dtype, batch)
@@ -193,13 +223,14 @@ def measure_latency(
         log.warning("%s; timing the table again", verdict)
         timings = {}
     if check and verdict is not None:
-        settings.update(check="failed", check_failure=verdict)
+        table.settings = replace(table.settings, check="failed", check_failure=verdict)
         warnings.warn(f"latency table: {verdict}; the machine was probably busy: time it "
                       "again on an idle machine", stacklevel=2)
-    settings.update(num_entries=len(values), num_signatures=len(set(signatures.values())),
-                    num_timed=len(jobs), seconds=round(time.perf_counter() - started, 3))
+    table.settings = replace(table.settings, num_entries=len(values),
+                             num_signatures=len(set(signatures.values())), num_timed=len(jobs),
+                             seconds=round(time.perf_counter() - started, 3))
     log.info("latency table: %d entries, %d distinct signatures", len(values),
-             settings["num_signatures"])
+             table.settings.num_signatures)
     return table
 
 
@@ -211,8 +242,8 @@ def _check_against_network(table: LatencyTable, space: MergeSpace, backend: str,
     run = plan_runner(space.gm, Plan.identity(space), backend, inputs, dtype)
     network = time_callable(lambda: run(*inputs), device, warmup=3, repeat=10)
     share = table.identity_latency(space) / network.ms
-    table.settings.update(network_ms=round(network.ms, 6), table_share=round(share, 4),
-                          check="ok")
+    table.settings = replace(table.settings, network_ms=round(network.ms, 6),
+                             table_share=round(share, 4), check="ok")
     low, high = PLAUSIBLE_TABLE_SHARE
     if low <= share <= high:
         return None
@@ -224,23 +255,23 @@ def _job_key(job: ConvSignature | Entry, signatures: dict) -> str:
     return job.key if isinstance(job, ConvSignature) else f"entry {tuple(job)} {signatures[job].key}"
 
 
-def _load_cache(cache: str | Path | None, settings: dict) -> dict[str, float]:
+def _load_cache(cache: str | Path | None, settings: LatencySettings) -> dict[str, float]:
     if cache is None or not Path(cache).is_file():
         return {}
     data = json.loads(Path(cache).read_text())
-    keep = {k: v for k, v in settings.items() if k != "threads"}
-    if {k: data["settings"].get(k) for k in keep} != keep:
+    if data.get("settings") != settings.timing_conditions():
         log.warning("latency cache %s has other settings; ignoring it", cache)
         return {}
     return dict(data["timings"])
 
 
-def _save_cache(cache: str | Path | None, settings: dict, timings: dict) -> None:
+def _save_cache(cache: str | Path | None, settings: LatencySettings, timings: dict) -> None:
     if cache is None:
         return
     path = Path(cache)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"settings": settings, "timings": timings}, indent=1))
+    tmp.write_text(json.dumps({"settings": settings.timing_conditions(), "timings": timings},
+                              indent=1))
     tmp.replace(path)
 
