@@ -57,7 +57,8 @@ def plan_delta(trained: Trained, plan: Plan, config: DemoConfig,
 def run_seed(config: DemoConfig, seed: int, budgets: list[float]) -> list[dict]:
     trained = train_seed(config, seed)
     space = trained.space
-    cpu = measure_latency(space, warmup=5, repeat=config.latency_repeat, progress=False)
+    cpu = measure_latency(space, trained.gm, warmup=5, repeat=config.latency_repeat,
+                          progress=False)
     importance = finetune_importance(trained, config, progress=False)
     rows = []
     for row, plan in solve_plans(space, cpu, importance, additive(space, importance), budgets):

@@ -41,8 +41,9 @@ def main() -> None:
     x, t = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 1000, (args.batch,))
     gm = fxmerge.trace(model, (x, t))
     space = fxmerge.analyze(gm, exclude=DDPM_EXCLUDE)
-    latency = fxmerge.measure_latency(space, device=device, warmup=3, repeat=args.table_repeat)
-    importance = agreement_importance(space, (x[:2], t[:2]))
+    latency = fxmerge.measure_latency(space, gm, device=device, warmup=3,
+                                     repeat=args.table_repeat)
+    importance = agreement_importance(space, gm, (x[:2], t[:2]))
     original_table = latency.identity_latency(space)
     nets = {"original": fxmerge.transform(gm, fxmerge.Plan.identity(space))}
     plans, infeasible = {}, []

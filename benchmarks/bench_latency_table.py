@@ -29,7 +29,7 @@ def main() -> None:
     space = fxmerge.analyze(gm, exclude=EXCLUDE)
     rows = []
     for dedup in (True, False):
-        table = fxmerge.measure_latency(space, batch_size=args.batch, warmup=args.warmup,
+        table = fxmerge.measure_latency(space, gm, batch_size=args.batch, warmup=args.warmup,
                                         repeat=args.repeat, deduplicate=dedup)
         s = table.settings
         rows.append({"deduplicate": dedup, "entries": s.num_entries,

@@ -115,7 +115,8 @@ def solve_plans(space: MergeSpace, cpu: LatencyTable, importance: ImportanceTabl
 def run_seed(config: DemoConfig, seed: int, budgets: list[float]) -> list[dict]:
     trained = train_seed(config, seed)
     space = trained.space
-    cpu = measure_latency(space, warmup=5, repeat=config.latency_repeat, progress=False)
+    cpu = measure_latency(space, trained.gm, warmup=5, repeat=config.latency_repeat,
+                          progress=False)
     tick = time.perf_counter()
     importance = finetune_importance(trained, config, progress=False)
     importance_s = round(time.perf_counter() - tick, 1)

@@ -54,11 +54,11 @@ def main(results: Path, importance: Path) -> None:
     for _ in range(ROUNDS):
         for batch in BATCHES:
             t0 = time.perf_counter()
-            tables[batch] = agreement_importance(space, data.val[0][:batch],
+            tables[batch] = agreement_importance(space, gm, data.val[0][:batch],
                                                  keys=space.entries, progress=False)
             times[batch].append((time.perf_counter() - t0) / space.num_entries * 1e3)
         t0 = time.perf_counter()  # the way it was done before: one whole network per entry
-        estimate_importance(space, evaluate=OutputAgreement(gm, data.val[0][:64]),
+        estimate_importance(space, gm, evaluate=OutputAgreement(gm, data.val[0][:64]),
                             keys=space.entries, progress=False)
         times["networks"].append((time.perf_counter() - t0) / space.num_entries * 1e3)
     rows = [{"proxy": "cached run" if b != "networks" else "one network per entry",

@@ -109,16 +109,16 @@ def child(name: str, size: int, keys: int) -> dict:
                                           / row["inference_peak_mb"], 2)
     del merged
     with Stage(row, "latency"):
-        latency = fxmerge.measure_latency(space)
+        latency = fxmerge.measure_latency(space, gm)
     row["timed_convs"] = latency.settings.num_signatures
     row["table_check"] = latency.settings.check
     all_keys = _all_keys(space)
     sample = random.Random(0).sample(all_keys, min(keys, len(all_keys)))
     start = time.perf_counter()  # the setup (one whole forward, the jobs) and one key
-    fxmerge.agreement_importance(space, x, keys=sample[:1])
+    fxmerge.agreement_importance(space, gm, x, keys=sample[:1])
     one = time.perf_counter() - start
     with Stage(row, "importance"):
-        fxmerge.agreement_importance(space, x, keys=sample)
+        fxmerge.agreement_importance(space, gm, x, keys=sample)
     per_key = (row["importance_s"] - one) / max(len(sample) - 1, 1)
     row.update(keys=len(all_keys), keys_timed=len(sample),
                importance_ms_per_key=round(per_key * 1e3, 1),

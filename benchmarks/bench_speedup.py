@@ -53,11 +53,11 @@ def bench_model(name: str, args) -> list[dict]:
     device = torch.device(args.device)
     gm = fxmerge.trace(factory().eval(), torch.randn(1, 3, 224, 224))
     space = fxmerge.analyze(gm, exclude=exclude)
-    importance = agreement_importance(space, torch.randn(2, 3, 224, 224))
+    importance = agreement_importance(space, gm, torch.randn(2, 3, 224, 224))
     rows = []
     for batch in args.batch:
         table_backend = "onnxruntime" if args.backend == "onnxruntime" else "eager"
-        latency = fxmerge.measure_latency(space, backend=table_backend, device=device,
+        latency = fxmerge.measure_latency(space, gm, backend=table_backend, device=device,
                                           batch_size=batch, warmup=5, repeat=args.table_repeat)
         timer = NetworkTimer(gm, space, backend=args.backend, device=device, batch_size=batch,
                              repeat=args.repeat)

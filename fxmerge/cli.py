@@ -193,8 +193,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_latency(args: argparse.Namespace) -> int:
     from .tables.latency import measure_latency
 
-    _, space = _space(args)
-    table = measure_latency(space, backend=args.backend, device=args.device,
+    gm, space = _space(args)
+    table = measure_latency(space, gm, backend=args.backend, device=args.device,
                             batch_size=args.batch, warmup=args.warmup, repeat=args.repeat,
                             seconds=args.seconds,
                             cache=args.cache, deduplicate=not args.no_dedup)
@@ -214,13 +214,13 @@ def cmd_importance(args: argparse.Namespace) -> int:
     if not args.evaluate and (args.finetune or args.cache):
         raise ArgumentError("--finetune and --cache need --evaluate (the output-agreement "
                          "default neither fine-tunes nor caches: it takes seconds)")
-    _, space = _space(args)
+    gm, space = _space(args)
     if args.evaluate:
         finetune = _attribute(args.finetune) if args.finetune else None
-        table = estimate_importance(space, evaluate=_attribute(args.evaluate),
+        table = estimate_importance(space, gm, evaluate=_attribute(args.evaluate),
                                     finetune=finetune, cache=args.cache)
     else:
-        table = agreement_importance(space, example_batch(args, args.calibration_batch))
+        table = agreement_importance(space, gm, example_batch(args, args.calibration_batch))
     low = sorted(table.values.items(), key=lambda kv: kv[1])[:5]
     print(f"{len(table)} importance values ({table.settings.estimator}); lowest: "
           + ", ".join(f"{key_name(k)}={v:.3g}" for k, v in low))

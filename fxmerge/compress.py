@@ -87,11 +87,11 @@ def compress(
                     add_activations=add_activations)
     keys = get_method(method).importance_keys(space)  # only the keys `method` reads
     if not isinstance(latency, LatencyTable):
-        latency = measure_latency(space, **dict(latency or {}))
+        latency = measure_latency(space, gm, **dict(latency or {}))
     if importance is None:
-        importance = agreement_importance(space, example_inputs, keys=keys)
+        importance = agreement_importance(space, gm, example_inputs, keys=keys)
     elif not isinstance(importance, ImportanceTable):
-        importance = estimate_importance(space, evaluate=importance, finetune=finetune,
+        importance = estimate_importance(space, gm, evaluate=importance, finetune=finetune,
                                          keys=keys)
     if budget_basis == "measured":
         timer = NetworkTimer.for_table(gm, space, latency, **dict(timing or {}))

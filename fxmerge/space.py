@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from enum import Enum
 from functools import cached_property
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import networkx as nx
 from torch import fx, nn
@@ -71,6 +73,8 @@ class Conv:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     relocatable_norm: str | None = None  # a GroupNorm before the activation (DDPM)
+    activation_module: str | None = None  # the module the activation node calls
+    score: float = 0.0  # eq. 3's score: the l1 norm of the weight, at analysis
 
     @property
     def depthwise(self) -> bool:
@@ -92,6 +96,36 @@ class Skip:
     source_node: str
     projection: str | None = None
     projection_norm: str | None = None
+    projection_stride: int = 1
+
+
+class NodeKind(str, Enum):
+    """What a graph node is to the search (the vocabulary is `capture.ops`)."""
+
+    PLACEHOLDER = "placeholder"
+    OUTPUT = "output"
+    GET_ATTR = "get_attr"
+    CONV = "conv"
+    NORM = "norm"
+    ACTIVATION = "activation"
+    ADD = "add"
+    PAD = "pad"
+    BARRIER = "barrier"  # anything else: never merged through
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class GraphNode:
+    """One node of the analysed graph, as plain data: its name, op, target, kind and the
+    names of the nodes it reads."""
+
+    name: str
+    op: str
+    target: str
+    kind: NodeKind
+    inputs: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -163,41 +197,105 @@ def _taps(state: tuple) -> int:
 
 
 class MergeSpace:
-    """Convs, skips, breaks, legal blocks and table entries of one traced graph."""
+    """Convs, skips, breaks, legal blocks and table entries of one traced graph: frozen
+    plain data (no module, no weights), saved with `to_json` and compared with `==`."""
 
     def __init__(
         self,
-        gm: fx.GraphModule,
-        convs: list[Conv],
-        units: list[Unit],
-        skips: list[Skip],
-        breaks: set[int],
-        barriers: list[str],
+        convs: Iterable[Conv],
+        units: Iterable[Unit],
+        skips: Iterable[Skip],
+        breaks: Iterable[int],
+        nodes: Iterable[GraphNode],
         stride_rule: str,
         exclude: Iterable[str] = (),
         left_out: Mapping[str, str] | None = None,
         add_activations: bool | None = False,
         max_kernel_bytes: int = MAX_KERNEL_BYTES,
     ) -> None:
-        self.gm = gm
-        self.convs = tuple(convs)
-        self.units = tuple(units)
-        self.skips = tuple(skips)
-        self.breaks = frozenset(breaks)
-        self.barriers = tuple(barriers)
-        self.stride_rule = stride_rule
-        self.exclude = tuple(sorted(exclude))
-        self.left_out = dict(left_out or {})
-        self.max_kernel_bytes = max_kernel_bytes
-        self._merged: dict[Entry, MergedConv] = {}
-        self._over_bound = 0  # options left out for their kernel's size
-        self.oversized: set[tuple[int, int]] = set()  # blocks with every option left out
-        self._options = self._enumerate_blocks()
+        set_ = object.__setattr__
+        set_(self, "convs", tuple(convs))
+        set_(self, "units", tuple(units))
+        set_(self, "skips", tuple(skips))
+        set_(self, "breaks", frozenset(breaks))
+        set_(self, "nodes", tuple(nodes))
+        set_(self, "stride_rule", stride_rule)
+        set_(self, "exclude", tuple(sorted(exclude)))
+        set_(self, "left_out", dict(left_out or {}))
+        set_(self, "max_kernel_bytes", max_kernel_bytes)
+        set_(self, "_merged", {})  # each entry's merged conv, filled by _enumerate_blocks
+        options, over_bound, oversized = self._enumerate_blocks()
+        set_(self, "_options", options)
+        set_(self, "_over_bound", over_bound)  # options left out for their kernel's size
+        set_(self, "oversized", frozenset(oversized))  # blocks with every option left out
         if add_activations is None:  # as the authors: not where GroupNorms precede them
             add_activations = not any(c.relocatable_norm for c in self.convs)
         # on only where it changes something: a block of several convs ending without one
-        self.add_activations = add_activations and self.added_activation is not None and any(
-            j - i >= 2 and self.activation(j) is None for i, j in self._options)
+        set_(self, "add_activations", add_activations and self.added_activation is not None
+             and any(j - i >= 2 and self.activation(j) is None for i, j in self._options))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"a MergeSpace is frozen: analyze the graph again to change "
+                             f"{name!r}")
+
+    # ---- plain data ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Everything the space was built from, as JSON-ready data (blocks and entries
+        follow from it)."""
+        return {"convs": [asdict(c) for c in self.convs],
+                "units": [asdict(u) for u in self.units],
+                "skips": [asdict(s) for s in self.skips],
+                "breaks": sorted(self.breaks),
+                "nodes": [asdict(n) for n in self.nodes],
+                "stride_rule": self.stride_rule, "exclude": list(self.exclude),
+                "left_out": self.left_out, "add_activations": self.add_activations,
+                "max_kernel_bytes": self.max_kernel_bytes}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MergeSpace:
+        """The space `to_dict` wrote; `SpaceError` for anything else."""
+        try:
+            return cls(
+                [Conv(**{**c, "in_shape": tuple(c["in_shape"]),
+                         "out_shape": tuple(c["out_shape"])}) for c in data["convs"]],
+                [Unit(**u) for u in data["units"]], [Skip(**s) for s in data["skips"]],
+                data["breaks"],
+                [GraphNode(**{**n, "kind": NodeKind(n["kind"]), "inputs": tuple(n["inputs"])})
+                 for n in data["nodes"]],
+                data["stride_rule"], data["exclude"], data["left_out"],
+                data["add_activations"], data["max_kernel_bytes"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SpaceError(f"not a saved MergeSpace: {type(exc).__name__}: {exc}") from None
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps({"kind": "space", "signature": self.signature, **self.to_dict()},
+                          indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> MergeSpace:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise SpaceError(f"not a saved MergeSpace: invalid JSON ({exc})") from None
+        if not isinstance(data, dict) or data.get("kind") != "space":
+            raise SpaceError("not a saved MergeSpace: no \"kind\": \"space\"")
+        space = cls.from_dict(data)
+        if space.signature != data.get("signature"):
+            raise SpaceError(f"saved MergeSpace: its signature {data.get('signature')!r} is "
+                             f"not that of its contents ({space.signature})")
+        return space
+
+    def describes(self, gm: fx.GraphModule) -> bool:
+        """Whether this space was analysed from `gm` (or a copy of it): the same nodes, in
+        order, calling the same targets."""
+        return [(n.name, n.op, str(n.target)) for n in gm.graph.nodes] == [
+            (n.name, n.op, n.target) for n in self.nodes]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MergeSpace) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(self.signature)
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -402,8 +500,12 @@ class MergeSpace:
             return MergedConv(0, 1, 1, 0)
         return self._merged[entry]
 
-    def _enumerate_blocks(self) -> dict[tuple[int, int], tuple[KernelOption, ...]]:
+    def _enumerate_blocks(self) -> tuple[dict[tuple[int, int], tuple[KernelOption, ...]], int,
+                                         set[tuple[int, int]]]:
+        """The legal blocks' kernel options; how many options the bound left out; the
+        blocks it left without any."""
         options: dict[tuple[int, int], tuple[KernelOption, ...]] = {}
+        over_bound, oversized = 0, set()
         for i in range(self.L):
             for j in range(i + 1, self.L + 1):
                 if j - 1 > i and (j - 1) in self.breaks:
@@ -422,15 +524,15 @@ class MergeSpace:
                     conv = self._merged_conv(i, j, state)
                     if option not in merged or conv.bytes > merged[option].bytes:
                         merged[option] = conv
-                self._over_bound += len(over - set(merged))
+                over_bound += len(over - set(merged))
                 self._merged.update({Entry(i, j, *o): conv for o, conv in merged.items()})
                 if merged:
                     options[(i, j)] = tuple(sorted(merged))
                 elif over:
-                    self.oversized.add((i, j))
+                    oversized.add((i, j))
         for p in self._removable_alone(options):
             options[(p - 1, p)] = (IDENTITY, *options[(p - 1, p)])
-        return options
+        return options, over_bound, oversized
 
     def _removable_alone(self, options: Mapping[tuple[int, int], object]) -> list[int]:
         """Reducible convs that only a block of their own can hold, outside every residual
@@ -443,9 +545,13 @@ class MergeSpace:
 
     @cached_property
     def conv_scores(self) -> dict[str, float]:
-        """Eq. 3's score of each conv: the l1 norm of its weight (computed once)."""
-        return {c.name: float(self.gm.get_submodule(c.name).weight.detach().abs().sum())
-                for c in self.convs}
+        """Eq. 3's score of each conv: the l1 norm of its weight, recorded at analysis."""
+        return {c.name: c.score for c in self.convs}
+
+    @property
+    def barriers(self) -> tuple[str, ...]:
+        """The nodes the search never merges through."""
+        return tuple(n.name for n in self.nodes if n.kind is NodeKind.BARRIER)
 
     def choose_convs(
         self, i: int, j: int, k: int, dw: bool, scores: Mapping[str, float] | None = None
@@ -477,14 +583,12 @@ class MergeSpace:
     @cached_property
     def graph(self) -> nx.DiGraph:
         """A NetworkX view of the FX graph; nodes carry `op`, `target`, `kind`, `position`."""
-        kinds = _node_kinds(self.gm)
         position = {u.conv: c.index for c, u in zip(self.convs, self.units)}
         g = nx.DiGraph()
-        for n in self.gm.graph.nodes:
-            g.add_node(n.name, op=n.op, target=str(n.target), kind=kinds[n.name],
+        for n in self.nodes:
+            g.add_node(n.name, op=n.op, target=n.target, kind=n.kind,
                        position=position.get(n.name))
-            for a in n.all_input_nodes:
-                g.add_edge(a.name, n.name)
+            g.add_edges_from((a, n.name) for a in n.inputs)
         return g
 
     def summary(self) -> str:
@@ -530,25 +634,25 @@ class MergeSpace:
 
 
 # ---- analysis ---------------------------------------------------------------------------
-def _node_kinds(gm: fx.GraphModule) -> dict[str, str]:
-    kinds = {}
-    for n in gm.graph.nodes:
-        if n.op in ("placeholder", "output", "get_attr"):
-            kind = n.op
-        elif ops.is_conv(gm, n):
-            kind = "conv"
-        elif ops.is_norm(gm, n):
-            kind = "norm"
-        elif ops.activation_kind(gm, n):
-            kind = "activation"
-        elif ops.is_add(n):
-            kind = "add"
-        elif ops.pad_amount(n) is not None:
-            kind = "pad"
-        else:
-            kind = "barrier"
-        kinds[n.name] = kind
-    return kinds
+def _node_kind(gm: fx.GraphModule, n: fx.Node) -> NodeKind:
+    if n.op in ("placeholder", "output", "get_attr"):
+        return NodeKind(n.op)
+    if ops.is_conv(gm, n):
+        return NodeKind.CONV
+    if ops.is_norm(gm, n):
+        return NodeKind.NORM
+    if ops.activation_kind(gm, n):
+        return NodeKind.ACTIVATION
+    if ops.is_add(n):
+        return NodeKind.ADD
+    if ops.pad_amount(n) is not None:
+        return NodeKind.PAD
+    return NodeKind.BARRIER
+
+
+def _graph_nodes(gm: fx.GraphModule) -> list[GraphNode]:
+    return [GraphNode(n.name, n.op, str(n.target), _node_kind(gm, n),
+                      tuple(a.name for a in n.all_input_nodes)) for n in gm.graph.nodes]
 
 
 def excluded(name: str, patterns: Iterable[str]) -> bool:
@@ -720,6 +824,8 @@ def analyze(
             source_node=sk.source.name,
             projection=convs_in_branch[0].target if convs_in_branch else None,
             projection_norm=norms_in_branch[0].target if norms_in_branch else None,
+            projection_stride=(ops.module_of(gm, convs_in_branch[0]).stride[0]
+                               if convs_in_branch else 1),
         ))
         first = sk.branch[-1] if sk.branch else nodes[u.add]
         skip_users.setdefault(sk.source.name, set()).add(first.name)
@@ -751,6 +857,8 @@ def analyze(
             activation=ops.activation_kind(gm, nodes[u.act]) if u.act else None,
             in_shape=ops.tensor_shape(nodes[u.input]), out_shape=ops.tensor_shape(node),
             relocatable_norm=nodes[u.rnorm].target if u.rnorm else None,
+            activation_module=nodes[u.act].target if u.act else None,
+            score=float(m.weight.detach().abs().sum()),
         ))
     for c in convs:
         if stride_rule == "paper" and c.stride > 1 and c.index < L:
@@ -759,8 +867,6 @@ def analyze(
             breaks.add(c.index + 1 if one_by_one else c.index)
     breaks.discard(L)
 
-    kinds = _node_kinds(gm)
-    barriers = [name for name, kind in kinds.items() if kind == "barrier"]
-    return MergeSpace(gm, convs, units, skips, breaks, barriers, stride_rule, exclude,
+    return MergeSpace(convs, units, skips, breaks, _graph_nodes(gm), stride_rule, exclude,
                       {n: why for n, why in left_out.items() if why != "excluded"},
                       add_activations, max_kernel_bytes)

@@ -180,3 +180,62 @@ def test_backends_have_one_spelling_each():
     assert BACKENDS == ("eager", "inductor", "onnxruntime", "tensorrt")
     with pytest.raises(fxmerge.ArgumentError, match="unknown latency backend 'compile'"):
         get_backend("compile")
+
+
+def test_the_space_is_frozen_plain_data_saved_and_compared(resnet):
+    gm, space = resnet
+    assert not hasattr(space, "gm")
+    with pytest.raises(AttributeError, match="frozen"):
+        space.stride_rule = "exact"
+    again = fxmerge.MergeSpace.from_json(space.to_json())
+    assert again == space and again.signature == space.signature
+    assert again.entries == space.entries and again.blocks == space.blocks
+    assert again.graph.number_of_nodes() == len(gm.graph.nodes)
+    multi = [e for e in space.entries if e.j - e.i > 1 and e.k > 0]
+    assert all(again.choose_convs(*e) == space.choose_convs(*e) for e in multi)
+    assert again.describes(gm) and fxmerge.prune(gm, fxmerge.Plan.random(again, 0), again)
+    assert fxmerge.analyze(gm, stride_rule="exact") != space
+    with pytest.raises(fxmerge.SpaceError, match="signature"):
+        fxmerge.MergeSpace.from_json(space.to_json().replace(
+            f'"signature": "{space.signature}"', '"signature": "0000"'))
+    with pytest.raises(fxmerge.SpaceError, match="not a saved MergeSpace"):
+        fxmerge.MergeSpace.from_json('{"kind": "space", "convs": 3}')
+
+
+def test_tables_refuse_a_graph_the_space_was_not_analysed_from(resnet):
+    gm, space = resnet
+    other = fxmerge.trace(torchvision.models.resnet34(), X)
+    with pytest.raises(fxmerge.ArgumentError, match="another graph than gm"):
+        fxmerge.agreement_importance(space, other, X)
+    with pytest.raises(fxmerge.ArgumentError, match="gm must be the GraphModule"):
+        fxmerge.agreement_importance(space, X, gm)
+
+
+# each stage imports only stages before it (docs/architecture.md)
+LAYERS = ["errors", "algebra capture models", "space", "plan", "passes", "backends", "tables",
+          "solve", "compress", "demos", "cli"]
+
+
+def test_no_stage_imports_a_later_one():
+    import ast
+    from pathlib import Path
+
+    rank = {name: r for r, names in enumerate(LAYERS) for name in names.split()}
+    root = Path(fxmerge.__file__).parent
+    wrong = []
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        if parts == ("__init__",):
+            continue
+        here = rank[parts[0]]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = list(parts[:len(parts) - node.level])
+                target = (base + (node.module or "").split("."))[0] if base or node.module \
+                    else None
+                names = [a.name for a in node.names]
+                targets = [target] if target else names
+                for t in targets:
+                    if t in rank and rank[t] > here:
+                        wrong.append(f"{'/'.join(parts)} imports {t}")
+    assert not wrong, wrong

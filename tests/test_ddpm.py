@@ -132,10 +132,10 @@ def test_diffusers_unet_via_export_merges_its_resnet_blocks_exactly():
 
 def test_tables_and_solve_on_the_unet(small):
     _, gm, space = small
-    latency = fxmerge.measure_latency(space, warmup=0, repeat=1)
+    latency = fxmerge.measure_latency(space, gm, warmup=0, repeat=1)
     removals = [e for e in space.entries if e.k == 0]
     assert len(removals) == 3 and all(latency[e] == 0.0 for e in removals)
-    importance = fxmerge.agreement_importance(space, (X, T))
+    importance = fxmerge.agreement_importance(space, gm, (X, T))
     assert all(e in importance for e in space.entries)
     for budget in (0.73, 0.58):
         plan = fxmerge.solve(space, latency, importance, budget=budget)

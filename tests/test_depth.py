@@ -79,11 +79,11 @@ def test_a_key_adds_the_activations_it_names(spaces):
 
 
 def test_importance_measures_the_depth_keys(spaces):
-    _, space, _ = spaces
-    table = agreement_importance(space, X, keys=[*space.entries, *space.depth_keys])
+    gm, space, _ = spaces
+    table = agreement_importance(space, gm, X, keys=[*space.entries, *space.depth_keys])
     assert set(table.values) == set(space.entries) | set(space.depth_keys)
     assert all(table[k] < 1 for k in space.depth_keys)  # every such network differs
-    only_lm = agreement_importance(space, X, keys=space.entries)
+    only_lm = agreement_importance(space, gm, X, keys=space.entries)
     assert set(only_lm.values) == set(space.entries)
     again = fxmerge.ImportanceTable.from_json(table.to_json())
     assert again.values == table.values

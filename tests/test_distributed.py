@@ -60,11 +60,11 @@ def test_dask_cluster_survives_a_killed_worker(client, tmp_path):
     cache, marker = tmp_path / "imp.jsonl", tmp_path / "killed"
     evaluate = KillsItsWorkerOnce(agreement, cache, marker, after=3)
 
-    table = estimate_importance(space, evaluate=evaluate, executor=client.get_executor(),
+    table = estimate_importance(space, gm, evaluate=evaluate, executor=client.get_executor(),
                                 cache=cache)
 
     assert marker.exists(), "no worker was killed: the test did not test anything"
-    serial = estimate_importance(space, evaluate=agreement)
+    serial = estimate_importance(space, gm, evaluate=agreement)
     assert table.values.keys() == serial.values.keys()
     for key, value in serial.values.items():
         assert math.isclose(table[key], value, rel_tol=1e-5), key

@@ -65,7 +65,7 @@ def test_solver_refuses_bad_budgets_methods_and_backends(resnet):
 def test_importance_refuses_a_non_finite_original_score():
     gm = fxmerge.trace(small_net([("conv", 4, 3, 1, True, False)]), torch.randn(1, 3, 8, 8))
     with pytest.raises(fxmerge.TableError, match="original network returned nan"):
-        fxmerge.estimate_importance(fxmerge.analyze(gm), evaluate=lambda m: math.nan)
+        fxmerge.estimate_importance(fxmerge.analyze(gm), gm, evaluate=lambda m: math.nan)
 
 
 # ---- malformed plan and table files, bad arguments ---------------------------------------

@@ -20,8 +20,12 @@ SPEC = [("conv", 8, 3, 1, True, False), ("res", [("c", 3, False), ("c", 3, False
 
 
 @pytest.fixture
-def space():
-    gm = fxmerge.trace(randomize_batchnorm(small_net(SPEC)), torch.randn(2, 3, 12, 12))
+def gm():
+    return fxmerge.trace(randomize_batchnorm(small_net(SPEC)), torch.randn(2, 3, 12, 12))
+
+
+@pytest.fixture
+def space(gm):
     return fxmerge.analyze(gm)
 
 
@@ -39,8 +43,8 @@ def merges_to_5x5(model):
     return any(isinstance(m, nn.Conv2d) and m.padding[0] == 2 for m in model.modules())
 
 
-def test_table_covers_every_entry_and_unchanged_blocks_score_one(space):
-    table = agreement_importance(space, torch.randn(4, 3, 12, 12))
+def test_table_covers_every_entry_and_unchanged_blocks_score_one(space, gm):
+    table = agreement_importance(space, gm, torch.randn(4, 3, 12, 12))
     reducible = [c.name for c in space.convs if not c.irreducible]
     assert set(table.values) == set(space.entries) | set(reducible)
     assert all(0 < v <= 1 + 1e-9 for v in table.values.values())
@@ -51,20 +55,21 @@ def test_table_covers_every_entry_and_unchanged_blocks_score_one(space):
     assert min(merged) < 1.0
 
 
-def test_finetune_is_called_on_a_trainable_copy(space):
+def test_finetune_is_called_on_a_trainable_copy(space, gm):
     seen = []
 
     def finetune(model):
         seen.append(model.training)
 
-    estimate_importance(space, evaluate=lambda m: 0.0, finetune=finetune, keys=no_layeronly(space))
+    estimate_importance(space, gm, evaluate=lambda m: 0.0, finetune=finetune,
+                        keys=no_layeronly(space))
     assert len(seen) == space.num_entries and all(seen)
 
 
-def test_killed_run_resumes_from_its_cache(space, tmp_path):
+def test_killed_run_resumes_from_its_cache(space, gm, tmp_path):
     cache = tmp_path / "imp.jsonl"
     batch = torch.randn(2, 3, 12, 12)
-    agree = OutputAgreement(space.gm, batch)
+    agree = OutputAgreement(gm, batch)
     calls = []
 
     def dying(model):
@@ -74,7 +79,7 @@ def test_killed_run_resumes_from_its_cache(space, tmp_path):
         return agree(model)
 
     with pytest.raises(KeyboardInterrupt):
-        estimate_importance(space, evaluate=dying, cache=cache)
+        estimate_importance(space, gm, evaluate=dying, cache=cache)
     lines = cache.read_text().splitlines()
     assert len(lines) == 6  # header + 5 finished entries
     finished = {tuple(json.loads(line)["key"]) if isinstance(json.loads(line)["key"], list)
@@ -86,17 +91,17 @@ def test_killed_run_resumes_from_its_cache(space, tmp_path):
         rerun.append(1)
         return agree(model)
 
-    table = estimate_importance(space, evaluate=counting, cache=cache)
+    table = estimate_importance(space, gm, evaluate=counting, cache=cache)
     total = len(table)
     assert len(rerun) == total - len(finished)  # nothing finished is recomputed, base cached
-    fresh = agreement_importance(space, batch)
+    fresh = agreement_importance(space, gm, batch)
     for key, value in fresh.values.items():
         assert table[key] == pytest.approx(value)
 
 
-def test_failing_entries_are_named_retried_and_the_others_kept(space, tmp_path):
+def test_failing_entries_are_named_retried_and_the_others_kept(space, gm, tmp_path):
     cache = tmp_path / "imp.jsonl"
-    agree = OutputAgreement(space.gm, torch.randn(2, 3, 12, 12))
+    agree = OutputAgreement(gm, torch.randn(2, 3, 12, 12))
     flaky_seen, calls = set(), []
 
     def evaluate(model):
@@ -110,7 +115,7 @@ def test_failing_entries_are_named_retried_and_the_others_kept(space, tmp_path):
         return agree(model)
 
     with pytest.raises(fxmerge.TableError, match=r"failed after 2 attempts") as info:
-        estimate_importance(space, evaluate=evaluate, cache=cache, retries=1)
+        estimate_importance(space, gm, evaluate=evaluate, cache=cache, retries=1)
     failing = [e for e in space.entries if e.k == 5]
     assert failing
     for e in failing:
@@ -120,39 +125,40 @@ def test_failing_entries_are_named_retried_and_the_others_kept(space, tmp_path):
     assert len(records) == expected  # every other entry is kept, transient ones included
 
 
-def test_process_pool_executor(space):
+def test_process_pool_executor(space, gm):
     batch = torch.randn(2, 3, 12, 12)
     # spawn, not fork: a forked child can deadlock in torch's thread pools
-    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        table = estimate_importance(space, evaluate=OutputAgreement(space.gm, batch),
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=2, mp_context=spawn) as pool:
+        table = estimate_importance(space, gm, evaluate=OutputAgreement(gm, batch),
                                     executor=pool, keys=no_layeronly(space))
-    serial = estimate_importance(space, evaluate=OutputAgreement(space.gm, batch),
+    serial = estimate_importance(space, gm, evaluate=OutputAgreement(gm, batch),
                                  keys=no_layeronly(space))
     assert table.values.keys() == serial.values.keys()
     for k, v in serial.values.items():
         assert math.isclose(table[k], v, rel_tol=1e-5)
 
 
-def test_cache_of_another_graph_is_refused(space, tmp_path):
+def test_cache_of_another_graph_is_refused(space, gm, tmp_path):
     cache = tmp_path / "imp.jsonl"
     cache.write_text(json.dumps({"signature": "other", "base_score": 0.0}) + "\n")
     with pytest.raises(fxmerge.TableError, match="another graph"):
-        estimate_importance(space, evaluate=lambda m: 0.0, cache=cache)
+        estimate_importance(space, gm, evaluate=lambda m: 0.0, cache=cache)
 
 
-def test_single_conv_entries_are_reinitialised_before_the_finetune(space):
+def test_single_conv_entries_are_reinitialised_before_the_finetune(space, gm):
     """The authors re-initialise the conv (and norm) of a single-conv entry before the short
     fine-tune; with a fine-tune that changes nothing, what is measured is that reset."""
-    evaluate = OutputAgreement(space.gm, torch.randn(4, 3, 12, 12))
+    evaluate = OutputAgreement(gm, torch.randn(4, 3, 12, 12))
 
     def unchanged(model):
         return model
 
-    table = estimate_importance(space, evaluate=evaluate, finetune=unchanged,
+    table = estimate_importance(space, gm, evaluate=evaluate, finetune=unchanged,
                                 keys=no_layeronly(space))
     assert table.settings.single_convs_reinitialised
     singles = [e for e in space.entries if e.j == e.i + 1 and e.k > 0]
-    plain = estimate_importance(space, evaluate=evaluate, finetune=unchanged,
+    plain = estimate_importance(space, gm, evaluate=evaluate, finetune=unchanged,
                                 keys=no_layeronly(space),
                                 reset_single=False)
     assert singles and all(plain[e] == pytest.approx(1.0) for e in singles)
@@ -163,12 +169,12 @@ def test_single_conv_entries_are_reinitialised_before_the_finetune(space):
             assert table[e] == pytest.approx(plain[e])
 
 
-def test_a_cache_made_with_another_reset_setting_is_refused(space, tmp_path):
-    evaluate = OutputAgreement(space.gm, torch.randn(4, 3, 12, 12))
+def test_a_cache_made_with_another_reset_setting_is_refused(space, gm, tmp_path):
+    evaluate = OutputAgreement(gm, torch.randn(4, 3, 12, 12))
     cache = tmp_path / "imp.jsonl"
-    estimate_importance(space, evaluate=evaluate, cache=cache, keys=[])
+    estimate_importance(space, gm, evaluate=evaluate, cache=cache, keys=[])
     with pytest.raises(fxmerge.TableError, match="reset_single"):
-        estimate_importance(space, evaluate=evaluate, cache=cache, reset_single=True)
+        estimate_importance(space, gm, evaluate=evaluate, cache=cache, reset_single=True)
 
 
 def test_fast_proxy_equals_scoring_each_pruned_network():
@@ -179,10 +185,10 @@ def test_fast_proxy_equals_scoring_each_pruned_network():
     gm = fxmerge.trace(randomize_batchnorm(DemoMobileNetV2()), x)
     space = fxmerge.analyze(gm, exclude=DemoMobileNetV2.EXCLUDE)
     assert space.add_activations and space.depth_keys
-    fast = agreement_importance(space, x)
+    fast = agreement_importance(space, gm, x)
     keys = [*list(space.entries)[::4], *space.depth_keys[::3],
             *[c.name for c in space.convs if not c.irreducible][:3]]
-    slow = estimate_importance(space, evaluate=OutputAgreement(gm, x), keys=keys)
+    slow = estimate_importance(space, gm, evaluate=OutputAgreement(gm, x), keys=keys)
     assert set(slow.values) == set(keys) and set(keys) <= set(fast.values)
     assert min(slow.values.values()) < 0.99
     for key, value in slow.values.items():
@@ -190,17 +196,17 @@ def test_fast_proxy_equals_scoring_each_pruned_network():
     assert fast.settings.calibration_batch == 4
 
 
-def test_only_what_a_plan_changes_is_recomputed(space):
+def test_only_what_a_plan_changes_is_recomputed(space, gm):
     x = torch.randn(2, 3, 12, 12)
-    cache = CachedOutputs(space.gm, x)
-    identity = prune_graph(space, fxmerge.Plan.identity(space))
+    cache = CachedOutputs(gm, x)
+    identity = prune_graph(gm, space, fxmerge.Plan.identity(space))
     assert len(cache.unchanged(identity)) == len(identity.graph.nodes) - 1  # all but output
     last = max((e for e in space.entries if e.j - e.i > 1), key=lambda e: e.i)
     plan = block_plan(space, last, space.conv_scores)
-    changed = prune_graph(space, plan)
+    changed = prune_graph(gm, space, plan)
     reused = {n.name for n in cache.unchanged(changed)}
     assert space.units[last.i].input in reused  # the block's input: computed before it
     assert 0 < len(reused) < len(changed.graph.nodes) - 1
     with torch.no_grad():
-        full = fxmerge.prune(space.gm, plan).eval()(x)
+        full = fxmerge.prune(gm, plan).eval()(x)
     assert torch.allclose(cache.run(changed), full, rtol=1e-6, atol=1e-7)

@@ -14,10 +14,16 @@ from fxmerge.backends.timing import Timing, time_against_reference, time_interle
 MBV2_EXCLUDE = ["features.0.0", "features.18.0"]
 
 
-def tiny_space():
+def tiny():
+    """A traced small residual net and its space."""
     net = small_net([("conv", 4, 3, 1, True, False), ("res", [("c", 3, False), ("c", 3, False)]),
                      ("conv", 8, 1, 2, True, False)])
-    return fxmerge.analyze(fxmerge.trace(net, torch.randn(1, 3, 16, 16)))
+    gm = fxmerge.trace(net, torch.randn(1, 3, 16, 16))
+    return gm, fxmerge.analyze(gm)
+
+
+def tiny_space():
+    return tiny()[1]
 
 
 def test_signatures_are_deduplicated_on_mobilenet_v2():
@@ -100,8 +106,9 @@ def test_tensorrt_backend_says_how_to_install():
 
 def test_compile_backend_runs():
     net = small_net([("conv", 4, 3, 1, True, False), ("conv", 4, 3, 1, True, False)])
-    space = fxmerge.analyze(fxmerge.trace(net, torch.randn(1, 3, 8, 8)))
-    table = fxmerge.measure_latency(space, backend="inductor", warmup=1, repeat=2)
+    gm = fxmerge.trace(net, torch.randn(1, 3, 8, 8))
+    space = fxmerge.analyze(gm)
+    table = fxmerge.measure_latency(space, gm, backend="inductor", warmup=1, repeat=2)
     assert table.settings.backend == "inductor" and len(table) == space.num_entries
 
 
@@ -120,21 +127,22 @@ def test_interleaved_rounds_reverse_the_order_every_other_round():
 
 
 def test_table_is_checked_against_the_whole_network():
-    table = fxmerge.measure_latency(tiny_space(), warmup=1, repeat=3)
+    gm, space = tiny()
+    table = fxmerge.measure_latency(space, gm, warmup=1, repeat=3)
     s = table.settings
     low, high = latency_mod.PLAUSIBLE_TABLE_SHARE
     assert s.network_ms > 0 and s.spread is not None
     # (a table of layers this small can be flagged: call overhead; the record must agree)
     assert (s.check == "ok") == (low <= s.table_share <= high)
     assert s.table_share == pytest.approx(
-        table.identity_latency(tiny_space()) / s.network_ms, rel=1e-3)
+        table.identity_latency(space) / s.network_ms, rel=1e-3)
 
 
 def test_a_table_timed_under_load_is_retimed_then_flagged(monkeypatch):
     """Convs that time 100x slower than the network they make up cannot be right: the table
     is timed again, and when it stays wrong the warning and the record say so, and solve
     repeats the warning."""
-    space = tiny_space()
+    gm, space = tiny()
     calls = []
 
     def loaded(sig, **kw):
@@ -143,7 +151,7 @@ def test_a_table_timed_under_load_is_retimed_then_flagged(monkeypatch):
 
     monkeypatch.setattr(latency_mod, "time_signature", loaded)
     with pytest.warns(UserWarning, match=r"table sums to .*x the whole original network"):
-        table = fxmerge.measure_latency(space, warmup=1, repeat=2)
+        table = fxmerge.measure_latency(space, gm, warmup=1, repeat=2)
     assert len(calls) == 2 * table.settings.num_signatures  # timed twice
     assert table.settings.check.startswith("failed")
     again = fxmerge.LatencyTable.from_json(table.to_json())
@@ -160,8 +168,8 @@ def test_a_table_timed_under_load_is_retimed_then_flagged(monkeypatch):
 def test_onnxruntime_backend_times_layers_and_runs_networks_exactly():
     from helpers import randomize_batchnorm, relative_error
 
-    space = tiny_space()
-    table = fxmerge.measure_latency(space, backend="onnxruntime", warmup=1, repeat=2)
+    gm, space = tiny()
+    table = fxmerge.measure_latency(space, gm, backend="onnxruntime", warmup=1, repeat=2)
     assert table.settings.backend == "onnxruntime" and table.settings.network_ms > 0
     assert len(table) == space.num_entries
     net = randomize_batchnorm(small_net([("conv", 4, 3, 1, True, False),

@@ -122,7 +122,7 @@ def test_passes_never_mutate_their_input():
     paddings = {c.name: gm.get_submodule(c.name).padding for c in space.convs}
     replaced = {}  # prune_graph keeps gm's modules, replacing some, changing none
     for seed in range(4):
-        replaced |= prune_graph(space, fxmerge.Plan.random(space, seed)).modules
+        replaced |= prune_graph(gm, space, fxmerge.Plan.random(space, seed)).modules
     assert set(replaced) & set(paddings)
     assert all(m is not gm.get_submodule(t) for t, m in replaced.items() if t in paddings)
     assert {c.name: gm.get_submodule(c.name).padding for c in space.convs} == paddings
@@ -310,7 +310,7 @@ def test_random_nets_and_plans_merge_exactly(spec, stride_rule, seed, add_activa
     with torch.no_grad():
         assert relative_error(pruned(x), merged(x)) <= 1e-5
         # what the importance proxy runs: prune_graph, from the original's cached values
-        assert relative_error(pruned(x), CachedOutputs(gm, x).run(prune_graph(space, plan))
+        assert relative_error(pruned(x), CachedOutputs(gm, x).run(prune_graph(gm, space, plan))
                               ) <= 1e-10
     assert merged_conv_names(merged) & {c.name for c in space.convs} == {
         b.kept[0] for b in plan.blocks}

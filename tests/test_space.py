@@ -110,10 +110,11 @@ def test_exact_stride_rule_allows_more_blocks():
 
 
 def test_summary_and_graph_view():
-    space = space_of(torchvision.models.resnet18())
+    gm = fxmerge.trace(torchvision.models.resnet18(), X64)
+    space = fxmerge.analyze(gm)
     text = space.summary()
     assert "layer2.0.conv1" in text and f"{space.num_entries} entries" in text
-    assert space.graph.number_of_nodes() == len(list(space.gm.graph.nodes))
+    assert space.graph.number_of_nodes() == len(list(gm.graph.nodes))
 
 
 def test_untraceable_model_gets_a_trace_error():

@@ -156,7 +156,7 @@ def finetune_importance(trained: Trained, config: DemoConfig,
     """The paper's importance table (every method's keys): brief fine-tune, validation
     accuracy."""
     evaluate, finetune = estimator(trained, config)
-    return estimate_importance(trained.space, evaluate=evaluate, finetune=finetune,
+    return estimate_importance(trained.space, trained.gm, evaluate=evaluate, finetune=finetune,
                                reset_single=config.reset_single, progress=progress)
 
 
@@ -176,14 +176,15 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
     trained = train_seed(config, seed)
     data, gm, space, base_acc = trained.data, trained.gm, trained.space, trained.base_acc
     example = data.test[0][: config.latency_batch]
-    latency = measure_latency(space, warmup=5, repeat=config.latency_repeat, progress=progress)
+    latency = measure_latency(space, gm, warmup=5, repeat=config.latency_repeat,
+                              progress=progress)
     print(f"latency table: {space.num_entries} entries, {latency.settings.num_signatures} "
           f"convs timed, batch {config.latency_batch}, {latency.settings.seconds:.0f} s")
     tick = time.perf_counter()
     importance = finetune_importance(trained, config, progress)
     finetune_s = time.perf_counter() - tick
     tick = time.perf_counter()
-    proxy = agreement_importance(space, data.val[0][: config.proxy_batch],
+    proxy = agreement_importance(space, gm, data.val[0][: config.proxy_batch],
                                  keys=space.entries)
     proxy_s = time.perf_counter() - tick
     rho = spearman(importance, proxy)

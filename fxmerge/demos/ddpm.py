@@ -238,12 +238,13 @@ def run_ddpm_demo(out: Path | None = None, config: DDPMDemoConfig = DDPMDemoConf
     t = torch.randint(config.timesteps, (len(x),), generator=torch.Generator().manual_seed(2))
     gm = trace(model, (x, t))
     space = analyze(gm, exclude=DDPM_EXCLUDE)
-    latency = measure_latency(space, warmup=5, repeat=config.latency_repeat, progress=progress)
+    latency = measure_latency(space, gm, warmup=5, repeat=config.latency_repeat,
+                              progress=progress)
     print(f"latency table: {space.num_entries} entries in {space.num_blocks} blocks, "
           f"{latency.settings.num_signatures} convs timed, batch {config.latency_batch} "
           f"({clock()})")
     importance = estimate_importance(
-        space, evaluate=_Score(held_out, base_loss),
+        space, gm, evaluate=_Score(held_out, base_loss),
         finetune=_Finetune(x_train, diffusion, config.importance_steps, config.batch),
         progress=progress)
     print(f"importance table: {len(importance)} fine-tuned estimates ({clock()})")

@@ -114,23 +114,20 @@ def resolve(space: MergeSpace, plan: Plan) -> Edits:
         physical = {p: (0 if p < first else border[p]) for p in border}
         for skip in space.skips:
             if i <= skip.source and skip.target <= j:
-                stride = (space.gm.get_submodule(skip.projection).stride[0]
-                          if skip.projection else 1)
-                crop = physical[skip.source] - stride * physical[skip.target]
+                crop = physical[skip.source] - skip.projection_stride * physical[skip.target]
                 if crop:
                     skip_pads.append(SkipPad(skip.source_node, skip.projection or skip.add_node,
                                              skip.projection is not None, crop))
     added = plan.added_activations(space)
-    nodes = {n.name: n for n in space.gm.graph.nodes}
-    template = next((nodes[u.act].target for c, u in zip(space.convs, space.units)
+    template = next((c.activation_module for c in space.convs
                      if c.activation == space.added_activation), None) if added else None
     removed = plan.removed_activations(space)
     inner, norms = set(removed), []
     for i, j in spans:
-        rnorms = [space.units[p - 1].rnorm for p in range(i + 1, j + 1)
-                  if space.conv(p).name in inner and space.units[p - 1].rnorm]
+        rnorms = [space.conv(p).relocatable_norm for p in range(i + 1, j + 1)
+                  if space.conv(p).name in inner and space.conv(p).relocatable_norm]
         if rnorms:
-            norms.append(RelocatedNorm(f"{space.conv(j).name}_norm", nodes[rnorms[-1]].target,
+            norms.append(RelocatedNorm(f"{space.conv(j).name}_norm", rnorms[-1],
                                        space.units[j - 1].pre_skip, space.conv(j).out_channels))
     units = {c.name: u for c, u in zip(space.convs, space.units)}
     bypassed = [(units[n].rnorm or units[n].act, units[n].act) for n in removed]
@@ -207,11 +204,12 @@ def _check_skips(gm: fx.GraphModule, space: MergeSpace) -> None:
 
 def check_space(gm: fx.GraphModule, space: MergeSpace) -> None:
     """`PlanError` unless `space` was analysed from `gm` (or a copy of it)."""
-    names = {n.name for n in gm.graph.nodes}
-    missing = [u.conv for u in space.units if u.conv not in names]
-    if missing:
-        raise PlanError(f"the space was analysed from another graph (no node '{missing[0]}' "
-                        "here): analyse this graph, or pass the graph the space came from")
+    if not space.describes(gm):
+        names = {n.name for n in gm.graph.nodes}
+        differ = next((n.name for n in space.nodes if n.name not in names), None)
+        where = f"no node '{differ}' here" if differ else "its nodes differ"
+        raise PlanError(f"the space was analysed from another graph ({where}): analyse "
+                        "this graph, or pass the graph the space came from")
 
 
 class PrunePass(FxMergePass):
@@ -269,9 +267,10 @@ def prune(gm: fx.GraphModule, plan: Plan, space: MergeSpace | None = None) -> fx
     return out
 
 
-def prune_graph(space: MergeSpace, plan: Plan) -> PrunedGraph:
-    """`plan` applied to `space.gm` as `prune` does, but without copying, compiling or
-    shape-checking a network: for scoring many plans (the output-agreement importance)."""
-    out = PrunedGraph(space.gm)
+def prune_graph(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> PrunedGraph:
+    """`plan` applied to `gm` (the graph `space` was analysed from) as `prune` does, but
+    without copying, compiling or shape-checking a network: for scoring many plans (the
+    output-agreement importance)."""
+    out = PrunedGraph(gm)
     apply_edits(out, resolve(space, plan))
     return out

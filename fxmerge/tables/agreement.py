@@ -23,7 +23,7 @@ from ..capture.trace import ExampleInputs, as_tuple
 from ..errors import TableError
 from ..passes.prune import PrunedGraph, prune_graph
 from ..space import MergeSpace
-from .base import Key, show_progress
+from .base import Key, check_graph_of, show_progress
 from .importance import ImportanceSettings, ImportanceTable, importance_jobs
 
 
@@ -109,16 +109,16 @@ class CachedOutputs:
             return _Run(variant).run(*self.batch, initial_env=self.unchanged(variant))
 
 
-def agreement_importance(space: MergeSpace, batch: ExampleInputs, *,
+def agreement_importance(space: MergeSpace, gm: fx.GraphModule, batch: ExampleInputs, *,
                          keys: Iterable[Key] | None = None, progress: bool | None = None
                          ) -> ImportanceTable:
     """The cheap proxy table: for each key (by default every key of the space, as
     `estimate_importance`), exp(-relative squared error) of the output of the network with
-    only that change against the original's on `batch`. About one partial forward of
-    `batch` per key."""
+    only that change against the original's on `batch`. `gm` is the graph `space` was
+    analysed from. About one partial forward of `batch` per key."""
     from tqdm.auto import tqdm
 
-    gm = space.gm
+    check_graph_of(gm, space, "agreement_importance(space, gm, batch)")
     was_training = gm.training
     gm.eval()
     try:
@@ -127,7 +127,7 @@ def agreement_importance(space: MergeSpace, batch: ExampleInputs, *,
         jobs = importance_jobs(space, keys, reset_single=False)
         for key, (plan, _) in tqdm(jobs.items(), desc="importance (output agreement)",
                                    unit="entry", disable=not show_progress(progress)):
-            err = relative_squared_error(cache.run(prune_graph(space, plan)), cache.output)
+            err = relative_squared_error(cache.run(prune_graph(gm, space, plan)), cache.output)
             if not math.isfinite(err):
                 raise TableError(f"importance entry {key}: the output's error is {err}")
             values[key] = math.exp(-err)

@@ -171,6 +171,17 @@ class EntryTable:
                    cls.settings_type.from_dict(settings, f"{cls.kind} table"))
 
 
+def check_graph_of(gm: Any, space: MergeSpace, call: str) -> None:
+    """`ArgumentError` unless `gm` is the GraphModule `space` was analysed from."""
+    from torch import fx
+
+    if not isinstance(gm, fx.GraphModule):
+        raise ArgumentError(f"{call}: gm must be the GraphModule the space was analysed from "
+                            f"(fxmerge.trace), got {type(gm).__name__}")
+    if not space.describes(gm):
+        raise ArgumentError(f"{call}: the space was analysed from another graph than gm")
+
+
 def key_name(key: Key) -> Any:
     """How an error message names a key."""
     return key if isinstance(key, (str, DepthKey)) else tuple(key)

@@ -26,7 +26,7 @@ from ..capture.trace import ensure_shapes, example_inputs
 from ..errors import TableError
 from ..plan import Plan
 from ..space import DepthKey, Entry, MergeSpace
-from .base import EntryTable, Key, TableSettings, _key_from_json, _key_to_json, show_progress
+from .base import EntryTable, Key, TableSettings, check_graph_of, _key_from_json, _key_to_json, show_progress
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def importance_jobs(space: MergeSpace, keys: Iterable[Key] | None, reset_single:
 
 def estimate_importance(
     space: MergeSpace,
-    gm: fx.GraphModule | None = None,
+    gm: fx.GraphModule,
     *,
     evaluate: Evaluate,
     finetune: Finetune | None = None,
@@ -224,7 +224,8 @@ def estimate_importance(
 ) -> ImportanceTable:
     """The paper's importance table: one pruned, briefly fine-tuned, scored network per key.
 
-    `evaluate(model) -> float` (higher is better) and `finetune(model)` are the user's. With
+    `gm` is the graph `space` was analysed from. `evaluate(model) -> float` (higher is
+    better) and `finetune(model)` are the user's. With
     `executor` (a process pool, a dask client's executor, ...) the entries run in parallel;
     they must then be picklable. `cache` is a JSON-lines file: each finished entry is
     appended at once, and a rerun skips what it holds. A failing entry is logged by name and
@@ -236,7 +237,7 @@ def estimate_importance(
     """
     from tqdm.auto import tqdm
 
-    gm = gm if gm is not None else space.gm
+    check_graph_of(gm, space, "estimate_importance(space, gm, evaluate=...)")
     path = Path(cache) if cache is not None else None
     if reset_single is None:
         reset_single = finetune is not None

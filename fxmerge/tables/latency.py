@@ -17,13 +17,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..capture.ops import ACTIVATION_CLASSES
 from ..errors import TableError
 from ..plan import Plan
 from ..space import IDENTITY, Entry, MergeSpace
-from .base import EntryTable, TableSettings, show_progress
+from .base import EntryTable, TableSettings, check_graph_of, show_progress
 from ..backends.runtimes import get_backend, plan_runner, prepare
 from ..backends.timing import Timing, machine_description, time_callable, timing_inputs
 
@@ -155,6 +155,7 @@ PLAUSIBLE_TABLE_SHARE = (0.2, 3.0)
 
 def measure_latency(
     space: MergeSpace,
+    gm: fx.GraphModule | None = None,
     *,
     backend: str = "eager",
     device: str | torch.device = "cpu",
@@ -166,7 +167,7 @@ def measure_latency(
     threads: int | None = None,
     cache: str | Path | None = None,
     deduplicate: bool = True,
-    check: bool = True,
+    check: bool | None = None,
     progress: bool | None = None,
 ) -> LatencyTable:
     """Time every entry of `space` as its single merged layer; identity costs nothing.
@@ -176,7 +177,8 @@ def measure_latency(
     fast layers get many runs and slow ones, which no budget would pick, few. Distinct conv
     signatures are timed once (`deduplicate=False` times every entry, to measure what that
     saves). With `cache`, each timing is written to that JSON file as soon as it is known,
-    and a rerun with the same settings resumes where it stopped. With `check`, the original
+    and a rerun with the same settings resumes where it stopped. With `check` (by default,
+    when `gm`, the graph `space` was analysed from, is given), the original
     network (BatchNorm folded) is timed whole on the same backend; a table whose sum is not a
     plausible share of it (`PLAUSIBLE_TABLE_SHARE`) is timed again, and if it still is not,
     a warning says so and `settings.check` records it ("failed", with the reason in
@@ -185,6 +187,10 @@ def measure_latency(
     from tqdm.auto import tqdm
 
     backend = get_backend(backend).value
+    if check is None:
+        check = gm is not None
+    if check:
+        check_graph_of(gm, space, "measure_latency(space, gm, check=True)")
     device = torch.device(device)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -217,7 +223,7 @@ def measure_latency(
         table = LatencyTable(values, space.signature, settings)
         if not check:
             break
-        verdict = _check_against_network(table, space, backend, device, dtype, batch)
+        verdict = _check_against_network(table, space, gm, backend, device, dtype, batch)
         if verdict is None or attempt == 2:
             break
         log.warning("%s; timing the table again", verdict)
@@ -234,12 +240,13 @@ def measure_latency(
     return table
 
 
-def _check_against_network(table: LatencyTable, space: MergeSpace, backend: str,
-                           device: torch.device, dtype: torch.dtype, batch: int) -> str | None:
+def _check_against_network(table: LatencyTable, space: MergeSpace, gm: fx.GraphModule,
+                           backend: str, device: torch.device, dtype: torch.dtype, batch: int
+                           ) -> str | None:
     """Time the original network whole and record it in the table's settings; None if the
     table's sum is a plausible share of it, else what is wrong."""
-    inputs = timing_inputs(space.gm, batch, device)
-    run = plan_runner(space.gm, Plan.identity(space), backend, inputs, dtype)
+    inputs = timing_inputs(gm, batch, device)
+    run = plan_runner(gm, Plan.identity(space), backend, inputs, dtype)
     network = time_callable(lambda: run(*inputs), device, warmup=3, repeat=10)
     share = table.identity_latency(space) / network.ms
     table.settings = replace(table.settings, network_ms=round(network.ms, 6),
