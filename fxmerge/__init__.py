@@ -15,10 +15,10 @@ from .errors import (
     TableError,
     TraceError,
 )
-from .solve.measured import NetworkTimer, solve_measured
 from .passes import GraphDiff, MergePass, PrunePass, diff, merge, prune, transform
 from .plan import Block, Plan
 from .solve import METHODS, Frontier, Method, frontier, get_method, solve
+from .solve.measured import NetworkTimer, solve_measured
 from .space import Conv, DepthKey, Entry, KernelOption, MergeSpace, Skip, analyze
 from .tables.agreement import agreement_importance
 from .tables.importance import ImportanceTable, estimate_importance

@@ -237,8 +237,8 @@ def _tables(args: argparse.Namespace):
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
-    from .solve.measured import NetworkTimer, solve_measured
     from .solve import frontier, solve
+    from .solve.measured import NetworkTimer, solve_measured
 
     gm, space = _space(args)
     latency, importance = _tables(args)

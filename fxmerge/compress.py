@@ -11,10 +11,10 @@ from torch import fx, nn
 
 from .capture import ExampleInputs, trace
 from .errors import ArgumentError
-from .solve.measured import NetworkTimer, solve_measured
 from .passes import merge, prune
 from .plan import Plan
 from .solve import get_method, solve
+from .solve.measured import NetworkTimer, solve_measured
 from .space import MergeSpace, analyze
 from .tables.agreement import agreement_importance
 from .tables.importance import ImportanceTable, estimate_importance

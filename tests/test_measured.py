@@ -9,10 +9,9 @@ import torch
 from models import small_net
 
 import fxmerge
-from fxmerge.solve import measured
-from fxmerge.solve.measured import Measurement, NetworkTimer, interpolate, solve_measured
 from fxmerge.models import DemoMobileNetV2
-from fxmerge.solve import layeronly
+from fxmerge.solve import layeronly, measured
+from fxmerge.solve.measured import Measurement, NetworkTimer, interpolate, solve_measured
 
 
 def demo_problem():

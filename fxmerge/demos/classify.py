@@ -20,11 +20,11 @@ import torch
 from torch import fx, nn
 
 from ..capture import trace
-from ..solve.measured import NetworkTimer
 from ..models import DemoMobileNetV2
 from ..passes import merge, prune, transform
 from ..plan import Plan
 from ..solve import METHODS, frontier
+from ..solve.measured import NetworkTimer
 from ..space import Entry, MergeSpace, analyze
 from ..tables.agreement import agreement_importance
 from ..tables.importance import ImportanceTable, estimate_importance

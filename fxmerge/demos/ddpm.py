@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture import trace
-from ..solve.measured import NetworkTimer
 from ..models import DDPM_EXCLUDE, DDPMUNet
 from ..passes import merge, prune, transform
 from ..plan import Plan
 from ..solve import METHODS
+from ..solve.measured import NetworkTimer
 from ..space import analyze
 from ..tables.importance import estimate_importance
 from ..tables.latency import measure_latency

@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backends.timing import PREPARATIONS, ExampleInputs, Relative, time_against_reference
 from ..errors import ArgumentError, InfeasibleBudget
-from ..solve.measured import NetworkTimer, solve_measured
 from ..plan import Plan
 from ..solve import METHODS, solve
+from ..solve.measured import NetworkTimer, solve_measured
 from ..space import MergeSpace
 from ..tables.importance import ImportanceTable
 from ..tables.latency import LatencyTable
-from ..backends.timing import PREPARATIONS, ExampleInputs, Relative, time_against_reference
 
 
 @dataclass

@@ -26,7 +26,15 @@ from ..capture.trace import ensure_shapes, example_inputs
 from ..errors import TableError
 from ..plan import Plan
 from ..space import DepthKey, Entry, MergeSpace
-from .base import EntryTable, Key, TableSettings, check_graph_of, _key_from_json, _key_to_json, show_progress
+from .base import (
+    EntryTable,
+    Key,
+    TableSettings,
+    _key_from_json,
+    _key_to_json,
+    check_graph_of,
+    show_progress,
+)
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from ..backends.runtimes import get_backend, plan_runner, prepare
+from ..backends.timing import Timing, machine_description, time_callable, timing_inputs
 from ..capture.ops import ACTIVATION_CLASSES
 from ..errors import TableError
 from ..plan import Plan
 from ..space import IDENTITY, Entry, MergeSpace
 from .base import EntryTable, TableSettings, check_graph_of, show_progress
-from ..backends.runtimes import get_backend, plan_runner, prepare
-from ..backends.timing import Timing, machine_description, time_callable, timing_inputs
 
 log = logging.getLogger(__name__)
 
