@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import argparse
 
-from bench_ordering import (
+from common import RESULTS, write
+from plans import (
     additive,
     pair_orders,
     paired_with_depth,
@@ -30,7 +31,6 @@ from bench_ordering import (
     solve_plans,
     summarize_plans,
 )
-from common import RESULTS, write
 
 from fxmerge import ImportanceTable, Plan
 from fxmerge.demos.classify import (

@@ -110,7 +110,7 @@ def child(name: str, size: int, keys: int) -> dict:
     del merged
     with Stage(row, "latency"):
         latency = fxmerge.measure_latency(space, gm)
-    row["timed_convs"] = latency.settings.num_signatures
+    row["timed_convs"] = latency.settings.num_layers
     row["table_check"] = latency.settings.check
     all_keys = _all_keys(space)
     sample = random.Random(0).sample(all_keys, min(keys, len(all_keys)))

@@ -9,17 +9,13 @@ proportional to each merged layer's multiply-accumulates, importance random in (
 
 from __future__ import annotations
 
-import random
 import statistics
 import time
 
-import torch
 import torchvision
-from common import write
+from common import synthetic_problem, write
 
 import fxmerge
-from fxmerge.solve import layeronly
-from fxmerge.tables.latency import entry_signature
 
 MODELS = {
     "resnet34": (torchvision.models.resnet34, ["conv1"]),
@@ -28,24 +24,6 @@ MODELS = {
 LEVELS = [100, 300, 1000, 3000]
 REPEATS = 31
 METHODS = ("layermerge", "depth", "layeronly")
-
-
-def synthetic_problem(factory, exclude):
-    """A model's space at 224x224 with a MACs-proportional latency table and random
-    importance in (0.5, 1] (for timing the solver and the passes, not for accuracy)."""
-    gm = fxmerge.trace(factory().eval(), torch.randn(1, 3, 224, 224))
-    space = fxmerge.analyze(gm, exclude=exclude)
-    macs = {}
-    for e in space.entries:
-        sig = entry_signature(space, e)
-        _, c, h, w = sig.input_shape
-        macs[e] = c * sig.out_channels * sig.kernel**2 * h * w / sig.stride**2 / sig.groups
-    lat = fxmerge.LatencyTable.from_values(space, {e: v * 1e-8 for e, v in macs.items()},
-                                           source="MACs proxy")
-    rng = random.Random(0)
-    keys = [*space.entries, *space.depth_keys, *layeronly.importance_keys(space)]
-    imp = fxmerge.ImportanceTable.from_values(space, {k: rng.uniform(0.5, 1) for k in keys})
-    return gm, space, lat, imp
 
 
 def main() -> None:

@@ -13,8 +13,7 @@ import statistics
 import time
 
 import torchvision
-from bench_solver import synthetic_problem
-from common import write
+from common import synthetic_problem, write
 
 import fxmerge
 

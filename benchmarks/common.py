@@ -1,15 +1,21 @@
-"""Helpers shared by the benchmark scripts: machine description and result files."""
+"""Helpers shared by the benchmark scripts: machine description, result files, and a
+synthetic problem (a model's space with proxy tables) for timing the solver and passes."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import random
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+import fxmerge
+from fxmerge.solve import layeronly
+from fxmerge.tables.latency import entry_layer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -54,3 +60,21 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def synthetic_problem(factory, exclude):
+    """A model's space at 224x224 with a MACs-proportional latency table and random
+    importance in (0.5, 1] (for timing the solver and the passes, not for accuracy)."""
+    gm = fxmerge.trace(factory().eval(), torch.randn(1, 3, 224, 224))
+    space = fxmerge.analyze(gm, exclude=exclude)
+    macs = {}
+    for e in space.entries:
+        layer = entry_layer(space, e)
+        _, c, h, w = layer.input_shape
+        macs[e] = c * layer.out_channels * layer.kernel**2 * h * w / layer.stride**2 / layer.groups
+    lat = fxmerge.LatencyTable.from_values(space, {e: v * 1e-8 for e, v in macs.items()},
+                                           source="MACs proxy")
+    rng = random.Random(0)
+    keys = [*space.entries, *space.depth_keys, *layeronly.importance_keys(space)]
+    imp = fxmerge.ImportanceTable.from_values(space, {k: rng.uniform(0.5, 1) for k in keys})
+    return gm, space, lat, imp

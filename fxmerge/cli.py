@@ -199,7 +199,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
                             seconds=args.seconds,
                             cache=args.cache, deduplicate=not args.no_dedup)
     s = table.settings
-    print(f"{s.num_entries} entries from {s.num_signatures} distinct convs, "
+    print(f"{s.num_entries} entries from {s.num_layers} distinct convs, "
           f"{s.backend} on {s.device} ({s.machine}), batch {s.batch_size}: "
           f"original table latency {table.identity_latency(space):.4g} ms")
     _write(args.out, table.to_json())

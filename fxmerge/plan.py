@@ -22,7 +22,7 @@ class Block:
     A block that keeps no conv is the identity (kernel 0; LayerOnly's removed layers).
     `activation`: whether an activation follows the block: the network's own, or, where the
     network has none, the added one (`add_activations`, docs/method.md §4). False where the
-    network has one removes it (Depth splits a span without activations into several convs).
+    network has one removes it (Depth splits a block without activations into several convs).
     """
 
     convs: tuple[str, ...]
@@ -85,19 +85,20 @@ class Plan:
         return tuple(b.convs[-1] for b in self.blocks
                      if b.activation and space.conv(b.convs[-1]).activation is None)
 
-    def spans(self, space: MergeSpace) -> list[tuple[int, int]]:
+    def positions(self, space: MergeSpace) -> list[tuple[int, int]]:
         """Each block as positions `(i, j)` of `space`."""
         return [(space.conv(b.convs[0]).index - 1, space.conv(b.convs[-1]).index)
                 for b in self.blocks]
 
     # ---- construction ---------------------------------------------------------------
     @classmethod
-    def from_spans(cls, space: MergeSpace, spans, kept: set[str], *,
-                   activation: Mapping[int, bool] | None = None, **info) -> Plan:
-        """A plan from block spans `(i, j)` and the set of kept conv names. A block ending
-        at `j` has an activation as `activation[j]` says, else as `space.end_activation`."""
+    def from_positions(cls, space: MergeSpace, positions, kept: set[str], *,
+                       activation: Mapping[int, bool] | None = None, **info) -> Plan:
+        """A plan from its blocks' positions `(i, j)` and the set of kept conv names. A
+        block ending at `j` has an activation as `activation[j]` says, else as
+        `space.end_activation`."""
         blocks, activation = [], activation or {}
-        for i, j in spans:
+        for i, j in positions:
             convs = tuple(c.name for c in space.convs[i:j])
             kept_here = tuple(n for n in convs if n in kept)
             k, dw = _kernel(space, kept_here)
@@ -109,14 +110,15 @@ class Plan:
     @classmethod
     def identity(cls, space: MergeSpace) -> Plan:
         """Keep every conv and activation: transform gives the original network, BN folded."""
-        spans = [(p - 1, p) for p in range(1, space.L + 1)]
-        return cls.from_spans(space, spans, {c.name for c in space.convs}, method="identity")
+        positions = [(p - 1, p) for p in range(1, space.L + 1)]
+        return cls.from_positions(space, positions, {c.name for c in space.convs},
+                                  method="identity")
 
     @classmethod
     def random(cls, space: MergeSpace, seed: int = 0) -> Plan:
         """A random legal plan (for tests): random block ends, random reducible convs kept."""
         rng = random.Random(seed)
-        spans, kept, i = [], set(), 0
+        positions, kept, i = [], set(), 0
         while i < space.L:
             j = rng.choice([j for (a, j) in space.blocks if a == i])
             convs = space.convs[i:j]
@@ -126,9 +128,9 @@ class Plan:
             if _merged_bytes(space, i, chosen) > space.max_kernel_bytes:
                 j, chosen = i + 1, {space.convs[i].name}  # over the bound: this conv alone
             kept |= chosen
-            spans.append((i, j))
+            positions.append((i, j))
             i = j
-        return cls.from_spans(space, spans, kept, method=f"random:{seed}")
+        return cls.from_positions(space, positions, kept, method=f"random:{seed}")
 
     def space_of(self, gm) -> MergeSpace:
         """The space of `gm` analysed with this plan's settings: the one it was made on, if
@@ -154,7 +156,7 @@ class Plan:
         covered = [n for b in self.blocks for n in b.convs]
         if covered != names:
             raise PlanError("plan blocks do not tile the searched convs in order")
-        for b, (i, j) in zip(self.blocks, self.spans(space)):
+        for b, (i, j) in zip(self.blocks, self.positions(space)):
             if (i, j) not in space.blocks and (i, j) not in space.oversized:
                 raise PlanError(
                     f"block {b.convs[0]}..{b.convs[-1]} (positions {i}..{j}) is not legal: "

@@ -242,7 +242,7 @@ def test_weight_and_spectral_norm_convs(kind):
     space = fxmerge.analyze(gm)
     assert ("3" in [c.name for c in space.convs]) == (kind != "old_weight_norm")
     spans = [(0, 3)] if kind != "old_weight_norm" else [(0, 1), (1, 2)]  # hooked: a barrier
-    plan = fxmerge.Plan.from_spans(space, spans, {c.name for c in space.convs})
+    plan = fxmerge.Plan.from_positions(space, spans, {c.name for c in space.convs})
     pruned = fxmerge.prune(gm, plan)
     with torch.no_grad():  # fine-tuning moves the parametrisation's own tensors
         for name, p in pruned.named_parameters():
@@ -282,12 +282,12 @@ def test_plan_applies_across_graph_breaks():
     model = WithGraphBreak().eval()
     gm = fxmerge.trace(model, X)
     space = fxmerge.analyze(gm)
-    plan = fxmerge.Plan.from_spans(space, [(0, 2), (2, 4)], {"a.0", "a.3", "b.0", "b.3"})
+    plan = fxmerge.Plan.from_positions(space, [(0, 2), (2, 4)], {"a.0", "a.3", "b.0", "b.3"})
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=fxmerge.backend(plan, then="eager"))
     with torch.no_grad():
         assert close(compiled(X), fxmerge.transform(gm, plan)(X))
-    across = fxmerge.Plan.from_spans(space, [(0, 1), (1, 3), (3, 4)],
+    across = fxmerge.Plan.from_positions(space, [(0, 1), (1, 3), (3, 4)],
                                      {"a.0", "a.3", "b.0", "b.3"})
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=fxmerge.backend(across, then="eager"))
@@ -352,7 +352,7 @@ def test_zoo_layers_are_understood(form):
     space = fxmerge.analyze(gm)
     assert [c.activation for c in space.convs] == ["relu", "relu6", "silu", None]
     assert (0, 4) in space.blocks and set(space.barriers) <= {"_guards_fn"}  # export checks
-    plan = fxmerge.Plan.from_spans(space, [(0, 4)], {"c1", "c2", "c3", "c4"})
+    plan = fxmerge.Plan.from_positions(space, [(0, 4)], {"c1", "c2", "c3", "c4"})
     pruned = fxmerge.prune(gm, plan).eval()
     merged = fxmerge.merge(pruned)
     assert sum(isinstance(m, nn.Conv2d) for m in merged.modules()) == 1

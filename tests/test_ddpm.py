@@ -80,7 +80,7 @@ def test_the_time_embedding_is_carried_through_the_merged_conv(small):
     p = next(c.index for c in space.convs if c.name == "down.0.block.0.conv1")
     spans = sorted([(q - 1, q) for q in range(1, space.L + 1) if q not in (p, p + 1)]
                    + [(p - 1, p + 1)])
-    plan = fxmerge.Plan.from_spans(space, spans, {c.name for c in space.convs})
+    plan = fxmerge.Plan.from_positions(space, spans, {c.name for c in space.convs})
     merged = fxmerge.transform(gm, plan)
     assert isinstance(merged.get_submodule("down.0.block.0.conv1_condition0"), torch.nn.Conv2d)
     assert merged.get_submodule("down.0.block.0.conv1").kernel_size == (5, 5)

@@ -50,7 +50,7 @@ def test_each_key_names_the_network_it_scores(spaces):
         assert len({c[free] for c in choices}) == len(choices) == len(set(
             space.activation_options(i) if free == 0 else space.activation_options(j)))
         for start, end in choices:
-            plan = fxmerge.Plan.from_spans(space, spans_with(space, i, j), everything,
+            plan = fxmerge.Plan.from_positions(space, spans_with(space, i, j), everything,
                                            activation={i: start, j: end})
             key = space.depth_key(i, j, start, end)
             assert (start, end, key) in space.depth_choices[(i, j)]  # what the solver reads

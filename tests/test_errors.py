@@ -106,7 +106,7 @@ def test_wrongly_typed_plan_fields_and_reversed_kept(resnet):
         fxmerge.Plan.from_json(json.dumps(data))
     i, j = next((i, j) for i, j in space.blocks if j - i >= 2)
     spans = sorted([(p - 1, p) for p in range(1, space.L + 1) if not i < p <= j] + [(i, j)])
-    plan = fxmerge.Plan.from_spans(space, spans, {c.name for c in space.convs})
+    plan = fxmerge.Plan.from_positions(space, spans, {c.name for c in space.convs})
     data = json.loads(plan.to_json())
     data["blocks"][spans.index((i, j))]["kept"].reverse()
     with pytest.raises(fxmerge.PlanError, match="in network order"):

@@ -29,7 +29,7 @@ def tiny_space():
 def test_signatures_are_deduplicated_on_mobilenet_v2():
     gm = fxmerge.trace(torchvision.models.mobilenet_v2(), torch.randn(1, 3, 224, 224))
     space = fxmerge.analyze(gm, exclude=MBV2_EXCLUDE)
-    sigs = {e: latency_mod.entry_signature(space, e, batch_size=8) for e in space.entries}
+    sigs = {e: latency_mod.entry_layer(space, e, batch_size=8) for e in space.entries}
     assert len(sigs) == 391
     distinct = set(sigs.values())
     assert len(distinct) < 200  # measured: 137 distinct convs
@@ -39,7 +39,7 @@ def test_signatures_are_deduplicated_on_mobilenet_v2():
     # authors do, unless add_activations is off
     assert first.activation == "relu6" and first.groups == 1
     off = fxmerge.analyze(gm, exclude=MBV2_EXCLUDE, add_activations=False)
-    assert latency_mod.entry_signature(off, fxmerge.Entry(5, 8, 3, False)).activation is None
+    assert latency_mod.entry_layer(off, fxmerge.Entry(5, 8, 3, False)).activation is None
     dw = sigs[fxmerge.Entry(6, 7, 3, True)]
     assert dw.groups == 144 and dw.activation == "relu6"
 
@@ -47,11 +47,11 @@ def test_signatures_are_deduplicated_on_mobilenet_v2():
 def test_measure_latency_times_each_signature_once(monkeypatch):
     space = tiny_space()
     calls = []
-    real = latency_mod.time_signature
-    monkeypatch.setattr(latency_mod, "time_signature",
+    real = latency_mod.time_layer
+    monkeypatch.setattr(latency_mod, "time_layer",
                         lambda sig, **kw: calls.append(sig) or real(sig, **kw))
     table = fxmerge.measure_latency(space, warmup=1, repeat=2, check=False)
-    assert len(calls) == len(set(calls)) == table.settings.num_signatures
+    assert len(calls) == len(set(calls)) == table.settings.num_layers
     assert set(table.values) == set(space.entries)
     assert all(v > 0 for v in table.values.values())
     s = table.settings
@@ -64,7 +64,7 @@ def test_measure_latency_times_each_signature_once(monkeypatch):
 def test_interrupted_measurement_resumes_from_its_cache(monkeypatch, tmp_path):
     space = tiny_space()
     cache = tmp_path / "lat.json"
-    real, calls = latency_mod.time_signature, []
+    real, calls = latency_mod.time_layer, []
 
     def flaky(sig, **kw):
         if len(calls) == 3:
@@ -72,21 +72,21 @@ def test_interrupted_measurement_resumes_from_its_cache(monkeypatch, tmp_path):
         calls.append(sig)
         return real(sig, **kw)
 
-    monkeypatch.setattr(latency_mod, "time_signature", flaky)
+    monkeypatch.setattr(latency_mod, "time_layer", flaky)
     with pytest.raises(KeyboardInterrupt):
         fxmerge.measure_latency(space, warmup=1, repeat=2, cache=cache, check=False)
     assert len(json.loads(cache.read_text())["timings"]) == 3
     done = list(calls)
     calls.clear()
-    monkeypatch.setattr(latency_mod, "time_signature",
+    monkeypatch.setattr(latency_mod, "time_layer",
                         lambda sig, **kw: calls.append(sig) or real(sig, **kw))
     table = fxmerge.measure_latency(space, warmup=1, repeat=2, cache=cache, check=False)
     assert not set(calls) & set(done)
-    assert len(calls) + len(done) == table.settings.num_signatures
+    assert len(calls) + len(done) == table.settings.num_layers
     # other settings: the cache is not reused
     calls.clear()
     fxmerge.measure_latency(space, warmup=1, repeat=3, cache=cache, check=False)
-    assert len(calls) == table.settings.num_signatures
+    assert len(calls) == table.settings.num_layers
 
 
 def test_table_is_refused_for_another_graph():
@@ -149,10 +149,10 @@ def test_a_table_timed_under_load_is_retimed_then_flagged(monkeypatch):
         calls.append(sig)
         return fxmerge.backends.timing.Timing(1000.0, 1000.0, 1000.0, 1)
 
-    monkeypatch.setattr(latency_mod, "time_signature", loaded)
+    monkeypatch.setattr(latency_mod, "time_layer", loaded)
     with pytest.warns(UserWarning, match=r"table sums to .*x the whole original network"):
         table = fxmerge.measure_latency(space, gm, warmup=1, repeat=2)
-    assert len(calls) == 2 * table.settings.num_signatures  # timed twice
+    assert len(calls) == 2 * table.settings.num_layers  # timed twice
     assert table.settings.check.startswith("failed")
     again = fxmerge.LatencyTable.from_json(table.to_json())
     imp = fxmerge.ImportanceTable.from_values(space, {e: 1.0 for e in space.entries})
@@ -240,9 +240,9 @@ def test_timed_layers_are_built_without_random_initialisation(monkeypatch):
         return real(tensor, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", only_on_meta)
-    sig = latency_mod.ConvSignature((1, 8, 12, 12), 8, 3, 1, 4, 8, "relu", dilation=4)
+    sig = latency_mod.LayerSpec((1, 8, 12, 12), 8, 3, 1, 4, 8, "relu", dilation=4)
     module = sig.module(torch.device("cpu"), torch.float32)
     conv = module[0]
     assert (conv.dilation, conv.groups, conv.padding) == ((4, 4), 8, (4, 4))
     assert module(torch.randn(1, 8, 12, 12)).shape == (1, 8, 12, 12)
-    assert "k3 d4 s1 p4 g8 relu" in sig.key
+    assert "k3 d4 s1 p4 g8 relu" in sig.label

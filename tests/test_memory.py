@@ -18,7 +18,7 @@ from torch import nn
 
 import fxmerge
 from fxmerge import MergeError, algebra
-from fxmerge.tables.latency import entry_signature
+from fxmerge.tables.latency import entry_layer
 
 
 def conv_attrs(gm):
@@ -129,7 +129,7 @@ def test_merged_dilated_blocks_stay_dilated_and_exact():
     x = torch.randn(2, 3, 24, 24)
     gm = fxmerge.trace(model, x)
     space = fxmerge.analyze(gm)
-    plan = fxmerge.Plan.from_spans(space, [(0, 1), (1, 3), (3, 5)],
+    plan = fxmerge.Plan.from_positions(space, [(0, 1), (1, 3), (3, 5)],
                                    {c.name for c in space.convs})
     pruned = fxmerge.prune(gm, plan).eval()
     merged = fxmerge.merge(pruned)
@@ -142,7 +142,7 @@ def test_merged_dilated_blocks_stay_dilated_and_exact():
     # the latency table times exactly these convs
     for (i, j), name in (((1, 3), "3"), ((3, 5), "9")):
         entry = space.full_entries[(i, j)]
-        sig = entry_signature(space, entry)
+        sig = entry_layer(space, entry)
         k, p, d, g = convs[name][3], convs[name][5], convs[name][6], convs[name][7]
         assert (sig.kernel, sig.dilation, sig.groups, sig.padding) == (k[0], d[0], g, p[0])
 
@@ -150,9 +150,9 @@ def test_merged_dilated_blocks_stay_dilated_and_exact():
 def test_a_dilated_single_conv_entry_is_timed_as_itself():
     gm = fxmerge.trace(randomize_batchnorm(dilated_net()), torch.randn(1, 3, 24, 24))
     space = fxmerge.analyze(gm)
-    sig = entry_signature(space, space.full_entries[(3, 4)])
+    sig = entry_layer(space, space.full_entries[(3, 4)])
     assert (sig.kernel, sig.dilation, sig.groups, sig.padding) == (3, 4, 4, 4)
-    assert "k3 d4" in sig.key
+    assert "k3 d4" in sig.label
 
 
 def test_the_bound_limits_entries_and_merge_refuses_past_it():
@@ -180,9 +180,9 @@ def test_the_bound_limits_entries_and_merge_refuses_past_it():
     with pytest.raises(fxmerge.PlanError, match=r"block 9\.\.12 would materialise a kernel of "
                                                 r"25600 bytes to merge, over max_kernel_bytes="
                                                 r"3000"):
-        fxmerge.prune(gm, fxmerge.Plan.from_spans(small, spans, {c.name for c in small.convs}))
+        fxmerge.prune(gm, fxmerge.Plan.from_positions(small, spans, {c.name for c in small.convs}))
     # merge enforces the bound too, naming the block, the kernel's shape and its bytes
-    plan = fxmerge.Plan.from_spans(full, spans, {c.name for c in full.convs})
+    plan = fxmerge.Plan.from_positions(full, spans, {c.name for c in full.convs})
     pruned = fxmerge.prune(gm, plan).eval()
     with pytest.raises(MergeError, match=r"block 9\.\.12: .*32x4x5x5 kernel of 25600 bytes, "
                                          r"over the limit of 3000 bytes \(max_kernel_bytes\)"):
@@ -272,9 +272,9 @@ def test_the_bound_counts_what_merging_makes_on_the_way_not_only_the_result():
     assert space.choose_convs(0, 3, 3, False) == ("0", "6")
     spans, kept = [(0, 3)], {"0", "3", "6"}
     with pytest.raises(fxmerge.PlanError, match="51200 bytes to merge"):
-        fxmerge.prune(gm, fxmerge.Plan.from_spans(space, spans, kept))
+        fxmerge.prune(gm, fxmerge.Plan.from_positions(space, spans, kept))
     unbounded = fxmerge.analyze(gm)
-    plan = fxmerge.Plan.from_spans(unbounded, spans, kept)
+    plan = fxmerge.Plan.from_positions(unbounded, spans, kept)
     pruned = fxmerge.prune(gm, plan).eval()
     with pytest.raises(MergeError, match=r"64x4x5x5 kernel of 51200 bytes"):
         fxmerge.merge(pruned, dataclasses.replace(plan, max_kernel_bytes=bound))

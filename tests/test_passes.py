@@ -12,7 +12,7 @@ from torch import nn
 import fxmerge
 from fxmerge.passes.prune import prune_graph
 from fxmerge.tables.agreement import CachedOutputs
-from fxmerge.tables.latency import entry_signature
+from fxmerge.tables.latency import entry_layer
 
 MBV2_EXCLUDE = ("features.0.0", "features.18.0")
 CASES = {
@@ -44,7 +44,7 @@ def plan_merging_first_basic_block(space):
     i = space.conv("layer1.0.conv1").index - 1
     spans = [(p - 1, p) for p in range(1, i + 1)] + [(i, i + 2)] + [
         (p - 1, p) for p in range(i + 3, space.L + 1)]
-    return fxmerge.Plan.from_spans(space, spans, {c.name for c in space.convs})
+    return fxmerge.Plan.from_positions(space, spans, {c.name for c in space.convs})
 
 
 def test_random_plans_merge_exactly(traced):
@@ -75,7 +75,7 @@ def test_exact_stride_rule_merges_strided_projection_blocks(seed):
     with torch.no_grad():
         assert relative_error(pruned(X), merged(X)) <= 1e-5
     fused = [s for s in space.skips if s.projection and any(
-        i <= s.source and s.target <= j for i, j in plan.spans(space))]
+        i <= s.source and s.target <= j for i, j in plan.positions(space))]
     assert fused  # these seeds merge a projection shortcut into a conv
     for s in fused:
         assert s.projection not in merged_conv_names(merged)
@@ -155,15 +155,15 @@ def test_add_activations_is_one_setting_of_the_space():
     multi = [e for e in space.entries if e.j - e.i > 1 and space.activation(e.j) is None]
     assert any(e.j == space.L for e in multi)
     for e in multi:
-        assert entry_signature(space, e).activation == "relu6"
-        assert entry_signature(off, e).activation is None
+        assert entry_layer(space, e).activation == "relu6"
+        assert entry_layer(off, e).activation is None
     for seed in range(3):
         plan = fxmerge.Plan.random(space, seed)
         assert plan.add_activations
         assert fxmerge.Plan.from_json(plan.to_json()) == plan
         pruned = fxmerge.prune(gm, plan).eval()
         added = [n for n in pruned.graph.nodes if str(n.target).startswith("fxmerge_added_act")]
-        expected = [(i, j) for i, j in plan.spans(space)
+        expected = [(i, j) for i, j in plan.positions(space)
                     if j - i > 1 and space.activation(j) is None]
         assert len(added) == len(expected)
         assert all(isinstance(pruned.get_submodule(n.target), nn.ReLU6) for n in added)
@@ -234,7 +234,7 @@ def test_plans_that_break_rules_are_refused():
     with pytest.raises(fxmerge.PlanError, match="irreducible"):
         fxmerge.prune(gm, bad)
     # merging conv1 (stem) with layer1.0.conv1 would cross the max-pool barrier
-    crossing = fxmerge.Plan.from_spans(
+    crossing = fxmerge.Plan.from_positions(
         space, [(0, 2)] + [(p - 1, p) for p in range(3, space.L + 1)],
         {c.name for c in space.convs})
     with pytest.raises(fxmerge.PlanError, match="not legal"):

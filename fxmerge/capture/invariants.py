@@ -27,7 +27,7 @@ from torch import fx, nn
 from ..errors import TraceError
 from .canonical import ACTIVATION_FUNCTIONS, CONV_FUNCTIONS, IDENTITY_MODULES
 from .ops import has_hooks
-from .trace import INPUTS_KEY
+from .trace import INPUTS_META
 
 
 def _refusal(gm: fx.GraphModule, node: fx.Node, shapes: bool) -> str | None:
@@ -55,7 +55,7 @@ def check_canonical(gm: object, *, shapes: bool = True) -> None:
     but not its metadata; merging it needs no shapes)."""
     if not isinstance(gm, fx.GraphModule):
         raise TraceError(f"expected a GraphModule from fxmerge.trace, got {type(gm).__name__}")
-    if shapes and INPUTS_KEY not in gm.meta:
+    if shapes and INPUTS_META not in gm.meta:
         raise TraceError("the graph has no example inputs or shapes: capture the model with "
                          "fxmerge.trace (a GraphModule loaded with torch.load loses them)")
     for node in gm.graph.nodes:

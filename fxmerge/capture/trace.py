@@ -19,7 +19,7 @@ from .canonical import canonicalize
 log = logging.getLogger(__name__)
 
 ExampleInputs = torch.Tensor | Sequence[torch.Tensor]
-INPUTS_KEY = "fxmerge_example_inputs"
+INPUTS_META = "fxmerge_example_inputs"
 
 
 def as_tuple(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...]:
@@ -59,7 +59,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> Any:
             output = _ShapeRecorder(gm).run(*inputs)
     finally:
         gm.train(was_training)
-    gm.meta[INPUTS_KEY] = tuple(_concrete(t) for t in inputs)
+    gm.meta[INPUTS_META] = tuple(_concrete(t) for t in inputs)
     return output
 
 
@@ -76,15 +76,15 @@ def _concrete(value: Any) -> Any:
 def example_inputs(gm: fx.GraphModule) -> tuple:
     """The inputs `gm` was traced with; after pickling (which drops a GraphModule's
     metadata) use the inputs passed to `ensure_shapes` instead."""
-    if INPUTS_KEY not in gm.meta:
+    if INPUTS_META not in gm.meta:
         raise TraceError("this graph has no example inputs: trace it with fxmerge.trace")
-    return gm.meta[INPUTS_KEY]
+    return gm.meta[INPUTS_META]
 
 
 def ensure_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
     """Propagate shapes again when they were lost (a GraphModule sent to another process
     through pickle keeps its code but not its node metadata)."""
-    if INPUTS_KEY not in gm.meta or any(
+    if INPUTS_META not in gm.meta or any(
             "tensor_meta" not in n.meta for n in gm.graph.nodes if n.op == "placeholder"):
         propagate_shapes(gm, inputs)
     return gm

@@ -178,7 +178,7 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
     example = data.test[0][: config.latency_batch]
     latency = measure_latency(space, gm, warmup=5, repeat=config.latency_repeat,
                               progress=progress)
-    print(f"latency table: {space.num_entries} entries, {latency.settings.num_signatures} "
+    print(f"latency table: {space.num_entries} entries, {latency.settings.num_layers} "
           f"convs timed, batch {config.latency_batch}, {latency.settings.seconds:.0f} s")
     tick = time.perf_counter()
     importance = finetune_importance(trained, config, progress)

@@ -241,7 +241,7 @@ def run_ddpm_demo(out: Path | None = None, config: DDPMDemoConfig = DDPMDemoConf
     latency = measure_latency(space, gm, warmup=5, repeat=config.latency_repeat,
                               progress=progress)
     print(f"latency table: {space.num_entries} entries in {space.num_blocks} blocks, "
-          f"{latency.settings.num_signatures} convs timed, batch {config.latency_batch} "
+          f"{latency.settings.num_layers} convs timed, batch {config.latency_batch} "
           f"({clock()})")
     importance = estimate_importance(
         space, gm, evaluate=_Score(held_out, base_loss),

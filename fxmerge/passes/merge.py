@@ -24,11 +24,11 @@ from ..errors import MergeError
 from ..plan import Plan
 from ..space import MergeSpace, excluded
 from .base import FxMergePass
-from .prune import PLAN_KEY, prune
+from .prune import PLAN_META, prune
 
 log = logging.getLogger(__name__)
 
-MERGED_KEY = "fxmerge_merged"
+MERGED_META = "fxmerge_merged"
 
 
 class _BlockReader:
@@ -182,11 +182,11 @@ class MergePass(FxMergePass):
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         check_canonical(graph_module, shapes=False)
-        self.plan = self.plan or getattr(graph_module, "meta", {}).get(PLAN_KEY)
+        self.plan = self.plan or getattr(graph_module, "meta", {}).get(PLAN_META)
         if self.plan is None:
             raise MergeError("this graph carries no fxmerge plan: merge a graph made by "
                              "fxmerge.prune, or pass its plan: merge(pruned, plan)")
-        if graph_module.meta.get(MERGED_KEY):
+        if graph_module.meta.get(MERGED_META):
             raise MergeError("this graph is already merged")
         for name, m in graph_module.named_modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
@@ -207,7 +207,7 @@ class MergePass(FxMergePass):
         out.graph.lint()
         out.delete_all_unused_submodules()
         out.recompile()
-        out.meta[MERGED_KEY] = True
+        out.meta[MERGED_META] = True
         return PassResult(out, True)
 
     def ensures(self, graph_module: fx.GraphModule) -> None:

@@ -30,7 +30,7 @@ from .base import FxMergePass
 
 log = logging.getLogger(__name__)
 
-PLAN_KEY = "fxmerge_plan"
+PLAN_META = "fxmerge_plan"
 
 
 class PrunedGraph:
@@ -102,9 +102,9 @@ def resolve(space: MergeSpace, plan: Plan) -> Edits:
     """Validate `plan` on `space` and read off every edit it asks for, once."""
     plan.validate(space)
     kept = set(plan.kept_convs)
-    spans = plan.spans(space)
+    positions = plan.positions(space)
     paddings, skip_pads = [], []
-    for (i, j), block in zip(spans, plan.blocks):
+    for (i, j), block in zip(positions, plan.blocks):
         if not block.kept:
             continue
         border = block_borders(space, i, j, kept)
@@ -123,7 +123,7 @@ def resolve(space: MergeSpace, plan: Plan) -> Edits:
                      if c.activation == space.added_activation), None) if added else None
     removed = plan.removed_activations(space)
     inner, norms = set(removed), []
-    for i, j in spans:
+    for i, j in positions:
         rnorms = [space.conv(p).relocatable_norm for p in range(i + 1, j + 1)
                   if space.conv(p).name in inner and space.conv(p).relocatable_norm]
         if rnorms:
@@ -238,7 +238,7 @@ class PrunePass(FxMergePass):
         out.delete_all_unused_submodules()
         out.recompile()
         propagate_shapes(out, example_inputs(graph_module))
-        out.meta[PLAN_KEY] = self.plan
+        out.meta[PLAN_META] = self.plan
         return PassResult(out, True)
 
     def ensures(self, graph_module: fx.GraphModule) -> None:

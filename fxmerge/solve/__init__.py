@@ -56,10 +56,10 @@ def get_method(name: str) -> Method:
 
 def _to_plan(space: MergeSpace, method: str, path: list[Edge],
              scores: Mapping[str, float] | None, **info) -> Plan:
-    spans, kept, activation = get_method(method).blocks(
+    positions, kept, activation = get_method(method).blocks(
         space, path, scores if scores is not None else space.conv_scores)
-    return Plan.from_spans(
-        space, spans, kept, activation=activation, method=method,
+    return Plan.from_positions(
+        space, positions, kept, activation=activation, method=method,
         predicted_latency_ms=sum(e.latency_ms for e in path),
         predicted_importance=sum(e.value for e in path), **info)
 

@@ -82,14 +82,14 @@ def additive_importance(importance: ImportanceTable, key: Key | None) -> float:
 
 
 def blocks(space: MergeSpace, path: list[Edge], scores: Mapping[str, float]):
-    spans, activation = [], {}
+    positions, activation = [], {}
     for edge in path:
         if edge.payload is None:  # the last node
             continue
         i, j, cuts, end = edge.payload
-        spans += list(pairwise([i, *cuts, j]))
+        positions += list(pairwise([i, *cuts, j]))
         activation.update({c: False for c in cuts} | {j: end})
-    return spans, {c.name for c in space.convs}, activation
+    return positions, {c.name for c in space.convs}, activation
 
 
 METHOD = Method("depth", importance_keys, edges, blocks, UNIT_MS)

@@ -24,12 +24,12 @@ def edges(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable)
 
 def blocks(space: MergeSpace, path: list[Edge], scores: Mapping[str, float]):
     """Spans, kept convs (eq. 3: the largest-norm subset giving each chosen kernel)."""
-    spans, kept = [], set()
+    positions, kept = [], set()
     for edge in path:
         i, j, k, dw = edge.payload
-        spans.append((i, j))
+        positions.append((i, j))
         kept.update(space.choose_convs(i, j, k, dw, scores))
-    return spans, kept, {}
+    return positions, kept, {}
 
 
 METHOD = Method("layermerge", importance_keys, edges, blocks)

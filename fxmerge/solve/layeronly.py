@@ -38,9 +38,9 @@ def edges(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable)
 
 
 def blocks(space: MergeSpace, path: list[Edge], scores: Mapping[str, float]):
-    spans = [(e.start, e.end) for e in path]
+    positions = [(e.start, e.end) for e in path]
     kept = {name for e in path for name, keep in [e.payload] if keep}
-    return spans, kept, {}
+    return positions, kept, {}
 
 
 METHOD = Method("layeronly", importance_keys, edges, blocks)

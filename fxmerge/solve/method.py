@@ -11,7 +11,7 @@ from typing import Any
 from ..space import MergeSpace
 from .dp import Edge
 
-Blocks = tuple[list[tuple[int, int]], set[str], dict[int, bool]]  # spans, kept, activations
+Blocks = tuple[list[tuple[int, int]], set[str], dict[int, bool]]  # positions, kept, activations
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Method:
 
     `importance_keys(space)`: the importance table keys its edges read (a table builder
     measures exactly these). `edges(space, latency, importance)`: its DP edges.
-    `blocks(space, path, conv_scores)`: the spans, kept convs and end activations of the
+    `blocks(space, path, conv_scores)`: the positions, kept convs and end activations of the
     plan a DP path stands for. `unit_ms`: its latency unit, if its paper fixes one."""
 
     name: str

@@ -71,17 +71,17 @@ def _singletons(space: MergeSpace, skip: range) -> list[tuple[int, int]]:
 def block_plan(space: MergeSpace, entry: Entry, scores: dict[str, float]) -> Plan:
     """Only block `entry` changed: inner activations removed, convs kept by eq. 3."""
     i, j, k, dw = entry
-    spans = sorted([*_singletons(space, range(i + 1, j + 1)), (i, j)])
+    positions = sorted([*_singletons(space, range(i + 1, j + 1)), (i, j)])
     kept = {c.name for c in space.convs} - {c.name for c in space.convs[i:j]}
     kept |= set(space.choose_convs(i, j, k, dw, scores))
-    return Plan.from_spans(space, spans, kept, method=f"importance:{tuple(entry)}")
+    return Plan.from_positions(space, positions, kept, method=f"importance:{tuple(entry)}")
 
 
 def depth_plan(space: MergeSpace, key: DepthKey) -> Plan:
     """Only block `(key.i, key.j)` changed, merged whole, its end activations as the key
     says (Depth's importance where its ends may change)."""
-    spans = sorted([*_singletons(space, range(key.i + 1, key.j + 1)), (key.i, key.j)])
-    return Plan.from_spans(space, spans, {c.name for c in space.convs},
+    positions = sorted([*_singletons(space, range(key.i + 1, key.j + 1)), (key.i, key.j)])
+    return Plan.from_positions(space, positions, {c.name for c in space.convs},
                            activation={key.i: key.start, key.j: key.end},
                            method=f"importance:depth {key.i}-{key.j} "
                                   f"activations {int(key.start)}{int(key.end)}")
@@ -90,7 +90,7 @@ def depth_plan(space: MergeSpace, key: DepthKey) -> Plan:
 def removal_plan(space: MergeSpace, conv: str) -> Plan:
     """Only `conv` removed (LayerOnly's per-conv importance)."""
     kept = {c.name for c in space.convs} - {conv}
-    return Plan.from_spans(space, _singletons(space, range(0)), kept,
+    return Plan.from_positions(space, _singletons(space, range(0)), kept,
                            method=f"importance:remove {conv}")
 
 

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ConvSignature:
+class LayerSpec:
     """Everything that decides the run time of one merged layer."""
 
     input_shape: tuple[int, ...]
@@ -44,7 +44,8 @@ class ConvSignature:
     dilation: int = 1
 
     @property
-    def key(self) -> str:
+    def label(self) -> str:
+        """The layer in one line (what the timing cache is keyed by)."""
         n, c, h, w = self.input_shape
         dilation = f" d{self.dilation}" if self.dilation != 1 else ""
         return (f"{n}x{c}x{h}x{w}->{self.out_channels} k{self.kernel}{dilation} "
@@ -63,9 +64,8 @@ class ConvSignature:
         return nn.Sequential(conv, ACTIVATION_CLASSES[self.activation]())
 
 
-def entry_signature(space: MergeSpace, entry: Entry, batch_size: int | None = None
-                    ) -> ConvSignature:
-    """The conv signature of one table entry: the conv `space.merged_conv` says the merge
+def entry_layer(space: MergeSpace, entry: Entry, batch_size: int | None = None) -> LayerSpec:
+    """The layer one table entry is timed as: the conv `space.merged_conv` says the merge
     makes, followed by `space.end_activation`."""
     i, j, k, _ = entry
     shape = list(space.input_shape(i))
@@ -75,8 +75,8 @@ def entry_signature(space: MergeSpace, entry: Entry, batch_size: int | None = No
     for c in space.convs[i:j]:
         stride *= c.stride  # strided convs are irreducible, so always kept
     merged = space.merged_conv(entry)
-    return ConvSignature(tuple(shape), space.conv(j).out_channels, merged.kernel, stride,
-                         k // 2, merged.groups, space.end_activation(i, j), merged.dilation)
+    return LayerSpec(tuple(shape), space.conv(j).out_channels, merged.kernel, stride,
+                     k // 2, merged.groups, space.end_activation(i, j), merged.dilation)
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class LatencySettings(TableSettings):
     network_ms: float | None = None  # the whole original network, timed by the check
     table_share: float | None = None  # the table's sum over `network_ms`
     num_entries: int | None = None
-    num_signatures: int | None = None  # distinct convs
+    num_layers: int | None = None  # distinct convs
     num_timed: int | None = None
     seconds: float | None = None  # the time the table took
 
@@ -112,7 +112,7 @@ class LatencySettings(TableSettings):
 
 
 class LatencyTable(EntryTable):
-    """Milliseconds per entry; `num_signatures` is how many distinct convs were timed."""
+    """Milliseconds per entry; `num_layers` is how many distinct convs were timed."""
 
     kind = "latency"
     positive = True
@@ -137,11 +137,11 @@ class LatencyTable(EntryTable):
         return total
 
 
-def time_signature(sig: ConvSignature, *, backend: str, device: torch.device,
+def time_layer(layer: LayerSpec, *, backend: str, device: torch.device,
                    dtype: torch.dtype, warmup: int, repeat: int, seconds: float) -> Timing:
     """One layer built, timed to a budget of `seconds` (see `time_callable`), and freed."""
-    module = sig.module(device, dtype).eval()
-    x = torch.randn(sig.input_shape, device=device, dtype=dtype)
+    module = layer.module(device, dtype).eval()
+    x = torch.randn(layer.input_shape, device=device, dtype=dtype)
     fn = prepare(module, backend, x)
     return time_callable(lambda: fn(x), device, warmup=warmup, repeat=repeat, seconds=seconds)
 
@@ -175,7 +175,7 @@ def measure_latency(
     Each timing is the median of up to `repeat` runs after up to `warmup` runs, as many as
     fit in about `seconds` per layer (at least 3 timed runs; their spread is recorded), so
     fast layers get many runs and slow ones, which no budget would pick, few. Distinct conv
-    signatures are timed once (`deduplicate=False` times every entry, to measure what that
+    layers are timed once (`deduplicate=False` times every entry, to measure what that
     saves). With `cache`, each timing is written to that JSON file as soon as it is known,
     and a rerun with the same settings resumes where it stopped. With `check` (by default,
     when `gm`, the graph `space` was analysed from, is given), the original
@@ -199,25 +199,25 @@ def measure_latency(
         backend=backend, device=str(device), machine=machine_description(device),
         batch_size=batch, dtype=str(dtype), warmup=warmup, repeat=repeat,
         seconds_per_layer=seconds, threads=torch.get_num_threads(), torch=torch.__version__)
-    signatures = {e: entry_signature(space, e, batch_size) for e in space.entries
-                  if (e.k, e.dw) != IDENTITY}
-    jobs = list(dict.fromkeys(signatures.values())) if deduplicate else list(signatures)
+    layers = {e: entry_layer(space, e, batch_size) for e in space.entries
+              if (e.k, e.dw) != IDENTITY}
+    jobs = list(dict.fromkeys(layers.values())) if deduplicate else list(layers)
     timings = _load_cache(cache, settings)
     started = time.perf_counter()
     for attempt in (1, 2):
-        todo = [job for job in jobs if _job_key(job, signatures) not in timings]
+        todo = [job for job in jobs if _job_key(job, layers) not in timings]
         bar = tqdm(todo, desc="latency table", unit="conv", disable=not show_progress(progress))
         spreads = []
         for job in bar:
-            sig = signatures[job] if isinstance(job, Entry) else job
-            timing = time_signature(sig, backend=backend, device=device, dtype=dtype,
-                                    warmup=warmup, repeat=repeat, seconds=seconds)
-            timings[_job_key(job, signatures)] = timing.ms
+            layer = layers[job] if isinstance(job, Entry) else job
+            timing = time_layer(layer, backend=backend, device=device, dtype=dtype,
+                                warmup=warmup, repeat=repeat, seconds=seconds)
+            timings[_job_key(job, layers)] = timing.ms
             spreads.append(timing.spread)
             _save_cache(cache, settings, timings)
-        values = {e: 0.0 for e in space.entries if e not in signatures}  # removing a conv
-        values.update({e: timings[_job_key(sig if deduplicate else e, signatures)]
-                       for e, sig in signatures.items()})
+        values = {e: 0.0 for e in space.entries if e not in layers}  # removing a conv
+        values.update({e: timings[_job_key(layer if deduplicate else e, layers)]
+                       for e, layer in layers.items()})
         if spreads:
             settings = replace(settings, spread=round(statistics.median(spreads), 4))
         table = LatencyTable(values, space.signature, settings)
@@ -233,10 +233,10 @@ def measure_latency(
         warnings.warn(f"latency table: {verdict}; the machine was probably busy: time it "
                       "again on an idle machine", stacklevel=2)
     table.settings = replace(table.settings, num_entries=len(values),
-                             num_signatures=len(set(signatures.values())), num_timed=len(jobs),
+                             num_layers=len(set(layers.values())), num_timed=len(jobs),
                              seconds=round(time.perf_counter() - started, 3))
-    log.info("latency table: %d entries, %d distinct signatures", len(values),
-             table.settings.num_signatures)
+    log.info("latency table: %d entries, %d distinct layers", len(values),
+             table.settings.num_layers)
     return table
 
 
@@ -258,8 +258,8 @@ def _check_against_network(table: LatencyTable, space: MergeSpace, gm: fx.GraphM
             f"{network.ms:.4g} ms (plausible: {low} to {high})")
 
 
-def _job_key(job: ConvSignature | Entry, signatures: dict) -> str:
-    return job.key if isinstance(job, ConvSignature) else f"entry {tuple(job)} {signatures[job].key}"
+def _job_key(job: LayerSpec | Entry, layers: dict) -> str:
+    return job.label if isinstance(job, LayerSpec) else f"entry {tuple(job)} {layers[job].label}"
 
 
 def _load_cache(cache: str | Path | None, settings: LatencySettings) -> dict[str, float]:
