@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from collections.abc import Sequence
@@ -13,51 +12,11 @@ from pathlib import Path
 import torch
 
 from .backends.runtimes import BACKENDS
-from .errors import ArgumentError, FxMergeError
+from .errors import ArgumentError, FxMergeError, ModelSpecError
+from .models.hub import attribute, load_model
 from .space import MAX_KERNEL_BYTES
 
-EXIT_OK, EXIT_ERROR = 0, 1  # argparse exits with 2 on bad usage
-
-
-def load_model(spec: str) -> torch.nn.Module:
-    """`torchvision:NAME[:key=value,...]`, `fxmerge:NAME` or `path/to/file.py:factory`."""
-    factory, kwargs = _factory(spec)
-    try:
-        model = factory(**kwargs)
-    except Exception as exc:  # noqa: BLE001 (the user's factory: any failure, one line)
-        raise ArgumentError(f"model {spec!r} could not be built: {type(exc).__name__}: "
-                         f"{exc}") from None
-    if not isinstance(model, torch.nn.Module):
-        raise ArgumentError(f"model {spec!r} built a {type(model).__name__}, not an nn.Module")
-    return model
-
-
-def _factory(spec: str):
-    source, _, rest = spec.partition(":")
-    if not rest:
-        raise ArgumentError(f"model spec {spec!r} needs the form SOURCE:NAME")
-    if source == "torchvision":
-        import torchvision
-
-        name, _, kwargs_text = rest.partition(":")
-        kwargs = {}
-        for item in filter(None, kwargs_text.split(",")):
-            key, _, value = item.partition("=")
-            try:
-                kwargs[key] = json.loads(value)
-            except ValueError:
-                raise ArgumentError(f"model keyword {item!r}: the value must be JSON") from None
-        factory = getattr(torchvision.models, name, None)
-        if factory is None:
-            raise ArgumentError(f"torchvision.models has no {name!r}")
-        return factory, kwargs
-    if source == "fxmerge":
-        from . import models
-
-        if rest not in models.__all__:
-            raise ArgumentError(f"fxmerge.models has no {rest!r} (it has {models.__all__})")
-        return getattr(models, rest), {}
-    return _attribute(spec), {}
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2  # argparse also exits with 2 on bad usage
 
 
 def load_tensors(path: str | Path, what: str = "--weights") -> dict:
@@ -112,8 +71,9 @@ def example_batch(args: argparse.Namespace, batch: int | None = None) -> tuple:
 
 
 def _add_model_args(p: argparse.ArgumentParser, pruned_weights: bool = False) -> None:
-    p.add_argument("model", help="torchvision:NAME[:k=v,...], fxmerge:NAME (built-in demo "
-                   "nets) or path/to/file.py:factory")
+    p.add_argument("model", help="torchvision:NAME[:k=v,...], timm:NAME[:k=v,...], "
+                   "fxmerge:NAME (built-in nets) or path/to/file.py:FACTORY; random weights "
+                   "unless --weights")
     p.add_argument("--input-shape", type=_input_spec, action="append", metavar="SHAPE",
                    help="example input shape, comma separated (default 1,3,224,224); give "
                    "it once per forward argument; SHAPE:int:HIGH for integers in [0, HIGH), "
@@ -122,7 +82,8 @@ def _add_model_args(p: argparse.ArgumentParser, pruned_weights: bool = False) ->
         p.add_argument("--weights", required=True, help="the fine-tuned pruned state_dict "
                        "(from transform --pruned-out; tensors only)")
     else:
-        p.add_argument("--weights", help="a state_dict file (tensors only) to load")
+        p.add_argument("--weights", help="a state_dict file (tensors only) to load, or "
+                       "'pretrained' for the library's own weights (downloaded)")
     p.add_argument("--exclude", nargs="*", default=[], metavar="CONV",
                    help="module names or glob patterns of convs kept out of the search")
     p.add_argument("--stride-rule", choices=["paper", "exact"], default="paper")
@@ -140,8 +101,9 @@ def _space(args: argparse.Namespace):
     from .capture import trace
     from .space import analyze
 
-    model = load_model(args.model)
-    if args.weights and args.command != "merge":
+    pretrained = args.weights == "pretrained" and args.command != "merge"
+    model = load_model(args.model, pretrained=pretrained)
+    if args.weights and args.command != "merge" and not pretrained:
         _load_state(model, load_tensors(args.weights), args.weights)
     gm = trace(model.eval(), example_batch(args))
     add = {"auto": None, "on": True, "off": False}[args.add_activations]
@@ -164,19 +126,6 @@ def _save(path: str | None, obj: object) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
-def _attribute(spec: str):
-    source, _, name = spec.rpartition(":")
-    path = Path(source)
-    if not path.is_file():
-        raise ArgumentError(f"no such file: {source}")
-    module_spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, name):
-        raise ArgumentError(f"{source} defines no {name!r}")
-    return getattr(module, name)
-
-
 def cmd_analyze(args: argparse.Namespace) -> int:
     _, space = _space(args)
     print(space.summary())
@@ -186,6 +135,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         "num_entries": space.num_entries,
         "convs": [c.name for c in space.convs],
         "entries": [list(e) for e in space.entries],
+        "capture": space.capture,
+        "reach": space.reach(),
     }, indent=1))
     return EXIT_OK
 
@@ -216,8 +167,8 @@ def cmd_importance(args: argparse.Namespace) -> int:
                          "default neither fine-tunes nor caches: it takes seconds)")
     gm, space = _space(args)
     if args.evaluate:
-        finetune = _attribute(args.finetune) if args.finetune else None
-        table = estimate_importance(space, gm, evaluate=_attribute(args.evaluate),
+        finetune = attribute(args.finetune, "--finetune") if args.finetune else None
+        table = estimate_importance(space, gm, evaluate=attribute(args.evaluate, "--evaluate"),
                                     finetune=finetune, cache=args.cache)
     else:
         table = agreement_importance(space, gm, example_batch(args, args.calibration_batch))
@@ -411,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, OSError) and exc.filename:
             message = f"{exc.filename}: {exc.strerror or message}"
         print(f"fxmerge {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USAGE if isinstance(exc, ModelSpecError) else EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -32,3 +32,8 @@ class InfeasibleBudget(FxMergeError):
 class ArgumentError(FxMergeError, ValueError, TypeError):
     """An argument given to fxmerge is invalid: a wrong value or type, or a bad command-line
     form (also a ValueError and a TypeError, what such mistakes raise in Python)."""
+
+
+class ModelSpecError(ArgumentError):
+    """A model named on the command line or to `fxmerge.models.load_model` cannot be
+    found or built (the command line exits with 2, a usage error)."""

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import networkx as nx
 from torch import fx, nn
 
-from .capture import check_canonical, ops
+from .capture import capture_path, check_canonical, ops
 from .errors import ArgumentError, SpaceError, TraceError
 
 STRIDE_RULES = ("paper", "exact")
@@ -126,6 +126,23 @@ class GraphNode:
     target: str
     kind: NodeKind
     inputs: tuple[str, ...]
+    op_name: str = ""  # the module's class or the function's name: `Conv2d`, `cat`, `mul`
+
+
+# what barrier ops usually are, for reports (anything else is named by its op)
+BARRIER_KINDS = {
+    "cat": "concatenation", "stack": "concatenation", "mul": "products (gates, attention)",
+    "sigmoid": "gates", "Sigmoid": "gates", "Hardsigmoid": "gates", "hardsigmoid": "gates",
+    "adaptive_avg_pool2d": "pooling", "AdaptiveAvgPool2d": "pooling", "mean": "pooling",
+    "avg_pool2d": "pooling", "AvgPool2d": "pooling", "max_pool2d": "pooling",
+    "MaxPool2d": "pooling", "interpolate": "upsampling", "Upsample": "upsampling",
+    "upsample_nearest2d": "upsampling", "upsample_bilinear2d": "upsampling",
+    "ConvTranspose2d": "upsampling", "getitem": "splits and indexing", "split": "splits and "
+    "indexing", "chunk": "splits and indexing", "split_with_sizes": "splits and indexing",
+    "Dropout": "dropout", "dropout": "dropout", "Linear": "linear layers",
+    "linear": "linear layers", "flatten": "reshapes", "view": "reshapes",
+    "reshape": "reshapes", "Flatten": "reshapes", "permute": "reshapes",
+}
 
 
 @dataclass(frozen=True)
@@ -212,8 +229,10 @@ class MergeSpace:
         left_out: Mapping[str, str] | None = None,
         add_activations: bool | None = False,
         max_kernel_bytes: int = MAX_KERNEL_BYTES,
+        capture: str = "unknown",
     ) -> None:
         set_ = object.__setattr__
+        set_(self, "capture", capture)  # how the graph was captured (`capture_path`)
         set_(self, "convs", tuple(convs))
         set_(self, "units", tuple(units))
         set_(self, "skips", tuple(skips))
@@ -249,7 +268,7 @@ class MergeSpace:
                 "nodes": [asdict(n) for n in self.nodes],
                 "stride_rule": self.stride_rule, "exclude": list(self.exclude),
                 "left_out": self.left_out, "add_activations": self.add_activations,
-                "max_kernel_bytes": self.max_kernel_bytes}
+                "max_kernel_bytes": self.max_kernel_bytes, "capture": self.capture}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MergeSpace:
@@ -263,7 +282,8 @@ class MergeSpace:
                 [GraphNode(**{**n, "kind": NodeKind(n["kind"]), "inputs": tuple(n["inputs"])})
                  for n in data["nodes"]],
                 data["stride_rule"], data["exclude"], data["left_out"],
-                data["add_activations"], data["max_kernel_bytes"])
+                data["add_activations"], data["max_kernel_bytes"],
+                data.get("capture", "unknown"))
         except (KeyError, TypeError, ValueError) as exc:
             raise SpaceError(f"not a saved MergeSpace: {type(exc).__name__}: {exc}") from None
 
@@ -591,6 +611,25 @@ class MergeSpace:
             g.add_edges_from((a, n.name) for a in n.inputs)
         return g
 
+    def reach(self) -> dict[str, Any]:
+        """What the search can change and what stops the rest: searched convs and
+        activations against the graph's, convs left out with why, and the barrier ops by
+        kind (`BARRIER_KINDS`)."""
+        projections = {s.projection for s in self.skips if s.projection}
+        searched = {c.name for c in self.convs} | projections
+        conv_nodes = [n for n in self.nodes if n.kind is NodeKind.CONV]
+        barriers = Counter(BARRIER_KINDS.get(n.op_name, n.op_name or n.target)
+                           for n in self.nodes if n.kind is NodeKind.BARRIER)
+        return {
+            "convs": len(conv_nodes), "searched_convs": self.L,
+            "skip_projections": len(projections),
+            "other_convs": len([n for n in conv_nodes if n.target not in searched]),
+            "activations": sum(n.kind is NodeKind.ACTIVATION for n in self.nodes),
+            "searched_activations": sum(c.activation is not None for c in self.convs),
+            "left_out": dict(self.left_out),
+            "barriers": dict(barriers.most_common()),
+        }
+
     def summary(self) -> str:
         """A readable table of the searched convs and the size of the space."""
         header = (f"{'pos':>4}  {'conv':<28} {'in->out':>11} {'k':>2} {'s':>2} {'g':>4}  "
@@ -620,6 +659,14 @@ class MergeSpace:
             f"{len(self.barriers)} barrier nodes, stride_rule={self.stride_rule}: "
             f"{self.num_blocks} blocks, {self.num_entries} entries"
         )
+        reach = self.reach()
+        lines.append(
+            f"captured by {self.capture}; searched: {reach['searched_convs']} of "
+            f"{reach['convs']} convs (+{reach['skip_projections']} skip projections), "
+            f"{reach['searched_activations']} of {reach['activations']} activations")
+        if reach["barriers"]:
+            lines.append("what stops the rest (barrier ops by kind): " + ", ".join(
+                f"{n} {kind}" for kind, n in reach["barriers"].items()))
         if self._over_bound:
             lines.append(f"{self._over_bound} merged kernels over max_kernel_bytes="
                          f"{self.max_kernel_bytes} not offered")
@@ -650,9 +697,19 @@ def _node_kind(gm: fx.GraphModule, n: fx.Node) -> NodeKind:
     return NodeKind.BARRIER
 
 
+def _op_name(gm: fx.GraphModule, n: fx.Node) -> str:
+    if n.op == "call_module":
+        return type(gm.get_submodule(n.target)).__name__
+    if n.op == "call_function":
+        name = getattr(n.target, "__name__", str(n.target))
+        return name.split(".")[0]  # aten's "cat.default" is "cat"
+    return str(n.target) if n.op == "call_method" else n.op
+
+
 def _graph_nodes(gm: fx.GraphModule) -> list[GraphNode]:
     return [GraphNode(n.name, n.op, str(n.target), _node_kind(gm, n),
-                      tuple(a.name for a in n.all_input_nodes)) for n in gm.graph.nodes]
+                      tuple(a.name for a in n.all_input_nodes), _op_name(gm, n))
+            for n in gm.graph.nodes]
 
 
 def excluded(name: str, patterns: Iterable[str]) -> bool:
@@ -869,4 +926,4 @@ def analyze(
 
     return MergeSpace(convs, units, skips, breaks, _graph_nodes(gm), stride_rule, exclude,
                       {n: why for n, why in left_out.items() if why != "excluded"},
-                      add_activations, max_kernel_bytes)
+                      add_activations, max_kernel_bytes, capture_path(gm))

@@ -368,3 +368,100 @@ def test_a_graph_module_in_training_mode_is_captured_in_eval_mode():
     assert not any(m.training for m in gm.modules())
     with torch.no_grad():
         assert close(model(x), gm(x))
+
+
+# ---- capture that finds its way: symbolic_trace, else torch.export --------------------
+class SplitBlock(nn.Module):
+    """YOLO's C2f pattern: a conv's output split in two and unpacked (symbolic_trace cannot
+    iterate a Proxy), then a head that caches a tensor computed from the input's shape (as
+    a detection head's anchors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv1 = nn.Sequential(*conv_unit(3, 8, 1))
+        self.m = nn.Sequential(*conv_unit(4, 4, 3), *conv_unit(4, 4, 3))
+        self.cv2 = nn.Sequential(*conv_unit(12, 8, 1))
+        self.head = nn.Conv2d(8, 4, 1)
+        self.shape, self.grid = None, torch.empty(0)
+
+    def forward(self, x):
+        a, b = self.cv1(x).chunk(2, 1)
+        y = self.cv2(torch.cat([a, b, self.m(b)], 1))
+        out = self.head(y)
+        if self.shape != out.shape:
+            self.shape = out.shape
+            self.grid = torch.arange(out.shape[-1], dtype=out.dtype).view(1, 1, 1, -1)
+        return out + self.grid
+
+
+class OptionalSkip(nn.Module):
+    """MONAI's UpCat pattern: a concatenation taken only `if isinstance(skip, Tensor)`;
+    symbolic_trace sees a Proxy, skips it, and captures a graph of the wrong width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Sequential(*conv_unit(3, 4, 3))
+        self.up = nn.Sequential(*conv_unit(8, 8, 3), *conv_unit(8, 8, 3))
+
+    def forward(self, x):
+        skip = self.down(x)
+        h = skip
+        if isinstance(skip, torch.Tensor):
+            h = torch.cat([h, skip], 1)
+        return self.up(h)
+
+
+@pytest.mark.parametrize("model", [SplitBlock, OptionalSkip])
+def test_what_symbolic_trace_cannot_capture_is_exported_and_merges_exactly(model):
+    net = randomize_batchnorm(model())
+    gm = fxmerge.trace(net, X)
+    space = fxmerge.analyze(gm)
+    assert fxmerge.capture.capture_path(gm) == "torch.export"
+    assert "captured by torch.export" in space.summary()
+    assert any(j - i >= 2 for i, j in space.blocks)
+    with torch.no_grad():
+        assert close(net(X), fxmerge.transform(gm, fxmerge.Plan.identity(space))(X))
+        for seed in range(3):
+            pruned = fxmerge.prune(gm, fxmerge.Plan.random(space, seed), space).eval()
+            assert close(pruned(X), fxmerge.merge(pruned)(X))
+
+
+def test_a_refusal_gives_each_paths_reason():
+    from models import DataDependent
+
+    with pytest.raises(fxmerge.TraceError, match="symbolic_trace: .*; torch.export: "):
+        fxmerge.trace(DataDependent(), torch.randn(1, 3, 8, 8))
+
+
+def _real(factory, x):
+    net = randomize_batchnorm(factory())
+    gm = fxmerge.trace(net, x)
+    space = fxmerge.analyze(gm)
+    assert fxmerge.capture.capture_path(gm) == "torch.export"
+    with torch.no_grad():
+        want = torch.utils._pytree.tree_leaves(net(x))
+        for plan in (fxmerge.Plan.identity(space), fxmerge.Plan.random(space, 0)):
+            pruned = fxmerge.prune(gm, plan, space).eval()
+            got = torch.utils._pytree.tree_leaves(fxmerge.merge(pruned)(x))
+            ref = torch.utils._pytree.tree_leaves(pruned(x)) if plan.method != "identity" \
+                else want
+            assert all(close(a, b) for a, b in zip(ref, got) if a.is_floating_point())
+    return space
+
+
+@pytest.mark.parametrize("name", ["yolov8n", "yolo11n"])
+def test_ultralytics_yolo_is_captured_and_merges_exactly(name):
+    tasks = pytest.importorskip("ultralytics.nn.tasks")
+    space = _real(lambda: tasks.DetectionModel(f"{name}.yaml", verbose=False),
+                  torch.randn(1, 3, 64, 64))
+    assert sum(j - i >= 2 for i, j in space.blocks) >= 30
+
+
+def test_monai_basic_unet_and_smp_fpn_are_captured_and_merge_exactly():
+    nets = pytest.importorskip("monai.networks.nets")
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    _real(lambda: nets.BasicUNet(spatial_dims=2, in_channels=1, out_channels=2,
+                                 features=(8, 8, 16, 32, 64, 8)), torch.randn(1, 1, 32, 32))
+    space = _real(lambda: smp.FPN(encoder_name="resnet18", encoder_weights=None),
+                  torch.randn(1, 3, 64, 64))
+    assert sum(j - i >= 2 for i, j in space.blocks) >= 5

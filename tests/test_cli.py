@@ -28,10 +28,26 @@ def test_help_and_usage_errors(capsys):
     assert info.value.code == 2
 
 
-def test_bad_model_spec_is_an_error_not_a_traceback(capsys):
-    assert run("analyze", "torchvision:not_a_net") == 1
+def test_bad_model_spec_is_a_usage_error_listing_the_forms(capsys):
+    assert run("analyze", "torchvision:not_a_net") == 2
     assert "torchvision.models has no 'not_a_net'" in capsys.readouterr().err
-    assert run("analyze", "fxmerge:Nope") == 1
+    assert run("analyze", "fxmerge:Nope") == 2
+    assert "fxmerge.models has no 'Nope'" in capsys.readouterr().err
+    for spec in ("timm", "resnet18", "timm:resnt18", "timm:resnet18:num_classes"):
+        assert run("analyze", spec) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "timm:NAME[:key=value,...]" in err, err
+    assert "did you mean resnet18" in (run("analyze", "timm:resnt18"), capsys.readouterr().err)[1]
+
+
+def test_timm_models_by_name_with_keywords(capsys):
+    pytest.importorskip("timm")
+    assert run("analyze", "timm:resnet18:num_classes=10,drop_rate=0.1",
+               "--input-shape", "1,3,32,32") == 0
+    out = capsys.readouterr().out
+    assert "L=17 convs" in out and "captured by symbolic_trace" in out
+    model = fxmerge.models.load_model("timm:resnet18:num_classes=10")
+    assert model.fc.out_features == 10
 
 
 def test_pipeline_analyze_latency_importance_solve_transform(tmp_path, capsys):

@@ -146,40 +146,85 @@ def _check_no_global_hooks() -> None:
                          "lose their effect; remove them before tracing")
 
 
+CAPTURE_META = "fxmerge_capture"  # how the graph was captured (the path `trace` took)
+
+
+def _capture(model: torch.nn.Module, inputs: tuple, what: str, how: str) -> fx.GraphModule:
+    """`model` captured by `how` ("symbolic_trace" or "torch.export"), canonical, with
+    shapes, and checked against the model on `inputs`."""
+    if how == "symbolic_trace":
+        gm = fx.symbolic_trace(model)
+        reference = copy_model(model)  # as tracing left it: baked-in Python state shows up
+    else:
+        # as it was: exporting runs forward on fake tensors, and a module that caches
+        # tensors it computes in forward (a detection head's anchors) keeps fake ones
+        reference = copy_model(model)
+        # (the copy is a plain GraphModule: an exported program's module refuses .eval())
+        gm = copy_model(torch.export.export(model, inputs, strict=False).module())
+    gm = canonicalize(gm)
+    for m in gm.modules():
+        m.training = False
+    got = propagate_shapes(gm, inputs)
+    verify(reference, gm, inputs, got, what)
+    gm.meta[CAPTURE_META] = how
+    return gm
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def trace(model: torch.nn.Module | torch.export.ExportedProgram, example_inputs: ExampleInputs,
           ) -> fx.GraphModule:
     """Capture `model` as a canonical GraphModule in eval mode, with a shape on every node.
 
     `model` is an nn.Module, a GraphModule (from symbolic_trace or `ExportedProgram.module()`)
     or a `torch.export.ExportedProgram`; `example_inputs` a tensor or a tuple of them (integer
-    ones too, such as a diffusion timestep). The captured graph is run next to the model on
-    the example inputs and refused (`TraceError`) unless both agree. The caller's model is
-    never changed.
+    ones too, such as a diffusion timestep). A module is captured with `fx.symbolic_trace`;
+    where that fails or captures something else than the model (data-dependent control
+    flow), with `torch.export` (non-strict). The captured graph is run next to the model on
+    the example inputs and refused (`TraceError`, with each path's reason) unless both
+    agree. `capture_path(gm)` says which path was taken. The caller's model is never changed.
     """
     _check_no_global_hooks()
     inputs = as_tuple(example_inputs)
     what = type(model).__name__
+    given = None
     if isinstance(model, torch.export.ExportedProgram):
-        model = model.module()
+        model, given = model.module(), "torch.export (given)"
+    elif isinstance(model, fx.GraphModule):
+        given = "GraphModule (given)"
     if not isinstance(model, torch.nn.Module):
         raise TraceError(f"expected an nn.Module or an ExportedProgram, got {what}")
     model = copy_model(model)
     for m in model.modules():  # eval mode (an export program's module refuses .eval())
         m.training = False
-    if isinstance(model, fx.GraphModule):
-        gm = model
-    else:
+    if given is not None:
+        reference = copy_model(model)
+        gm = canonicalize(model)
+        for m in gm.modules():
+            m.training = False
+        got = propagate_shapes(gm, inputs)
+        verify(reference, gm, inputs, got, what)
+        gm.meta[CAPTURE_META] = given
+        return gm
+    reasons = []
+    for how in ("symbolic_trace", "torch.export"):
         try:
-            gm = fx.symbolic_trace(model)
-        except Exception as exc:
-            raise TraceError(
-                f"torch.fx could not trace {what}: {exc}. fxmerge needs a model without "
-                "data-dependent control flow: wrap such parts in a leaf module, or pass "
-                "torch.export.export(model, inputs)") from exc
-    reference = copy_model(model)  # as tracing left it: Python state baked in shows up
-    gm = canonicalize(gm)
-    for m in gm.modules():
-        m.training = False
-    got = propagate_shapes(gm, inputs)
-    verify(reference, gm, inputs, got, what)
-    return gm
+            gm = _capture(model, inputs, what, how)
+        except Exception as exc:  # noqa: BLE001 (each path's failure is reported)
+            reasons.append(f"{how}: {_one_line(exc)}")
+            log.info("capture of %s by %s failed: %s", what, how, exc)
+            continue
+        if reasons:
+            log.info("%s captured by %s (%s)", what, how, reasons[0])
+        return gm
+    raise TraceError(f"fxmerge could not capture {what}: " + "; ".join(reasons)
+                     + ". fxmerge needs a graph that computes what the model computes: wrap "
+                     "data-dependent parts in a leaf module")
+
+
+def capture_path(gm: fx.GraphModule) -> str:
+    """How `trace` captured `gm`: "symbolic_trace", "torch.export", or a given graph."""
+    return gm.meta.get(CAPTURE_META, "unknown")

@@ -1,6 +1,8 @@
-"""Architectures not in torchvision, used by the demos and the tests."""
+"""Models by name (`load_model`), and architectures not in torchvision that the demos and
+tests use."""
 
 from .ddpm import DDPM_EXCLUDE, DDPMUNet
 from .demo import DemoMobileNetV2
+from .hub import SPEC_FORMS, load_model
 
-__all__ = ["DDPM_EXCLUDE", "DDPMUNet", "DemoMobileNetV2"]
+__all__ = ["DDPM_EXCLUDE", "SPEC_FORMS", "DDPMUNet", "DemoMobileNetV2", "load_model"]
