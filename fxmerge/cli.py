@@ -14,6 +14,7 @@ import torch
 from .backends.runtimes import BACKENDS
 from .errors import ArgumentError, FxMergeError, ModelSpecError
 from .models.hub import attribute, load_model
+from .solve import METHODS
 from .space import MAX_KERNEL_BYTES
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2  # argparse also exits with 2 on bad usage
@@ -86,7 +87,9 @@ def _add_model_args(p: argparse.ArgumentParser, pruned_weights: bool = False) ->
                        "'pretrained' for the library's own weights (downloaded)")
     p.add_argument("--exclude", nargs="*", default=[], metavar="CONV",
                    help="module names or glob patterns of convs kept out of the search")
-    p.add_argument("--stride-rule", choices=["paper", "exact"], default="paper")
+    p.add_argument("--stride-rule", choices=["paper", "exact"], default="paper",
+                   help="paper: a strided conv ends its block unless one 1x1 conv follows "
+                   "(as the authors); exact: any kernel may follow it (default: paper)")
     p.add_argument("--add-activations", choices=["auto", "on", "off"], default="auto",
                    help="an activation after merged blocks of several convs that end without "
                    "one (auto: on, except in nets with GroupNorm before activations); a plan "
@@ -278,10 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the table as JSON")
     p.add_argument("--backend", choices=BACKENDS, default="eager",
                    help="what the layers are timed on (default: eager)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device to time on (default: cpu)")
     p.add_argument("--batch", type=int, help="deployment batch (default: the input shape's)")
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--repeat", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=10,
+                   help="untimed runs per layer, at most (default 10)")
+    p.add_argument("--repeat", type=int, default=30,
+                   help="timed runs per layer, at most; the median is kept (default 30)")
     p.add_argument("--seconds", type=float, default=0.3, help="time each layer for about "
                    "this long (fewer runs for slow layers; default 0.3)")
     p.add_argument("--cache", help="JSON file to resume an interrupted measurement from")
@@ -314,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "fits --budget; table: --budget is a fraction of the table's sum")
     p.add_argument("--timing-repeat", type=int, default=30,
                    help="interleaved rounds per network timing (measured basis)")
-    p.add_argument("--method", choices=["layermerge", "depth", "layeronly"],
-                   default="layermerge")
+    p.add_argument("--method", choices=list(METHODS), default="layermerge",
+                   help="layermerge (the paper's), or its baselines depth and layeronly "
+                   "(default: layermerge)")
     p.add_argument("--levels", type=int, help="budget levels of the DP (default 1000; "
                    "Depth: 0.05 ms units)")
     p.add_argument("--out", help="write the plan as JSON")

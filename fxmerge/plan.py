@@ -63,6 +63,7 @@ class Plan:
     predicted_importance: float | None = None
     extra: dict = field(default_factory=dict)
     measured: dict = field(default_factory=dict)  # `solve_measured`: the network as timed
+    input_shapes: tuple[tuple[int, ...], ...] = ()  # the space's, batch aside
 
     # ---- derived views --------------------------------------------------------------
     @property
@@ -105,7 +106,8 @@ class Plan:
             act = activation.get(j, space.end_activation(i, j) is not None)
             blocks.append(Block(convs, kept_here, k, dw, act))
         return cls(tuple(blocks), space.signature, space.stride_rule, space.exclude,
-                   space.add_activations, space.max_kernel_bytes, **info)
+                   space.add_activations, space.max_kernel_bytes, **info,
+                   input_shapes=space.input_shapes)
 
     @classmethod
     def identity(cls, space: MergeSpace) -> Plan:
@@ -143,15 +145,35 @@ class Plan:
             raise PlanError(f"plan was made for another graph: {exc}") from None
 
     # ---- checks ----------------------------------------------------------------------
+    def _what_differs(self, space: MergeSpace) -> str:
+        """Why this plan's signature is not `space`'s, and only what could help."""
+        if self.input_shapes and self.input_shapes != space.input_shapes:
+            return (f"the input shape differs (the plan's {list(self.input_shapes)}, this "
+                    f"graph's {list(space.input_shapes)}, batch aside): trace the model at "
+                    "the plan's input shape, or solve again at this one")
+        convs = {n.target for n in space.nodes if n.kind == "conv"}
+        foreign = [n for b in self.blocks for n in b.convs if n not in convs]
+        if foreign:
+            return (f"the plan names convs this model does not have ({foreign[0]!r} of "
+                    f"{len(foreign)}): it is another model's plan; solve on this one")
+        settings = {k: v for k, v in (("stride_rule", self.stride_rule),
+                                      ("exclude", list(self.exclude)),
+                                      ("add_activations", self.add_activations),
+                                      ("max_kernel_bytes", self.max_kernel_bytes))
+                    if v != getattr(space, k) and not (k == "exclude"
+                                                       and v == list(space.exclude))}
+        if settings:
+            return ("the plan was solved on a space analysed with "
+                    + ", ".join(f"{k}={v!r}" for k, v in settings.items())
+                    + ": analyse with those, or solve on this space")
+        return ("the model's structure differs (the same convs by name, but other shapes, "
+                "skips or barriers): solve on this model")
+
     def validate(self, space: MergeSpace) -> None:
         """Raise `PlanError` unless this plan fits `space` and obeys every merge rule."""
         if self.signature != space.signature:
-            raise PlanError(
-                f"plan was made for another graph (signature {self.signature}, this graph "
-                f"{space.signature}); re-solve on this model, or analyse it with "
-                f"stride_rule={self.stride_rule!r}, exclude={list(self.exclude)}, "
-                f"add_activations={self.add_activations}, "
-                f"max_kernel_bytes={self.max_kernel_bytes}")
+            raise PlanError(f"plan was made for another graph (signature {self.signature}, "
+                            f"this graph {space.signature}): {self._what_differs(space)}")
         names = [c.name for c in space.convs]
         covered = [n for b in self.blocks for n in b.convs]
         if covered != names:
@@ -224,7 +246,9 @@ class Plan:
                 predicted_latency_ms=_typed(data, "predicted_latency_ms", number, default=None),
                 predicted_importance=_typed(data, "predicted_importance", number, default=None),
                 extra=_typed(data, "extra", dict, default={}),
-                measured=_typed(data, "measured", dict, default={}))
+                measured=_typed(data, "measured", dict, default={}),
+                input_shapes=tuple(tuple(shape) for shape in
+                                   _typed(data, "input_shapes", list, default=[])))
         except TypeError as exc:
             raise PlanError(f"not a fxmerge plan: {exc}") from None
 
@@ -247,8 +271,13 @@ class Plan:
 
     def describe(self) -> str:
         """One line per block: its convs, what is kept, the merged kernel."""
-        header = (f"plan ({self.method}, budget={self.budget}, predicted "
-                  f"{self.predicted_latency_ms} ms, importance {self.predicted_importance})")
+        def num(value: float | None, unit: str = "") -> str:
+            return "-" if value is None else f"{value:.4g}{unit}"
+
+        budget = "-" if self.budget is None else f"{self.budget:.1%}"
+        header = (f"plan ({self.method}, budget {budget}, predicted "
+                  f"{num(self.predicted_latency_ms, ' ms')}, importance "
+                  f"{num(self.predicted_importance)})")
         lines = [header]
         if self.measured:
             m = self.measured

@@ -19,9 +19,9 @@ from functools import cached_property
 from typing import Any, NamedTuple
 
 import networkx as nx
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
-from .capture import capture_path, check_canonical, ops
+from .capture import capture_path, check_canonical, example_inputs, ops
 from .errors import ArgumentError, SpaceError, TraceError
 
 STRIDE_RULES = ("paper", "exact")
@@ -230,9 +230,12 @@ class MergeSpace:
         add_activations: bool | None = False,
         max_kernel_bytes: int = MAX_KERNEL_BYTES,
         capture: str = "unknown",
+        input_shapes: Iterable[tuple[int, ...]] = (),
     ) -> None:
         set_ = object.__setattr__
         set_(self, "capture", capture)  # how the graph was captured (`capture_path`)
+        # the example inputs' shapes, batch aside (what a plan's shapes depend on)
+        set_(self, "input_shapes", tuple(tuple(shape) for shape in input_shapes))
         set_(self, "convs", tuple(convs))
         set_(self, "units", tuple(units))
         set_(self, "skips", tuple(skips))
@@ -268,7 +271,8 @@ class MergeSpace:
                 "nodes": [asdict(n) for n in self.nodes],
                 "stride_rule": self.stride_rule, "exclude": list(self.exclude),
                 "left_out": self.left_out, "add_activations": self.add_activations,
-                "max_kernel_bytes": self.max_kernel_bytes, "capture": self.capture}
+                "max_kernel_bytes": self.max_kernel_bytes, "capture": self.capture,
+                "input_shapes": [list(shape) for shape in self.input_shapes]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MergeSpace:
@@ -283,7 +287,7 @@ class MergeSpace:
                  for n in data["nodes"]],
                 data["stride_rule"], data["exclude"], data["left_out"],
                 data["add_activations"], data["max_kernel_bytes"],
-                data.get("capture", "unknown"))
+                data.get("capture", "unknown"), data.get("input_shapes", ()))
         except (KeyError, TypeError, ValueError) as exc:
             raise SpaceError(f"not a saved MergeSpace: {type(exc).__name__}: {exc}") from None
 
@@ -926,4 +930,6 @@ def analyze(
 
     return MergeSpace(convs, units, skips, breaks, _graph_nodes(gm), stride_rule, exclude,
                       {n: why for n, why in left_out.items() if why != "excluded"},
-                      add_activations, max_kernel_bytes, capture_path(gm))
+                      add_activations, max_kernel_bytes, capture_path(gm),
+                      [tuple(x.shape[1:]) if isinstance(x, Tensor) else ()
+                       for x in example_inputs(gm)])

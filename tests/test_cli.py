@@ -262,3 +262,14 @@ def test_bad_inputs_exit_1_with_one_line(tmp_path, capsys):
         assert run(*argv) == 1, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and match in err[0], (argv, err)
+
+
+def test_every_option_has_help():
+    import argparse
+
+    from fxmerge.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    bare = [f"{name} {a.option_strings or a.dest}" for name, sub in commands.items()
+            for a in sub._actions if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert not bare, bare

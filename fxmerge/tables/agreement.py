@@ -137,4 +137,4 @@ def agreement_importance(space: MergeSpace, gm: fx.GraphModule, batch: ExampleIn
                                   base_score=0.0, num_keys=len(values),
                                   single_convs_reinitialised=False,
                                   calibration_batch=int(cache.batch[0].shape[0]))
-    return ImportanceTable(values, space.signature, settings)
+    return ImportanceTable(values, space.signature, settings, space.input_shapes)

@@ -77,6 +77,7 @@ class EntryTable:
     values: dict[Key, float]
     signature: str
     settings: TableSettings | None = None
+    input_shapes: tuple[tuple[int, ...], ...] = ()  # the space's, batch aside
 
     kind: ClassVar[str] = "table"
     positive: ClassVar[bool] = False  # latencies must be > 0
@@ -125,14 +126,23 @@ class EntryTable:
             typed = cls.settings_type(**{"source": "user values", **settings})
         except TypeError as exc:
             raise ArgumentError(f"{cls.kind} table settings: {exc}") from None
-        table = cls({_normalise(k): v for k, v in values.items()}, space.signature, typed)
+        table = cls({_normalise(k): v for k, v in values.items()}, space.signature, typed,
+                    space.input_shapes)
         table.check(space, keys)
         return table
 
     def check_graph(self, space: MergeSpace) -> None:
-        if self.signature != space.signature:
-            raise TableError(f"{self.kind} table was made for another graph (signature "
-                             f"{self.signature}, this graph {space.signature})")
+        if self.signature == space.signature:
+            return
+        if self.input_shapes and tuple(self.input_shapes) != space.input_shapes:
+            why = (f"the input shape differs (the table's {list(self.input_shapes)}, this "
+                   f"graph's {list(space.input_shapes)}, batch aside)")
+        else:
+            why = ("another model, or the same one analysed with other settings (stride_rule, "
+                   "exclude, add_activations, max_kernel_bytes)")
+        raise TableError(f"{self.kind} table was made for another graph (signature "
+                         f"{self.signature}, this graph {space.signature}): {why}; measure it "
+                         "again on this graph")
 
     def check(self, space: MergeSpace, keys: Iterable[Key] | None = None) -> None:
         """Raise `TableError` for another graph's table or a missing key (values were
@@ -144,7 +154,9 @@ class EntryTable:
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps({
-            "kind": self.kind, "signature": self.signature, "settings": self.settings.to_dict(),
+            "kind": self.kind, "signature": self.signature,
+            "input_shapes": [list(shape) for shape in self.input_shapes],
+            "settings": self.settings.to_dict(),
             "values": [[_key_to_json(k), v] for k, v in self.values.items()],
         }, indent=indent)
 
@@ -167,8 +179,13 @@ class EntryTable:
         settings = data.get("settings", {})
         if not isinstance(settings, dict):
             raise TableError(f"{cls.kind} table: 'settings' must be an object")
+        shapes = data.get("input_shapes", [])
+        if not isinstance(shapes, list) or not all(
+                isinstance(s, list) and all(type(d) is int for d in s) for s in shapes):
+            raise TableError(f"{cls.kind} table: 'input_shapes' must be a list of shapes")
         return cls({_key_from_json(k): v for k, v in rows}, signature,
-                   cls.settings_type.from_dict(settings, f"{cls.kind} table"))
+                   cls.settings_type.from_dict(settings, f"{cls.kind} table"),
+                   tuple(tuple(s) for s in shapes))
 
 
 def check_graph_of(gm: Any, space: MergeSpace, call: str) -> None:

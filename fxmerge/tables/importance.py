@@ -296,4 +296,4 @@ def estimate_importance(
     settings = ImportanceSettings(estimator="finetune" if finetune else "no fine-tuning",
                                   base_score=base, num_keys=len(values),
                                   single_convs_reinitialised=reset_single)
-    return ImportanceTable(values, space.signature, settings)
+    return ImportanceTable(values, space.signature, settings, space.input_shapes)

@@ -220,7 +220,7 @@ def measure_latency(
                        for e, layer in layers.items()})
         if spreads:
             settings = replace(settings, spread=round(statistics.median(spreads), 4))
-        table = LatencyTable(values, space.signature, settings)
+        table = LatencyTable(values, space.signature, settings, space.input_shapes)
         if not check:
             break
         verdict = _check_against_network(table, space, gm, backend, device, dtype, batch)
