@@ -191,18 +191,33 @@ def _tables(args: argparse.Namespace):
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
-    from .solve import frontier, solve
+    from .errors import InfeasibleBudget
+    from .solve import fastest_latency, frontier, solve
     from .solve.measured import NetworkTimer, solve_measured
 
     gm, space = _space(args)
     latency, importance = _tables(args)
-    if args.budget is not None and args.budget_basis == "measured":
-        timer = NetworkTimer.for_table(gm, space, latency, repeat=args.timing_repeat)
-        plan = solve_measured(space, latency, importance, timer, budget=args.budget,
-                              method=args.method, levels=args.levels)
-    else:
-        plan = solve(space, latency, importance, budget=args.budget, budget_ms=args.budget_ms,
-                     method=args.method, levels=args.levels)
+    latency.check(space)
+    original = latency.identity_latency(space)
+    floor = fastest_latency(space, latency, importance, args.method)
+    print(f"reach: the fastest {args.method} plan's table latency is {floor:.4g} ms, "
+          f"{floor / original:.1%} of the original's {original:.4g} ms")
+    try:
+        if args.budget is not None and args.budget_basis == "measured":
+            timer = NetworkTimer.for_table(gm, space, latency, repeat=args.timing_repeat)
+            plan = solve_measured(space, latency, importance, timer, budget=args.budget,
+                                  method=args.method, levels=args.levels)
+        else:
+            plan = solve(space, latency, importance, budget=args.budget,
+                         budget_ms=args.budget_ms, method=args.method, levels=args.levels)
+    except InfeasibleBudget as exc:
+        if args.out and exc.plan is not None:
+            _write(args.out, exc.plan.to_json())
+            print(f"the fastest plan found, over the budget, is in {args.out} "
+                  "(marked \"over_budget\")", file=sys.stderr)
+        elif args.out:
+            print(f"no plan found: nothing written to {args.out}", file=sys.stderr)
+        raise
     print(plan.describe())
     _write(args.out, plan.to_json())
     if args.frontier or args.plot:

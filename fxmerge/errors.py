@@ -26,7 +26,12 @@ class TableError(FxMergeError):
 
 
 class InfeasibleBudget(FxMergeError):
-    """No plan meets the latency budget; the message states the smallest achievable latency."""
+    """No plan meets the latency budget; the message states the smallest achievable latency.
+    `plan` is the fastest plan found (over the budget), where there is one."""
+
+    def __init__(self, message: str, plan: object = None) -> None:
+        super().__init__(message)
+        self.plan = plan
 
 
 class ArgumentError(FxMergeError, ValueError, TypeError):

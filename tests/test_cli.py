@@ -95,9 +95,14 @@ def test_pipeline_analyze_latency_importance_solve_transform(tmp_path, capsys):
     # the CLI's model is randomly initialised: rebuild it the same way to compare
     assert merged(x).shape == (2, 10)
 
+    # an impossible budget is refused before anything is timed; --out gets the fastest plan
     assert run("solve", *MODEL, "--latency", tmp_path / "lat.json", "--importance",
-               tmp_path / "imp.json", "--budget", 0.01) == 1
-    assert "no layermerge plan measured within 1.0%" in capsys.readouterr().err
+               tmp_path / "imp.json", "--budget", 0.01, "--out", tmp_path / "over.json") == 1
+    captured = capsys.readouterr()
+    assert "no layermerge plan can measure within 1.0%" in captured.err
+    assert "reach: the fastest layermerge plan's table latency is" in captured.out
+    over = fxmerge.Plan.from_json((tmp_path / "over.json").read_text())
+    assert over.extra["over_budget"] and not over.measured
     assert run("solve", *MODEL, "--latency", tmp_path / "lat.json", "--importance",
                tmp_path / "imp.json", "--budget", 0.01, "--budget-basis", "table") == 1
     assert "smallest achievable" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from models import small_net
 
 import fxmerge
 from fxmerge.models import DemoMobileNetV2
-from fxmerge.solve import layeronly, measured
+from fxmerge.solve import fastest_latency, layeronly, measured
 from fxmerge.solve.measured import Measurement, NetworkTimer, interpolate, solve_measured
 
 
@@ -138,3 +138,16 @@ def test_bad_budget_or_tolerance_is_refused_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):
         solve_measured(space, lat, imp, timer, **kwargs)
     assert timer.calls == 0
+
+
+def test_an_impossible_budget_is_refused_before_timing(monkeypatch):
+    gm, space, lat, imp = demo_problem()
+    timer = NetworkTimer(gm, space, repeat=2)
+    monkeypatch.setattr(timer, "measure", lambda plan: pytest.fail("timed a plan"))
+    floor = fastest_latency(space, lat, imp) / lat.identity_latency(space)
+    with pytest.raises(fxmerge.InfeasibleBudget, match=f"fastest one's table latency is "
+                       f"{floor:.1%}") as info:
+        solve_measured(space, lat, imp, timer, budget=floor * 0.9)
+    fastest = info.value.plan
+    assert fastest.extra["over_budget"]
+    assert fastest.predicted_latency_ms == pytest.approx(floor * lat.identity_latency(space))

@@ -8,7 +8,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import ArgumentError, InfeasibleBudget, TableError
@@ -107,7 +107,7 @@ def solve(
         raise InfeasibleBudget(
             f"no {method} plan fits {budget_ms:.4g} ms; the smallest achievable table "
             f"latency is {lowest:.4g} ms ({lowest / original:.1%} of the original "
-            f"{original:.4g} ms)")
+            f"{original:.4g} ms)", plan=fastest_plan(space, latency, importance, method))
     units, path = found
     plan = _to_plan(space, method, path, conv_scores,
                     budget=round(budget_ms / original, 6), budget_ms=round(budget_ms, 6),
@@ -122,6 +122,21 @@ def fastest_latency(space: MergeSpace, latency: LatencyTable, importance: Import
                     method: str = "layermerge") -> float:
     """The smallest table latency any `method` plan reaches."""
     return min_latency(get_method(method).edges(space, latency, importance))
+
+
+def fastest_plan(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable,
+                 method: str = "layermerge") -> Plan | None:
+    """The best `method` plan at its smallest table latency, marked `over_budget` in
+    `extra` (what a failed solve hands back); None if the DP cannot resolve it."""
+    floor = fastest_latency(space, latency, importance, method)
+    for levels in (1000, 10_000):
+        try:
+            plan = solve(space, latency, importance, budget_ms=floor * (1 + 1e-9),
+                         method=method, levels=levels)
+        except InfeasibleBudget:  # levels too coarse
+            continue
+        return replace(plan, extra={**plan.extra, "over_budget": True})
+    return None
 
 
 @dataclass
@@ -198,5 +213,5 @@ def frontier(space: MergeSpace, latency: LatencyTable, importance: ImportanceTab
                     conv_scores)
 
 
-__all__ = ["METHODS", "Frontier", "Method", "fastest_latency", "frontier", "get_method",
-           "solve"]
+__all__ = ["METHODS", "Frontier", "Method", "fastest_latency", "fastest_plan", "frontier",
+           "get_method", "solve"]

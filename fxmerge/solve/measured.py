@@ -31,7 +31,7 @@ from ..plan import Plan
 from ..space import MergeSpace
 from ..tables.importance import ImportanceTable
 from ..tables.latency import LatencyTable
-from . import fastest_latency, solve
+from . import fastest_latency, fastest_plan, solve
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,12 @@ def solve_measured(
     original = latency.identity_latency(space)
     low, aim = budget * (1 - tolerance), budget * (1 - tolerance / 2)
     floor = fastest_latency(space, latency, importance, method)
+    if budget < floor / original:  # the table alone shows it: refuse before timing
+        raise InfeasibleBudget(
+            f"no {method} plan can measure within {budget:.1%} of the original: the fastest "
+            f"one's table latency is {floor / original:.1%} of the original's ({floor:.4g} "
+            f"of {original:.4g} ms), and what the search cannot change only adds to it",
+            plan=fastest_plan(space, latency, importance, method))
     below, above = (0.0, 0.0), (float("inf"), float("inf"))  # own (table ms, ratio) bracket
     tried: list[tuple[Plan, Measurement, float]] = []
     table_ms = _guess(timer.points(original), aim)
@@ -188,19 +194,29 @@ def solve_measured(
                                f"{floor:.4g} ms: use more levels")
     if not fitting:
         fastest = min(t[1].ratio for t in tried)
+        over = min(tried, key=lambda t: t[1].ratio)
         raise InfeasibleBudget(
             f"no {method} plan measured within {budget:.1%} of the original's latency on "
             f"{timer.backend} (the fastest plan tried measures {fastest:.1%}; the lowest "
             f"table latency tried is {min(t[1].table_ms for t in tried) / original:.1%} of "
-            "the original's)")
+            "the original's)",
+            plan=_record(over[0], over[1], over[2], timer, budget, tolerance, len(tried),
+                         over_budget=True))
     plan, m, predicted = max(fitting, key=lambda t: t[1].ratio)
+    return _record(plan, m, predicted, timer, budget, tolerance, len(tried))
+
+
+def _record(plan: Plan, m: Measurement, predicted: float, timer: NetworkTimer, budget: float,
+            tolerance: float, rounds: int, over_budget: bool = False) -> Plan:
+    """`plan` with its measurement (`plan.measured`) and measured budget."""
     measured = {**timer.settings, "budget": budget, "tolerance": tolerance,
                 "ratio": round(m.ratio, 4), "ms": round(m.ms, 6),
                 "original_ms": round(m.original_ms, 6), "spread": round(m.spread, 4),
-                "predicted_ratio": round(predicted, 4), "rounds": len(tried),
-                "in_window": m.ratio >= low}
+                "predicted_ratio": round(predicted, 4), "rounds": rounds,
+                "in_window": budget * (1 - tolerance) <= m.ratio <= budget}
+    extra = {**plan.extra, "over_budget": True} if over_budget else plan.extra
     return replace(plan, budget=budget, budget_ms=round(budget * m.original_ms, 6),
-                   measured=measured)
+                   measured=measured, extra=extra)
 
 
 def _guess(points: list[tuple[float, float]], aim: float) -> float:
