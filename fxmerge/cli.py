@@ -150,11 +150,12 @@ def cmd_latency(args: argparse.Namespace) -> int:
     gm, space = _space(args)
     table = measure_latency(space, gm, backend=args.backend, device=args.device,
                             batch_size=args.batch, warmup=args.warmup, repeat=args.repeat,
-                            seconds=args.seconds,
+                            seconds=args.seconds, threads=args.threads,
                             cache=args.cache, deduplicate=not args.no_dedup)
     s = table.settings
     print(f"{s.num_entries} entries from {s.num_layers} distinct convs, "
-          f"{s.backend} on {s.device} ({s.machine}), batch {s.batch_size}: "
+          f"{s.backend} on {s.device} ({s.machine}), batch {s.batch_size}, {s.threads} "
+          "threads: "
           f"original table latency {table.identity_latency(space):.4g} ms")
     _write(args.out, table.to_json())
     return EXIT_OK
@@ -204,7 +205,9 @@ def cmd_solve(args: argparse.Namespace) -> int:
           f"{floor / original:.1%} of the original's {original:.4g} ms")
     try:
         if args.budget is not None and args.budget_basis == "measured":
-            timer = NetworkTimer.for_table(gm, space, latency, repeat=args.timing_repeat)
+            timer = NetworkTimer.for_table(gm, space, latency, repeat=args.timing_repeat,
+                                           **({"threads": args.threads} if args.threads
+                                              else {}))
             plan = solve_measured(space, latency, importance, timer, budget=args.budget,
                                   method=args.method, levels=args.levels)
         else:
@@ -280,6 +283,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, metavar="N", help="time with N intra-op threads "
+                   "(default: torch's; a budget holds only at the thread count it was "
+                   "measured with, and many CPU servers run 1 per request)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fxmerge", description="LayerMerge depth compression for CNNs (torch.fx).",
@@ -297,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="eager",
                    help="what the layers are timed on (default: eager)")
     p.add_argument("--device", default="cpu", help="torch device to time on (default: cpu)")
+    _add_threads(p)
     p.add_argument("--batch", type=int, help="deployment batch (default: the input shape's)")
     p.add_argument("--warmup", type=int, default=10,
                    help="untimed runs per layer, at most (default 10)")
@@ -334,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "fits --budget; table: --budget is a fraction of the table's sum")
     p.add_argument("--timing-repeat", type=int, default=30,
                    help="interleaved rounds per network timing (measured basis)")
+    _add_threads(p)
     p.add_argument("--method", choices=list(METHODS), default="layermerge",
                    help="layermerge (the paper's), or its baselines depth and layeronly "
                    "(default: layermerge)")

@@ -65,6 +65,7 @@ def compress(
     add_activations: bool | None = None,
     budget_basis: str = "measured",
     timing: Mapping[str, Any] | None = None,
+    threads: int | None = None,
 ) -> CompressResult:
     """Trace, analyse, build the tables, solve at `budget` and prune. `model` is not
     changed.
@@ -78,7 +79,8 @@ def compress(
     `latency`: a `LatencyTable`, or keyword arguments for `measure_latency` (default: eager
     on the CPU at the example batch). `importance`: an `ImportanceTable`, or an
     `evaluate(model) -> float` for the paper's estimator (with `finetune`), or None for the
-    cheap output-agreement proxy on `example_inputs`.
+    cheap output-agreement proxy on `example_inputs`. `threads`: the intra-op threads both
+    the latency table and the network timings use (default: torch's), recorded in both.
     """
     if budget_basis not in ("measured", "table"):
         raise ArgumentError(f"budget_basis must be 'measured' or 'table', got {budget_basis!r}")
@@ -87,14 +89,15 @@ def compress(
                     add_activations=add_activations)
     keys = get_method(method).importance_keys(space)  # only the keys `method` reads
     if not isinstance(latency, LatencyTable):
-        latency = measure_latency(space, gm, **dict(latency or {}))
+        latency = measure_latency(space, gm, **{"threads": threads, **dict(latency or {})})
     if importance is None:
         importance = agreement_importance(space, gm, example_inputs, keys=keys)
     elif not isinstance(importance, ImportanceTable):
         importance = estimate_importance(space, gm, evaluate=importance, finetune=finetune,
                                          keys=keys)
     if budget_basis == "measured":
-        timer = NetworkTimer.for_table(gm, space, latency, **dict(timing or {}))
+        timer = NetworkTimer.for_table(gm, space, latency, **dict(timing or {}),
+                                       **({"threads": threads} if threads else {}))
         plan = solve_measured(space, latency, importance, timer, budget=budget, method=method,
                               levels=levels)
     else:

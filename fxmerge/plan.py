@@ -281,7 +281,8 @@ class Plan:
         lines = [header]
         if self.measured:
             m = self.measured
-            lines.append(f"  measured ({m.get('backend')}, batch {m.get('batch_size')}): "
+            lines.append(f"  measured ({m.get('backend')}, batch {m.get('batch_size')}, "
+                         f"{m.get('threads')} threads): "
                          f"{m.get('ratio', float('nan')):.1%} of the original's "
                          f"{m.get('original_ms', float('nan')):.4g} ms (budget {self.budget:.0%}, "
                          f"predicted {m.get('predicted_ratio', float('nan')):.1%})")

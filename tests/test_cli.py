@@ -85,7 +85,7 @@ def test_pipeline_analyze_latency_importance_solve_transform(tmp_path, capsys):
                tmp_path / "measured.json") == 0
     measured = fxmerge.Plan.from_json((tmp_path / "measured.json").read_text()).measured
     assert measured["ratio"] <= 0.95 and measured["batch_size"] == 2
-    assert "measured (eager, batch 2)" in capsys.readouterr().out
+    assert "measured (eager, batch 2, " in capsys.readouterr().out
 
     assert run("transform", *MODEL, "--plan", tmp_path / "plan.json",
                "--out", tmp_path / "merged.pt") == 0

@@ -34,6 +34,7 @@ class ClockModel(NetworkTimer):
         self.inputs, self.repeat, self.preparations, self.measurements = (torch.zeros(3),), 1, 1, {}
         self.original_ms = outside + scale * lat.identity_latency(space)
         self.outside, self.scale, self.calls = outside, scale, 0
+        self.threads, self.load_average = torch.get_num_threads(), None
 
     def measure(self, plan):
         if plan.blocks not in self.measurements:
@@ -124,7 +125,7 @@ def test_compress_meets_a_measured_budget_by_default():
                               latency={"warmup": 1, "repeat": 3}, timing={"repeat": 5})
     m = result.plan.measured
     assert m["ratio"] <= 0.9 and m["backend"] == "eager" and m["batch_size"] == 8
-    assert "(measured latency)" in result.report() and "measured (eager, batch 8)" in \
+    assert "(measured latency)" in result.report() and "measured (eager, batch 8, " in \
         result.report()
     with pytest.raises(ValueError, match="budget_basis"):
         fxmerge.compress(model, x, budget=0.9, budget_basis="wall")
@@ -151,3 +152,32 @@ def test_an_impossible_budget_is_refused_before_timing(monkeypatch):
     fastest = info.value.plan
     assert fastest.extra["over_budget"]
     assert fastest.predicted_latency_ms == pytest.approx(floor * lat.identity_latency(space))
+
+
+def test_threads_are_used_recorded_and_enforced():
+    gm, space, lat, imp = demo_problem()
+    before = torch.get_num_threads()
+    seen = []
+    timer = NetworkTimer(gm, space, repeat=2, threads=1)
+    timer._time = lambda plan: seen.append(torch.get_num_threads()) or pytest.skip()
+    with pytest.raises(pytest.skip.Exception):
+        timer.measure(fxmerge.Plan.identity(space))
+    assert seen == [1] and torch.get_num_threads() == before and timer.settings["threads"] == 1
+    table = fxmerge.measure_latency(space, warmup=0, repeat=1, seconds=0.01, threads=1)
+    assert table.settings.threads == 1 and torch.get_num_threads() == before
+    assert NetworkTimer.for_table(gm, space, table).threads == 1
+    other = NetworkTimer(gm, space, repeat=2, threads=before + 1)
+    with pytest.raises(fxmerge.ArgumentError, match="timed with 1 threads .* a budget holds"):
+        solve_measured(space, table, imp, other, budget=0.9)
+    with pytest.raises(fxmerge.ArgumentError, match="threads must be a positive integer"):
+        NetworkTimer(gm, space, threads=0)
+
+
+def test_a_busy_machine_is_warned_about(monkeypatch):
+    from fxmerge.backends import timing
+
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    monkeypatch.setattr(timing.os, "cpu_count", lambda: 2)
+    with pytest.warns(timing.BusyMachineWarning, match="load average 64.0 on 2 cores.*"
+                      "unreliable"):
+        assert timing.check_load("latency table") == 64.0

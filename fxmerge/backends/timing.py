@@ -7,7 +7,9 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +17,7 @@ import torch
 from torch import fx
 
 from ..capture.trace import ExampleInputs, as_tuple, example_inputs
+from ..errors import ArgumentError
 
 PREPARATIONS = 3  # fresh preparations per whole-network timing (docs/method.md §3b)
 
@@ -155,3 +158,37 @@ def timing_inputs(gm: fx.GraphModule, batch: int | None, device: torch.device
     """The graph's example inputs (recorded at capture) at `batch`, on `device`: what a
     whole network is timed on."""
     return tuple(x.to(device) for x in at_batch(example_inputs(gm), batch))
+
+
+@contextmanager
+def using_threads(threads: int | None) -> Iterator[int]:
+    """Run the block with `threads` intra-op threads (torch's current number when None),
+    and restore the number after it; yields the number used."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ArgumentError(f"threads must be a positive integer, got {threads!r}")
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+class BusyMachineWarning(UserWarning):
+    """The machine was busier than its cores while fxmerge timed: timings are unreliable."""
+
+
+def check_load(what: str) -> float | None:
+    """The 1-minute load average; a `BusyMachineWarning` when it exceeds the cores (None
+    where the system does not report it)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    cores = os.cpu_count() or 1
+    if load > cores:
+        warnings.warn(f"{what}: load average {load:.1f} on {cores} cores: the machine is "
+                      "busier than its cores, so these timings are unreliable; time on an "
+                      "idle machine", BusyMachineWarning, stacklevel=3)
+    return round(load, 2)

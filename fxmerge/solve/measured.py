@@ -22,9 +22,11 @@ from torch import fx
 from ..backends.runtimes import get_backend, plan_runner
 from ..backends.timing import (
     PREPARATIONS,
+    check_load,
     machine_description,
     time_against_reference,
     timing_inputs,
+    using_threads,
 )
 from ..errors import ArgumentError, InfeasibleBudget
 from ..plan import Plan
@@ -61,7 +63,8 @@ class NetworkTimer:
 
     def __init__(self, gm: fx.GraphModule, space: MergeSpace, *, backend: str = "eager",
                  device: str | torch.device = "cpu", batch_size: int | None = None,
-                 repeat: int = 30, warmup: int = 5, preparations: int = PREPARATIONS) -> None:
+                 repeat: int = 30, warmup: int = 5, preparations: int = PREPARATIONS,
+                 threads: int | None = None) -> None:
         if min(preparations, repeat) < 1:
             raise ArgumentError(f"repeat and preparations must be positive, got {repeat}, "
                              f"{preparations}")
@@ -70,14 +73,18 @@ class NetworkTimer:
         self.inputs = timing_inputs(gm, batch_size, self.device)
         self.repeat, self.warmup = repeat, warmup
         self.preparations = min(preparations, repeat)  # at least one round each
+        with using_threads(threads) as used:  # checked, and torch's number as the default
+            self.threads = used
         self.identity = Plan.identity(space)
         self.measurements: dict[tuple, Measurement] = {}
+        self.load_average: float | None = None  # after the last measurement
 
     @classmethod
     def for_table(cls, gm: fx.GraphModule, space: MergeSpace, latency: LatencyTable,
                   **kwargs) -> NetworkTimer:
-        """A timer on the backend, device and batch `latency` was measured with."""
+        """A timer on the backend, device, batch and threads `latency` was measured with."""
         s = latency.settings
+        kwargs.setdefault("threads", s.threads)
         return cls(gm, space, backend=s.backend, device=s.device, batch_size=s.batch_size,
                    **kwargs)
 
@@ -86,7 +93,8 @@ class NetworkTimer:
         return {"backend": self.backend, "device": str(self.device),
                 "machine": machine_description(self.device),
                 "batch_size": self.inputs[0].shape[0] if self.inputs[0].dim() else 1,
-                "threads": torch.get_num_threads(), "repeat": self.repeat,
+                "threads": self.threads, "load_average": self.load_average,
+                "repeat": self.repeat,
                 "preparations": self.preparations,
                 "statistic": "median over fresh preparations of the ratio of medians of "
                              "interleaved rounds"}
@@ -94,16 +102,20 @@ class NetworkTimer:
     def measure(self, plan: Plan) -> Measurement:
         """`plan`'s network and the original, timed side by side (once per plan)."""
         if plan.blocks not in self.measurements:
-            t = time_against_reference(
-                lambda: {"original": plan_runner(self.gm, self.identity, self.backend,
-                                                 self.inputs),
-                         "plan": plan_runner(self.gm, plan, self.backend, self.inputs)},
-                self.inputs, repeat=self.repeat, preparations=self.preparations,
-                warmup=self.warmup)
+            with using_threads(self.threads):
+                t = self._time(plan)
             self.measurements[plan.blocks] = Measurement(
                 plan.predicted_latency_ms, t["plan"].ms, t["original"].ms, t["plan"].ratio,
                 max(t["plan"].spread, t["original"].spread))
+            self.load_average = check_load("network timing")
         return self.measurements[plan.blocks]
+
+    def _time(self, plan: Plan) -> dict:
+        return time_against_reference(
+            lambda: {"original": plan_runner(self.gm, self.identity, self.backend, self.inputs),
+                     "plan": plan_runner(self.gm, plan, self.backend, self.inputs)},
+            self.inputs, repeat=self.repeat, preparations=self.preparations,
+            warmup=self.warmup)
 
     def points(self, original_table_ms: float, exclude: tuple | None = None
                ) -> list[tuple[float, float]]:
@@ -146,6 +158,11 @@ def solve_measured(
         raise ArgumentError(f"tolerance must be in (0, 1), got {tolerance}")
     if not 0 < budget:
         raise ArgumentError(f"budget must be positive, got {budget}")
+    if latency.settings.threads is not None and latency.settings.threads != timer.threads:
+        raise ArgumentError(
+            f"the latency table was timed with {latency.settings.threads} threads and the "
+            f"timer times with {timer.threads}: a budget holds only at the thread count it "
+            "was measured with; use NetworkTimer.for_table, or time the table again")
     original = latency.identity_latency(space)
     low, aim = budget * (1 - tolerance), budget * (1 - tolerance / 2)
     floor = fastest_latency(space, latency, importance, method)

@@ -20,7 +20,14 @@ import torch
 from torch import fx, nn
 
 from ..backends.runtimes import get_backend, plan_runner, prepare
-from ..backends.timing import Timing, machine_description, time_callable, timing_inputs
+from ..backends.timing import (
+    Timing,
+    check_load,
+    machine_description,
+    time_callable,
+    timing_inputs,
+    using_threads,
+)
 from ..capture.ops import ACTIVATION_CLASSES
 from ..errors import TableError
 from ..plan import Plan
@@ -91,7 +98,8 @@ class LatencySettings(TableSettings):
     warmup: int | None = None
     repeat: int | None = None
     seconds_per_layer: float | None = None
-    threads: int | None = None
+    threads: int | None = None  # intra-op threads every layer was timed with
+    load_average: float | None = None  # the machine's, after timing (see check_load)
     torch: str | None = None
     statistic: str = "median"
     spread: float | None = None  # median interquartile range / median over the layers
@@ -105,10 +113,10 @@ class LatencySettings(TableSettings):
     seconds: float | None = None  # the time the table took
 
     def timing_conditions(self) -> dict:
-        """What a cached timing must share to be reused (threads aside)."""
+        """What a cached timing must share to be reused."""
         return {k: v for k, v in asdict(self).items()
                 if k in ("backend", "device", "machine", "batch_size", "dtype", "warmup",
-                         "repeat", "seconds_per_layer", "torch", "statistic")}
+                         "repeat", "seconds_per_layer", "threads", "torch", "statistic")}
 
 
 class LatencyTable(EntryTable):
@@ -182,7 +190,10 @@ def measure_latency(
     network (BatchNorm folded) is timed whole on the same backend; a table whose sum is not a
     plausible share of it (`PLAUSIBLE_TABLE_SHARE`) is timed again, and if it still is not,
     a warning says so and `settings.check` records it ("failed", with the reason in
-    `check_failure`; `solve` repeats the warning).
+    `check_failure`; `solve` repeats the warning). `threads`: time with this many intra-op
+    threads (torch's number is restored after); a table holds at the thread count it was
+    timed with, recorded in `settings.threads`. A machine busier than its cores while
+    timing gets a `BusyMachineWarning`.
     """
     from tqdm.auto import tqdm
 
@@ -192,52 +203,53 @@ def measure_latency(
     if check:
         check_graph_of(gm, space, "measure_latency(space, gm, check=True)")
     device = torch.device(device)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    batch = batch_size or space.input_shape(0)[0]
-    settings = LatencySettings(
-        backend=backend, device=str(device), machine=machine_description(device),
-        batch_size=batch, dtype=str(dtype), warmup=warmup, repeat=repeat,
-        seconds_per_layer=seconds, threads=torch.get_num_threads(), torch=torch.__version__)
-    layers = {e: entry_layer(space, e, batch_size) for e in space.entries
-              if (e.k, e.dw) != IDENTITY}
-    jobs = list(dict.fromkeys(layers.values())) if deduplicate else list(layers)
-    timings = _load_cache(cache, settings)
-    started = time.perf_counter()
-    for attempt in (1, 2):
-        todo = [job for job in jobs if _job_key(job, layers) not in timings]
-        bar = tqdm(todo, desc="latency table", unit="conv", disable=not show_progress(progress))
-        spreads = []
-        for job in bar:
-            layer = layers[job] if isinstance(job, Entry) else job
-            timing = time_layer(layer, backend=backend, device=device, dtype=dtype,
-                                warmup=warmup, repeat=repeat, seconds=seconds)
-            timings[_job_key(job, layers)] = timing.ms
-            spreads.append(timing.spread)
-            _save_cache(cache, settings, timings)
-        values = {e: 0.0 for e in space.entries if e not in layers}  # removing a conv
-        values.update({e: timings[_job_key(layer if deduplicate else e, layers)]
-                       for e, layer in layers.items()})
-        if spreads:
-            settings = replace(settings, spread=round(statistics.median(spreads), 4))
-        table = LatencyTable(values, space.signature, settings, space.input_shapes)
-        if not check:
-            break
-        verdict = _check_against_network(table, space, gm, backend, device, dtype, batch)
-        if verdict is None or attempt == 2:
-            break
-        log.warning("%s; timing the table again", verdict)
-        timings = {}
-    if check and verdict is not None:
-        table.settings = replace(table.settings, check="failed", check_failure=verdict)
-        warnings.warn(f"latency table: {verdict}; the machine was probably busy: time it "
-                      "again on an idle machine", stacklevel=2)
-    table.settings = replace(table.settings, num_entries=len(values),
-                             num_layers=len(set(layers.values())), num_timed=len(jobs),
-                             seconds=round(time.perf_counter() - started, 3))
-    log.info("latency table: %d entries, %d distinct layers", len(values),
-             table.settings.num_layers)
-    return table
+    with using_threads(threads):  # restored after
+        batch = batch_size or space.input_shape(0)[0]
+        settings = LatencySettings(
+            backend=backend, device=str(device), machine=machine_description(device),
+            batch_size=batch, dtype=str(dtype), warmup=warmup, repeat=repeat,
+            seconds_per_layer=seconds, threads=torch.get_num_threads(),
+            torch=torch.__version__)
+        layers = {e: entry_layer(space, e, batch_size) for e in space.entries
+                  if (e.k, e.dw) != IDENTITY}
+        jobs = list(dict.fromkeys(layers.values())) if deduplicate else list(layers)
+        timings = _load_cache(cache, settings)
+        started = time.perf_counter()
+        for attempt in (1, 2):
+            todo = [job for job in jobs if _job_key(job, layers) not in timings]
+            bar = tqdm(todo, desc="latency table", unit="conv", disable=not show_progress(progress))
+            spreads = []
+            for job in bar:
+                layer = layers[job] if isinstance(job, Entry) else job
+                timing = time_layer(layer, backend=backend, device=device, dtype=dtype,
+                                    warmup=warmup, repeat=repeat, seconds=seconds)
+                timings[_job_key(job, layers)] = timing.ms
+                spreads.append(timing.spread)
+                _save_cache(cache, settings, timings)
+            values = {e: 0.0 for e in space.entries if e not in layers}  # removing a conv
+            values.update({e: timings[_job_key(layer if deduplicate else e, layers)]
+                           for e, layer in layers.items()})
+            if spreads:
+                settings = replace(settings, spread=round(statistics.median(spreads), 4))
+            table = LatencyTable(values, space.signature, settings, space.input_shapes)
+            if not check:
+                break
+            verdict = _check_against_network(table, space, gm, backend, device, dtype, batch)
+            if verdict is None or attempt == 2:
+                break
+            log.warning("%s; timing the table again", verdict)
+            timings = {}
+        if check and verdict is not None:
+            table.settings = replace(table.settings, check="failed", check_failure=verdict)
+            warnings.warn(f"latency table: {verdict}; the machine was probably busy: time it "
+                          "again on an idle machine", stacklevel=2)
+        table.settings = replace(table.settings, num_entries=len(values),
+                                 num_layers=len(set(layers.values())), num_timed=len(jobs),
+                                 seconds=round(time.perf_counter() - started, 3),
+                                 load_average=check_load("latency table"))
+        log.info("latency table: %d entries, %d distinct layers", len(values),
+                 table.settings.num_layers)
+        return table
 
 
 def _check_against_network(table: LatencyTable, space: MergeSpace, gm: fx.GraphModule,
