@@ -155,7 +155,7 @@ def test_an_impossible_budget_is_refused_before_timing(monkeypatch):
 
 
 def test_threads_are_used_recorded_and_enforced():
-    gm, space, lat, imp = demo_problem()
+    gm, space, _, imp = demo_problem()
     before = torch.get_num_threads()
     seen = []
     timer = NetworkTimer(gm, space, repeat=2, threads=1)
