@@ -75,6 +75,8 @@ def _add_model_args(p: argparse.ArgumentParser, pruned_weights: bool = False) ->
     p.add_argument("model", help="torchvision:NAME[:k=v,...], timm:NAME[:k=v,...], "
                    "fxmerge:NAME (built-in nets) or path/to/file.py:FACTORY; random weights "
                    "unless --weights")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars or progress lines on stderr")
     p.add_argument("--input-shape", type=_input_spec, action="append", metavar="SHAPE",
                    help="example input shape, comma separated (default 1,3,224,224); give "
                    "it once per forward argument; SHAPE:int:HIGH for integers in [0, HIGH), "
@@ -114,6 +116,11 @@ def _space(args: argparse.Namespace):
                        add_activations=add, max_kernel_bytes=round(args.max_kernel_mb * 2**20))
 
 
+def _progress(args: argparse.Namespace) -> bool | None:
+    """Progress as the command line asks: None (shown) unless --quiet."""
+    return False if getattr(args, "quiet", False) else None
+
+
 def _write(path: str | None, text: str) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +158,8 @@ def cmd_latency(args: argparse.Namespace) -> int:
     table = measure_latency(space, gm, backend=args.backend, device=args.device,
                             batch_size=args.batch, warmup=args.warmup, repeat=args.repeat,
                             seconds=args.seconds, threads=args.threads,
-                            cache=args.cache, deduplicate=not args.no_dedup)
+                            cache=args.cache, deduplicate=not args.no_dedup,
+                            progress=_progress(args))
     s = table.settings
     print(f"{s.num_entries} entries from {s.num_layers} distinct convs, "
           f"{s.backend} on {s.device} ({s.machine}), batch {s.batch_size}, {s.threads} "
@@ -173,9 +181,11 @@ def cmd_importance(args: argparse.Namespace) -> int:
     if args.evaluate:
         finetune = attribute(args.finetune, "--finetune") if args.finetune else None
         table = estimate_importance(space, gm, evaluate=attribute(args.evaluate, "--evaluate"),
-                                    finetune=finetune, cache=args.cache)
+                                    finetune=finetune, cache=args.cache,
+                                    progress=_progress(args))
     else:
-        table = agreement_importance(space, gm, example_batch(args, args.calibration_batch))
+        table = agreement_importance(space, gm, example_batch(args, args.calibration_batch),
+                                     progress=_progress(args))
     low = sorted(table.values.items(), key=lambda kv: kv[1])[:5]
     print(f"{len(table)} importance values ({table.settings.estimator}); lowest: "
           + ", ".join(f"{key_name(k)}={v:.3g}" for k, v in low))
@@ -209,7 +219,8 @@ def cmd_solve(args: argparse.Namespace) -> int:
                                            **({"threads": args.threads} if args.threads
                                               else {}))
             plan = solve_measured(space, latency, importance, timer, budget=args.budget,
-                                  method=args.method, levels=args.levels)
+                                  method=args.method, levels=args.levels,
+                                  progress=_progress(args))
         else:
             plan = solve(space, latency, importance, budget=args.budget,
                          budget_ms=args.budget_ms, method=args.method, levels=args.levels)

@@ -253,7 +253,7 @@ def test_bad_inputs_exit_1_with_one_line(tmp_path, capsys):
         (["analyze", f"{tmp_path / 'nets.py'}:broken"], "no such weights"),
         (["analyze", f"{tmp_path / 'nets.py'}:not_a_model"], "not an nn.Module"),
         (["analyze", "torchvision:resnet18:wings=2"], "could not be built"),
-        (["analyze", "torchvision:resnet18:depth=abc"], "must be JSON"),
+        (["analyze", "torchvision:resnet18:depth=abc"], "could not be built"),
         (["analyze", *MODEL, "--weights", tmp_path / "garbage.pt"], "not a file of tensors"),
         (["analyze", *MODEL, "--weights", tmp_path / "other.pt"], "does not fit the model"),
         (["analyze", *MODEL, "--weights", tmp_path / "missing.pt"], "missing.pt"),
@@ -278,3 +278,23 @@ def test_every_option_has_help():
     bare = [f"{name} {a.option_strings or a.dest}" for name, sub in commands.items()
             for a in sub._actions if not a.help and not isinstance(a, argparse._HelpAction)]
     assert not bare, bare
+
+
+def test_progress_is_a_periodic_line_when_not_a_terminal(capsys, monkeypatch):
+    from fxmerge import progress
+
+    monkeypatch.setattr(progress.os, "isatty", lambda fd: False)
+    assert list(progress.progress(range(3), "latency table", "layer")) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "latency table: 3/3 layers (100%)" in err
+    bar = progress.Progress(4, "importance", "key", interval=0.0)
+    for _ in range(4):
+        bar.update()
+    assert capsys.readouterr().err.count("importance: ") == 4
+    assert list(progress.progress(range(3), "quiet", enabled=False)) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+    assert run("latency", *MODEL, "--warmup", 0, "--repeat", 1, "--seconds", 0.01) == 0
+    assert "latency table: " in capsys.readouterr().err
+    assert run("latency", *MODEL, "--warmup", 0, "--repeat", 1, "--seconds", 0.01,
+               "--quiet") == 0
+    assert "latency table: " not in capsys.readouterr().err

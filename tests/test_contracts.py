@@ -212,7 +212,7 @@ def test_tables_refuse_a_graph_the_space_was_not_analysed_from(resnet):
 
 
 # each stage imports only stages before it (docs/architecture.md)
-LAYERS = ["errors", "algebra capture models", "space", "plan", "passes", "backends", "tables",
+LAYERS = ["errors progress", "algebra capture models", "space", "plan", "passes", "backends", "tables",
           "solve", "compress", "demos", "cli"]
 
 

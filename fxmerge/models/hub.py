@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ModelSpecError
+from ..errors import ArgumentError, ModelSpecError
 
 SPEC_FORMS = ("torchvision:NAME[:key=value,...]", "timm:NAME[:key=value,...]",
               "fxmerge:NAME", "path/to/file.py:FACTORY[:key=value,...]")
@@ -93,15 +93,16 @@ def _factory(spec: str, pretrained: bool) -> tuple[Callable, dict[str, Any]]:
 
 def load_model(spec: str, *, pretrained: bool = False) -> nn.Module:
     """The model `spec` names, with random weights unless `pretrained` (the library's own
-    pretrained weights, downloaded by it). A bad spec raises `ModelSpecError` listing the
-    accepted forms."""
+    pretrained weights, downloaded by it). A spec that names nothing raises
+    `ModelSpecError` listing the accepted forms; a model that fails to build, an
+    `ArgumentError` saying why."""
     factory, kwargs = _factory(spec, pretrained)
     try:
         model = factory(**kwargs)
     except Exception as exc:  # noqa: BLE001 (the library's or user's factory: one line)
-        raise ModelSpecError(f"model {spec!r} could not be built: {type(exc).__name__}: "
-                             f"{exc}") from None
+        raise ArgumentError(f"model {spec!r} could not be built: {type(exc).__name__}: "
+                            f"{exc}") from None
     if not isinstance(model, nn.Module):
-        raise ModelSpecError(f"model {spec!r} built a {type(model).__name__}, not an "
-                             "nn.Module")
+        raise ArgumentError(f"model {spec!r} built a {type(model).__name__}, not an "
+                            "nn.Module")
     return model

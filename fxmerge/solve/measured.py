@@ -30,6 +30,7 @@ from ..backends.timing import (
 )
 from ..errors import ArgumentError, InfeasibleBudget
 from ..plan import Plan
+from ..progress import Progress
 from ..space import MergeSpace
 from ..tables.importance import ImportanceTable
 from ..tables.latency import LatencyTable
@@ -150,6 +151,7 @@ def solve_measured(
     levels: int | None = None,
     tolerance: float = 0.1,
     rounds: int = 8,
+    progress: bool | None = None,
 ) -> Plan:
     """The best `method` plan whose network measures within `budget` (a fraction of the
     original's measured latency) and, where the plans allow, above `budget * (1 -
@@ -175,6 +177,7 @@ def solve_measured(
     below, above = (0.0, 0.0), (float("inf"), float("inf"))  # own (table ms, ratio) bracket
     tried: list[tuple[Plan, Measurement, float]] = []
     table_ms = _guess(timer.points(original), aim)
+    bar = Progress(rounds, f"measured budget ({method} at {budget:.0%})", "timing", progress)
     for _ in range(rounds):
         table_ms = min(max(table_ms, floor), original * max(1.0, budget))
         try:
@@ -188,6 +191,7 @@ def solve_measured(
                                 plan.predicted_latency_ms)
         m = timer.measure(plan)
         tried.append((plan, m, predicted))
+        bar.update(note=f"a plan measured {m.ratio:.1%}")
         log.info("%s: table %.4g ms -> measured %.1f%% (aim %.1f%%)", method, m.table_ms,
                  100 * m.ratio, 100 * aim)
         if low <= m.ratio <= budget:
@@ -205,6 +209,7 @@ def solve_measured(
         if above[0] - below[0] <= 2 * gap:
             break
         table_ms = min(max(table_ms, below[0] + gap), above[0] - gap)
+    bar.close()
     fitting = [t for t in tried if t[1].ratio <= budget]
     if not tried:
         raise InfeasibleBudget(f"no {method} plan found near its fastest table latency "

@@ -22,8 +22,9 @@ from torch.utils._pytree import tree_leaves
 from ..capture.trace import ExampleInputs, as_tuple
 from ..errors import TableError
 from ..passes.prune import PrunedGraph, prune_graph
+from ..progress import progress as iterate
 from ..space import MergeSpace
-from .base import Key, check_graph_of, show_progress
+from .base import Key, check_graph_of
 from .importance import ImportanceSettings, ImportanceTable, importance_jobs
 
 
@@ -116,8 +117,6 @@ def agreement_importance(space: MergeSpace, gm: fx.GraphModule, batch: ExampleIn
     `estimate_importance`), exp(-relative squared error) of the output of the network with
     only that change against the original's on `batch`. `gm` is the graph `space` was
     analysed from. About one partial forward of `batch` per key."""
-    from tqdm.auto import tqdm
-
     check_graph_of(gm, space, "agreement_importance(space, gm, batch)")
     was_training = gm.training
     gm.eval()
@@ -125,8 +124,8 @@ def agreement_importance(space: MergeSpace, gm: fx.GraphModule, batch: ExampleIn
         cache = CachedOutputs(gm, batch)
         values = {}
         jobs = importance_jobs(space, keys, reset_single=False)
-        for key, (plan, _) in tqdm(jobs.items(), desc="importance (output agreement)",
-                                   unit="entry", disable=not show_progress(progress)):
+        for key, (plan, _) in iterate(jobs.items(), "importance (output agreement)", "key",
+                                      progress):
             err = relative_squared_error(cache.run(prune_graph(gm, space, plan)), cache.output)
             if not math.isfinite(err):
                 raise TableError(f"importance entry {key}: the output's error is {err}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
@@ -202,11 +201,6 @@ def check_graph_of(gm: Any, space: MergeSpace, call: str) -> None:
 def key_name(key: Key) -> Any:
     """How an error message names a key."""
     return key if isinstance(key, (str, DepthKey)) else tuple(key)
-
-
-def show_progress(progress: bool | None) -> bool:
-    """Whether to draw a progress bar: as asked, else only on a terminal."""
-    return bool(progress) if progress is not None else os.isatty(2)
 
 
 def _normalise(key: Any) -> Key:

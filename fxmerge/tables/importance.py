@@ -25,6 +25,7 @@ from torch import fx, nn
 from ..capture.trace import ensure_shapes, example_inputs
 from ..errors import TableError
 from ..plan import Plan
+from ..progress import Progress
 from ..space import DepthKey, Entry, MergeSpace
 from .base import (
     EntryTable,
@@ -33,7 +34,6 @@ from .base import (
     _key_from_json,
     _key_to_json,
     check_graph_of,
-    show_progress,
 )
 
 log = logging.getLogger(__name__)
@@ -243,8 +243,6 @@ def estimate_importance(
     `reset_single` re-initialises the conv (and norm) of each single-conv entry before the
     fine-tune, as the authors do; by default it is on exactly when there is a `finetune`.
     """
-    from tqdm.auto import tqdm
-
     check_graph_of(gm, space, "estimate_importance(space, gm, evaluate=...)")
     path = Path(cache) if cache is not None else None
     if reset_single is None:
@@ -265,8 +263,7 @@ def estimate_importance(
     log.info("importance: %d keys, %d cached, %d to run", len(jobs), len(jobs) - len(todo),
              len(todo))
     failures: dict[Key, str] = {}
-    bar = tqdm(total=len(todo), desc="importance", unit="entry",
-               disable=not show_progress(progress))
+    bar = Progress(len(todo), "importance", "key", progress)
     graph = gm if executor is None else ShippedGraph(gm)
     for attempt in range(retries + 1):
         failures = {}

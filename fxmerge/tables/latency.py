@@ -31,8 +31,9 @@ from ..backends.timing import (
 from ..capture.ops import ACTIVATION_CLASSES
 from ..errors import TableError
 from ..plan import Plan
+from ..progress import progress as iterate
 from ..space import IDENTITY, Entry, MergeSpace
-from .base import EntryTable, TableSettings, check_graph_of, show_progress
+from .base import EntryTable, TableSettings, check_graph_of
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +196,6 @@ def measure_latency(
     timed with, recorded in `settings.threads`. A machine busier than its cores while
     timing gets a `BusyMachineWarning`.
     """
-    from tqdm.auto import tqdm
-
     backend = get_backend(backend).value
     if check is None:
         check = gm is not None
@@ -217,7 +216,7 @@ def measure_latency(
         started = time.perf_counter()
         for attempt in (1, 2):
             todo = [job for job in jobs if _job_key(job, layers) not in timings]
-            bar = tqdm(todo, desc="latency table", unit="conv", disable=not show_progress(progress))
+            bar = iterate(todo, "latency table", "layer", progress)
             spreads = []
             for job in bar:
                 layer = layers[job] if isinstance(job, Entry) else job
