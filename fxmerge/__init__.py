@@ -5,6 +5,7 @@ import logging
 from .backends import backend
 from .capture import check_canonical, trace
 from .compress import CompressResult, compress
+from .deploy import export_onnx, load, save
 from .errors import (
     ArgumentError,
     FxMergeError,
@@ -60,11 +61,14 @@ __all__ = [
     "compress",
     "diff",
     "estimate_importance",
+    "export_onnx",
     "frontier",
     "get_method",
+    "load",
     "measure_latency",
     "merge",
     "prune",
+    "save",
     "solve",
     "solve_measured",
     "trace",

@@ -253,7 +253,7 @@ def cmd_transform(args: argparse.Namespace) -> int:
     merged = merge(pruned.eval())
     print(diff(gm, merged))
     _save(args.pruned_out, pruned.state_dict())
-    _save(args.out, merged)
+    _deploy(args, merged)
     return EXIT_OK
 
 
@@ -269,8 +269,32 @@ def cmd_merge(args: argparse.Namespace) -> int:
     n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in merged.modules())
     print(f"merged {len(plan.blocks)} blocks: {n_convs} convs, "
           f"{len(merged.graph.nodes)} nodes (pruned had {len(pruned.graph.nodes)})")
-    _save(args.out, merged)
+    _deploy(args, merged)
     return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .capture import example_inputs
+    from .deploy import export_onnx, load
+
+    net = load(args.network, model=load_model(args.model) if args.model else None)
+    export_onnx(net, example_inputs(net), args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _deploy(args: argparse.Namespace, merged: torch.fx.GraphModule) -> None:
+    """Write the merged network to --out: ONNX for a .onnx path, else `fxmerge.save`
+    (safetensors weights and what rebuilds them; `fxmerge.load` reads it)."""
+    from .deploy import export_onnx, save
+
+    if not args.out:
+        return
+    if Path(args.out).suffix == ".onnx":
+        export_onnx(merged, example_batch(args), args.out)
+    else:
+        save(merged, args.out, model=args.model)
+    print(f"wrote {args.out}", file=sys.stderr)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -369,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("transform", help="apply a plan: prune and merge, print the diff")
     _add_model_args(p)
     p.add_argument("--plan", required=True, help="plan JSON from `fxmerge solve`")
-    p.add_argument("--out", help="save the merged GraphModule (torch.save)")
+    p.add_argument("--out", help="write the merged network: NAME.onnx for ONNX, else "
+                   "safetensors weights that fxmerge.load rebuilds it from (no pickle)")
     p.add_argument("--pruned-out", help="save the pruned network's state_dict (tensors only) "
                    "to fine-tune; rebuild it with fxmerge.prune(fxmerge.trace(model, x), plan)")
     p.set_defaults(func=cmd_transform)
@@ -378,8 +403,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "--pruned-out) into one conv per block")
     _add_model_args(p, pruned_weights=True)
     p.add_argument("--plan", required=True, help="the plan JSON it was pruned with")
-    p.add_argument("--out", help="save the merged GraphModule (torch.save)")
+    p.add_argument("--out", help="write the merged network: NAME.onnx for ONNX, else "
+                   "safetensors weights that fxmerge.load rebuilds it from (no pickle)")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="export a merged network saved by transform/merge "
+                       "--out (or fxmerge.save) to ONNX")
+    p.add_argument("network", help="the saved network (.safetensors)")
+    p.add_argument("--out", required=True, help="the ONNX file to write")
+    p.add_argument("--model", help="model spec, where the file records none (it was saved "
+                   "from Python without one)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="end-to-end compression on bundled digits data")
     p.add_argument("--task", choices=["classify", "ddpm"], default="classify",

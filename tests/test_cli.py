@@ -88,9 +88,9 @@ def test_pipeline_analyze_latency_importance_solve_transform(tmp_path, capsys):
     assert "measured (eager, batch 2, " in capsys.readouterr().out
 
     assert run("transform", *MODEL, "--plan", tmp_path / "plan.json",
-               "--out", tmp_path / "merged.pt") == 0
+               "--out", tmp_path / "merged.safetensors") == 0
     assert "removed" in capsys.readouterr().out
-    merged = torch.load(tmp_path / "merged.pt", weights_only=False)
+    merged = fxmerge.load(tmp_path / "merged.safetensors")
     x = torch.randn(2, 1, 16, 16)
     # the CLI's model is randomly initialised: rebuild it the same way to compare
     assert merged(x).shape == (2, 10)
@@ -124,9 +124,9 @@ def test_transform_with_weights_matches_the_python_api(tmp_path):
     plan = fxmerge.Plan.random(space, 3)
     (tmp_path / "plan.json").write_text(plan.to_json())
     assert run("transform", *MODEL, "--weights", tmp_path / "w.pt", "--plan",
-               tmp_path / "plan.json", "--out", tmp_path / "merged.pt",
+               tmp_path / "plan.json", "--out", tmp_path / "merged.safetensors",
                "--pruned-out", tmp_path / "pruned.pt") == 0
-    merged = torch.load(tmp_path / "merged.pt", weights_only=False)
+    merged = fxmerge.load(tmp_path / "merged.safetensors")
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(merged(x), fxmerge.transform(gm, plan)(x))
@@ -138,8 +138,13 @@ def test_transform_with_weights_matches_the_python_api(tmp_path):
             p.add_(0.01 * torch.randn_like(p))
     torch.save(pruned.state_dict(), tmp_path / "tuned.pt")
     assert run("merge", *MODEL, "--weights", tmp_path / "tuned.pt", "--plan",
-               tmp_path / "plan.json", "--out", tmp_path / "merged2.pt") == 0
-    merged2 = torch.load(tmp_path / "merged2.pt", weights_only=False)
+               tmp_path / "plan.json", "--out", tmp_path / "merged2.safetensors") == 0
+    merged2 = fxmerge.load(tmp_path / "merged2.safetensors")
+    assert run("merge", *MODEL, "--weights", tmp_path / "tuned.pt", "--plan",
+               tmp_path / "plan.json", "--out", tmp_path / "merged2.onnx") == 0
+    assert (tmp_path / "merged2.onnx").stat().st_size > 1000
+    assert run("export", tmp_path / "merged2.safetensors", "--out", tmp_path / "m.onnx") == 0
+    assert (tmp_path / "m.onnx").read_bytes() == (tmp_path / "merged2.onnx").read_bytes()
     with torch.no_grad():
         torch.testing.assert_close(merged2(x), fxmerge.merge(pruned.eval())(x))
         assert not torch.allclose(merged2(x), merged(x))
