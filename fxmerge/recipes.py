@@ -1,0 +1,172 @@
+"""Training recipes: what the importance estimator and the final fine-tune need, built from
+the user's data. One training loop for the project (the demo uses it too)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ArgumentError
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # a DataLoader of (images, labels)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                      temperature: float, weight: float) -> torch.Tensor:
+    """Hinton et al.'s logit distillation: `(1 - weight)` x cross-entropy on the labels plus
+    `weight` x `temperature**2` x KL(teacher || student) of the softened distributions."""
+    hard = F.cross_entropy(student, labels)
+    if weight == 0:
+        return hard
+    soft = F.kl_div(F.log_softmax(student / temperature, 1),
+                    F.log_softmax(teacher / temperature, 1), log_target=True,
+                    reduction="batchmean") * temperature**2
+    return (1 - weight) * hard + weight * soft
+
+
+@dataclass
+class ClassificationRecipe:
+    """Image classification from a training and a validation DataLoader of (images,
+    labels): `evaluate` (validation top-1 accuracy as a fraction) and `finetune` (a brief
+    fine-tune of `importance_steps` steps) are what `estimate_importance` takes; `train`
+    fine-tunes a pruned network, with knowledge distillation from a teacher (the original)
+    when `kd_weight` > 0, with checkpoints and resume.
+
+    Adam with cosine decay over each run. Picklable when its loaders are, so the
+    importance entries can run in a process pool or on a Dask cluster."""
+
+    train_data: Batches
+    val_data: Batches
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    importance_steps: int = 12
+    kd_temperature: float = 4.0
+    kd_weight: float = 0.5
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.kd_weight <= 1 or self.kd_temperature <= 0:
+            raise ArgumentError(f"kd_weight must be in [0, 1] and kd_temperature positive, "
+                                f"got {self.kd_weight}, {self.kd_temperature}")
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in _forever(self.train_data):
+            yield x.to(self.device), y.to(self.device)
+
+    def evaluate(self, model: nn.Module) -> float:
+        """Validation top-1 accuracy, a fraction (the paper's importance is the exponential
+        of its change, accuracy in percent / 100)."""
+        model = model.to(self.device).eval()
+        right = total = 0
+        with torch.no_grad():
+            for x, y in self.val_data:
+                right += (model(x.to(self.device)).argmax(1) == y.to(self.device)).sum().item()
+                total += len(y)
+        if total == 0:
+            raise ArgumentError("the validation data is empty")
+        return right / total
+
+    def finetune(self, model: nn.Module) -> nn.Module:
+        """The importance estimator's brief fine-tune: `importance_steps` steps."""
+        return self.train(model, steps=self.importance_steps, progress=False)
+
+    def train(self, model: nn.Module, *, epochs: float = 1.0, steps: int | None = None,
+              teacher: nn.Module | None = None, checkpoint: str | Path | None = None,
+              progress: bool | None = None) -> nn.Module:
+        """Fine-tune `model` in place for `epochs` over the training data (or `steps`
+        batches), distilling from `teacher` when given and `kd_weight` > 0; returns it in
+        eval mode. With `checkpoint`, the model, optimiser and step are saved there (tensors
+        only) every epoch and at the end, and a run that finds one resumes from it."""
+        total = steps if steps is not None else max(1, math.ceil(epochs * _length(
+            self.train_data)))
+        model = model.to(self.device)
+        opt = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+        done = _resume(checkpoint, model, opt, sched, total)
+        if teacher is not None and self.kd_weight > 0:
+            teacher = teacher.to(self.device).eval()
+        else:
+            teacher = None
+        per_epoch = max(1, _length(self.train_data)) if steps is None else total
+        bar = Progress(total - done, "fine-tune" + (" (distilled)" if teacher else ""), "step",
+                       progress)
+        model.train()
+        batches = self._batches()
+        for step in range(done, total):
+            x, y = next(batches)
+            out = model(x)
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher(x)
+                loss = distillation_loss(out, target, y, self.kd_temperature, self.kd_weight)
+            else:
+                loss = F.cross_entropy(out, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(note=f"loss {loss.item():.3f}")
+            if checkpoint is not None and ((step + 1) % per_epoch == 0 or step + 1 == total):
+                _save_checkpoint(checkpoint, model, opt, sched, step + 1, total)
+        bar.close()
+        return model.eval()
+
+
+def _forever(data: Batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        empty = True
+        for batch in data:
+            empty = False
+            yield batch
+        if empty:
+            raise ArgumentError("the training data is empty")
+
+
+def _length(data: Batches) -> int:
+    try:
+        return len(data)
+    except TypeError:
+        raise ArgumentError("give the training data as a DataLoader (it has a length), or "
+                            "train(..., steps=N)") from None
+
+
+def _save_checkpoint(path: str | Path, model: nn.Module, opt, sched, step: int,
+                     total: int) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "step": step, "total": total}, tmp)
+    tmp.replace(path)
+
+
+def _resume(path: str | Path | None, model: nn.Module, opt, sched, total: int) -> int:
+    """The step a checkpoint at `path` reached (its state loaded), or 0."""
+    if path is None or not Path(path).is_file():
+        return 0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    except Exception as exc:  # noqa: BLE001 (whatever the file holds: one line)
+        raise ArgumentError(f"checkpoint {path}: cannot resume from it ({type(exc).__name__}: "
+                            f"{exc}); delete it to start afresh") from None
+    if state.get("total") != total:
+        raise ArgumentError(f"checkpoint {path} is of a run of {state.get('total')} steps, "
+                            f"not {total}: delete it to start afresh")
+    log.info("resuming from %s at step %d of %d", path, state["step"], total)
+    return int(state["step"])
+
+
+__all__ = ["ClassificationRecipe", "distillation_loss"]
