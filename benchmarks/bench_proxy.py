@@ -16,6 +16,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from common import write
@@ -37,8 +38,9 @@ def multi_conv(table: ImportanceTable) -> ImportanceTable:
 
 def main(results: Path, importance: Path) -> None:
     meta = json.loads(results.read_text())["meta"]
+    known = {f.name for f in fields(DemoConfig)}  # older records have other fields
     config = DemoConfig(**{k: tuple(v) if isinstance(v, list) else v
-                           for k, v in meta["config"].items()})
+                           for k, v in meta["config"].items() if k in known})
     cost = next(c for c in meta["importance_cost"] if c["seed"] == 0)
     finetune_ms = cost["finetune_importance_s"] / cost["finetune_keys"] * 1e3
     trained = train_seed(config, 0)  # as the demo's seed 0
@@ -73,7 +75,7 @@ def main(results: Path, importance: Path) -> None:
     write("proxy_" + results.stem, {
         "demo": meta["data"], "entries": space.num_entries,
         "finetune_ms_per_entry": round(finetune_ms, 1),
-        "finetune": f"{config.importance_steps} steps at batch {config.importance_batch}, "
+        "finetune": f"{config.importance_steps} steps at batch {config.batch}, "
                     "scored on 300 validation images (the demo's seed 0, as recorded)",
         "rounds": ROUNDS, "statistic": "median ms per entry, batches interleaved"},
         rows, ["proxy", "calibration_batch", "spearman", "spearman_multi_conv",

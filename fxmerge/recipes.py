@@ -42,8 +42,10 @@ class ClassificationRecipe:
     fine-tunes a pruned network, with knowledge distillation from a teacher (the original)
     when `kd_weight` > 0, with checkpoints and resume.
 
-    Adam with cosine decay over each run. Picklable when its loaders are, so the
-    importance entries can run in a process pool or on a Dask cluster."""
+    Adam with cosine decay over each run. With `seed`, every run sees the same batches
+    (a loader shuffled by torch's global generator; it is restored after), so an importance
+    entry does not depend on which entries ran before it. Picklable when its loaders are,
+    so the importance entries can run in a process pool or on a Dask cluster."""
 
     train_data: Batches
     val_data: Batches
@@ -53,6 +55,7 @@ class ClassificationRecipe:
     kd_temperature: float = 4.0
     kd_weight: float = 0.5
     device: str = "cpu"
+    seed: int | None = 0  # each run draws its batches (and dropout) from this seed
 
     def __post_init__(self) -> None:
         if not 0 <= self.kd_weight <= 1 or self.kd_temperature <= 0:
@@ -100,6 +103,16 @@ class ClassificationRecipe:
         per_epoch = max(1, _length(self.train_data)) if steps is None else total
         bar = Progress(total - done, "fine-tune" + (" (distilled)" if teacher else ""), "step",
                        progress)
+        with torch.random.fork_rng(devices=[], enabled=self.seed is not None):
+            if self.seed is not None:
+                torch.manual_seed(self.seed + done)
+            self._loop(model, teacher, opt, sched, done, total, per_epoch, checkpoint, bar)
+        bar.close()
+        return model.eval()
+
+    def _loop(self, model: nn.Module, teacher: nn.Module | None, opt, sched, done: int,
+              total: int, per_epoch: int, checkpoint: str | Path | None, bar: Progress
+              ) -> None:
         model.train()
         batches = self._batches()
         for step in range(done, total):
@@ -118,8 +131,6 @@ class ClassificationRecipe:
             bar.update(note=f"loss {loss.item():.3f}")
             if checkpoint is not None and ((step + 1) % per_epoch == 0 or step + 1 == total):
                 _save_checkpoint(checkpoint, model, opt, sched, step + 1, total)
-        bar.close()
-        return model.eval()
 
 
 def _forever(data: Batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

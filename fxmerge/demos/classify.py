@@ -13,6 +13,7 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from ..capture import trace
 from ..models import DemoMobileNetV2
 from ..passes import merge, prune, transform
 from ..plan import Plan
+from ..recipes import ClassificationRecipe
 from ..solve import METHODS, frontier
 from ..solve.measured import NetworkTimer
 from ..space import Entry, MergeSpace, analyze
@@ -35,10 +37,10 @@ from .shared import (
     accuracy,
     feasible_plans,
     load_digits,
+    loader,
     pyplot,
     summarize,
     time_against_original,
-    train,
 )
 
 log = logging.getLogger(__name__)
@@ -50,8 +52,7 @@ class DemoConfig:
 
     budgets: tuple[float, ...] = (0.9, 0.55, 0.35)  # at 90% LayerOnly is feasible too
     train_epochs: int = 12
-    importance_steps: int = 12
-    importance_batch: int = 32
+    importance_steps: int = 12  # at `batch`
     finetune_epochs: int = 4
     batch: int = 64
     latency_batch: int = 64
@@ -63,8 +64,9 @@ class DemoConfig:
     proxy_batch: int = 32
     distorted: bool = False  # the harder task (`distorted_task()`)
     # The authors re-initialise single convs before the importance fine-tune; 12 steps cannot
-    # recover such a conv, which skews the table (README: "What three seeds show").
+    # recover such a conv, which skews the table (docs/experiments.md).
     reset_single: bool = False
+    kd_weight: float = 0.0  # the plans' fine-tune distils from the original when > 0
 
     @classmethod
     def distorted_task(cls) -> DemoConfig:
@@ -76,27 +78,6 @@ class DemoConfig:
     def quick(cls) -> DemoConfig:
         return cls(budgets=(0.6,), train_epochs=1, importance_steps=2, finetune_epochs=1,
                    latency_batch=8, latency_repeat=3, compare_repeat=6, size=16)
-
-
-class _Finetune:
-    """The importance estimator's brief fine-tune (picklable, for process pools)."""
-
-    def __init__(self, data, steps: int, batch: int) -> None:
-        self.data, self.steps, self.batch = data, steps, batch
-
-    def __call__(self, model: nn.Module) -> nn.Module:
-        return train(model, self.data, steps=self.steps, lr=1e-3, batch=self.batch)
-
-
-class _Accuracy:
-    """Held-out accuracy as a fraction: the authors' importance is exp(Δaccuracy / 100)
-    with accuracy in percent, i.e. exp of the change of the fraction."""
-
-    def __init__(self, data) -> None:
-        self.data = data
-
-    def __call__(self, model: nn.Module) -> float:
-        return accuracy(model, self.data) / 100
 
 
 @dataclass
@@ -128,6 +109,7 @@ class Trained:
     gm: fx.GraphModule
     space: MergeSpace
     base_acc: float
+    recipe: ClassificationRecipe  # the fine-tunes' (lr 1e-3), on the seed's split
 
 
 def train_seed(config: DemoConfig, seed: int) -> Trained:
@@ -135,20 +117,22 @@ def train_seed(config: DemoConfig, seed: int) -> Trained:
     torch.manual_seed(seed)
     started = time.perf_counter()
     data = load_digits(config.size, seed=seed, distorted=config.distorted)
-    model = train(DemoMobileNetV2(), data.train, epochs=config.train_epochs,
-                  batch=config.batch, seed=seed)
+    train, val = loader(data.train, config.batch), loader(data.val, 300, shuffle=False)
+    model = ClassificationRecipe(train, val, lr=3e-3, seed=seed).train(
+        DemoMobileNetV2(), epochs=config.train_epochs, progress=False)
     base_acc = accuracy(model, data.test)
     print(f"[seed {seed}] trained DemoMobileNetV2: test accuracy {base_acc:.2f}% "
           f"({time.perf_counter() - started:.0f} s)")
     gm = trace(model, data.test[0][: config.latency_batch])
-    return Trained(data, gm, analyze(gm, exclude=DemoMobileNetV2.EXCLUDE), base_acc)
+    recipe = ClassificationRecipe(train, val, lr=1e-3, importance_steps=config.importance_steps,
+                                  kd_weight=config.kd_weight, seed=seed)
+    return Trained(data, gm, analyze(gm, exclude=DemoMobileNetV2.EXCLUDE), base_acc, recipe)
 
 
-def estimator(trained: Trained, config: DemoConfig) -> tuple[_Accuracy, _Finetune]:
-    """The importance estimator's score and brief fine-tune."""
-    data = trained.data
-    return (_Accuracy(data.val),
-            _Finetune(data.train, config.importance_steps, config.importance_batch))
+def estimator(trained: Trained, config: DemoConfig) -> tuple[Callable, Callable]:
+    """The importance estimator's score (validation accuracy, a fraction) and brief
+    fine-tune: the recipe's."""
+    return trained.recipe.evaluate, trained.recipe.finetune
 
 
 def finetune_importance(trained: Trained, config: DemoConfig,
@@ -163,9 +147,9 @@ def finetune_importance(trained: Trained, config: DemoConfig,
 def finetune_plan(trained: Trained, plan: Plan, config: DemoConfig, seed: int
                   ) -> tuple[nn.Module, float]:
     """`plan`'s pruned network fine-tuned, then merged, and its test accuracy."""
-    pruned = prune(trained.gm, plan)
-    train(pruned, trained.data.train, epochs=config.finetune_epochs, lr=1e-3,
-          batch=config.batch, seed=seed)
+    pruned = trained.recipe.train(prune(trained.gm, plan, trained.space),
+                                  epochs=config.finetune_epochs, teacher=trained.gm,
+                                  progress=False)
     merged = merge(pruned.eval())
     return merged, round(accuracy(merged, trained.data.test), 2)
 

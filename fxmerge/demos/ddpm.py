@@ -26,6 +26,7 @@ from ..capture import trace
 from ..models import DDPM_EXCLUDE, DDPMUNet
 from ..passes import merge, prune, transform
 from ..plan import Plan
+from ..recipes import ClassificationRecipe
 from ..solve import METHODS
 from ..solve.measured import NetworkTimer
 from ..space import analyze
@@ -36,9 +37,9 @@ from .shared import (
     accuracy,
     feasible_plans,
     load_digits,
+    loader,
     pyplot,
     time_against_original,
-    train,
 )
 
 
@@ -227,8 +228,9 @@ def run_ddpm_demo(out: Path | None = None, config: DDPMDemoConfig = DDPMDemoConf
           f"parameters, {config.size}x{config.size}, T={config.timesteps}): held-out loss "
           f"{base_loss:.4f} ({clock()})")
 
-    classifier = train(DigitClassifier(), data.train, epochs=config.classifier_epochs,
-                       batch=config.batch)
+    classifier = ClassificationRecipe(
+        loader(data.train, config.batch), loader(data.val, 300, shuffle=False), lr=3e-3
+    ).train(DigitClassifier(), epochs=config.classifier_epochs, progress=False)
     real = classifier.features(x_test)
     floor = frechet_distance(classifier.features(x_val), real)
     print(f"digit classifier for the Frechet distance: test accuracy "

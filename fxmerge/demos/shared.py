@@ -1,5 +1,5 @@
-"""What both demos use: scikit-learn's bundled digits (no download), classifier training,
-the solve-or-skip loop over methods and budgets, and headless matplotlib."""
+"""What both demos use: scikit-learn's bundled digits (no download) and their loaders, the
+solve-or-skip loop over methods and budgets, and headless matplotlib."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from ..backends.timing import PREPARATIONS, ExampleInputs, Relative, time_against_reference
 from ..errors import ArgumentError, InfeasibleBudget
@@ -81,24 +82,11 @@ def load_digits(size: int = 32, seed: int = 0, scale: str = "standard",
     return Digits((x[:n], y[:n]), (x[n:n + 300], y[n:n + 300]), (x[n + 300:], y[n + 300:]))
 
 
-def train(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], *, epochs: float = 1,
-          steps: int | None = None, lr: float = 3e-3, batch: int = 64, seed: int = 0
-          ) -> nn.Module:
-    """Adam with cosine decay, for `epochs` (or `steps`) over `data`."""
-    x, y = data
-    gen = torch.Generator().manual_seed(seed)
-    total = steps if steps is not None else max(1, int(epochs * len(y) / batch))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
-    model.train()
-    for _ in range(total):
-        idx = torch.randint(len(y), (batch,), generator=gen)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval()
+def loader(data: tuple[torch.Tensor, torch.Tensor], batch: int, shuffle: bool = True
+           ) -> DataLoader:
+    """A DataLoader over `(images, labels)` (shuffled by torch's generator, which the
+    recipe seeds)."""
+    return DataLoader(TensorDataset(*data), batch_size=batch, shuffle=shuffle)
 
 
 def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
