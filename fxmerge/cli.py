@@ -111,9 +111,13 @@ def _space(args: argparse.Namespace):
     if args.weights and args.command != "merge" and not pretrained:
         _load_state(model, load_tensors(args.weights), args.weights)
     gm = trace(model.eval(), example_batch(args))
-    add = {"auto": None, "on": True, "off": False}[args.add_activations]
-    return gm, analyze(gm, stride_rule=args.stride_rule, exclude=args.exclude,
-                       add_activations=add, max_kernel_bytes=round(args.max_kernel_mb * 2**20))
+    return gm, analyze(gm, **_analyze_options(args))
+
+
+def _analyze_options(args: argparse.Namespace) -> dict:
+    return {"stride_rule": args.stride_rule, "exclude": args.exclude,
+            "add_activations": {"auto": None, "on": True, "off": False}[args.add_activations],
+            "max_kernel_bytes": round(args.max_kernel_mb * 2**20)}
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
@@ -273,6 +277,35 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .pipeline import JobSettings, image_folder, run_job
+
+    if args.input_shape:
+        raise ArgumentError("compress takes its input shape from the images (--size)")
+    settings = JobSettings(
+        budget=args.budget, method=args.method, size=args.size, batch=args.batch,
+        latency_batch=args.latency_batch, epochs=args.epochs, train_epochs=args.train_epochs,
+        lr=args.lr, importance=args.importance, importance_steps=args.importance_steps,
+        kd_weight=args.kd_weight, kd_temperature=args.kd_temperature, threads=args.threads,
+        backend=args.backend, timing_repeat=args.timing_repeat, scheduler=args.scheduler,
+        grayscale=args.grayscale, seed=args.seed)
+    settings.check()
+    train, val, classes = image_folder(args.data, settings)
+    pretrained = args.weights == "pretrained"
+    model = load_model(args.model, pretrained=pretrained)
+    if args.weights and not pretrained:
+        _load_state(model, load_tensors(args.weights), args.weights)
+    report = run_job(model, train, val, args.out, settings, spec=args.model,
+                     analyze_options=_analyze_options(args), progress=_progress(args))
+    t = report["timing"]
+    print(f"{settings.method} at {settings.budget:.0%}: accuracy "
+          f"{report['accuracy_original']:.2f}% -> {report['accuracy_compressed']:.2f}%, "
+          f"{t['speedup']:.2f}x faster ({t['original_ms']:.4g} -> {t['merged_ms']:.4g} ms, "
+          f"{t['backend']}, batch {t['batch']}, {t['threads']} threads); "
+          f"{len(classes)} classes; report in {Path(args.out) / 'report.md'}")
+    return EXIT_OK
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .capture import example_inputs
     from .deploy import export_onnx, load
@@ -301,6 +334,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if args.seeds < 1:
         raise ArgumentError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.task == "compress":  # `fxmerge compress` itself, on the digits as a folder
+        from .demos.shared import write_digits_folder
+
+        if args.seeds != 1 or args.distorted:
+            raise ArgumentError("--seeds and --distorted are for the classify task")
+        out = out or Path("fxmerge-compress-demo")
+        data = write_digits_folder(out / "digits", size=32)
+        quick = ["--train-epochs", "2", "--epochs", "1", "--timing-repeat", "6"]
+        full = ["--train-epochs", "12", "--epochs", "4"]
+        argv = ["compress", "fxmerge:DemoMobileNetV2", "--data", str(data), "--grayscale",
+                "--size", "32", "--exclude", "stem.0", "head.0", "--budget", "0.55",
+                "--latency-batch", "64", "--out", str(out / "job"),
+                *(quick if args.quick else full)]
+        print("fxmerge " + " ".join(argv))
+        return main(argv)
     if args.task == "ddpm":
         from .demos.ddpm import DDPMDemoConfig, run_ddpm_demo
 
@@ -407,6 +455,47 @@ def build_parser() -> argparse.ArgumentParser:
                    "safetensors weights that fxmerge.load rebuilds it from (no pickle)")
     p.set_defaults(func=cmd_merge)
 
+    p = sub.add_parser("compress", help="the whole job on your image folder: latency "
+                       "table, importance, measured solve, fine-tune with distillation, merge, "
+                       "export, report.md")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="an image folder: DIR/train/CLASS/*.png and "
+                   "DIR/val/CLASS/*.png")
+    p.add_argument("--budget", type=float, required=True, help="the compressed network's "
+                   "latency as a fraction of the original's, measured (e.g. 0.6)")
+    p.add_argument("--out", required=True, help="folder for every stage's result and "
+                   "report.md; a job run again with it resumes")
+    p.add_argument("--method", choices=list(METHODS), default="layermerge",
+                   help="layermerge (default), depth or layeronly")
+    p.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
+    p.add_argument("--grayscale", action="store_true", help="one-channel images")
+    p.add_argument("--batch", type=int, default=64, help="training and evaluation batch")
+    p.add_argument("--latency-batch", type=int, default=1,
+                   help="the deployment batch the budget is measured at (default 1)")
+    p.add_argument("--epochs", type=float, default=2.0,
+                   help="fine-tune epochs of the pruned network (default 2)")
+    p.add_argument("--train-epochs", type=float, default=0.0, help="train the original "
+                   "first for this many epochs (for a model without trained weights)")
+    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (Adam)")
+    p.add_argument("--importance", choices=["proxy", "finetune"], default="proxy",
+                   help="proxy: output agreement, seconds; finetune: the paper's estimator, "
+                   "a brief fine-tune per entry (default proxy)")
+    p.add_argument("--importance-steps", type=int, default=12,
+                   help="steps of each importance fine-tune (default 12)")
+    p.add_argument("--kd-weight", type=float, default=0.5, help="weight of distillation from "
+                   "the original in the fine-tune; 0 turns it off (default 0.5)")
+    p.add_argument("--kd-temperature", type=float, default=4.0,
+                   help="distillation temperature (default 4)")
+    p.add_argument("--backend", choices=BACKENDS, default="eager",
+                   help="what latencies are measured on (default eager)")
+    p.add_argument("--timing-repeat", type=int, default=30,
+                   help="interleaved rounds per network timing")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="a Dask scheduler to run the "
+                   "fine-tuned importance entries on (with --importance finetune)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training runs")
+    _add_threads(p)
+    p.set_defaults(func=cmd_compress)
+
     p = sub.add_parser("export", help="export a merged network saved by transform/merge "
                        "--out (or fxmerge.save) to ONNX")
     p.add_argument("network", help="the saved network (.safetensors)")
@@ -416,9 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="end-to-end compression on bundled digits data")
-    p.add_argument("--task", choices=["classify", "ddpm"], default="classify",
-                   help="classify: a MobileNetV2-style classifier (default); ddpm: a "
-                   "diffusion U-Net, scored by held-out loss and a Frechet distance")
+    p.add_argument("--task", choices=["classify", "ddpm", "compress"], default="classify",
+                   help="classify: methods and budgets compared on a MobileNetV2-style "
+                   "classifier (default); ddpm: a diffusion U-Net, scored by held-out loss "
+                   "and a Frechet distance; compress: `fxmerge compress` on the digits "
+                   "written as an image folder")
     p.add_argument("--out", help="folder for results.json, the tables and the plots")
     p.add_argument("--seeds", type=int, default=1, help="repeat the whole job over N seeds "
                    "(split, training, fine-tuning) and report mean ± std (classify)")

@@ -27,6 +27,7 @@ class Progress:
         self.total, self.desc, self.unit, self.done = total, desc, unit, 0
         self.interval, self.started = interval, time.monotonic()
         self.last = self.started
+        self.printed: float | None = None  # when the last line was printed
         self.on = enabled is not False
         self.bar = None
         if self.on and os.isatty(2):
@@ -43,7 +44,7 @@ class Progress:
         elif self.on:
             now = time.monotonic()
             if now - self.last >= self.interval or self.done >= self.total:
-                self.last = now
+                self.last = self.printed = now
                 self._line(note)
 
     def _line(self, note: str = "") -> None:
@@ -55,8 +56,11 @@ class Progress:
               file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """Close the bar; off a terminal, a last line where work stopped short of `total`."""
         if self.bar is not None:
             self.bar.close()
+        elif self.on and 0 < self.done < self.total and self.last != self.printed:
+            self._line()
 
 
 def progress(items: Iterable[T], desc: str, unit: str = "item", enabled: bool | None = None,

@@ -8,6 +8,7 @@ import math
 import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,25 @@ def load_digits(size: int = 32, seed: int = 0, scale: str = "standard",
         x, y = x[order], y[order]
     n = 1000 * views
     return Digits((x[:n], y[:n]), (x[n:n + 300], y[n:n + 300]), (x[n + 300:], y[n + 300:]))
+
+
+def write_digits_folder(root: str | Path, size: int = 32, seed: int = 0) -> Path:
+    """The bundled digits as an image folder (`train/` 1000 images, `val/` 797, one folder
+    per digit, grayscale PNGs of `size` pixels): what `fxmerge compress --data` reads."""
+    from PIL import Image
+    from sklearn.datasets import load_digits as sk_digits
+
+    data = sk_digits()
+    x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    pixels = (x.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0].numpy()
+    order = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(seed))
+    root = Path(root)
+    for rank, i in enumerate(order.tolist()):
+        folder = root / ("train" if rank < 1000 else "val") / str(int(data.target[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels[i]).save(folder / f"{i:04d}.png")
+    return root
 
 
 def loader(data: tuple[torch.Tensor, torch.Tensor], batch: int, shuffle: bool = True

@@ -178,8 +178,10 @@ class Frontier:
         return json.dumps({"method": self.method, "original_latency_ms": self.original_ms,
                            "points": self.points}, indent=1)
 
-    def plot(self, path: str | Path, others: list[Frontier] = ()) -> Path:
-        """Save importance vs latency (Pareto curves) as a PNG; needs matplotlib."""
+    def plot(self, path: str | Path, others: list[Frontier] = (),
+             mark: Plan | None = None) -> Path:
+        """Save importance vs latency (Pareto curves) as a PNG, with the plan `mark` as a
+        point where given; needs matplotlib."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -190,6 +192,9 @@ class Frontier:
             pts = f.points
             ax.step([p["latency_ms"] for p in pts], [p["importance"] for p in pts],
                     where="post", label=f.method)
+        if mark is not None and mark.predicted_latency_ms is not None:
+            ax.plot([mark.predicted_latency_ms], [mark.predicted_importance], "k*", ms=12,
+                    label=f"chosen plan ({mark.budget:.0%})")
         ax.set_xlabel("predicted latency (ms, table)")
         ax.set_ylabel("predicted importance (sum)")
         ax.legend()
