@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import time
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .backends.runtimes import get_backend, plan_runner, prepare
 from .backends.timing import at_batch, time_against_reference, using_threads
@@ -95,8 +96,25 @@ def image_folder(root: str | Path, settings: JobSettings) -> tuple[DataLoader, D
     if train.classes != val.classes:
         raise ArgumentError(f"--data {root}: train and val have other classes "
                             f"({train.classes[:5]} vs {val.classes[:5]})")
+    train, val = _in_memory(train), _in_memory(val)
     return (DataLoader(train, batch_size=settings.batch, shuffle=True),
             DataLoader(val, batch_size=settings.batch), train.classes)
+
+
+IN_MEMORY_BYTES = 2**30  # image sets decoded once and kept when they fit in this
+
+
+def _in_memory(images: Dataset) -> Dataset:
+    """`images` decoded once into tensors when they fit in `IN_MEMORY_BYTES` (the
+    importance estimator reads the data hundreds of times), else as they are."""
+    x, _ = images[0]
+    if len(images) * x.numel() * x.element_size() > IN_MEMORY_BYTES:
+        return images
+    pairs = [images[i] for i in range(len(images))]
+    data = TensorDataset(torch.stack([p[0] for p in pairs]),
+                         torch.tensor([p[1] for p in pairs]))
+    data.classes = images.classes
+    return data
 
 
 class _Stage:
@@ -177,8 +195,9 @@ def run_job(model: nn.Module, train: DataLoader, val: DataLoader, out: str | Pat
         report["accuracy_original"] = round(100 * recipe.evaluate(gm), 2)
         pruned = prune(gm, plan, space)
         report["accuracy_pruned_before_finetune"] = round(100 * recipe.evaluate(pruned), 2)
-        pruned = recipe.train(pruned, epochs=settings.epochs, teacher=gm,
-                              checkpoint=out / "finetune.pt", progress=progress)
+        tag = hashlib.sha1(json.dumps([asdict(b) for b in plan.blocks]).encode()).hexdigest()
+        pruned = recipe.train(pruned, epochs=settings.epochs, teacher=gm,  # per plan
+                              checkpoint=out / f"finetune-{tag[:10]}.pt", progress=progress)
     with _Stage(report, "merge and deploy", quiet):
         merged = merge(pruned.eval())
         report["accuracy_compressed"] = round(100 * recipe.evaluate(merged), 2)

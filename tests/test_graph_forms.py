@@ -55,7 +55,7 @@ def test_registered_backend_name_with_inductor(model_and_plan):
 
 def test_backend_refuses_a_missing_plan_and_a_foreign_one():
     with pytest.raises(fxmerge.FxMergeError, match="needs options"):
-        registered_backend(None, [], {})
+        registered_backend(None, [], {})()
     model = torchvision.models.resnet18().eval()
     other = fxmerge.trace(torchvision.models.resnet34(), X)
     plan = fxmerge.Plan.random(fxmerge.analyze(other), 0)
@@ -65,3 +65,22 @@ def test_backend_refuses_a_missing_plan_and_a_foreign_one():
         compiled(X)
     with pytest.raises(ValueError, match="then must be"):
         fxmerge.backend(plan, then="tvm")
+
+
+def test_backend_answers_bad_options_and_training_mode_with_one_fxmerge_error(model_and_plan):
+    model, plan, _ = model_and_plan
+    cases = [({"plan": '{"blocks": ['}, fxmerge.PlanError, "invalid JSON"),
+             ({"plan": plan, "then": "tvm"}, fxmerge.ArgumentError, "then must be"),
+             ({"plan": plan, "colour": 1}, fxmerge.ArgumentError, "unknown fxmerge backend")]
+    for options, error, match in cases:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="fxmerge", options=options)
+        with pytest.raises(error, match=match), torch.no_grad():
+            compiled(X)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.train(), backend=fxmerge.backend(plan, then="eager"))
+    try:
+        with pytest.raises(fxmerge.MergeError, match="training mode: call model.eval"):
+            compiled(X)
+    finally:
+        model.eval()

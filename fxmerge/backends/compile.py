@@ -18,7 +18,7 @@ from torch import fx
 
 from ..capture import propagate_shapes, verify
 from ..capture.canonical import CONV_FUNCTIONS, canonicalize
-from ..errors import ArgumentError, FxMergeError, PlanError, SpaceError
+from ..errors import ArgumentError, FxMergeError, MergeError, PlanError, SpaceError
 from ..passes import transform
 from ..plan import Plan
 from ..space import analyze
@@ -85,6 +85,7 @@ def apply_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan
     """Canonicalise one graph dynamo captured (checked against it on the example inputs) and
     apply the part of `plan` whose convs it holds (a graph break splits a model into several
     graphs); a graph with no searched conv is returned canonical and unchanged."""
+    _refuse_training_mode(gm)
     canonical = canonicalize(copy.deepcopy(gm), example_inputs)
     got = propagate_shapes(canonical, example_inputs)
     verify(gm, canonical, example_inputs, got, "the graph torch.compile captured")
@@ -108,6 +109,26 @@ def apply_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan
     return transform(canonical, part, space)
 
 
+def _refuse_training_mode(gm: fx.GraphModule) -> None:
+    """`MergeError` when the captured graph normalises in training mode (batch statistics,
+    running-stat updates): merging folds BatchNorm statistics, which needs eval mode."""
+    for n in gm.graph.nodes:
+        training = None
+        if n.op == "call_module":
+            m = gm.get_submodule(n.target)
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                training = m.training
+        elif n.op == "call_function" and n.target is torch.nn.functional.batch_norm:
+            training = n.kwargs.get("training", n.args[5] if len(n.args) > 5 else False)
+        elif n.op == "call_function" and "batch_norm" in str(n.target) and \
+                "functional" in str(n.target):
+            training = True  # aten's functional batch norm updates running statistics
+        if training:
+            raise MergeError(f"node '{n.name}' normalises in training mode: call model.eval() "
+                             "before torch.compile with the fxmerge backend (merging folds "
+                             "BatchNorm statistics)")
+
+
 class _Refusal:
     """Stands for a graph fxmerge refused: calling it raises the fxmerge error."""
 
@@ -122,12 +143,24 @@ def registered_backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor
                        options: dict[str, Any] | None = None) -> Callable:
     """The backend named "fxmerge": `options={"plan": plan, "then": "inductor"}`."""
     options = dict(options or {})
-    plan = options.pop("plan", None)
-    if plan is None:
-        raise FxMergeError('torch.compile(backend="fxmerge") needs options={"plan": plan}')
-    if isinstance(plan, str):
-        plan = Plan.from_json(plan)
-    return backend(plan, **options)(gm, example_inputs)
+    try:
+        plan = options.pop("plan", None)
+        if plan is None:
+            raise ArgumentError('torch.compile(backend="fxmerge") needs options={"plan": plan}')
+        if isinstance(plan, str):
+            plan = Plan.from_json(plan)
+        if not isinstance(plan, Plan):
+            raise ArgumentError(f"options['plan'] must be a Plan or its JSON, got "
+                                f"{type(plan).__name__}")
+        unknown = set(options) - {"then"}
+        if unknown:
+            raise ArgumentError(f"unknown fxmerge backend option(s) {sorted(unknown)} (it "
+                                "takes 'plan' and 'then')")
+        compile_fn = backend(plan, **options)
+    except FxMergeError as exc:  # raised to the caller as itself, not wrapped by dynamo
+        log.error("fxmerge backend: %s", exc)
+        return _Refusal(exc)
+    return compile_fn(gm, example_inputs)
 
 
 def register() -> None:

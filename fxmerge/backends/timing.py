@@ -179,15 +179,19 @@ class BusyMachineWarning(UserWarning):
     """The machine was busier than its cores while fxmerge timed: timings are unreliable."""
 
 
+BUSY_LOAD = 1.5  # load average per core above which timings are called unreliable
+
+
 def check_load(what: str) -> float | None:
-    """The 1-minute load average; a `BusyMachineWarning` when it exceeds the cores (None
-    where the system does not report it)."""
+    """The 1-minute load average; a `BusyMachineWarning` when it exceeds `BUSY_LOAD` times
+    the cores (timing with every core counts as a load of about the cores; more is other
+    work), None where the system does not report it."""
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
     cores = os.cpu_count() or 1
-    if load > cores:
+    if load > BUSY_LOAD * cores:
         warnings.warn(f"{what}: load average {load:.1f} on {cores} cores: the machine is "
                       "busier than its cores, so these timings are unreliable; time on an "
                       "idle machine", BusyMachineWarning, stacklevel=3)
