@@ -12,6 +12,7 @@ from models import conv_unit
 from torch import nn
 
 import fxmerge
+from fxmerge.capture.trace import _capture
 
 X = torch.randn(2, 3, 16, 16)
 
@@ -178,9 +179,15 @@ class AliasedInPlaceAdd(nn.Module):
         return alias * 2  # the model sees the in-place update through the alias
 
 
-def test_an_aliased_in_place_add_is_refused():
+def test_an_aliased_in_place_add_is_captured_right_or_refused():
+    """symbolic_trace misses the update seen through the alias (its graph is refused);
+    torch.export functionalises it, and that graph is the model's."""
+    model = AliasedInPlaceAdd().eval()
     with pytest.raises(fxmerge.TraceError, match="computes something else than the model"):
-        fxmerge.trace(AliasedInPlaceAdd().eval(), X)
+        _capture(copy.deepcopy(model), (X,), "AliasedInPlaceAdd", "symbolic_trace")
+    gm = fxmerge.trace(model, X)
+    assert fxmerge.capture.capture_path(gm) == "torch.export"
+    assert merged_equals_model(model, gm)
 
 
 class PythonState(nn.Module):

@@ -156,9 +156,15 @@ def _capture(model: torch.nn.Module, inputs: tuple, what: str, how: str) -> fx.G
         gm = fx.symbolic_trace(model)
         reference = copy_model(model)  # as tracing left it: baked-in Python state shows up
     else:
-        # as it was: exporting runs forward on fake tensors, and a module that caches
-        # tensors it computes in forward (a detection head's anchors) keeps fake ones
+        # the model as it was, run once first (as exporting ran it), so that Python state
+        # baked in at export shows up on the compared call; not a copy taken after
+        # exporting, which ran forward on fake tensors (a detection head caches its anchors)
         reference = copy_model(model)
+        try:
+            with torch.no_grad():
+                reference(*inputs)
+        except Exception as exc:
+            raise TraceError(f"{what} failed on the example inputs: {exc}") from exc
         # (the copy is a plain GraphModule: an exported program's module refuses .eval())
         gm = copy_model(torch.export.export(model, inputs, strict=False).module())
     gm = canonicalize(gm)
@@ -211,8 +217,8 @@ def trace(model: torch.nn.Module | torch.export.ExportedProgram, example_inputs:
         return gm
     reasons = []
     for how in ("symbolic_trace", "torch.export"):
-        try:
-            gm = _capture(model, inputs, what, how)
+        try:  # each path from the model as given (capturing may change its Python state)
+            gm = _capture(copy_model(model), inputs, what, how)
         except Exception as exc:  # noqa: BLE001 (each path's failure is reported)
             reasons.append(f"{how}: {_one_line(exc)}")
             log.info("capture of %s by %s failed: %s", what, how, exc)
