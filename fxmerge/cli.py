@@ -106,12 +106,18 @@ def _space(args: argparse.Namespace):
     from .capture import trace
     from .space import analyze
 
-    pretrained = args.weights == "pretrained" and args.command != "merge"
-    model = load_model(args.model, pretrained=pretrained)
-    if args.weights and args.command != "merge" and not pretrained:
-        _load_state(model, load_tensors(args.weights), args.weights)
-    gm = trace(model.eval(), example_batch(args))
+    gm = trace(_model(args).eval(), example_batch(args))
     return gm, analyze(gm, **_analyze_options(args))
+
+
+def _model(args: argparse.Namespace) -> torch.nn.Module:
+    """The model `args.model` names, with `--weights` (a state_dict, or "pretrained"), which
+    are the pruned network's for `merge`."""
+    weights = args.weights if args.command != "merge" else None
+    model = load_model(args.model, pretrained=weights == "pretrained")
+    if weights and weights != "pretrained":
+        _load_state(model, load_tensors(weights), weights)
+    return model
 
 
 def _analyze_options(args: argparse.Namespace) -> dict:
@@ -291,11 +297,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         grayscale=args.grayscale, seed=args.seed)
     settings.check()
     train, val, classes = image_folder(args.data, settings)
-    pretrained = args.weights == "pretrained"
-    model = load_model(args.model, pretrained=pretrained)
-    if args.weights and not pretrained:
-        _load_state(model, load_tensors(args.weights), args.weights)
-    report = run_job(model, train, val, args.out, settings, spec=args.model,
+    report = run_job(_model(args), train, val, args.out, settings, spec=args.model,
                      analyze_options=_analyze_options(args), progress=_progress(args))
     t = report["timing"]
     print(f"{settings.method} at {settings.budget:.0%}: accuracy "

@@ -26,9 +26,7 @@ def _tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     tensors = dict(gm.state_dict())
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.target not in tensors:
-            value = gm
-            for part in n.target.split("."):
-                value = getattr(value, part)
+            value = _attribute(gm, n.target)
             if isinstance(value, torch.Tensor):
                 tensors[n.target] = value
     return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
