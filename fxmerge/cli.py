@@ -368,6 +368,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_method(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=list(METHODS), default="layermerge",
+                   help="layermerge (the paper's), or its baselines depth and layeronly "
+                   "(default: layermerge)")
+
+
 def _add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, metavar="N", help="time with N intra-op threads "
                    "(default: torch's; a budget holds only at the thread count it was "
@@ -430,9 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-repeat", type=int, default=30,
                    help="interleaved rounds per network timing (measured basis)")
     _add_threads(p)
-    p.add_argument("--method", choices=list(METHODS), default="layermerge",
-                   help="layermerge (the paper's), or its baselines depth and layeronly "
-                   "(default: layermerge)")
+    _add_method(p)
     p.add_argument("--levels", type=int, help="budget levels of the DP (default 1000; "
                    "Depth: 0.05 ms units)")
     p.add_argument("--out", help="write the plan as JSON")
@@ -467,8 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "latency as a fraction of the original's, measured (e.g. 0.6)")
     p.add_argument("--out", required=True, help="folder for every stage's result and "
                    "report.md; a job run again with it resumes")
-    p.add_argument("--method", choices=list(METHODS), default="layermerge",
-                   help="layermerge (default), depth or layeronly")
+    _add_method(p)
     p.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
     p.add_argument("--grayscale", action="store_true", help="one-channel images")
     p.add_argument("--batch", type=int, default=64, help="training and evaluation batch")

@@ -167,6 +167,13 @@ def _capture(model: torch.nn.Module, inputs: tuple, what: str, how: str) -> fx.G
             raise TraceError(f"{what} failed on the example inputs: {exc}") from exc
         # (the copy is a plain GraphModule: an exported program's module refuses .eval())
         gm = copy_model(torch.export.export(model, inputs, strict=False).module())
+    return _canonical(gm, reference, inputs, what, how)
+
+
+def _canonical(gm: fx.GraphModule, reference: Callable, inputs: tuple, what: str, how: str
+               ) -> fx.GraphModule:
+    """`gm` canonical, in eval mode, with shapes, checked against `reference` and marked
+    with the capture path `how`."""
     gm = canonicalize(gm)
     for m in gm.modules():
         m.training = False
@@ -207,14 +214,7 @@ def trace(model: torch.nn.Module | torch.export.ExportedProgram, example_inputs:
     for m in model.modules():  # eval mode (an export program's module refuses .eval())
         m.training = False
     if given is not None:
-        reference = copy_model(model)
-        gm = canonicalize(model)
-        for m in gm.modules():
-            m.training = False
-        got = propagate_shapes(gm, inputs)
-        verify(reference, gm, inputs, got, what)
-        gm.meta[CAPTURE_META] = given
-        return gm
+        return _canonical(model, copy_model(model), inputs, what, given)
     reasons = []
     for how in ("symbolic_trace", "torch.export"):
         try:  # each path from the model as given (capturing may change its Python state)
