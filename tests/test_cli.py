@@ -50,6 +50,18 @@ def test_timm_models_by_name_with_keywords(capsys):
     assert model.fc.out_features == 10
 
 
+def test_random_weights_download_nothing(monkeypatch):
+    """A segmentation builder's backbone would fetch ImageNet weights by default."""
+    import torch.hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download weights")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    model = fxmerge.models.load_model("torchvision:deeplabv3_mobilenet_v3_large")
+    assert sum(p.numel() for p in model.parameters()) > 1e6
+
+
 def test_pipeline_analyze_latency_importance_solve_transform(tmp_path, capsys):
     assert run("analyze", *MODEL, "--out", tmp_path / "space.json") == 0
     space_json = json.loads((tmp_path / "space.json").read_text())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -68,6 +69,8 @@ def _factory(spec: str, pretrained: bool) -> tuple[Callable, dict[str, Any]]:
         kwargs = _keywords(spec, kw_text)
         if pretrained:
             kwargs.setdefault("weights", "DEFAULT")
+        elif "weights_backbone" in inspect.signature(factory).parameters:
+            kwargs.setdefault("weights_backbone", None)  # random means no download at all
         return factory, kwargs
     if source == "timm":
         try:
