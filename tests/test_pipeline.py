@@ -73,3 +73,13 @@ def test_fine_tuned_importance_runs_on_a_local_dask_cluster(digits, tmp_path, ca
         cluster.close()
     table = fxmerge.ImportanceTable.from_json((out / "importance-finetune.json").read_text())
     assert table.settings.estimator == "finetune" and len(table) >= 3
+
+
+def test_an_image_folder_with_other_classes_in_val_is_refused(digits, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(digits, data)
+    shutil.rmtree(data / "val" / "7")
+    assert run("compress", *ARGS, "--data", data, "--budget", 0.7, "--out", tmp_path / "o") == 1
+    assert "train and val have other classes" in capsys.readouterr().err

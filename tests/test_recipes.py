@@ -57,3 +57,11 @@ def test_the_recipe_trains_prunes_and_recovers_a_pruned_network(tmp_path):
     assert copy.evaluate(model) == base and copy.finetune is not None
     with pytest.raises(fxmerge.ArgumentError, match="kd_weight"):
         ClassificationRecipe(train, val, kd_weight=2)
+
+
+def test_a_checkpoint_that_is_not_one_is_refused_by_name(tmp_path):
+    train, val = loaders()
+    (tmp_path / "ft.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(fxmerge.ArgumentError, match="checkpoint .*ft.pt: cannot resume"):
+        ClassificationRecipe(train, val).train(DemoMobileNetV2(), steps=1,
+                                               checkpoint=tmp_path / "ft.pt")
