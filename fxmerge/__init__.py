@@ -16,7 +16,17 @@ from .errors import (
     TableError,
     TraceError,
 )
-from .passes import GraphDiff, MergePass, PrunePass, diff, merge, prune, transform
+from .passes import (
+    GraphDiff,
+    MergePass,
+    PrunePass,
+    ReparameterizePass,
+    diff,
+    merge,
+    prune,
+    reparameterize,
+    transform,
+)
 from .plan import Block, Plan
 from .solve import METHODS, Frontier, Method, frontier, get_method, solve
 from .solve.measured import NetworkTimer, solve_measured
@@ -50,6 +60,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "PrunePass",
+    "ReparameterizePass",
     "Skip",
     "SpaceError",
     "TableError",
@@ -68,6 +79,7 @@ __all__ = [
     "measure_latency",
     "merge",
     "prune",
+    "reparameterize",
     "save",
     "solve",
     "solve_measured",

@@ -116,14 +116,28 @@ def _grouped_matmul(m: torch.Tensor, groups: int, v: torch.Tensor) -> torch.Tens
     return prod.reshape(out_ch, *rest)
 
 
-def from_conv(conv: nn.Conv2d, dtype: torch.dtype = torch.float64) -> AffineConv:
-    """The affine map of an `nn.Conv2d` (square, zero padding), in its own form: its
-    groups, dilation, stride and padding."""
+def from_conv(conv: nn.Conv2d, dtype: torch.dtype = torch.float64,
+              padding: tuple[int, int] | None = None) -> AffineConv:
+    """The affine map of an `nn.Conv2d` (zero padding), in its own form: its groups,
+    dilation, stride and padding (or `padding`, rows and columns, negative where its input
+    is cropped first). A non-square kernel centred on a square grid (`1x3` padded `(0, 1)`)
+    becomes the square kernel holding it, zeros around it."""
     weight = conv.weight.detach().to(dtype)
     bias = (conv.bias.detach().to(dtype) if conv.bias is not None
             else weight.new_zeros(conv.out_channels))
-    return AffineConv(weight, bias, conv.stride[0], conv.padding[0], conv.groups,
-                      conv.dilation[0])
+    (kh, kw), d = conv.kernel_size, conv.dilation[0]
+    ph, pw = conv.padding if padding is None else padding
+    k = max(kh, kw)
+    padding = ph + d * (k - kh) // 2
+    if padding != pw + d * (k - kw) // 2 or (k - kh) % 2 or (k - kw) % 2:
+        raise MergeError(f"a {kh}x{kw} kernel padded {(ph, pw)} is not centred on a square "
+                         "grid")
+    if (kh, kw) != (k, k):
+        square = weight.new_zeros(*weight.shape[:2], k, k)
+        y, x = (k - kh) // 2, (k - kw) // 2
+        square[..., y:y + kh, x:x + kw] = weight
+        weight = square
+    return AffineConv(weight, bias, conv.stride[0], padding, conv.groups, d)
 
 
 def identity(channels: int, dtype: torch.dtype = torch.float64) -> AffineConv:
@@ -143,12 +157,16 @@ def bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype = torch.float64):
     return scale, beta - bn.running_mean.detach().to(dtype) * scale
 
 
-def fold_bn(a: AffineConv, bn: nn.BatchNorm2d) -> AffineConv:
-    """`bn(a(x))` as one affine conv (BN in eval mode)."""
-    scale, shift = bn_scale_shift(bn, a.weight.dtype)
+def scale_shift(a: AffineConv, scale: torch.Tensor, shift: torch.Tensor) -> AffineConv:
+    """`a(x) * scale + shift`, one value of each per channel, as one affine conv."""
     return replace(a, weight=a.weight * scale[:, None, None, None],
                    bias=a.bias * scale + shift, is_identity=False,
                    conditions=tuple((k, m * scale[:, None]) for k, m in a.conditions))
+
+
+def fold_bn(a: AffineConv, bn: nn.BatchNorm2d) -> AffineConv:
+    """`bn(a(x))` as one affine conv (BN in eval mode)."""
+    return scale_shift(a, *bn_scale_shift(bn, a.weight.dtype))
 
 
 def add_condition(a: AffineConv, key: object) -> AffineConv:

@@ -71,7 +71,8 @@ def example_batch(args: argparse.Namespace, batch: int | None = None) -> tuple:
     return tuple(inputs)
 
 
-def _add_model_args(p: argparse.ArgumentParser, pruned_weights: bool = False) -> None:
+def _add_model_args(p: argparse.ArgumentParser, pruned_weights: bool = False,
+                    analysis: bool = True) -> None:
     p.add_argument("model", help="torchvision:NAME[:k=v,...], timm:NAME[:k=v,...], "
                    "fxmerge:NAME (built-in nets) or path/to/file.py:FACTORY; random weights "
                    "unless --weights")
@@ -89,6 +90,8 @@ def _add_model_args(p: argparse.ArgumentParser, pruned_weights: bool = False) ->
                        "'pretrained' for the library's own weights (downloaded)")
     p.add_argument("--exclude", nargs="*", default=[], metavar="CONV",
                    help="module names or glob patterns of convs kept out of the search")
+    if not analysis:
+        return
     p.add_argument("--stride-rule", choices=["paper", "exact"], default="paper",
                    help="paper: a strided conv ends its block unless one 1x1 conv follows "
                    "(as the authors); exact: any kernel may follow it (default: paper)")
@@ -283,6 +286,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reparameterize(args: argparse.Namespace) -> int:
+    from .capture import trace
+    from .passes import diff, reparameterize
+
+    gm = trace(_model(args).eval(), example_batch(args))
+    collapsed = reparameterize(gm, exclude=args.exclude)
+    print(diff(gm, collapsed))
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in collapsed.modules())
+    print(f"collapsed {collapsed.meta['fxmerge_reparameterized']} regions of parallel "
+          f"branches: {n_convs} convs (the model had "
+          f"{sum(isinstance(m, torch.nn.Conv2d) for m in gm.modules())})")
+    _deploy(args, collapsed)
+    return EXIT_OK
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from .pipeline import JobSettings, image_folder, run_job
 
@@ -460,6 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the merged network: NAME.onnx for ONNX, else "
                    "safetensors weights that fxmerge.load rebuilds it from (no pickle)")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("reparameterize", help="collapse every region of parallel linear "
+                       "branches (RepVGG, MobileOne, ACNet blocks) into one conv")
+    _add_model_args(p, analysis=False)
+    p.add_argument("--out", help="write the network: NAME.onnx for ONNX, else safetensors "
+                   "weights that fxmerge.load rebuilds it from (no pickle)")
+    p.set_defaults(func=cmd_reparameterize)
 
     p = sub.add_parser("compress", help="the whole job on your image folder: latency "
                        "table, importance, measured solve, fine-tune with distillation, merge, "

@@ -13,9 +13,10 @@ from torch import fx, nn
 from .capture import example_inputs, trace
 from .errors import ArgumentError
 from .models.hub import load_model
-from .passes import transform
+from .passes import reparameterize, transform
 from .passes.merge import MERGED_META
 from .passes.prune import PLAN_META
+from .passes.reparameterize import REPARAMETERIZED_META
 from .plan import Plan
 
 FORMAT = "fxmerge-merged/1"
@@ -39,19 +40,27 @@ def _inputs_spec(gm: fx.GraphModule) -> list[dict]:
 
 def save(merged: fx.GraphModule, path: str | Path, *, model: str | None = None,
          plan: Plan | None = None) -> Path:
-    """Write a merged network (from `merge` or `transform`) to `path`: its weights as
-    safetensors, with the plan, the example inputs' shapes and, when given, the model spec
-    (`"timm:resnet18"`, see `fxmerge.models.load_model`) as metadata. Nothing is pickled;
-    `load` rebuilds the network from them."""
+    """Write a merged network (from `merge` or `transform`) or a re-parameterised one (from
+    `reparameterize`) to `path`: its weights as safetensors, with the plan (or the pass), the
+    example inputs' shapes and, when given, the model spec (`"timm:resnet18"`, see
+    `fxmerge.models.load_model`) as metadata. Nothing is pickled; `load` rebuilds the
+    network from them."""
     from safetensors.torch import save_file
 
-    if not isinstance(merged, fx.GraphModule) or not merged.meta.get(MERGED_META):
+    is_graph = isinstance(merged, fx.GraphModule)
+    if is_graph and REPARAMETERIZED_META in merged.meta:
+        rebuild = {"pass": "reparameterize"}
+    elif is_graph and merged.meta.get(MERGED_META):
+        plan = plan or merged.meta.get(PLAN_META)
+        if plan is None:
+            raise ArgumentError("save: the network carries no plan: save(merged, path, "
+                                "plan=...)")
+        rebuild = {"pass": "merge", "plan": plan.to_json(indent=None)}
+    else:
         raise ArgumentError("save: give a merged GraphModule (fxmerge.merge or "
-                            "fxmerge.transform)")
-    plan = plan or merged.meta.get(PLAN_META)
-    if plan is None:
-        raise ArgumentError("save: the network carries no plan: save(merged, path, plan=...)")
-    metadata = {"format": FORMAT, "plan": plan.to_json(indent=None),
+                            "fxmerge.transform) or a re-parameterised one "
+                            "(fxmerge.reparameterize)")
+    metadata = {"format": FORMAT, **rebuild,
                 "inputs": json.dumps(_inputs_spec(merged)), "model": model or "",
                 "torch": torch.__version__}
     path = Path(path)
@@ -71,9 +80,10 @@ def _example(spec: list[dict]) -> tuple[torch.Tensor, ...]:
 
 
 def load(path: str | Path, model: nn.Module | None = None) -> fx.GraphModule:
-    """The merged network `save` wrote, rebuilt in eval mode: the model (from its recorded
-    spec, or `model`, an instance of the same architecture) is traced at the recorded input
-    shapes, pruned and merged by the recorded plan, and given the saved weights."""
+    """The network `save` wrote, rebuilt in eval mode: the model (from its recorded spec, or
+    `model`, an instance of the same architecture) is traced at the recorded input shapes,
+    pruned and merged by the recorded plan (or re-parameterised), and given the saved
+    weights."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -89,12 +99,15 @@ def load(path: str | Path, model: nn.Module | None = None) -> fx.GraphModule:
     if metadata.get("format") != FORMAT:
         raise ArgumentError(f"{path}: not a network saved by fxmerge.save (format "
                             f"{metadata.get('format')!r})")
-    plan = Plan.from_json(metadata["plan"])
     if model is None:
         if not metadata.get("model"):
             raise ArgumentError(f"{path} records no model spec: load(path, model=YourNet())")
         model = load_model(metadata["model"])
-    merged = transform(trace(model.eval(), _example(json.loads(metadata["inputs"]))), plan)
+    gm = trace(model.eval(), _example(json.loads(metadata["inputs"])))
+    if metadata.get("pass", "merge") == "reparameterize":
+        merged = reparameterize(gm, verify=False)
+    else:
+        merged = transform(gm, Plan.from_json(metadata["plan"]))
     expected = set(_tensors(merged))
     if expected != set(tensors):
         extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))

@@ -220,8 +220,8 @@ class _Canonicaliser:
                                                                                  var))
         except ValueError:
             return
-        if training or running_mean is None or running_var is None:
-            return
+        if training or running_mean is None or running_var is None or _rank(x) not in (None, 4):
+            return  # (a BatchNorm1d stays as it is: a barrier)
         if t is aten._native_batch_norm_legit_no_training.default:
             users = list(node.users)
             if not all(u.target is operator.getitem and u.args[1] == 0 for u in users):
@@ -294,22 +294,30 @@ class _Canonicaliser:
             return  # the in-place result is seen through another alias: keep it as it is
         node.target, node.kwargs = operator.add, {}
 
-    def identity_call(self, node: fx.Node) -> bool:
-        """Whether a call_function / call_method node computes its first argument."""
+    def identity_of(self, node: fx.Node) -> fx.Node | None:
+        """The argument a call_function / call_method node computes unchanged, if any."""
         t, args = node.target, node.args
         if node.op == "call_method":  # not contiguous(): a later view may need its layout
-            return False
+            return None
+        if t in _ADD and len(args) == 2 and not node.kwargs:  # MobileOne adds an absent
+            for x, zero in (args, args[::-1]):                # branch as the integer 0
+                if isinstance(x, fx.Node) and not isinstance(zero, fx.Node) and zero == 0 \
+                        and not isinstance(zero, bool):
+                    return x
+            return None
         if t in _DROPOUT:
-            return not _args(node, ["input", "p", "training"], [None, 0.5, True])[2]
-        if t in _DIV or t in _MUL:
-            return len(args) == 2 and not node.kwargs and not isinstance(args[1], fx.Node) \
+            keep = not _args(node, ["input", "p", "training"], [None, 0.5, True])[2]
+        elif t in _DIV or t in _MUL:
+            keep = len(args) == 2 and not node.kwargs and not isinstance(args[1], fx.Node) \
                 and args[1] == 1
-        if getattr(t, "__name__", "") == "stochastic_depth" and "torchvision" in getattr(
+        elif getattr(t, "__name__", "") == "stochastic_depth" and "torchvision" in getattr(
                 t, "__module__", ""):
             _, p, _, training = _args(node, ["input", "p", "mode", "training"],
                                       [None, 0.0, "row", True])
-            return not training or p == 0
-        return False
+            keep = not training or p == 0
+        else:
+            keep = False
+        return args[0] if keep else None
 
     def module(self, node: fx.Node) -> None:
         m = self.gm.get_submodule(node.target)
@@ -340,8 +348,8 @@ class _Canonicaliser:
                 continue
             elif _is_assert(node):  # a shape check, true on the example inputs
                 self.gm.graph.erase_node(node)
-            elif self.identity_call(node):
-                self.bypass(node, node.args[0])
+            elif self.identity_of(node) is not None:
+                self.bypass(node, self.identity_of(node))
             elif node.op == "call_function" and t in handlers:
                 handlers[t](node)
         for node in reversed(list(self.gm.graph.nodes)):
@@ -352,6 +360,15 @@ class _Canonicaliser:
         self.gm.graph.lint()
         self.gm.recompile()
         return self.gm
+
+
+def _rank(node: Any) -> int | None:
+    """The number of dimensions of a node's value, where the tracer recorded it."""
+    for key in ("val", "example_value", "tensor_meta"):
+        value = node.meta.get(key) if isinstance(node, fx.Node) else None
+        if value is not None and hasattr(value, "shape"):
+            return len(value.shape)
+    return None
 
 
 def _is_assert(node: fx.Node) -> bool:

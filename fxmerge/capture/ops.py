@@ -4,7 +4,9 @@ network) or a conv called from more than one place (weights shared between call 
 
 from __future__ import annotations
 
+import fnmatch
 import operator
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,11 @@ def call_sites(gm: fx.GraphModule) -> dict[str, int]:
     return counts
 
 
+def excluded(name: str, patterns: Iterable[str]) -> bool:
+    """Whether module `name` matches one of the `exclude` glob patterns."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
 def is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
     return isinstance(module_of(gm, node), nn.Conv2d)
 
@@ -63,6 +70,44 @@ def conv_refusal(conv: nn.Conv2d) -> str | None:
         value = getattr(conv, attr)
         if value[0] != value[1]:
             return f"non-square {attr} {tuple(value)}"
+    return None
+
+
+def centred_refusal(conv: nn.Conv2d, padding: tuple[int, int] | None = None) -> str | None:
+    """Why this conv cannot be one branch of a collapsed region, or None: as `conv_refusal`,
+    except that a non-square kernel is accepted when it is centred on the grid of a square
+    one (`1x3` padded `(0, 1)` is a `3x3` padded 1 with zero rows: ACNet's branches).
+    `padding` (rows, columns) replaces the conv's own: where its input is cropped first."""
+    why = conv_refusal(conv)
+    if why is not None and not why.startswith(("non-square kernel_size",
+                                               "non-square padding")):
+        return why
+    for attr in ("stride", "dilation"):
+        value = getattr(conv, attr)
+        if value[0] != value[1]:
+            return f"non-square {attr} {tuple(value)}"
+    (kh, kw), d = conv.kernel_size, conv.dilation[0]
+    ph, pw = conv.padding if padding is None else padding
+    if (kh - 1) * d - 2 * ph != (kw - 1) * d - 2 * pw or (kh - kw) % 2:
+        return f"kernel {(kh, kw)} padded {(ph, pw)} is not centred on a square grid"
+    return None
+
+
+def channel_scale(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor] | None:
+    """`(x, scale)` for `x * scale` with `scale` a constant of the graph holding one value
+    per channel (`(C, 1, 1)` or `(1, C, 1, 1)`), in either order; else None."""
+    if node.op != "call_function" or node.target not in (operator.mul, torch.mul) \
+            or node.kwargs or len(node.args) != 2:
+        return None
+    for x, s in (node.args, node.args[::-1]):
+        if isinstance(x, fx.Node) and isinstance(s, fx.Node) and s.op == "get_attr":
+            value = gm
+            for part in s.target.split("."):
+                value = getattr(value, part, None)
+            shape = _shape(x)
+            if isinstance(value, torch.Tensor) and shape is not None and len(shape) == 4 \
+                    and tuple(value.shape) in ((shape[1], 1, 1), (1, shape[1], 1, 1)):
+                return x, value.detach().reshape(-1)
     return None
 
 
@@ -129,8 +174,9 @@ def ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def pad_amount(node: fx.Node) -> int | None:
-    """The symmetric spatial amount of an `F.pad(x, (p, p, p, p))` node (negative crops)."""
+def pad_amounts(node: fx.Node) -> tuple[int, int] | None:
+    """`(rows, columns)` of an `F.pad(x, (c, c, r, r))` node: zeros on both sides of each
+    spatial dimension (negative crops)."""
     if node.op != "call_function" or node.target is not F.pad:
         return None
     pads = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
@@ -138,9 +184,16 @@ def pad_amount(node: fx.Node) -> int | None:
     value = node.kwargs.get("value", None)
     if mode != "constant" or value not in (None, 0, 0.0) or len(node.args) > 2:
         return None
-    if not isinstance(pads, (list, tuple)) or len(pads) != 4 or len(set(pads)) != 1:
+    if not isinstance(pads, (list, tuple)) or len(pads) != 4 or pads[0] != pads[1] \
+            or pads[2] != pads[3]:
         return None
-    return int(pads[0])
+    return int(pads[2]), int(pads[0])
+
+
+def pad_amount(node: fx.Node) -> int | None:
+    """The symmetric spatial amount of an `F.pad(x, (p, p, p, p))` node (negative crops)."""
+    amounts = pad_amounts(node)
+    return amounts[0] if amounts is not None and amounts[0] == amounts[1] else None
 
 
 def only_user(node: fx.Node) -> fx.Node | None:

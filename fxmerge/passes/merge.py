@@ -19,10 +19,11 @@ from torch.utils._pytree import tree_leaves
 
 from .. import algebra
 from ..capture import check_canonical, ops
+from ..capture.affine import AffineReader
 from ..capture.trace import example_inputs
 from ..errors import MergeError
 from ..plan import Plan
-from ..space import MergeSpace, excluded
+from ..space import MergeSpace
 from .base import FxMergePass
 from .prune import PLAN_META, prune
 
@@ -31,86 +32,29 @@ log = logging.getLogger(__name__)
 MERGED_META = "fxmerge_merged"
 
 
-class _BlockReader:
-    """Computes the affine map from a block's input node to nodes of the block."""
-
-    def __init__(self, gm: fx.GraphModule, source: fx.Node, channels: int,
-                 exclude: tuple[str, ...], max_bytes: int) -> None:
-        self.gm = gm
-        self.source = source
-        self.exclude = exclude
-        self.max_bytes = max_bytes
-        self.affine: dict[fx.Node, algebra.AffineConv | None] = {
-            source: algebra.identity(channels, torch.float64)}
-
-    def read(self, node: fx.Node, *, strict: bool) -> algebra.AffineConv | None:
-        """The affine map of `node`, or None (strict: MergeError) if it is not one."""
-        if node in self.affine:
-            return self.affine[node]
-        result = self._step(node, strict)
-        if result is not None:
-            self.affine[node] = result
-            for a in node.all_input_nodes:  # a value read once is spent: free its kernel
-                if a in self.affine and a is not self.source and len(a.users) == 1:
-                    self.affine[a] = None  # (it stays in the block's region)
-        return result
-
-    def _refuse(self, node: fx.Node, strict: bool, why: str):
-        if strict:
-            raise MergeError(f"cannot merge through node '{node.name}' ({node.op} "
-                             f"{node.target}): {why}")
-
-    def _step(self, node: fx.Node, strict: bool) -> algebra.AffineConv | None:
-        if node.op == "placeholder" or not node.all_input_nodes:
-            return self._refuse(node, strict, "not computed from the block's input")
-        module = ops.module_of(self.gm, node)
-        if ops.is_conv(self.gm, node) and ops.conv_refusal(module) is None:
-            if excluded(node.target, self.exclude):
-                return self._refuse(node, strict, "the conv is excluded from merging")
-            inner = self.read(node.args[0], strict=strict)
-            return inner and algebra.compose(inner, algebra.from_conv(module), self.max_bytes)
-        if ops.is_norm(self.gm, node):
-            if module.training:
-                raise MergeError(f"BatchNorm '{node.target}' is in training mode: call .eval() "
-                                 "on the pruned model before merging")
-            inner = self.read(node.args[0], strict=strict)
-            return inner and algebra.fold_bn(inner, module)
-        amount = ops.pad_amount(node)
-        if amount is not None:
-            inner = self.read(node.args[0], strict=strict)
-            return inner and algebra.crop_output(inner, -amount)
-        if ops.is_add(node):
-            parts = [self.read(a, strict=strict) for a in node.args]
-            return None if None in parts else algebra.add(*parts, self.max_bytes)
-        pair = ops.conditioning_add(node)
-        if pair is not None:
-            main, condition = pair
-            if self.source in ops.ancestors(condition) or condition is self.source:
-                return self._refuse(node, strict, "the added vector depends on the block input")
-            inner = self.read(main, strict=strict)
-            return inner and algebra.add_condition(inner, condition.name)
-        return self._refuse(node, strict, "unknown or non-linear op inside a block")
-
-
 def _merge_block(gm: fx.GraphModule, convs: dict[str, fx.Node], kept: tuple[str, ...],
                  plan: Plan) -> None:
     first, last = convs[kept[0]], convs[kept[-1]]
     source = first.args[0]
+    while ops.pad_amounts(source) is not None and len(source.users) == 1:
+        source = source.args[0]  # prune's crop or pad of one branch of a region: inside
     template = gm.get_submodule(kept[0])
-    reader = _BlockReader(gm, source, template.in_channels, plan.exclude, plan.max_kernel_bytes)
+    reader = AffineReader(gm, source, template.in_channels, plan.exclude, plan.max_kernel_bytes)
     try:
         reader.read(last, strict=True)  # every node on a path from the block input, or refused
         output = last
-        while True:  # the tail: the last conv's norm, then adds whose skip comes from the block
+        while True:  # the tail: the last conv's norm, the rest of its region, adds whose skip
+            # comes from the block
             user = ops.only_user(output)
-            if user is None or not (ops.is_norm(gm, user) or ops.is_add(user)):
+            if user is None or not (ops.is_norm(gm, user) or ops.is_add(user)
+                                    or ops.channel_scale(gm, user) is not None):
                 break
             if reader.read(user, strict=False) is None:
                 break
             output = user
     except MergeError as exc:
         raise MergeError(f"block {kept[0]}..{kept[-1]}: {exc}") from None
-    region = [n for n in reader.affine if n is not source]
+    region = reader.region
     inside = set(region)
     for n in region:
         outside = [u.name for u in n.users if u not in inside and n is not output]
@@ -217,20 +161,21 @@ class MergePass(FxMergePass):
                 raise MergeError(f"block {block.kept[0]}..{block.kept[-1]} did not become one "
                                  "conv: please report this")
         if self.verify:
-            _check_equal(self.pruned, graph_module)
+            check_equal(self.pruned, graph_module)
 
 
-def _check_equal(pruned: fx.GraphModule, merged: fx.GraphModule) -> None:
-    """`MergeError` unless both networks agree on the pruned graph's example inputs."""
-    inputs = example_inputs(pruned)
+def check_equal(want: fx.GraphModule, got: fx.GraphModule, what: str = "merged",
+                against: str = "pruned") -> None:
+    """`MergeError` unless both networks agree on `want`'s example inputs."""
+    inputs = example_inputs(want)
     with torch.no_grad():
-        want, got = (tree_leaves(net(*inputs)) for net in (pruned.eval(), merged))
-    for a, b in zip(want, got):
+        a_out, b_out = (tree_leaves(net(*inputs)) for net in (want, got))
+    for a, b in zip(a_out, b_out):
         scale = float(a.abs().max()) if a.numel() else 0.0
         if a.shape != b.shape or not torch.allclose(a.double(), b.double(), rtol=1e-4,
                                                      atol=1e-5 * max(1.0, scale)):
-            raise MergeError("the merged network differs from the pruned one on the example "
-                             "inputs: please report this")
+            raise MergeError(f"the {what} network differs from the {against} one on the "
+                             "example inputs: please report this")
 
 
 def merge(pruned: fx.GraphModule, plan: Plan | None = None, *, in_place: bool = False
