@@ -22,6 +22,7 @@ import networkx as nx
 from torch import Tensor, fx, nn
 
 from .capture import capture_path, check_canonical, example_inputs, ops
+from .capture.regions import Branch, Region, collapse, find_regions
 from .errors import ArgumentError, SpaceError, TraceError
 
 STRIDE_RULES = ("paper", "exact")
@@ -109,6 +110,7 @@ class NodeKind(str, Enum):
     NORM = "norm"
     ACTIVATION = "activation"
     ADD = "add"
+    SCALE = "scale"  # a per-channel scale, one branch of a region
     PAD = "pad"
     BARRIER = "barrier"  # anything else: never merged through
 
@@ -151,12 +153,13 @@ class Unit:
     [skip add] -> [relocatable norm -> activation] (or [activation])."""
 
     input: str
-    conv: str
+    conv: str  # the conv node, or a region's output (its root add)
     norm: str | None
     add: str | None
     act: str | None
     cond: str | None = None
     rnorm: str | None = None
+    region: tuple[str, ...] = ()  # a region's nodes, its output last (`capture.regions`)
 
     @property
     def pre_skip(self) -> str:
@@ -231,12 +234,15 @@ class MergeSpace:
         max_kernel_bytes: int = MAX_KERNEL_BYTES,
         capture: str = "unknown",
         input_shapes: Iterable[tuple[int, ...]] = (),
+        regions: Iterable[Region] = (),
     ) -> None:
         set_ = object.__setattr__
         set_(self, "capture", capture)  # how the graph was captured (`capture_path`)
         # the example inputs' shapes, batch aside (what a plan's shapes depend on)
         set_(self, "input_shapes", tuple(tuple(shape) for shape in input_shapes))
         set_(self, "convs", tuple(convs))
+        # regions of parallel branches, each one position named after its largest conv
+        set_(self, "regions", tuple(regions))
         set_(self, "units", tuple(units))
         set_(self, "skips", tuple(skips))
         set_(self, "breaks", frozenset(breaks))
@@ -272,7 +278,8 @@ class MergeSpace:
                 "stride_rule": self.stride_rule, "exclude": list(self.exclude),
                 "left_out": self.left_out, "add_activations": self.add_activations,
                 "max_kernel_bytes": self.max_kernel_bytes, "capture": self.capture,
-                "input_shapes": [list(shape) for shape in self.input_shapes]}
+                "input_shapes": [list(shape) for shape in self.input_shapes],
+                "regions": [asdict(r) for r in self.regions]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MergeSpace:
@@ -281,13 +288,17 @@ class MergeSpace:
             return cls(
                 [Conv(**{**c, "in_shape": tuple(c["in_shape"]),
                          "out_shape": tuple(c["out_shape"])}) for c in data["convs"]],
-                [Unit(**u) for u in data["units"]], [Skip(**s) for s in data["skips"]],
+                [Unit(**{**u, "region": tuple(u.get("region", ()))}) for u in data["units"]],
+                [Skip(**s) for s in data["skips"]],
                 data["breaks"],
                 [GraphNode(**{**n, "kind": NodeKind(n["kind"]), "inputs": tuple(n["inputs"])})
                  for n in data["nodes"]],
                 data["stride_rule"], data["exclude"], data["left_out"],
                 data["add_activations"], data["max_kernel_bytes"],
-                data.get("capture", "unknown"), data.get("input_shapes", ()))
+                data.get("capture", "unknown"), data.get("input_shapes", ()),
+                [Region(**{**r, "nodes": tuple(r["nodes"]), "branches": tuple(
+                    Branch(**{**b, "padding": tuple(b["padding"])}) for b in r["branches"])})
+                 for r in data.get("regions", ())])
         except (KeyError, TypeError, ValueError) as exc:
             raise SpaceError(f"not a saved MergeSpace: {type(exc).__name__}: {exc}") from None
 
@@ -361,6 +372,10 @@ class MergeSpace:
             if c.name == name_or_index:
                 return c
         raise KeyError(name_or_index)
+
+    def region(self, name: str) -> Region | None:
+        """The region of parallel branches position `name` stands for, if it is one."""
+        return next((r for r in self.regions if r.name == name), None)
 
     def activation(self, p: int) -> str | None:
         """The activation at position `p` (None at 0 and where the network has none)."""
@@ -444,6 +459,8 @@ class MergeSpace:
         )
         text += f"|{sorted(self.breaks)}|{[(s.source, s.target) for s in self.skips]}"
         text += f"|{self.stride_rule}"
+        if self.regions:  # the same convs, read as regions or not, prune differently
+            text += f"|regions={[r.name for r in self.regions]}"
         if self.add_activations:  # latency entries and pruned networks differ with it
             text += "|add_activations"
         if self._over_bound:  # the bound left entries out
@@ -620,12 +637,14 @@ class MergeSpace:
         activations against the graph's, convs left out with why, and the barrier ops by
         kind (`BARRIER_KINDS`)."""
         projections = {s.projection for s in self.skips if s.projection}
-        searched = {c.name for c in self.convs} | projections
+        members = {b.conv for r in self.regions for b in r.branches if b.conv}
+        searched = {c.name for c in self.convs} | projections | members
         conv_nodes = [n for n in self.nodes if n.kind is NodeKind.CONV]
         barriers = Counter(BARRIER_KINDS.get(n.op_name, n.op_name or n.target)
                            for n in self.nodes if n.kind is NodeKind.BARRIER)
         return {
-            "convs": len(conv_nodes), "searched_convs": self.L,
+            "convs": len(conv_nodes), "searched_convs": self.L - len(self.regions) + len(members),
+            "regions": len(self.regions), "region_convs": len(members),
             "skip_projections": len(projections),
             "other_convs": len([n for n in conv_nodes if n.target not in searched]),
             "activations": sum(n.kind is NodeKind.ACTIVATION for n in self.nodes),
@@ -664,6 +683,9 @@ class MergeSpace:
             f"{self.num_blocks} blocks, {self.num_entries} entries"
         )
         reach = self.reach()
+        if self.regions:
+            lines.append(f"{reach['regions']} regions of parallel branches ("
+                         f"{reach['region_convs']} convs) each searched as one conv")
         lines.append(
             f"captured by {self.capture}; searched: {reach['searched_convs']} of "
             f"{reach['convs']} convs (+{reach['skip_projections']} skip projections), "
@@ -685,7 +707,7 @@ class MergeSpace:
 
 
 # ---- analysis ---------------------------------------------------------------------------
-def _node_kind(gm: fx.GraphModule, n: fx.Node) -> NodeKind:
+def _node_kind(gm: fx.GraphModule, n: fx.Node, in_region: bool) -> NodeKind:
     if n.op in ("placeholder", "output", "get_attr"):
         return NodeKind(n.op)
     if ops.is_conv(gm, n):
@@ -698,6 +720,8 @@ def _node_kind(gm: fx.GraphModule, n: fx.Node) -> NodeKind:
         return NodeKind.ADD
     if ops.pad_amount(n) is not None:
         return NodeKind.PAD
+    if in_region and ops.channel_scale(gm, n) is not None:
+        return NodeKind.SCALE
     return NodeKind.BARRIER
 
 
@@ -710,15 +734,10 @@ def _op_name(gm: fx.GraphModule, n: fx.Node) -> str:
     return str(n.target) if n.op == "call_method" else n.op
 
 
-def _graph_nodes(gm: fx.GraphModule) -> list[GraphNode]:
-    return [GraphNode(n.name, n.op, str(n.target), _node_kind(gm, n),
+def _graph_nodes(gm: fx.GraphModule, in_regions: set[str]) -> list[GraphNode]:
+    return [GraphNode(n.name, n.op, str(n.target), _node_kind(gm, n, n.name in in_regions),
                       tuple(a.name for a in n.all_input_nodes), _op_name(gm, n))
             for n in gm.graph.nodes]
-
-
-def excluded(name: str, patterns: Iterable[str]) -> bool:
-    """Whether module `name` matches one of the `exclude` glob patterns."""
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def left_out_convs(gm: fx.GraphModule, exclude: Iterable[str]) -> dict[str, str]:
@@ -728,7 +747,7 @@ def left_out_convs(gm: fx.GraphModule, exclude: Iterable[str]) -> dict[str, str]
     for name, m in gm.named_modules():
         if not isinstance(m, nn.Conv2d) or name not in sites:
             continue
-        if excluded(name, exclude):
+        if ops.excluded(name, exclude):
             reasons[name] = "excluded"
         elif ops.has_hooks(m):
             reasons[name] = "has forward hooks or pre-hooks (a merge would drop them)"
@@ -771,12 +790,13 @@ def _strip_skip_branch(gm: fx.GraphModule, node: fx.Node, left_out: Mapping[str,
     return cur, tuple(branch)
 
 
-def _find_skip_adds(gm: fx.GraphModule, left_out: Mapping[str, str]
+def _find_skip_adds(gm: fx.GraphModule, left_out: Mapping[str, str], in_regions: set[str]
                     ) -> dict[fx.Node, _SkipBranch]:
-    """Adds whose one operand is a (projected) earlier value on the other operand's path."""
+    """Adds whose one operand is a (projected) earlier value on the other operand's path
+    (a region's adds are its own)."""
     found = {}
     for node in gm.graph.nodes:
-        if not ops.is_add(node):
+        if not ops.is_add(node) or node.name in in_regions:
             continue
         a, b = node.args
         candidates = []
@@ -789,7 +809,8 @@ def _find_skip_adds(gm: fx.GraphModule, left_out: Mapping[str, str]
     return found
 
 
-def _build_unit(gm: fx.GraphModule, conv: fx.Node, adds: dict[fx.Node, _SkipBranch]) -> Unit:
+def _build_unit(gm: fx.GraphModule, conv: fx.Node, adds: dict[fx.Node, _SkipBranch],
+                region: Region | None) -> Unit:
     cur = conv
     norm = cond = add = rnorm = act = None
     nxt = ops.only_user(cur)
@@ -810,8 +831,8 @@ def _build_unit(gm: fx.GraphModule, conv: fx.Node, adds: dict[fx.Node, _SkipBran
     elif nxt is not None and ops.activation_kind(gm, nxt):
         act = nxt
     name = lambda n: n.name if n is not None else None
-    return Unit(conv.args[0].name, conv.name, name(norm), name(add), name(act), name(cond),
-                name(rnorm))
+    return Unit(region.input if region else conv.args[0].name, conv.name, name(norm),
+                name(add), name(act), name(cond), name(rnorm), region.nodes if region else ())
 
 
 def analyze(
@@ -849,15 +870,18 @@ def analyze(
     for pattern in exclude:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in convs_named):
             raise SpaceError(f"exclude names '{pattern}', which matches no Conv2d of this model")
-    left_out = left_out_convs(gm, exclude)
+    regions = {r.output: r for r in find_regions(gm, exclude)}
+    in_regions = {name for r in regions.values() for name in r.nodes}
+    members = {b.conv for r in regions.values() for b in r.branches if b.conv}
+    left_out = {n: why for n, why in left_out_convs(gm, exclude).items() if n not in members}
     nodes = {n.name: n for n in gm.graph.nodes}
 
-    adds = _find_skip_adds(gm, left_out)
+    adds = _find_skip_adds(gm, left_out, in_regions)
     while True:
         branch_nodes = {b for sk in adds.values() for b in sk.branch}
-        conv_nodes = [n for n in gm.graph.nodes
-                      if _searchable(gm, n, left_out) and n not in branch_nodes]
-        units = [_build_unit(gm, n, adds) for n in conv_nodes]
+        conv_nodes = [n for n in gm.graph.nodes if n not in branch_nodes and (
+            n.name in regions or (_searchable(gm, n, left_out) and n.name not in in_regions))]
+        units = [_build_unit(gm, n, adds, regions.get(n.name)) for n in conv_nodes]
         value_position = {}
         for p, u in enumerate(units):
             value_position.setdefault(u.input, p)
@@ -897,20 +921,21 @@ def analyze(
         if nxt.input != prev.output:
             breaks.add(p)
             continue
-        allowed = {nxt.conv} | skip_users.get(prev.output, set())
+        allowed = {nxt.conv, *nxt.region} | skip_users.get(prev.output, set())
         if any(user.name not in allowed for user in nodes[prev.output].users):
             breaks.add(p)
     for p, u in enumerate(units):
         # the value feeding a region's first conv must not feed anything unknown either
-        allowed = {u.conv} | skip_users.get(u.input, set())
+        allowed = {u.conv, *u.region} | skip_users.get(u.input, set())
         if p > 0 and any(user.name not in allowed for user in nodes[u.input].users):
             breaks.add(p)
 
     convs = []
     for p, (node, u) in enumerate(zip(conv_nodes, units), start=1):
-        m = ops.module_of(gm, node)
+        region = regions.get(node.name)
+        m = ops.module_of(gm, node) if region is None else _RegionConv(collapse(gm, region))
         convs.append(Conv(
-            index=p, name=node.target, node=node.name,
+            index=p, name=region.name if region else node.target, node=node.name,
             in_channels=m.in_channels, out_channels=m.out_channels,
             kernel=m.kernel_size[0], stride=m.stride[0], padding=m.padding[0],
             dilation=m.dilation[0], groups=m.groups, bias=m.bias is not None,
@@ -928,8 +953,18 @@ def analyze(
             breaks.add(c.index + 1 if one_by_one else c.index)
     breaks.discard(L)
 
-    return MergeSpace(convs, units, skips, breaks, _graph_nodes(gm), stride_rule, exclude,
-                      {n: why for n, why in left_out.items() if why != "excluded"},
+    return MergeSpace(convs, units, skips, breaks, _graph_nodes(gm, in_regions), stride_rule,
+                      exclude, {n: why for n, why in left_out.items() if why != "excluded"},
                       add_activations, max_kernel_bytes, capture_path(gm),
                       [tuple(x.shape[1:]) if isinstance(x, Tensor) else ()
-                       for x in example_inputs(gm)])
+                       for x in example_inputs(gm)], regions.values())
+
+
+class _RegionConv:
+    """A collapsed region read as the conv it is (the fields `analyze` reads of a conv)."""
+
+    def __init__(self, affine) -> None:
+        self.in_channels, self.out_channels = affine.in_channels, affine.out_channels
+        self.kernel_size, self.stride = (affine.kernel,), (affine.stride,)
+        self.padding, self.dilation = (affine.padding,), (affine.dilation,)
+        self.groups, self.bias, self.weight = affine.groups, affine.bias, affine.weight

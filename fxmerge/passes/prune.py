@@ -2,7 +2,9 @@
 
 Removed activations and convs become identity, each block's padding moves to its first kept
 conv (so that merging it later is exact), and skips inside a block are cropped or padded to
-meet the larger feature maps. Fine-tune the result, then call `fxmerge.merge`.
+meet the larger feature maps. A region of parallel branches stays branched (each branch
+trainable): its padding moves branch by branch. Fine-tune the result, then call
+`fxmerge.merge`.
 
 A plan is read against its space once (`resolve`: every edit, by node and module name); the
 edits read only that. They never change a module in place (a conv whose padding moves is
@@ -64,14 +66,15 @@ def block_borders(space: MergeSpace, i: int, j: int, kept: set[str]) -> dict[int
 
 
 @dataclass(frozen=True)
-class SkipPad:
-    """Crop (> 0) or zero-pad (< 0) a skip's source where it meets the larger maps of a
-    block whose padding moved: before its projection conv, or before its add."""
+class InputPad:
+    """Crop (> 0) or zero-pad (< 0) value `source` where one consumer reads it: a skip's
+    source where it meets the larger maps of a block whose padding moved (before its
+    projection conv, or before its add), or a region's input where one branch reads it."""
 
     source: str
     consumer: str  # the projection's module target, or the add node
     is_projection: bool
-    crop: int
+    crop: tuple[int, int]  # rows, columns
 
 
 @dataclass(frozen=True)
@@ -89,12 +92,13 @@ class Edits:
     """A plan resolved against its space: every edit `prune` makes, by node and module
     name, in the order they are made."""
 
-    paddings: tuple[tuple[str, int], ...]  # kept conv -> its padding (each side)
-    skip_pads: tuple[SkipPad, ...]
+    paddings: tuple[tuple[str, tuple[int, int]], ...]  # conv module -> padding (rows, cols)
+    input_pads: tuple[InputPad, ...]
     activation: str | None  # the network's activation module copied where one is added
     added_after: tuple[str, ...]  # values an activation is added after
     norms: tuple[RelocatedNorm, ...]
-    bypassed: tuple[tuple[str, str], ...]  # node chains (first, last) replaced by their input
+    bypassed: tuple[tuple[str, ...], ...]  # nodes replaced by their one input, the last
+    # of them the value replaced
     removed_activations: int
 
 
@@ -103,21 +107,31 @@ def resolve(space: MergeSpace, plan: Plan) -> Edits:
     plan.validate(space)
     kept = set(plan.kept_convs)
     positions = plan.positions(space)
-    paddings, skip_pads = [], []
+    paddings, input_pads = [], []
     for (i, j), block in zip(positions, plan.blocks):
         if not block.kept:
             continue
         border = block_borders(space, i, j, kept)
         first = space.conv(block.kept[0]).index
-        paddings += [(name, border[first - 1] if space.conv(name).index == first else 0)
-                     for name in block.kept]
+        for name in block.kept:
+            pad = border[first - 1] if space.conv(name).index == first else 0
+            region = space.region(name)
+            if region is None:
+                paddings.append((name, (pad, pad)))
+                continue
+            for branch in region.branches:  # each branch's padding moves as the region's
+                pads, crop = _branch_padding(branch, pad - region.padding)
+                if branch.conv is not None:
+                    paddings.append((branch.conv, pads))
+                if any(crop):
+                    input_pads.append(InputPad(region.input, branch.reader, False, crop))
         physical = {p: (0 if p < first else border[p]) for p in border}
         for skip in space.skips:
             if i <= skip.source and skip.target <= j:
                 crop = physical[skip.source] - skip.projection_stride * physical[skip.target]
                 if crop:
-                    skip_pads.append(SkipPad(skip.source_node, skip.projection or skip.add_node,
-                                             skip.projection is not None, crop))
+                    input_pads.append(InputPad(skip.source_node, skip.projection or skip.add_node,
+                                             skip.projection is not None, (crop, crop)))
     added = plan.added_activations(space)
     template = next((c.activation_module for c in space.convs
                      if c.activation == space.added_activation), None) if added else None
@@ -130,11 +144,23 @@ def resolve(space: MergeSpace, plan: Plan) -> Edits:
             norms.append(RelocatedNorm(f"{space.conv(j).name}_norm", rnorms[-1],
                                        space.units[j - 1].pre_skip, space.conv(j).out_channels))
     units = {c.name: u for c, u in zip(space.convs, space.units)}
-    bypassed = [(units[n].rnorm or units[n].act, units[n].act) for n in removed]
-    bypassed += [(units[n].conv, units[n].norm or units[n].conv) for n in plan.removed_convs]
-    return Edits(tuple(paddings), tuple(skip_pads), template,
+    bypassed = [tuple(filter(None, (units[n].rnorm, units[n].act))) for n in removed]
+    bypassed += [(*(units[n].region or (units[n].conv,)), *filter(None, (units[n].norm,)))
+                 for n in plan.removed_convs]
+    return Edits(tuple(paddings), tuple(input_pads), template,
                  tuple(units[n].output for n in added), tuple(norms), tuple(bypassed),
                  len(removed))
+
+
+def _branch_padding(branch, delta: int) -> tuple[tuple[int, int], int]:
+    """A region branch's conv padding once the region's changes by `delta`, and the crop
+    (> 0) or zero-pad (< 0) of the input it then reads: a conv pads as far as it can, a
+    branch without one reads a padded input (a 1x1 map commutes with zero padding)."""
+    if branch.conv is None:
+        return (0, 0), (-delta, -delta)
+    rows, cols = (p + delta for p in branch.padding)
+    crop = (max(0, -rows), max(0, -cols))
+    return (rows + crop[0], cols + crop[1]), crop
 
 
 def _set_padding(gm: Editable, name: str, padding: tuple[int, int]) -> None:
@@ -154,30 +180,33 @@ def _insert_after(gm: Editable, value: fx.Node, module_name: str) -> None:
     value.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
 
 
-def _bypass(gm: Editable, first: fx.Node, last: fx.Node) -> None:
-    """Replace the chain `first .. last` by `first`'s input and erase it."""
-    last.replace_all_uses_with(first.args[0])
-    node = last
-    while True:
-        prev = node.args[0] if node is not first else None
-        gm.graph.erase_node(node)
-        if prev is None:
-            break
-        node = prev
+def _bypass(gm: Editable, nodes: list[fx.Node]) -> None:
+    """Replace `nodes[-1]` by the one value `nodes` read from outside (constants aside) and
+    erase them: a conv and its norm, an activation, or a region of parallel branches."""
+    inside = set(nodes)
+    inputs = {a for n in nodes for a in n.all_input_nodes
+              if a not in inside and a.op != "get_attr"}
+    if len(inputs) != 1:
+        raise PlanError(f"cannot remove {[n.name for n in nodes]}: they read "
+                        f"{sorted(a.name for a in inputs)}, not one value")
+    nodes[-1].replace_all_uses_with(inputs.pop())
+    for n in reversed(nodes):
+        gm.graph.erase_node(n)
 
 
 def apply_edits(out: Editable, edits: Edits) -> None:
     """Edit `out`, a copy of the planned graph (modules are replaced, never changed)."""
     nodes = {n.name: n for n in out.graph.nodes}
     for name, pad in edits.paddings:
-        _set_padding(out, name, (pad, pad))
-    for skip in edits.skip_pads:
+        _set_padding(out, name, pad)
+    for skip in edits.input_pads:
         source = nodes[skip.source]
         consumer = (next(n for n in source.users if n.op == "call_module"
                          and n.target == skip.consumer)
                     if skip.is_projection else nodes[skip.consumer])
         with out.graph.inserting_before(consumer):
-            pad = out.graph.call_function(F.pad, (source, (-skip.crop,) * 4))
+            rows, cols = skip.crop
+            pad = out.graph.call_function(F.pad, (source, (-cols, -cols, -rows, -rows)))
         consumer.replace_input_with(source, pad)
     for n, value in enumerate(edits.added_after):  # the network's own, settings too
         name = f"fxmerge_added_act_{n}"  # capture names its activations fxmerge_act_N
@@ -188,8 +217,8 @@ def apply_edits(out: Editable, edits: Edits) -> None:
         out.add_submodule(norm.name, nn.GroupNorm(math.gcd(template.num_groups, norm.channels),
                                                   norm.channels, template.eps, template.affine))
         _insert_after(out, nodes[norm.value], norm.name)
-    for first, last in edits.bypassed:
-        _bypass(out, nodes[first], nodes[last])
+    for names in edits.bypassed:
+        _bypass(out, [nodes[n] for n in names])
     out.graph.lint()
 
 
