@@ -179,7 +179,7 @@ def compose(first: AffineConv, second: AffineConv, max_bytes: int | None = None
             ) -> AffineConv:
     """`second(first(x))` as one conv. Unless `first` is the identity, `second` must have no
     padding of its own (the prune pass moves a block's padding to its first conv, which is
-    what keeps this exact).
+    what keeps this exact); a negative one, a crop, is a crop of `first`'s output.
 
     The merged kernel spans `extent1 + (extent2 - 1) * s1` pixels: the second kernel's taps
     sit `s1 * dilation2` apart, so a strided first conv composes exactly. Its taps lie on
@@ -187,6 +187,8 @@ def compose(first: AffineConv, second: AffineConv, max_bytes: int | None = None
     shared by both convs stays a dilation), and it has the groups both convs share (the gcd
     of their groups; equal groups stay grouped, depthwise stays depthwise).
     """
+    if second.padding < 0:  # the second conv crops its input: the first's output, cropped
+        first, second = crop_output(first, -second.padding), replace(second, padding=0)
     if first.is_identity and (first.padding >= 0 or second.padding == 0):
         # zero-pad (or crop) then conv: a single padding
         return replace(second, padding=second.padding + first.padding, is_identity=False)

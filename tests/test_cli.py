@@ -315,3 +315,21 @@ def test_progress_is_a_periodic_line_when_not_a_terminal(capsys, monkeypatch):
     assert run("latency", *MODEL, "--warmup", 0, "--repeat", 1, "--seconds", 0.01,
                "--quiet") == 0
     assert "latency table: " not in capsys.readouterr().err
+
+
+def test_reparameterize_writes_a_collapsed_network_that_loads(tmp_path, capsys):
+    pytest.importorskip("timm")
+    out = tmp_path / "repvgg.safetensors"
+    assert run("reparameterize", "timm:repvgg_a0", "--input-shape", "1,3,32,32", "-q",
+               "--out", out) == 0
+    assert "collapsed 22 regions of parallel branches: 22 convs (the model had 44)" \
+        in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    net = fxmerge.load(out)  # rebuilt from the spec by trace and reparameterize
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == 22
+    saved = load_file(str(out))
+    assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())
+    assert run("analyze", "timm:repvgg_a0", "--input-shape", "1,3,32,32", "-q") == 0
+    assert "22 regions of parallel branches (44 convs) each searched as one conv" \
+        in capsys.readouterr().out

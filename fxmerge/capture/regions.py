@@ -5,7 +5,7 @@ input by a branch of the form `[conv] [BatchNorm | per-channel scale]`, or are t
 itself; its convs share a stride and are centred on one grid. Such a sum is one conv
 (`fxmerge.algebra.add`): RepVGG's 3x3 + 1x1 + BN identity, MobileOne's k branches plus scale
 and identity, ACNet's 3x3 + 1x3 + 3x1, RepViT's depthwise 3x3 + 1x1 + input. The rules are
-in docs/method.md §5; no architecture is named here.
+in docs/method.md §4b; no architecture is named here.
 """
 
 from __future__ import annotations

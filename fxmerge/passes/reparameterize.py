@@ -2,7 +2,7 @@
 
 A region (`fxmerge.capture.regions`) is a sum of branches of one input, each a conv, a
 conv + BatchNorm, a BatchNorm, a per-channel scale or the input itself; it collapses into
-one conv with one bias (docs/method.md §5), and the BatchNorm right after it, if any, is
+one conv with one bias (docs/method.md §4b), and the BatchNorm right after it, if any, is
 folded in too. Found from the graph alone: RepVGG, MobileOne, ACNet and RepConv blocks
 alike, no per-architecture code. Everything else is left as it is.
 """

@@ -26,7 +26,7 @@ from ..capture.trace import ensure_shapes, example_inputs
 from ..errors import TableError
 from ..plan import Plan
 from ..progress import Progress
-from ..space import DepthKey, Entry, MergeSpace
+from ..space import DepthKey, Entry, MergeSpace, NodeKind
 from .base import (
     EntryTable,
     Key,
@@ -175,14 +175,21 @@ def _append(path: Path | None, record: dict) -> None:
 
 
 def reset_modules(space: MergeSpace, entry: Entry) -> tuple[str, ...]:
-    """The conv (and its norm) of a single-conv entry that keeps the conv: the authors
-    re-initialise them before the short fine-tune, so that the entry measures how much the
-    task needs that layer rather than scoring "no change"."""
+    """The conv (and its norm; a region's every branch) of a single-conv entry that keeps
+    the conv: the authors re-initialise them before the short fine-tune, so that the entry
+    measures how much the task needs that layer rather than scoring "no change"."""
     i, j, k, _ = entry
     if j != i + 1 or k == 0:
         return ()
     conv = space.convs[i]
-    return (conv.name, conv.norm) if conv.norm else (conv.name,)
+    region = space.region(conv.name)
+    if region is None:
+        layers = (conv.name,)
+    else:  # every branch's conv and norm
+        nodes = {n.name: n for n in space.nodes}
+        layers = tuple(nodes[n].target for n in region.nodes
+                       if nodes[n].kind in (NodeKind.CONV, NodeKind.NORM))
+    return (*layers, conv.norm) if conv.norm else layers
 
 
 def importance_keys(space: MergeSpace) -> list[Key]:
