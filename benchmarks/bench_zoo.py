@@ -4,8 +4,9 @@ many families and one model of each torchvision CNN family, each captured via
 
     python benchmarks/bench_zoo.py [--size 32] [--only resnet18 ...]
 
-Per model and graph form: convs in the model, convs searched, blocks, entries, blocks of two
-or more convs, and the outcome. "exact" means: the identity plan's merged network equals the
+Per model and graph form: convs in the model, convs searched, regions of parallel branches
+(each searched as one conv position), blocks, entries, blocks of two or more convs, and the
+outcome. "exact" means: the identity plan's merged network equals the
 model (BN folded) and two random plans' merged networks equal their pruned ones, all within
 1e-9 relative error in float64 (the worst error is given, and the float32 one beside it);
 random weights and BatchNorm statistics from a few training-mode passes over random data. A refusal is a clean fxmerge
@@ -26,7 +27,8 @@ from common import write
 
 import fxmerge
 
-TIMM = ["resnet18", "seresnet18", "resnet26d", "resnext26ts", "repvgg_a0", "gernet_s",
+TIMM = ["resnet18", "seresnet18", "resnet26d", "resnext26ts", "repvgg_a0", "mobileone_s0",
+        "repvit_m0_9", "gernet_s",
         "regnetx_002", "regnety_002", "mobilenetv2_100", "mnasnet_100", "efficientnet_b0",
         "tinynet_a", "mixnet_s", "mobilenetv3_small_100", "lcnet_050", "cspresnet50",
         "densenet121", "convnext_atto", "ghostnet_100", "dla34", "rexnet_100",
@@ -85,7 +87,8 @@ def errors(model: torch.nn.Module, form: str, x: torch.Tensor) -> tuple[dict, li
     subject = torch.export.export(model, (x,)) if form == "export" else model
     gm = fxmerge.trace(subject, x)
     space = fxmerge.analyze(gm)
-    sizes = {"searched": space.L, "blocks": space.num_blocks, "entries": space.num_entries,
+    sizes = {"searched": space.L, "regions": len(space.regions), "blocks": space.num_blocks,
+             "entries": space.num_entries,
              "multi": sum(j - i >= 2 for i, j in space.blocks)}
     with torch.no_grad():
         found = [relative_error(model(x), fxmerge.transform(gm, fxmerge.Plan.identity(
@@ -158,7 +161,7 @@ def report(rows: list[dict], size: int) -> None:
                                 "two or more convs via some form",
             "wrong_networks": wrong}
     write("zoo", meta, rows, ["source", "model", "family", "form", "size", "convs", "searched",
-                              "blocks", "entries", "multi", "outcome", "error_f64", "error_f32",
+                              "regions", "blocks", "entries", "multi", "outcome", "error_f64", "error_f32",
                               "stopped_by", "seconds"],
           "fxmerge on the model zoos: what is found, and whether it merges exactly")
 

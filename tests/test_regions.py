@@ -227,7 +227,7 @@ def test_timm_reparameterizable_families(name):
     gm = fxmerge.trace(model, X)
     collapsed = fxmerge.reparameterize(gm)
     reference = reparameterize_model(model)
-    count = lambda m: sum(isinstance(c, nn.Conv2d) for c in m.modules())  # noqa: E731
+    count = lambda m: sum(isinstance(c, nn.Conv2d) for c in m.modules())
     assert count(collapsed) == count(reference) < count(model)
     space = fxmerge.analyze(gm)
     with torch.no_grad():

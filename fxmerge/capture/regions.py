@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from torch import fx
+from torch import fx, nn
 
 from .. import algebra
 from . import ops
@@ -69,7 +69,7 @@ def _readings(gm: fx.GraphModule, t: fx.Node, exclude: Iterable[str], sites: dic
     return out
 
 
-def _square(conv) -> tuple[int, int, int]:
+def _square(conv: nn.Conv2d) -> tuple[int, int, int]:
     """(kernel, padding, dilation) of the square conv a centred one is (`algebra.from_conv`)."""
     (kh, kw), ph, d = conv.kernel_size, conv.padding[0], conv.dilation[0]
     k = max(kh, kw)
@@ -78,6 +78,8 @@ def _square(conv) -> tuple[int, int, int]:
 
 def _region_at(gm: fx.GraphModule, root: fx.Node, exclude: Iterable[str],
                sites: dict[str, int], order: dict[fx.Node, int]) -> Region | None:
+    """The region whose output is `root`, or None: its tree of adds, each operand read as a
+    branch of the one input all can be read from (the earliest such node)."""
     adds, operands, stack = [root], [], [root]
     while stack:
         for a in stack.pop().args:
@@ -97,9 +99,10 @@ def _region_at(gm: fx.GraphModule, root: fx.Node, exclude: Iterable[str],
     plain = sum(not chain for _, chain, _ in chosen)  # operands that are the input itself
     if not convs or len(set(interior)) != len(interior) or x in interior or plain > 1:
         return None
-    strides = {c.stride[0] for c in convs} | ({1} if len(convs) < len(chosen) else set())
-    reaches = {(k - 1) * d - 2 * p for k, p, d in map(_square, convs)}
-    if len(strides) != 1 or len(reaches | ({0} if len(convs) < len(chosen) else set())) != 1:
+    bare = {1} if len(convs) < len(chosen) else set()  # a branch without a conv: stride 1
+    strides = {c.stride[0] for c in convs} | bare
+    reaches = {(k - 1) * d - 2 * p for k, p, d in map(_square, convs)} | {r - 1 for r in bare}
+    if len(strides) != 1 or len(reaches) != 1:  # one stride, one grid
         return None
     branches = tuple(
         Branch((chain[-1] if chain else _reader_of(x, adds)).name,
@@ -109,7 +112,7 @@ def _region_at(gm: fx.GraphModule, root: fx.Node, exclude: Iterable[str],
     largest = max((c for _, _, c in chosen if c is not None),
                   key=lambda c: (gm.get_submodule(c.target).weight[0, 0].numel(), -order[c]))
     nodes = sorted(set(interior) | set(adds), key=order.__getitem__)
-    padding = max([_square(c)[1] for c in convs] + [0] * (len(convs) < len(chosen)))
+    padding = max([_square(c)[1] for c in convs] + [0] * len(bare))
     return Region(largest.target, x.name, root.name, tuple(n.name for n in nodes), branches,
                   padding)
 

@@ -24,6 +24,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..capture import check_canonical, ops
+from ..capture.regions import Branch
 from ..capture.trace import example_inputs, propagate_shapes
 from ..errors import PlanError
 from ..plan import Plan
@@ -130,8 +131,9 @@ def resolve(space: MergeSpace, plan: Plan) -> Edits:
             if i <= skip.source and skip.target <= j:
                 crop = physical[skip.source] - skip.projection_stride * physical[skip.target]
                 if crop:
-                    input_pads.append(InputPad(skip.source_node, skip.projection or skip.add_node,
-                                             skip.projection is not None, (crop, crop)))
+                    input_pads.append(InputPad(
+                        skip.source_node, skip.projection or skip.add_node,
+                        skip.projection is not None, (crop, crop)))
     added = plan.added_activations(space)
     template = next((c.activation_module for c in space.convs
                      if c.activation == space.added_activation), None) if added else None
@@ -152,10 +154,10 @@ def resolve(space: MergeSpace, plan: Plan) -> Edits:
                  len(removed))
 
 
-def _branch_padding(branch, delta: int) -> tuple[tuple[int, int], int]:
+def _branch_padding(branch: Branch, delta: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """A region branch's conv padding once the region's changes by `delta`, and the crop
-    (> 0) or zero-pad (< 0) of the input it then reads: a conv pads as far as it can, a
-    branch without one reads a padded input (a 1x1 map commutes with zero padding)."""
+    (> 0) or zero-pad (< 0), rows and columns, of the input it then reads: a conv pads as
+    far as it can; a branch without one reads a padded input (docs/method.md §4b)."""
     if branch.conv is None:
         return (0, 0), (-delta, -delta)
     rows, cols = (p + delta for p in branch.padding)
