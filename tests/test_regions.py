@@ -262,3 +262,19 @@ def test_a_region_entry_resets_every_branch_before_its_fine_tune():
     (entry,) = [e for e in space.entries if e.k]
     assert sorted(reset_modules(space, entry)) == ["branches.0.0", "branches.0.1",
                                                    "branches.1.0", "branches.2"]
+
+
+@pytest.mark.parametrize("identity", [True, False])
+def test_ultralytics_repconv_collapses_as_its_own_fuse(identity):
+    conv = pytest.importorskip("ultralytics.nn.modules.conv")
+    import copy
+
+    block = randomize_batchnorm(conv.RepConv(8, 8, bn=identity), seed=3)
+    x = torch.randn(2, 8, 12, 12)
+    collapsed = fxmerge.reparameterize(fxmerge.trace(block, x))
+    fused = copy.deepcopy(block)
+    fused.fuse_convs()  # ultralytics' own re-parameterisation of this block
+    with torch.no_grad():
+        assert relative_error(block(x), collapsed(x)) <= 1e-5
+        assert relative_error(fused.forward_fuse(x), collapsed(x)) <= 1e-5
+    assert sum(isinstance(m, nn.Conv2d) for m in collapsed.modules()) == 1
