@@ -278,3 +278,13 @@ def test_ultralytics_repconv_collapses_as_its_own_fuse(identity):
         assert relative_error(block(x), collapsed(x)) <= 1e-5
         assert relative_error(fused.forward_fuse(x), collapsed(x)) <= 1e-5
     assert sum(isinstance(m, nn.Conv2d) for m in collapsed.modules()) == 1
+
+
+def test_the_torch_compile_pre_pass_applies_a_plan_over_regions():
+    model = randomize_batchnorm(timm.create_model("repvgg_a0", pretrained=False))
+    gm = fxmerge.trace(model, X)
+    space = fxmerge.analyze(gm)
+    plan = fxmerge.Plan.random(space, 1)
+    compiled = torch.compile(model, backend=fxmerge.backend(plan, then="eager"))
+    with torch.no_grad():
+        assert relative_error(fxmerge.transform(gm, plan, space)(X), compiled(X)) <= 1e-6

@@ -72,10 +72,7 @@ class AffineReader:
                 self.affine[node.args[0]] = None  # the crop: read, as part of the conv
             return inner and algebra.compose(inner, algebra.from_conv(module, padding=padding),
                                              self.max_bytes)
-        if ops.is_norm(self.gm, node):
-            if module.training:
-                raise MergeError(f"BatchNorm '{node.target}' is in training mode: call .eval() "
-                                 "on the pruned model before merging")
+        if ops.is_norm(self.gm, node):  # folded as in eval mode (the passes require it)
             inner = self.read(node.args[0], strict=strict)
             return inner and algebra.fold_bn(inner, module)
         scaled = ops.channel_scale(self.gm, node)
