@@ -56,7 +56,8 @@ class KernelOption(NamedTuple):
 
 @dataclass(frozen=True)
 class Conv:
-    """A searchable convolution of the main path."""
+    """A searchable convolution of the main path, or a region of parallel branches read as
+    the one conv it collapses into (named after its largest conv; docs/method.md §4b)."""
 
     index: int
     name: str
