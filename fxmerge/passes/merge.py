@@ -35,9 +35,7 @@ MERGED_META = "fxmerge_merged"
 def _merge_block(gm: fx.GraphModule, convs: dict[str, fx.Node], kept: tuple[str, ...],
                  plan: Plan) -> None:
     first, last = convs[kept[0]], convs[kept[-1]]
-    source = first.args[0]
-    while ops.pad_amounts(source) is not None and len(source.users) == 1:
-        source = source.args[0]  # prune's crop or pad of one branch of a region: inside
+    source = first.args[0]  # (a region first in its block: its largest conv reads its input)
     template = gm.get_submodule(kept[0])
     reader = AffineReader(gm, source, template.in_channels, plan.exclude, plan.max_kernel_bytes)
     try:
