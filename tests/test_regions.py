@@ -199,6 +199,8 @@ def test_reparameterize_refuses_training_mode_batchnorm_and_leaves_its_input_alo
     gm.train()
     with pytest.raises(fxmerge.MergeError, match="training mode"):
         fxmerge.reparameterize(gm)
+    with pytest.raises(fxmerge.ArgumentError, match="trace the model"):
+        fxmerge.reparameterize(model)
 
 
 def test_the_space_saves_its_regions():

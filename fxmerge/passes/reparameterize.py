@@ -21,7 +21,7 @@ from .. import algebra
 from ..capture import check_canonical, ops
 from ..capture.affine import AffineReader
 from ..capture.regions import Region, find_regions
-from ..errors import MergeError
+from ..errors import ArgumentError, MergeError
 from .base import FxMergePass
 from .merge import check_equal
 
@@ -38,7 +38,7 @@ def _collapse(gm: fx.GraphModule, region: Region) -> None:
     reader = AffineReader(gm, source, ops.tensor_shape(source)[1])
     reader.read(output, strict=True)
     after = ops.only_user(output)
-    if after is not None and ops.is_norm(gm, after):
+    if after is not None and ops.is_norm(gm, after) and not ops.module_of(gm, after).training:
         output = after
         reader.read(output, strict=True)
     affine = reader.affine[output]
@@ -67,18 +67,17 @@ class ReparameterizePass(FxMergePass):
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         if not isinstance(graph_module, fx.GraphModule):
-            raise MergeError("reparameterize needs a GraphModule: trace the model with "
-                             "fxmerge.trace first")
+            raise ArgumentError("reparameterize needs a GraphModule: trace the model with "
+                                "fxmerge.trace first")
         check_canonical(graph_module)
         self.regions = find_regions(graph_module, self.exclude)
-        modules = dict(graph_module.named_modules())
-        for region in self.regions:
-            for name in region.nodes:
-                target = next(n.target for n in graph_module.graph.nodes if n.name == name)
-                module = modules.get(target) if isinstance(target, str) else None
+        inside = {name for region in self.regions for name in region.nodes}
+        for node in graph_module.graph.nodes:
+            if node.name in inside and node.op == "call_module":
+                module = graph_module.get_submodule(node.target)
                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-                    raise MergeError(f"BatchNorm '{target}' is in training mode: call .eval() "
-                                     "on the model before re-parameterising it")
+                    raise MergeError(f"BatchNorm '{node.target}' is in training mode: call "
+                                     ".eval() on the model before re-parameterising it")
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         self.given = graph_module
