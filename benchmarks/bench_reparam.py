@@ -19,7 +19,7 @@ import argparse
 
 import timm
 import torch
-from common import write
+from common import calibrate_batchnorm, write
 from timm.utils.model import reparameterize_model
 
 import fxmerge
@@ -28,18 +28,6 @@ from fxmerge.solve.measured import NetworkTimer, solve_measured
 from fxmerge.tables.agreement import agreement_importance
 
 REFERENCE = "timm reparameterize_model"
-
-
-def calibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
-    """Non-trivial BatchNorm statistics: a few training-mode passes on random data."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn_like(x) * 2 + 0.5)
-    return model.eval()
 
 
 def bench(name: str, batch: int, args) -> list[dict]:

@@ -27,7 +27,7 @@ import time
 
 import torch
 import torchvision
-from common import RESULTS, write
+from common import RESULTS, calibrate_batchnorm, write
 
 import fxmerge
 
@@ -57,18 +57,6 @@ def build(source: str, name: str) -> tuple[torch.nn.Module, str]:
                                                                       "inception_v3") else {}
     model = getattr(torchvision.models, name)(**kwargs)
     return model, type(model).__module__.rsplit(".", 1)[-1]
-
-
-def calibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
-    """Give BatchNorms non-trivial statistics: a few training-mode passes on random data."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = None  # cumulative average
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn_like(x) * 2 + 0.5)
-    return model.eval()
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -37,6 +37,18 @@ def machine() -> dict:
     return info
 
 
+def calibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """Give BatchNorms non-trivial statistics: a few training-mode passes on random data."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn_like(x) * 2 + 0.5)
+    return model.eval()
+
+
 def write(name: str, meta: dict, rows: list[dict], columns: list[str], title: str,
           runs: list[dict] | None = None) -> None:
     """Write `results/<name>.json` and a markdown table `results/<name>.md`; print the table.

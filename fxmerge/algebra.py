@@ -116,6 +116,18 @@ def _grouped_matmul(m: torch.Tensor, groups: int, v: torch.Tensor) -> torch.Tens
     return prod.reshape(out_ch, *rest)
 
 
+def square_form(kernel: tuple[int, int], padding: tuple[int, int], dilation: int
+                ) -> tuple[int, int] | None:
+    """`(k, padding)` of the square conv a `kh x kw` one padded `(ph, pw)` is: the `k =
+    max(kh, kw)` kernel holding it centred, zeros around it; None unless it is centred on a
+    square grid (docs/method.md §4b)."""
+    (kh, kw), (ph, pw) = kernel, padding
+    k = max(kh, kw)
+    if (kh - kw) % 2 or ph + dilation * (k - kh) // 2 != pw + dilation * (k - kw) // 2:
+        return None
+    return k, ph + dilation * (k - kh) // 2
+
+
 def from_conv(conv: nn.Conv2d, dtype: torch.dtype = torch.float64,
               padding: tuple[int, int] | None = None) -> AffineConv:
     """The affine map of an `nn.Conv2d` (zero padding), in its own form: its groups,
@@ -126,12 +138,11 @@ def from_conv(conv: nn.Conv2d, dtype: torch.dtype = torch.float64,
     bias = (conv.bias.detach().to(dtype) if conv.bias is not None
             else weight.new_zeros(conv.out_channels))
     (kh, kw), d = conv.kernel_size, conv.dilation[0]
-    ph, pw = conv.padding if padding is None else padding
-    k = max(kh, kw)
-    padding = ph + d * (k - kh) // 2
-    if padding != pw + d * (k - kw) // 2 or (k - kh) % 2 or (k - kw) % 2:
-        raise MergeError(f"a {kh}x{kw} kernel padded {(ph, pw)} is not centred on a square "
-                         "grid")
+    pads = tuple(conv.padding) if padding is None else padding
+    square = square_form((kh, kw), pads, d)
+    if square is None:
+        raise MergeError(f"a {kh}x{kw} kernel padded {pads} is not centred on a square grid")
+    k, padding = square
     if (kh, kw) != (k, k):
         square = weight.new_zeros(*weight.shape[:2], k, k)
         y, x = (k - kh) // 2, (k - kw) // 2

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..algebra import square_form
+
 ACTIVATION_MODULES: dict[type, str] = {
     nn.ReLU: "relu",
     nn.ReLU6: "relu6",
@@ -86,10 +88,9 @@ def centred_refusal(conv: nn.Conv2d, padding: tuple[int, int] | None = None) -> 
         value = getattr(conv, attr)
         if value[0] != value[1]:
             return f"non-square {attr} {tuple(value)}"
-    (kh, kw), d = conv.kernel_size, conv.dilation[0]
-    ph, pw = conv.padding if padding is None else padding
-    if (kh - 1) * d - 2 * ph != (kw - 1) * d - 2 * pw or (kh - kw) % 2:
-        return f"kernel {(kh, kw)} padded {(ph, pw)} is not centred on a square grid"
+    padding = tuple(conv.padding) if padding is None else padding
+    if square_form(tuple(conv.kernel_size), padding, conv.dilation[0]) is None:
+        return f"kernel {tuple(conv.kernel_size)} padded {padding} is not centred on a square grid"
     return None
 
 

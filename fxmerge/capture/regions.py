@@ -70,10 +70,10 @@ def _readings(gm: fx.GraphModule, t: fx.Node, exclude: Iterable[str], sites: dic
 
 
 def _square(conv: nn.Conv2d) -> tuple[int, int, int]:
-    """(kernel, padding, dilation) of the square conv a centred one is (`algebra.from_conv`)."""
-    (kh, kw), ph, d = conv.kernel_size, conv.padding[0], conv.dilation[0]
-    k = max(kh, kw)
-    return k, ph + d * (k - kh) // 2, d
+    """(kernel, padding, dilation) of the square conv a centred one is."""
+    k, padding = algebra.square_form(tuple(conv.kernel_size), tuple(conv.padding),
+                                     conv.dilation[0])
+    return k, padding, conv.dilation[0]
 
 
 def _region_at(gm: fx.GraphModule, root: fx.Node, exclude: Iterable[str],
