@@ -290,3 +290,14 @@ def test_the_torch_compile_pre_pass_applies_a_plan_over_regions():
     compiled = torch.compile(model, backend=fxmerge.backend(plan, then="eager"))
     with torch.no_grad():
         assert relative_error(fxmerge.transform(gm, plan, space)(X), compiled(X)) <= 1e-6
+
+
+def test_regions_back_to_back_collapse_one_after_the_other():
+    first = Branched(4, 4, 1, [("conv", (3, 3), 1, True), ("bn",)], 0)
+    second = Branched(4, 4, 1, [("conv", (1, 3), 1, False), ("input",)], 1)
+    model = nn.Sequential(first, second)  # the second region reads the first's output
+    x = torch.randn(1, 4, 7, 7, dtype=torch.float64)
+    collapsed = fxmerge.reparameterize(_traced(model, x))
+    assert sum(ops.is_conv(collapsed, n) for n in collapsed.graph.nodes) == 2
+    with torch.no_grad():
+        assert relative_error(model(x), collapsed(x)) <= 1e-10

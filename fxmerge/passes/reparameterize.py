@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 REPARAMETERIZED_META = "fxmerge_reparameterized"
 
 
-def _collapse(gm: fx.GraphModule, region: Region) -> None:
-    """Replace `region` (and a BatchNorm right after it) by one conv named `region.name`."""
-    nodes = {n.name: n for n in gm.graph.nodes}
+def _collapse(gm: fx.GraphModule, region: Region, nodes: dict[str, fx.Node]) -> None:
+    """Replace `region` (and a BatchNorm right after it) by one conv named `region.name`.
+    `nodes` maps the given graph's node names to the nodes now computing their values (a
+    region's input may be the output of one collapsed before it); it is kept up to date."""
     source, output = nodes[region.input], nodes[region.output]
     template = gm.get_submodule(region.name)
     reader = AffineReader(gm, source, ops.tensor_shape(source)[1])
@@ -48,6 +49,7 @@ def _collapse(gm: fx.GraphModule, region: Region) -> None:
         conv = gm.graph.call_module(region.name, (source,))
     conv.meta = dict(output.meta)
     output.replace_all_uses_with(conv)
+    nodes[region.output] = nodes[output.name] = conv
     for n in reversed(reader.region):
         gm.graph.erase_node(n)
 
@@ -83,8 +85,9 @@ class ReparameterizePass(FxMergePass):
         self.given = graph_module
         out = copy.deepcopy(graph_module)
         with torch.no_grad():
+            nodes = {n.name: n for n in out.graph.nodes}
             for region in self.regions:
-                _collapse(out, region)
+                _collapse(out, region, nodes)
         out.graph.lint()
         out.delete_all_unused_submodules()
         out.recompile()
