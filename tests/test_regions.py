@@ -301,3 +301,11 @@ def test_regions_back_to_back_collapse_one_after_the_other():
     assert sum(ops.is_conv(collapsed, n) for n in collapsed.graph.nodes) == 2
     with torch.no_grad():
         assert relative_error(model(x), collapsed(x)) <= 1e-10
+
+
+def test_a_kernel_off_a_square_grid_is_refused_by_name():
+    conv = nn.Conv2d(4, 4, (3, 1), padding=(2, 1), dilation=2)  # rows reach 0, columns -2
+    assert "not centred on a square grid" in ops.centred_refusal(conv)
+    with pytest.raises(fxmerge.MergeError, match=r"3x1 kernel padded \(2, 1\) is not centred"):
+        fxmerge.algebra.from_conv(conv)
+    assert ops.centred_refusal(nn.Conv2d(4, 4, (3, 1), padding=(2, 0), dilation=2)) is None
