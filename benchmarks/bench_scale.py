@@ -34,7 +34,7 @@ import torchvision
 from common import RESULTS, write
 
 import fxmerge
-from fxmerge.solve import fastest_latency
+from fxmerge import depth_keys, fastest_latency
 
 SEGMENTATION = torchvision.models.segmentation
 
@@ -149,7 +149,7 @@ def _error(reference: torch.nn.Module, other: torch.nn.Module, x: torch.Tensor) 
 
 def _all_keys(space: fxmerge.MergeSpace) -> list:
     """Every key the default importance table holds (entries, Depth's keys, LayerOnly's)."""
-    return [*space.entries, *space.depth_keys,
+    return [*space.entries, *depth_keys(space),
             *(c.name for c in space.convs if not c.irreducible)]
 
 

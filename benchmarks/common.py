@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 import fxmerge
-from fxmerge.solve import layeronly
-from fxmerge.tables.latency import entry_layer
+from fxmerge import depth_keys, entry_layer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -87,6 +86,7 @@ def synthetic_problem(factory, exclude):
     lat = fxmerge.LatencyTable.from_values(space, {e: v * 1e-8 for e, v in macs.items()},
                                            source="MACs proxy")
     rng = random.Random(0)
-    keys = [*space.entries, *space.depth_keys, *layeronly.importance_keys(space)]
+    keys = [*space.entries, *depth_keys(space),
+            *fxmerge.get_method("layeronly").importance_keys(space)]
     imp = fxmerge.ImportanceTable.from_values(space, {k: rng.uniform(0.5, 1) for k in keys})
     return gm, space, lat, imp

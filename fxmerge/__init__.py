@@ -3,11 +3,13 @@
 import logging
 
 from .backends import backend
+from .backends.timing import time_against_reference, time_interleaved, using_threads
 from .capture import check_canonical, trace
 from .compress import CompressResult, compress
 from .deploy import export_onnx, load, save
 from .errors import (
     ArgumentError,
+    BackendError,
     FxMergeError,
     InfeasibleBudget,
     MergeError,
@@ -16,6 +18,7 @@ from .errors import (
     TableError,
     TraceError,
 )
+from .job import BudgetBasis, Job
 from .passes import (
     GraphDiff,
     MergePass,
@@ -28,19 +31,22 @@ from .passes import (
     transform,
 )
 from .plan import Block, Plan
-from .solve import METHODS, Frontier, Method, frontier, get_method, solve
+from .solve import METHODS, Frontier, Method, fastest_latency, frontier, get_method, solve
+from .solve.depth import DepthKey, depth_keys
 from .solve.measured import NetworkTimer, solve_measured
-from .space import Conv, DepthKey, Entry, KernelOption, MergeSpace, Skip, analyze
-from .tables.agreement import agreement_importance
-from .tables.importance import ImportanceTable, estimate_importance
-from .tables.latency import LatencyTable, measure_latency
+from .space import Conv, Entry, KernelOption, MergeSpace, Skip, StrideRule, analyze
+from .tables.agreement import OutputAgreement, agreement_importance
+from .tables.importance import ImportanceTable, estimate_importance, importance_keys, score_plan
+from .tables.latency import LatencyTable, entry_layer, measure_latency
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "METHODS",
     "ArgumentError",
+    "BackendError",
     "Block",
+    "BudgetBasis",
     "CompressResult",
     "Conv",
     "DepthKey",
@@ -50,6 +56,7 @@ __all__ = [
     "GraphDiff",
     "ImportanceTable",
     "InfeasibleBudget",
+    "Job",
     "KernelOption",
     "LatencyTable",
     "MergeError",
@@ -57,12 +64,14 @@ __all__ = [
     "MergeSpace",
     "Method",
     "NetworkTimer",
+    "OutputAgreement",
     "Plan",
     "PlanError",
     "PrunePass",
     "ReparameterizePass",
     "Skip",
     "SpaceError",
+    "StrideRule",
     "TableError",
     "TraceError",
     "agreement_importance",
@@ -70,19 +79,27 @@ __all__ = [
     "backend",
     "check_canonical",
     "compress",
+    "depth_keys",
     "diff",
+    "entry_layer",
     "estimate_importance",
     "export_onnx",
+    "fastest_latency",
     "frontier",
     "get_method",
+    "importance_keys",
     "load",
     "measure_latency",
     "merge",
     "prune",
     "reparameterize",
     "save",
+    "score_plan",
     "solve",
     "solve_measured",
+    "time_against_reference",
+    "time_interleaved",
     "trace",
     "transform",
+    "using_threads",
 ]

@@ -10,13 +10,11 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from .capture import example_inputs, trace
+from .capture import example_inputs, require_graph_module, trace
 from .errors import ArgumentError
 from .models.hub import load_model
 from .passes import reparameterize, transform
-from .passes.merge import MERGED_META
-from .passes.prune import PLAN_META
-from .passes.reparameterize import REPARAMETERIZED_META
+from .passes.base import MERGED_META, PLAN_META, REPARAMETERIZED_META
 from .plan import Plan
 
 FORMAT = "fxmerge-merged/1"
@@ -47,10 +45,10 @@ def save(merged: fx.GraphModule, path: str | Path, *, model: str | None = None,
     network from them."""
     from safetensors.torch import save_file
 
-    is_graph = isinstance(merged, fx.GraphModule)
-    if is_graph and REPARAMETERIZED_META in merged.meta:
+    require_graph_module(merged, "save")
+    if REPARAMETERIZED_META in merged.meta:
         rebuild = {"pass": "reparameterize"}
-    elif is_graph and merged.meta.get(MERGED_META):
+    elif merged.meta.get(MERGED_META):
         plan = plan or merged.meta.get(PLAN_META)
         if plan is None:
             raise ArgumentError("save: the network carries no plan: save(merged, path, "
@@ -135,6 +133,7 @@ def export_onnx(merged: nn.Module, example: torch.Tensor | tuple, path: str | Pa
                 opset: int = 17) -> Path:
     """The merged network as an ONNX file, exported by torch's TorchScript exporter (it
     needs no onnxscript); inputs `x0, x1, ...`, outputs `y0, ...`, the batch dynamic."""
+    require_graph_module(merged, "export_onnx")
     inputs = example if isinstance(example, tuple) else (example,)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,10 @@ class TableError(FxMergeError):
     """A latency or importance table is incomplete, invalid, or made for another graph."""
 
 
+class BackendError(FxMergeError):
+    """A backend that was asked for cannot run here (not installed, or not on this device)."""
+
+
 class InfeasibleBudget(FxMergeError):
     """No plan meets the latency budget; the message states the smallest achievable latency.
     `plan` is the fastest plan found (over the budget), where there is one."""

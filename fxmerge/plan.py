@@ -9,8 +9,17 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .errors import PlanError, SpaceError
-from .space import MAX_KERNEL_BYTES, MergeSpace, analyze
+from .capture import require_graph_module
+from .capture.families import NodeKind
+from .errors import ArgumentError, PlanError, SpaceError
+from .space import (
+    MAX_KERNEL_BYTES,
+    MergeSpace,
+    StrideRule,
+    analyze,
+    kernel_of,
+    merge_peak_bytes,
+)
 
 PLAN_FORMAT = 2  # 2: `Block.activation` says whether an activation follows, added ones too
 
@@ -36,14 +45,14 @@ def _kernel(space: MergeSpace, kept) -> tuple[int, bool]:
     """(kernel, depthwise) of a block keeping these convs; (0, False) for the identity."""
     if not kept:
         return 0, False
-    opt = space.kernel_of(space.conv(n).index for n in kept)
+    opt = kernel_of(space, (space.conv(n).index for n in kept))
     return opt.kernel, opt.depthwise
 
 
 def _merged_bytes(space: MergeSpace, i: int, kept) -> int:
     """The most merging a block starting at `i` that keeps these convs materialises (0 for
     one conv or none: a conv the plan leaves as it is is never composed)."""
-    return space.merge_peak_bytes(i, (space.conv(n).index for n in kept))
+    return merge_peak_bytes(space, i, (space.conv(n).index for n in kept))
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,7 @@ class Plan:
 
     blocks: tuple[Block, ...]
     signature: str
-    stride_rule: str = "paper"
+    stride_rule: StrideRule = StrideRule.PAPER
     exclude: tuple[str, ...] = ()
     add_activations: bool = False
     max_kernel_bytes: int = MAX_KERNEL_BYTES
@@ -137,11 +146,12 @@ class Plan:
     def space_of(self, gm) -> MergeSpace:
         """The space of `gm` analysed with this plan's settings: the one it was made on, if
         it was made for this graph (pass that space around instead, where you have it)."""
+        require_graph_module(gm, "prune")
         try:
             return analyze(gm, stride_rule=self.stride_rule, exclude=self.exclude,
                            add_activations=self.add_activations,
                            max_kernel_bytes=self.max_kernel_bytes)
-        except SpaceError as exc:
+        except (SpaceError, ArgumentError) as exc:  # its settings do not fit this graph
             raise PlanError(f"plan was made for another graph: {exc}") from None
 
     # ---- checks ----------------------------------------------------------------------
@@ -151,7 +161,7 @@ class Plan:
             return (f"the input shape differs (the plan's {list(self.input_shapes)}, this "
                     f"graph's {list(space.input_shapes)}, batch aside): trace the model at "
                     "the plan's input shape, or solve again at this one")
-        convs = {n.target for n in space.nodes if n.kind == "conv"}
+        convs = {n.target for n in space.nodes if n.kind is NodeKind.CONV}
         foreign = [n for b in self.blocks for n in b.convs if n not in convs]
         if foreign:
             return (f"the plan names convs this model does not have ({foreign[0]!r} of "
@@ -235,7 +245,7 @@ class Plan:
         try:
             return cls(
                 blocks=blocks, signature=_typed(data, "signature", str),
-                stride_rule=_typed(data, "stride_rule", str, default="paper"),
+                stride_rule=StrideRule(_typed(data, "stride_rule", str, default="paper")),
                 exclude=_names(data, "exclude", default=()),
                 add_activations=_typed(data, "add_activations", bool, default=False),
                 max_kernel_bytes=_typed(data, "max_kernel_bytes", int,
@@ -249,7 +259,7 @@ class Plan:
                 measured=_typed(data, "measured", dict, default={}),
                 input_shapes=tuple(tuple(shape) for shape in
                                    _typed(data, "input_shapes", list, default=[])))
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise PlanError(f"not a fxmerge plan: {exc}") from None
 
     def restrict(self, space: MergeSpace) -> Plan:

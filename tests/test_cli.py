@@ -9,6 +9,7 @@ import fxmerge
 from fxmerge.cli import main
 from fxmerge.demos.shared import load_digits
 from fxmerge.models import DemoMobileNetV2
+from fxmerge.space import kernel_of
 
 MODEL = ["fxmerge:DemoMobileNetV2", "--input-shape", "2,1,16,16", "--exclude", "stem.0",
          "head.0"]
@@ -123,7 +124,7 @@ def test_pipeline_analyze_latency_importance_solve_transform(tmp_path, capsys):
 def _kernel(plan, p):
     """(k, dw) of conv p alone in the demo net (for the original table latency)."""
     gm = fxmerge.trace(DemoMobileNetV2(), torch.randn(2, 1, 16, 16))
-    opt = fxmerge.analyze(gm, exclude=DemoMobileNetV2.EXCLUDE).kernel_of([p])
+    opt = kernel_of(fxmerge.analyze(gm, exclude=DemoMobileNetV2.EXCLUDE), [p])
     return opt.kernel, opt.depthwise
 
 

@@ -10,6 +10,13 @@ from helpers import randomize_batchnorm, relative_error
 
 import fxmerge
 from fxmerge.models import DemoMobileNetV2
+from fxmerge.solve.depth import (
+    activation_choices,
+    activation_options,
+    depth_choices,
+    depth_key,
+    depth_keys,
+)
 from fxmerge.tables.agreement import agreement_importance
 from fxmerge.tables.importance import block_plan, depth_plan
 
@@ -36,38 +43,38 @@ def test_each_key_names_the_network_it_scores(spaces):
     _, space, off = spaces
     bare = [p for p in range(1, space.L + 1) if space.activation(p) is None]
     assert bare and space.add_activations
-    assert all(space.activation_options(p) == (False, True) for p in bare)
-    assert all(off.activation_options(p) == (False,) for p in bare) and not off.depth_keys
+    assert all(activation_options(space, p) == (False, True) for p in bare)
+    assert all(activation_options(off, p) == (False,) for p in bare) and not depth_keys(off)
     identity = fxmerge.Plan.identity(space).blocks
     everything = {c.name for c in space.convs}
     kinds = set()
-    assert list(space.depth_choices) == list(space.blocks)
+    assert list(depth_choices(space)) == list(space.blocks)
     for i, j in space.blocks:
-        choices = space.activation_choices(i, j)
-        assert len(space.depth_choices[(i, j)]) == len(choices)
+        choices = activation_choices(space, i, j)
+        assert len(depth_choices(space)[(i, j)]) == len(choices)
         # the authors' restriction: a block starting without an activation chooses its start
-        free = 0 if len(space.activation_options(i)) > 1 else 1
+        free = 0 if len(activation_options(space, i)) > 1 else 1
         assert len({c[free] for c in choices}) == len(choices) == len(set(
-            space.activation_options(i) if free == 0 else space.activation_options(j)))
+            activation_options(space, i) if free == 0 else activation_options(space, j)))
         for start, end in choices:
             plan = fxmerge.Plan.from_positions(space, spans_with(space, i, j), everything,
                                            activation={i: start, j: end})
-            key = space.depth_key(i, j, start, end)
-            assert (start, end, key) in space.depth_choices[(i, j)]  # what the solver reads
+            key = depth_key(space, i, j, start, end)
+            assert (start, end, key) in depth_choices(space)[(i, j)]  # what the solver reads
             kinds.add(type(key).__name__)
             if key is None:  # the original network
                 assert plan.blocks == identity
             elif isinstance(key, fxmerge.Entry):  # LayerMerge's full entry, same network
                 assert plan.blocks == block_plan(space, key, space.conv_scores).blocks
             else:
-                assert key in space.depth_keys
+                assert key in depth_keys(space)
                 assert plan.blocks == depth_plan(space, key).blocks != identity
     assert kinds == {"NoneType", "Entry", "DepthKey"}
 
 
 def test_a_key_adds_the_activations_it_names(spaces):
     gm, space, _ = spaces
-    key = next(k for k in space.depth_keys if k.start and k.end and k.i > 0
+    key = next(k for k in depth_keys(space) if k.start and k.end and k.i > 0
                and space.activation(k.i) is None and space.activation(k.j) is None)
     plan = depth_plan(space, key)
     pruned = fxmerge.prune(gm, plan).eval()
@@ -80,9 +87,9 @@ def test_a_key_adds_the_activations_it_names(spaces):
 
 def test_importance_measures_the_depth_keys(spaces):
     gm, space, _ = spaces
-    table = agreement_importance(space, gm, X, keys=[*space.entries, *space.depth_keys])
-    assert set(table.values) == set(space.entries) | set(space.depth_keys)
-    assert all(table[k] < 1 for k in space.depth_keys)  # every such network differs
+    table = agreement_importance(space, gm, X, keys=[*space.entries, *depth_keys(space)])
+    assert set(table.values) == set(space.entries) | set(depth_keys(space))
+    assert all(table[k] < 1 for k in depth_keys(space))  # every such network differs
     only_lm = agreement_importance(space, gm, X, keys=space.entries)
     assert set(only_lm.values) == set(space.entries)
     again = fxmerge.ImportanceTable.from_json(table.to_json())
@@ -97,7 +104,7 @@ def tables(space, reward):
     values = {e: math.exp(-0.01 * (e.j - e.i - 1)
                           + reward * (space.end_activation(e.i, e.j) != space.activation(e.j)))
               for e in space.entries}  # a full entry adds one at a bare end (the rule)
-    for key in space.depth_keys:
+    for key in depth_keys(space):
         added = sum(space.activation(p) is None and on
                     for p, on in ((key.i, key.start), (key.j, key.end)) if p > 0)
         values[key] = math.exp(reward * added - 0.01 * (key.j - key.i - 1))

@@ -26,12 +26,6 @@ def test_a_graph_without_convs_has_no_space():
         fxmerge.analyze(gm)
 
 
-def test_prune_needs_a_traced_graph_module(resnet):
-    _, space = resnet
-    with pytest.raises(fxmerge.PlanError, match="fxmerge.trace"):
-        fxmerge.prune(torchvision.models.resnet18(), fxmerge.Plan.identity(space))
-
-
 def test_plans_that_do_not_tile_or_keep_foreign_convs(resnet):
     _, space = resnet
     plan = fxmerge.Plan.identity(space)
@@ -43,11 +37,10 @@ def test_plans_that_do_not_tile_or_keep_foreign_convs(resnet):
         fxmerge.Plan((foreign, *plan.blocks[1:]), plan.signature).validate(space)
 
 
-def test_merging_twice_is_refused(resnet):
+def test_merging_a_merged_graph_changes_nothing(resnet):
     gm, space = resnet
     merged = fxmerge.transform(gm, fxmerge.Plan.identity(space))
-    with pytest.raises(fxmerge.MergeError, match="already merged"):
-        fxmerge.merge(merged)
+    assert fxmerge.merge(merged) is merged
 
 
 def test_solver_refuses_bad_budgets_methods_and_backends(resnet):
@@ -58,7 +51,7 @@ def test_solver_refuses_bad_budgets_methods_and_backends(resnet):
         fxmerge.solve(space, lat, imp, budget=0)
     with pytest.raises(ValueError, match="unknown method"):
         fxmerge.solve(space, lat, imp, budget=0.5, method="magic")
-    with pytest.raises(fxmerge.ArgumentError, match="unknown latency backend"):
+    with pytest.raises(fxmerge.ArgumentError, match="unknown backend"):
         fxmerge.measure_latency(space, backend="tvm", warmup=0, repeat=1)
 
 
@@ -162,3 +155,70 @@ def test_bad_budgets_and_levels(resnet, kwargs, error, match):
     imp = fxmerge.ImportanceTable.from_values(space, {e: 1.0 for e in space.entries})
     with pytest.raises(error, match=match):
         fxmerge.solve(space, lat, imp, **kwargs)
+
+
+# ---- one error per kind of mistake (docs/architecture.md, "Errors") --------------------
+def _entry_points(gm, space, plan, tmp_path):
+    """Every public entry point that takes a traced graph, as `name: call(graph, space)`."""
+    from fxmerge.passes import MergePass, PrunePass, ReparameterizePass
+
+    return {
+        "analyze": lambda g, s: fxmerge.analyze(g),
+        "check_canonical": lambda g, s: fxmerge.check_canonical(g),
+        "prune": lambda g, s: fxmerge.prune(g, plan, s),
+        "transform": lambda g, s: fxmerge.transform(g, plan, s),
+        "merge": lambda g, s: fxmerge.merge(g),
+        "reparameterize": lambda g, s: fxmerge.reparameterize(g),
+        "diff": lambda g, s: fxmerge.diff(g, g),
+        "save": lambda g, s: fxmerge.save(g, tmp_path / "net.safetensors"),
+        "export_onnx": lambda g, s: fxmerge.export_onnx(g, X, tmp_path / "net.onnx"),
+        "measure_latency": lambda g, s: fxmerge.measure_latency(s, g),
+        "agreement_importance": lambda g, s: fxmerge.agreement_importance(s, g, X),
+        "estimate_importance": lambda g, s: fxmerge.estimate_importance(
+            s, g, evaluate=lambda m: 1.0),
+        "NetworkTimer": lambda g, s: fxmerge.NetworkTimer(g, s),
+        "PrunePass": lambda g, s: PrunePass(plan, s)(g),
+        "MergePass": lambda g, s: MergePass()(g),
+        "ReparameterizePass": lambda g, s: ReparameterizePass()(g),
+    }
+
+
+def test_every_entry_point_refuses_a_model_that_is_not_a_graph_module(resnet, tmp_path):
+    gm, space = resnet
+    calls = _entry_points(gm, space, fxmerge.Plan.identity(space), tmp_path)
+    model = torchvision.models.resnet18()
+    for name, call in calls.items():
+        with pytest.raises(fxmerge.ArgumentError) as info:
+            call(model, space)
+        who = "transform" if name == "transform" else name.removesuffix("Pass").lower() \
+            if name.endswith("Pass") else name
+        assert str(info.value) == (f"{who} needs a GraphModule from fxmerge.trace, got ResNet: "
+                                   "trace the model first"), name
+
+
+def test_every_entry_point_refuses_the_space_of_another_graph(resnet, tmp_path):
+    _, space = resnet
+    other = fxmerge.trace(torchvision.models.mobilenet_v2().eval(), X)
+    calls = _entry_points(other, space, fxmerge.Plan.identity(space), tmp_path)
+    for name in ("prune", "transform", "measure_latency", "agreement_importance",
+                 "estimate_importance", "NetworkTimer", "PrunePass"):
+        with pytest.raises(fxmerge.SpaceError) as info:
+            calls[name](other, space)
+        assert str(info.value) == (
+            "the space was analysed from another graph (no node 'conv1' in the graph): "
+            "analyse this graph, or pass the graph the space came from"), name
+
+
+def test_every_entry_point_refuses_an_unknown_backend(resnet):
+    gm, space = resnet
+    plan = fxmerge.Plan.identity(space)
+    calls = {
+        "measure_latency": lambda: fxmerge.measure_latency(space, gm, backend="tvm"),
+        "NetworkTimer": lambda: fxmerge.NetworkTimer(gm, space, backend="tvm"),
+        "LatencyTable.from_values": lambda: fxmerge.LatencyTable.from_values(
+            space, {e: 1.0 for e in space.entries}, backend="tvm"),
+        "backend": lambda: fxmerge.backend(plan, then="tvm"),
+    }
+    for call in calls.values():
+        with pytest.raises(fxmerge.ArgumentError, match=r"^unknown backend 'tvm' \(one of: "):
+            call()

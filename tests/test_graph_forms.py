@@ -45,6 +45,7 @@ def test_compile_backend_eager_matches_transform(model_and_plan):
         assert relative_error(expected, compiled(X)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_registered_backend_name_with_inductor(model_and_plan):
     model, plan, expected = model_and_plan
     torch._dynamo.reset()
@@ -63,14 +64,14 @@ def test_backend_refuses_a_missing_plan_and_a_foreign_one():
     compiled = torch.compile(model, backend=fxmerge.backend(plan, then="eager"))
     with pytest.raises(Exception, match="another graph"):
         compiled(X)
-    with pytest.raises(ValueError, match="then must be"):
+    with pytest.raises(ValueError, match="unknown backend .tvm."):
         fxmerge.backend(plan, then="tvm")
 
 
 def test_backend_answers_bad_options_and_training_mode_with_one_fxmerge_error(model_and_plan):
     model, plan, _ = model_and_plan
     cases = [({"plan": '{"blocks": ['}, fxmerge.PlanError, "invalid JSON"),
-             ({"plan": plan, "then": "tvm"}, fxmerge.ArgumentError, "then must be"),
+             ({"plan": plan, "then": "tvm"}, fxmerge.ArgumentError, "unknown backend .tvm."),
              ({"plan": plan, "colour": 1}, fxmerge.ArgumentError, "unknown fxmerge backend")]
     for options, error, match in cases:
         torch._dynamo.reset()

@@ -12,6 +12,8 @@ from torch import nn
 import fxmerge
 from fxmerge.models.demo import DemoMobileNetV2
 from fxmerge.passes.prune import prune_graph
+from fxmerge.solve.depth import depth_keys
+from fxmerge.space import kernel_of
 from fxmerge.tables.agreement import CachedOutputs, OutputAgreement, agreement_importance
 from fxmerge.tables.importance import block_plan, estimate_importance
 
@@ -31,7 +33,7 @@ def space(gm):
 
 def no_layeronly(space):
     """Every key but LayerOnly's per-conv ones."""
-    return [*space.entries, *space.depth_keys]
+    return [*space.entries, *depth_keys(space)]
 
 
 def has_kernel(model, k):
@@ -49,7 +51,7 @@ def test_table_covers_every_entry_and_unchanged_blocks_score_one(space, gm):
     assert set(table.values) == set(space.entries) | set(reducible)
     assert all(0 < v <= 1 + 1e-9 for v in table.values.values())
     for c in space.convs:  # a single-conv block with its conv kept changes nothing
-        opt = space.kernel_of([c.index])
+        opt = kernel_of(space, [c.index])
         assert table[fxmerge.Entry(c.index - 1, c.index, opt.kernel, opt.depthwise)] == 1.0
     merged = [v for e, v in table.values.items() if isinstance(e, tuple) and e.j - e.i > 1]
     assert min(merged) < 1.0
@@ -184,9 +186,9 @@ def test_fast_proxy_equals_scoring_each_pruned_network():
     x = torch.randn(4, 1, 16, 16)
     gm = fxmerge.trace(randomize_batchnorm(DemoMobileNetV2()), x)
     space = fxmerge.analyze(gm, exclude=DemoMobileNetV2.EXCLUDE)
-    assert space.add_activations and space.depth_keys
+    assert space.add_activations and depth_keys(space)
     fast = agreement_importance(space, gm, x)
-    keys = [*list(space.entries)[::4], *space.depth_keys[::3],
+    keys = [*list(space.entries)[::4], *depth_keys(space)[::3],
             *[c.name for c in space.convs if not c.irreducible][:3]]
     slow = estimate_importance(space, gm, evaluate=OutputAgreement(gm, x), keys=keys)
     assert set(slow.values) == set(keys) and set(keys) <= set(fast.values)

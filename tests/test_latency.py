@@ -10,6 +10,7 @@ import fxmerge
 from fxmerge.backends import timing
 from fxmerge.backends.timing import Timing, time_against_reference, time_interleaved
 from fxmerge.tables import latency as latency_mod
+from fxmerge.tables.latency import Check
 
 MBV2_EXCLUDE = ["features.0.0", "features.18.0"]
 
@@ -100,7 +101,7 @@ def test_table_is_refused_for_another_graph():
 @pytest.mark.skipif(importlib.util.find_spec("torch_tensorrt") is not None,
                     reason="torch-tensorrt is installed")
 def test_tensorrt_backend_says_how_to_install():
-    with pytest.raises(fxmerge.TableError, match=r"fxmerge\[trt\]"):
+    with pytest.raises(fxmerge.BackendError, match=r"fxmerge\[trt\]"):
         fxmerge.measure_latency(tiny_space(), backend="tensorrt", warmup=0, repeat=1)
 
 
@@ -133,7 +134,7 @@ def test_table_is_checked_against_the_whole_network():
     low, high = latency_mod.PLAUSIBLE_TABLE_SHARE
     assert s.network_ms > 0 and s.spread is not None
     # (a table of layers this small can be flagged: call overhead; the record must agree)
-    assert (s.check == "ok") == (low <= s.table_share <= high)
+    assert (s.check is Check.OK) == (low <= s.table_share <= high)
     assert s.table_share == pytest.approx(
         table.identity_latency(space) / s.network_ms, rel=1e-3)
 
@@ -153,7 +154,7 @@ def test_a_table_timed_under_load_is_retimed_then_flagged(monkeypatch):
     with pytest.warns(UserWarning, match=r"table sums to .*x the whole original network"):
         table = fxmerge.measure_latency(space, gm, warmup=1, repeat=2)
     assert len(calls) == 2 * table.settings.num_layers  # timed twice
-    assert table.settings.check.startswith("failed")
+    assert table.settings.check is Check.FAILED
     again = fxmerge.LatencyTable.from_json(table.to_json())
     imp = fxmerge.ImportanceTable.from_values(space, {e: 1.0 for e in space.entries})
     with pytest.warns(UserWarning, match="failed its check"):

@@ -11,6 +11,7 @@ from models import small_net
 import fxmerge
 from fxmerge.models import DemoMobileNetV2
 from fxmerge.solve import fastest_latency, layeronly, measured
+from fxmerge.solve.depth import depth_keys
 from fxmerge.solve.measured import Measurement, NetworkTimer, interpolate, solve_measured
 
 
@@ -20,7 +21,7 @@ def demo_problem():
     lat = fxmerge.LatencyTable.from_values(
         space, {e: 0.0 if e.k == 0 else 1.0 + 0.05 * e.k**2 for e in space.entries})
     rng = random.Random(0)
-    keys = [*space.entries, *space.depth_keys, *layeronly.importance_keys(space)]
+    keys = [*space.entries, *depth_keys(space), *layeronly.importance_keys(space)]
     imp = fxmerge.ImportanceTable.from_values(space, {k: rng.uniform(0.5, 1) for k in keys})
     return gm, space, lat, imp
 
@@ -154,14 +155,16 @@ def test_an_impossible_budget_is_refused_before_timing(monkeypatch):
     assert fastest.predicted_latency_ms == pytest.approx(floor * lat.identity_latency(space))
 
 
-def test_threads_are_used_recorded_and_enforced():
+def test_threads_are_used_recorded_and_enforced(monkeypatch):
     gm, space, _, imp = demo_problem()
     before = torch.get_num_threads()
     seen = []
     timer = NetworkTimer(gm, space, repeat=2, threads=1)
-    timer._time = lambda plan: seen.append(torch.get_num_threads()) or pytest.skip()
+    monkeypatch.setattr(measured, "time_against_reference", lambda *a, **k: seen.append(
+        torch.get_num_threads()) or pytest.skip())
     with pytest.raises(pytest.skip.Exception):
         timer.measure(fxmerge.Plan.identity(space))
+    monkeypatch.undo()
     assert seen == [1] and torch.get_num_threads() == before and timer.settings["threads"] == 1
     table = fxmerge.measure_latency(space, warmup=0, repeat=1, seconds=0.01, threads=1)
     assert table.settings.threads == 1 and torch.get_num_threads() == before

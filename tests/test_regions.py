@@ -13,7 +13,9 @@ from torch import fx, nn
 
 import fxmerge
 from fxmerge.capture import ops
+from fxmerge.capture.families import NodeKind, kind_of
 from fxmerge.capture.regions import find_regions
+from fxmerge.space import reach
 
 
 def _random_bn(channels: int, gen: torch.Generator) -> nn.BatchNorm2d:
@@ -100,7 +102,7 @@ def test_a_random_region_collapses_into_one_exact_conv(region):
     gm = _traced(model, x)
     assert len(find_regions(gm)) == 1
     collapsed = fxmerge.reparameterize(gm)
-    convs = [n for n in collapsed.graph.nodes if ops.is_conv(collapsed, n)]
+    convs = [n for n in collapsed.graph.nodes if kind_of(collapsed, n) is NodeKind.CONV]
     assert len(convs) == 1
     with torch.no_grad():
         assert (collapsed(x) - model(x)).abs().max() <= 1e-10 * model(x).abs().max().clamp_min(1)
@@ -155,10 +157,10 @@ def test_the_pruned_network_keeps_every_branch_trainable():
     space = fxmerge.analyze(gm)
     plan = fxmerge.Plan.from_positions(space, [(0, 2)], {c.name for c in space.convs})
     pruned = fxmerge.prune(gm, plan, space)
-    branch_convs = [n for n in pruned.graph.nodes if ops.is_conv(pruned, n)]
+    branch_convs = [n for n in pruned.graph.nodes if kind_of(pruned, n) is NodeKind.CONV]
     assert len(branch_convs) == 4  # both regions still branched, padding moved per branch
     merged = fxmerge.merge(pruned.eval())
-    assert sum(ops.is_conv(merged, n) for n in merged.graph.nodes) == 1
+    assert sum(kind_of(merged, n) is NodeKind.CONV for n in merged.graph.nodes) == 1
     with torch.no_grad():
         assert relative_error(pruned(x), merged(x)) <= 1e-10
 
@@ -209,7 +211,7 @@ def test_the_space_saves_its_regions():
     gm = _traced(model, torch.randn(1, 4, 6, 6, dtype=torch.float64))
     space = fxmerge.analyze(gm)
     assert fxmerge.MergeSpace.from_json(space.to_json()) == space
-    assert space.reach()["regions"] == 1 and "1 regions of parallel" in space.summary()
+    assert reach(space)["regions"] == 1 and "1 regions of parallel" in space.summary()
 
 
 # ---- timm's re-parameterisable families ----------------------------------------------------
@@ -298,7 +300,7 @@ def test_regions_back_to_back_collapse_one_after_the_other():
     model = nn.Sequential(first, second)  # the second region reads the first's output
     x = torch.randn(1, 4, 7, 7, dtype=torch.float64)
     collapsed = fxmerge.reparameterize(_traced(model, x))
-    assert sum(ops.is_conv(collapsed, n) for n in collapsed.graph.nodes) == 2
+    assert sum(kind_of(collapsed, n) is NodeKind.CONV for n in collapsed.graph.nodes) == 2
     with torch.no_grad():
         assert relative_error(model(x), collapsed(x)) <= 1e-10
 

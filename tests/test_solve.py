@@ -11,6 +11,7 @@ from models import small_net
 
 import fxmerge
 from fxmerge.solve import layeronly
+from fxmerge.solve.depth import activation_choices, activation_options, depth_keys
 from fxmerge.solve.dp import discretise
 
 
@@ -40,7 +41,7 @@ def random_tables(space, seed):
     values = {e: math.exp(-rng.uniform(0, 0.3) * (e.j - e.i - 1)) for e in space.entries}
     values.update({name: rng.uniform(0.5, 1.0) for name in layeronly.importance_keys(space)})
     # an added activation may help or hurt (Depth's choices at ends without one)
-    values.update({key: math.exp(rng.uniform(-0.1, 0.3)) for key in space.depth_keys})
+    values.update({key: math.exp(rng.uniform(-0.1, 0.3)) for key in depth_keys(space)})
     return lat, fxmerge.ImportanceTable.from_values(space, values)
 
 
@@ -93,9 +94,9 @@ def brute_depth(space, lat, imp, unit, levels):
         if cost > levels:
             continue
         ends = [j for _, j in tiling]
-        for acts in itertools.product(*[space.activation_options(j) for j in ends]):
+        for acts in itertools.product(*[activation_options(space, j) for j in ends]):
             after = {0: True} | dict(zip(ends, acts))
-            if all((after[i], after[j]) in space.activation_choices(i, j) for i, j in tiling):
+            if all((after[i], after[j]) in activation_choices(space, i, j) for i, j in tiling):
                 best = max(best, sum(depth_value(space, imp, i, j, after[i], after[j])
                                      for i, j in tiling))
     return best

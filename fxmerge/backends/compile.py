@@ -17,32 +17,35 @@ import torch
 from torch import fx
 
 from ..capture import propagate_shapes, verify
-from ..capture.canonical import CONV_FUNCTIONS, canonicalize
-from ..errors import ArgumentError, FxMergeError, MergeError, PlanError, SpaceError
+from ..capture.canonical import canonicalize
+from ..capture.families import CONV_FUNCTIONS
+from ..errors import ArgumentError, BackendError, FxMergeError, MergeError, PlanError, SpaceError
 from ..passes import transform
 from ..plan import Plan
 from ..space import analyze
+from .runtimes import Backend, get_backend
 
 log = logging.getLogger(__name__)
 
-THEN = ("inductor", "eager", "tensorrt")
+THEN = (Backend.INDUCTOR, Backend.EAGER, Backend.TENSORRT)  # what may compile the result
 
 
-def hand_over(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], then: str
-              ) -> Callable:
+
+
+def hand_over(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
+              then: str | Backend) -> Callable:
     """Compile the merged graph with the next backend."""
-    if then == "eager":
+    then = get_backend(then, THEN)
+    if then is Backend.EAGER:
         return gm
-    if then == "inductor":
+    if then is Backend.INDUCTOR:
         return _LazyInductor(gm)
-    if then == "tensorrt":
-        try:
-            import torch_tensorrt  # noqa: F401  (optional)
-        except ImportError as exc:
-            raise FxMergeError("then='tensorrt' needs torch-tensorrt: "
-                               "pip install 'fxmerge[trt]'") from exc
-        return torch.compile(gm, backend="tensorrt")
-    raise ArgumentError(f"then must be one of {THEN}, got {then!r}")
+    try:
+        import torch_tensorrt  # noqa: F401  (optional)
+    except ImportError as exc:
+        raise BackendError("the tensorrt backend needs torch-tensorrt: "
+                           "pip install 'fxmerge[trt]'") from exc
+    return torch.compile(gm, backend="tensorrt")
 
 
 class _LazyInductor:
@@ -66,8 +69,7 @@ def backend(plan: Plan, *, then: str = "inductor") -> Callable:
     so the merged weights are computed once), apply `plan` (BN folded, blocks merged), and
     compile the result with `then`. For inference: the model's weights are read at compile
     time."""
-    if then not in THEN:
-        raise ArgumentError(f"then must be one of {THEN}, got {then!r}")
+    then = get_backend(then, THEN)
 
     def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
         try:

@@ -12,7 +12,7 @@ import torch
 from torch import fx, nn
 
 from ..capture.trace import ExampleInputs, as_tuple
-from ..errors import ArgumentError, TableError
+from ..errors import ArgumentError, BackendError
 from ..passes import transform
 from ..plan import Plan
 
@@ -32,13 +32,18 @@ class Backend(str, Enum):
 BACKENDS = tuple(b.value for b in Backend)
 
 
-def get_backend(name: str | Backend) -> Backend:
-    """The backend called `name`; an `ArgumentError` listing the names for anything else."""
+def get_backend(name: str | Backend, allowed: tuple[Backend, ...] = tuple(Backend)
+                ) -> Backend:
+    """The backend called `name`, one of `allowed`; an `ArgumentError` listing their names
+    for anything else."""
     try:
-        return Backend(name)
+        backend = Backend(name)
     except ValueError:
-        raise ArgumentError(f"unknown latency backend {name!r} (one of: "
-                            f"{', '.join(BACKENDS)})") from None
+        backend = None
+    if backend not in allowed:
+        raise ArgumentError(f"unknown backend {name!r} (one of: "
+                            f"{', '.join(b.value for b in allowed)})")
+    return backend
 
 
 def prepare(module: nn.Module, backend: str | Backend, example: ExampleInputs) -> Callable:
@@ -54,8 +59,8 @@ def prepare(module: nn.Module, backend: str | Backend, example: ExampleInputs) -
     try:
         import torch_tensorrt
     except ImportError as exc:
-        raise TableError("the tensorrt backend needs torch-tensorrt: "
-                         "pip install 'fxmerge[trt]'") from exc
+        raise BackendError("the tensorrt backend needs torch-tensorrt: "
+                           "pip install 'fxmerge[trt]'") from exc
     return torch_tensorrt.compile(module, inputs=list(as_tuple(example)))
 
 
@@ -65,10 +70,10 @@ def _onnxruntime_session(module: nn.Module, inputs: tuple) -> Callable:
     try:
         import onnxruntime as ort
     except ImportError as exc:
-        raise TableError("the onnxruntime backend needs onnxruntime: "
-                         "pip install 'fxmerge[onnx]'") from exc
+        raise BackendError("the onnxruntime backend needs onnxruntime: "
+                           "pip install 'fxmerge[onnx]'") from exc
     if any(x.device.type != "cpu" for x in inputs):
-        raise TableError("the onnxruntime backend runs on the CPU: use device='cpu'")
+        raise BackendError("the onnxruntime backend runs on the CPU: use device='cpu'")
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice

@@ -6,7 +6,7 @@ downstream (`space`, `passes`) sees only canonical graphs: their invariants are 
 checked, in `invariants` (`check_canonical`).
 """
 
-from .invariants import check_canonical
+from .invariants import check_canonical, require_graph_module
 from .trace import (
     ExampleInputs,
     capture_path,
@@ -18,4 +18,4 @@ from .trace import (
 )
 
 __all__ = ["ExampleInputs", "capture_path", "check_canonical", "ensure_shapes",
-           "example_inputs", "propagate_shapes", "trace", "verify"]
+           "example_inputs", "propagate_shapes", "require_graph_module", "trace", "verify"]

@@ -9,9 +9,10 @@ A canonical GraphModule, as `fxmerge.trace` makes it (and `prune` keeps it):
 3. weights and BatchNorm statistics are module parameters and buffers, and forward inputs
    stay placeholders: a conv of constant weights is an `nn.Conv2d` call, never a functional
    one (a conv whose weight is a forward input is a barrier);
-4. its ops come from the vocabulary of `ops`: `nn.Conv2d`, foldable `nn.BatchNorm2d`,
-   activation modules (never their functional forms), `operator.add` of equal shapes,
-   `F.pad`; identities (`nn.Identity`, dropout and drop path in eval mode, `x / 1`) are gone.
+4. its ops are in their families' canonical forms (`families`): `nn.Conv2d`, foldable
+   `nn.BatchNorm2d`, activation modules (never their functional forms), `operator.add` of
+   equal shapes, `F.pad`; identities (`nn.Identity`, dropout and drop path in eval mode,
+   `x / 1`) are gone; each node's family is tagged in `node.meta[families.KIND_META]`.
    Anything else is a barrier;
 5. a searched conv has one call site and no hooks (others stay out of the search, with the
    reason in `MergeSpace.summary()`).
@@ -22,39 +23,39 @@ pass; 1 costs a forward and 5 is the space's business.
 
 from __future__ import annotations
 
-from torch import fx, nn
+from torch import fx
 
-from ..errors import TraceError
-from .canonical import ACTIVATION_FUNCTIONS, CONV_FUNCTIONS, IDENTITY_MODULES
-from .ops import has_hooks
+from ..errors import ArgumentError, TraceError
+from . import families
+from .families import NodeKind
 from .trace import INPUTS_META
 
 
 def _refusal(gm: fx.GraphModule, node: fx.Node, shapes: bool) -> str | None:
-    """Why `node` breaks an invariant, or None."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if shapes and isinstance(module, nn.Conv2d) and "tensor_meta" not in node.meta:
-            return "it has no recorded shape"
-        if type(module) in IDENTITY_MODULES and not has_hooks(module):
-            return f"{type(module).__name__} is an identity left in the graph"
-    if node.op != "call_function":
-        return None
-    if node.target in CONV_FUNCTIONS and any(
-            isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args[1:2]):
-        return "a functional conv of constant weights (not an nn.Conv2d call)"
-    if node.target in ACTIVATION_FUNCTIONS and len(node.args) == 1 \
-            and set(node.kwargs) <= {"inplace"}:
-        return "a functional activation (not an activation module)"
+    """Why `node` breaks an invariant, or None: each family's own (`OpFamily.refuse`), and
+    a shape on every conv."""
+    if shapes and families.kind_of(gm, node) is NodeKind.CONV and "tensor_meta" not in node.meta:
+        return "it has no recorded shape"
+    for family in families.FAMILIES.values():
+        why = family.refuse(gm, node) if family.refuse else None
+        if why is not None:
+            return why
     return None
+
+
+def require_graph_module(gm: object, who: str) -> None:
+    """`ArgumentError` unless `gm` is a GraphModule: the one wording every entry point
+    that needs a traced graph uses."""
+    if not isinstance(gm, fx.GraphModule):
+        raise ArgumentError(f"{who} needs a GraphModule from fxmerge.trace, got "
+                            f"{type(gm).__name__}: trace the model first")
 
 
 def check_canonical(gm: object, *, shapes: bool = True) -> None:
     """Raise `TraceError`, naming the node and the rule, unless `gm` is a canonical graph.
     `shapes=False` skips invariant 2 (a GraphModule saved and loaded again keeps its code
     but not its metadata; merging it needs no shapes)."""
-    if not isinstance(gm, fx.GraphModule):
-        raise TraceError(f"expected a GraphModule from fxmerge.trace, got {type(gm).__name__}")
+    require_graph_module(gm, "check_canonical")
     if shapes and INPUTS_META not in gm.meta:
         raise TraceError("the graph has no example inputs or shapes: capture the model with "
                          "fxmerge.trace (a GraphModule loaded with torch.load loses them)")

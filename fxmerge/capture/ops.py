@@ -1,12 +1,14 @@
-"""The vocabulary of a canonical graph: the nodes fxmerge understands. Anything else is a
-barrier, and so is a module with forward hooks (its hooks would vanish from a merged
-network) or a conv called from more than one place (weights shared between call sites)."""
+"""Readers of a canonical graph's nodes: the module a node calls (none where it has hooks:
+they would vanish from a merged network), how often a module is called, a node's shape,
+and the data of the nodes some op families are made of (pads, per-channel scales,
+conditioning adds). Which family a node is of is `families`' to say."""
 
 from __future__ import annotations
 
 import fnmatch
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,17 +16,7 @@ from torch import fx, nn
 
 from ..algebra import square_form
 
-ACTIVATION_MODULES: dict[type, str] = {
-    nn.ReLU: "relu",
-    nn.ReLU6: "relu6",
-    nn.SiLU: "silu",
-    nn.Hardswish: "hardswish",
-    nn.GELU: "gelu",
-    nn.LeakyReLU: "leaky_relu",
-    nn.Mish: "mish",
-}
-ACTIVATION_CLASSES: dict[str, type] = {kind: cls for cls, kind in ACTIVATION_MODULES.items()}
-ADD_FUNCTIONS = {operator.add, torch.add}
+_ADD = (operator.add, torch.add)
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -52,10 +44,6 @@ def call_sites(gm: fx.GraphModule) -> dict[str, int]:
 def excluded(name: str, patterns: Iterable[str]) -> bool:
     """Whether module `name` matches one of the `exclude` glob patterns."""
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return isinstance(module_of(gm, node), nn.Conv2d)
 
 
 def conv_refusal(conv: nn.Conv2d) -> str | None:
@@ -112,25 +100,6 @@ def channel_scale(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Ten
     return None
 
 
-def is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A BatchNorm2d that can be folded into the conv before it (running statistics)."""
-    m = module_of(gm, node)
-    return type(m) is nn.BatchNorm2d and m.track_running_stats
-
-
-def is_relocatable_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A GroupNorm: per-sample statistics, so it cannot be folded into a conv; removing the
-    activation after it moves it to the end of the merged block instead (DDPM)."""
-    return type(module_of(gm, node)) is nn.GroupNorm
-
-
-def activation_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """'relu', 'relu6', ... when `node` calls an activation module (canonical graphs have
-    every functional and method form of an activation turned into its module)."""
-    m = module_of(gm, node)
-    return ACTIVATION_MODULES.get(type(m)) if m is not None else None
-
-
 def _shape(node: object) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
@@ -138,7 +107,7 @@ def _shape(node: object) -> tuple[int, ...] | None:
 
 def is_add(node: fx.Node) -> bool:
     """A plain `a + b` of two graph values of one shape (no alpha, no broadcasting)."""
-    if node.op == "call_function" and node.target in ADD_FUNCTIONS:
+    if node.op == "call_function" and node.target in _ADD:
         plain = len(node.args) == 2 and not node.kwargs and all(
             isinstance(a, fx.Node) for a in node.args)
     elif node.op == "call_method" and node.target == "add":
@@ -152,7 +121,7 @@ def is_add(node: fx.Node) -> bool:
 def conditioning_add(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """`(main, condition)` for `main + condition` where the condition is one vector per
     sample (or one for all), broadcast over the map: `(B|1, C, 1, 1)` onto `(B, C, H, W)`."""
-    if node.op != "call_function" or node.target not in ADD_FUNCTIONS or node.kwargs \
+    if node.op != "call_function" or node.target not in _ADD or node.kwargs \
             or len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
         return None
     for main, cond in (node.args, node.args[::-1]):
@@ -207,3 +176,25 @@ def tensor_shape(node: fx.Node) -> tuple[int, ...]:
     if shape is None:
         raise KeyError(node.name)
     return shape
+
+
+def rank(node: Any) -> int | None:
+    """The number of dimensions of a node's value, where the tracer recorded it."""
+    for key in ("val", "example_value", "tensor_meta"):
+        value = node.meta.get(key) if isinstance(node, fx.Node) else None
+        if value is not None and hasattr(value, "shape"):
+            return len(value.shape)
+    return None
+
+
+def static_padding(padding: Any, kernel: Sequence[int], stride: Sequence[int],
+                   dilation: Sequence[int]) -> tuple[int, int] | None:
+    """Integer padding equal to a string one, or None when 'same' is not symmetric."""
+    if not isinstance(padding, str):
+        return tuple(padding) if isinstance(padding, Sequence) else (padding, padding)
+    if padding == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    if any(s != 1 for s in stride) or any(t % 2 for t in total):
+        return None
+    return tuple(t // 2 for t in total)

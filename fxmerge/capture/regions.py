@@ -1,7 +1,7 @@
 """Regions of parallel linear branches (structural re-parameterisation, found in the graph).
 
 A region is an add, or a tree of adds, whose operands are each computed from one common
-input by a branch of the form `[conv] [BatchNorm | per-channel scale]`, or are that input
+input by a branch of the form `[conv] [an affine map per channel: a BatchNorm, a scale]`, or are that input
 itself; its convs share a stride and are centred on one grid. Such a sum is one conv
 (`fxmerge.algebra.add`): RepVGG's 3x3 + 1x1 + BN identity, MobileOne's k branches plus scale
 and identity, ACNet's 3x3 + 1x3 + 3x1, RepViT's depthwise 3x3 + 1x1 + input. The rules are
@@ -18,6 +18,7 @@ from torch import fx, nn
 from .. import algebra
 from . import ops
 from .affine import AffineReader
+from .families import NodeKind, data_input, kind_of
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def _branch_conv(gm: fx.GraphModule, node: fx.Node, exclude: Iterable[str],
                  sites: dict[str, int]) -> bool:
     """Whether `node` calls a conv that may be one branch of a region."""
     module = ops.module_of(gm, node)
-    return (ops.is_conv(gm, node) and sites[node.target] == 1 and len(node.users) == 1
+    return (kind_of(gm, node) is NodeKind.CONV and sites[node.target] == 1 and len(node.users) == 1
             and not ops.excluded(node.target, exclude) and ops.centred_refusal(module) is None)
 
 
@@ -58,10 +59,9 @@ def _readings(gm: fx.GraphModule, t: fx.Node, exclude: Iterable[str], sites: dic
     if len(t.users) != 1:
         return out
     chain, cur = [], t
-    scaled = ops.channel_scale(gm, cur)
-    if ops.is_norm(gm, cur) or scaled is not None:
+    if kind_of(gm, cur) in (NodeKind.NORM, NodeKind.SCALE):  # an affine map per channel
         chain.append(cur)
-        cur = scaled[0] if scaled is not None else cur.args[0]
+        cur = data_input(cur)
         out.append((cur, tuple(chain), None))
     if _branch_conv(gm, cur, exclude, sites):
         chain.append(cur)
@@ -83,7 +83,7 @@ def _region_at(gm: fx.GraphModule, root: fx.Node, exclude: Iterable[str],
     adds, operands, stack = [root], [], [root]
     while stack:
         for a in stack.pop().args:
-            if ops.is_add(a) and len(a.users) == 1:
+            if isinstance(a, fx.Node) and kind_of(gm, a) is NodeKind.ADD and len(a.users) == 1:
                 adds.append(a)
                 stack.append(a)
             else:
@@ -131,7 +131,7 @@ def find_regions(gm: fx.GraphModule, exclude: Iterable[str] = ()) -> list[Region
     exclude = tuple(exclude)
     found, claimed = [], set()
     for root in reversed(nodes):
-        if root.name in claimed or not ops.is_add(root):
+        if root.name in claimed or kind_of(gm, root) is not NodeKind.ADD:
             continue
         region = _region_at(gm, root, exclude, sites, order)
         if region is not None:

@@ -14,6 +14,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils._pytree import tree_leaves
 
 from ..errors import ArgumentError, TraceError
+from . import families
 from .canonical import canonicalize
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ class _ShapeRecorder(fx.Interpreter):
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> Any:
     """Record `tensor_meta` on every node of `gm`, in place, running it in eval mode (its
-    training flag is restored), and keep the inputs for later passes; return the output."""
+    training flag is restored), then each node's op family (`families.tag`: some families
+    are known by their shapes), and keep the inputs for later passes; return the output."""
     inputs = as_tuple(example_inputs)
     was_training = gm.training
     gm.eval()
@@ -60,6 +62,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> Any:
     finally:
         gm.train(was_training)
     gm.meta[INPUTS_META] = tuple(_concrete(t) for t in inputs)
+    families.tag(gm)
     return output
 
 
@@ -149,7 +152,7 @@ def _check_no_global_hooks() -> None:
 CAPTURE_META = "fxmerge_capture"  # how the graph was captured (the path `trace` took)
 
 
-def _capture(model: torch.nn.Module, inputs: tuple, what: str, how: str) -> fx.GraphModule:
+def capture_by(model: torch.nn.Module, inputs: tuple, what: str, how: str) -> fx.GraphModule:
     """`model` captured by `how` ("symbolic_trace" or "torch.export"), canonical, with
     shapes, and checked against the model on `inputs`."""
     if how == "symbolic_trace":
@@ -218,7 +221,7 @@ def trace(model: torch.nn.Module | torch.export.ExportedProgram, example_inputs:
     reasons = []
     for how in ("symbolic_trace", "torch.export"):
         try:  # each path from the model as given (capturing may change its Python state)
-            gm = _capture(copy_model(model), inputs, what, how)
+            gm = capture_by(copy_model(model), inputs, what, how)
         except Exception as exc:  # noqa: BLE001 (each path's failure is reported)
             reasons.append(f"{how}: {_one_line(exc)}")
             log.info("capture of %s by %s failed: %s", what, how, exc)

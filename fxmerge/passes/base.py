@@ -6,6 +6,11 @@ from __future__ import annotations
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+# what the passes record in `GraphModule.meta`
+PLAN_META = "fxmerge_plan"  # the plan a graph was pruned with (kept when it is merged)
+MERGED_META = "fxmerge_merged"  # True once its blocks are merged
+REPARAMETERIZED_META = "fxmerge_reparameterized"  # how many regions were collapsed
+
 
 class FxMergePass(PassBase):
     """`requires(gm)` checks what the pass needs of its input, `call(gm)` returns a

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
+from ..capture import require_graph_module
+
 
 def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
@@ -49,6 +51,8 @@ def diff(before: fx.GraphModule, after: fx.GraphModule) -> GraphDiff:
                 keyed.setdefault(key, []).append(_describe(gm, n))
         return {f"{k}#{i}": d for k, ds in keyed.items() for i, d in enumerate(ds)}
 
+    require_graph_module(before, "diff")
+    require_graph_module(after, "diff")
     a, b = described(before), described(after)
     removed = tuple(a[k] for k in a if k not in b)
     created = tuple(b[k] for k in b if k not in a)

@@ -23,17 +23,16 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..capture import check_canonical, ops
+from ..capture import check_canonical, ops, require_graph_module
 from ..capture.regions import Branch
 from ..capture.trace import example_inputs, propagate_shapes
 from ..errors import PlanError
 from ..plan import Plan
-from ..space import MergeSpace
-from .base import FxMergePass
+from ..space import MergeSpace, require_space_of
+from .base import MERGED_META, PLAN_META, FxMergePass
 
 log = logging.getLogger(__name__)
 
-PLAN_META = "fxmerge_plan"
 
 
 class PrunedGraph:
@@ -165,14 +164,17 @@ def _branch_padding(branch: Branch, delta: int) -> tuple[tuple[int, int], tuple[
     return (rows + crop[0], cols + crop[1]), crop
 
 
-def _set_padding(gm: Editable, name: str, padding: tuple[int, int]) -> None:
-    """Give conv `name` a new padding on a shallow copy, never in place. The copy shares
-    the conv's parameters (`copy.copy` refuses parametrized modules, so copy the dict)."""
+def _set_padding(gm: Editable, name: str, padding: tuple[int, int]) -> bool:
+    """Give conv `name` a new padding on a shallow copy, never in place; whether it moved.
+    The copy shares the conv's parameters (`copy.copy` refuses parametrized modules, so
+    copy the dict)."""
     conv = gm.get_submodule(name)
-    if tuple(conv.padding) != padding:
-        new = conv.__class__.__new__(conv.__class__)
-        new.__dict__ = {**conv.__dict__, "padding": padding}
-        gm.add_submodule(name, new)
+    if tuple(conv.padding) == padding:
+        return False
+    new = conv.__class__.__new__(conv.__class__)
+    new.__dict__ = {**conv.__dict__, "padding": padding}
+    gm.add_submodule(name, new)
+    return True
 
 
 def _insert_after(gm: Editable, value: fx.Node, module_name: str) -> None:
@@ -196,11 +198,11 @@ def _bypass(gm: Editable, nodes: list[fx.Node]) -> None:
         gm.graph.erase_node(n)
 
 
-def apply_edits(out: Editable, edits: Edits) -> None:
-    """Edit `out`, a copy of the planned graph (modules are replaced, never changed)."""
+def apply_edits(out: Editable, edits: Edits) -> bool:
+    """Edit `out`, a copy of the planned graph (modules are replaced, never changed);
+    whether anything changed."""
     nodes = {n.name: n for n in out.graph.nodes}
-    for name, pad in edits.paddings:
-        _set_padding(out, name, pad)
+    padded = [_set_padding(out, name, pad) for name, pad in edits.paddings]
     for skip in edits.input_pads:
         source = nodes[skip.source]
         consumer = (next(n for n in source.users if n.op == "call_module"
@@ -222,6 +224,8 @@ def apply_edits(out: Editable, edits: Edits) -> None:
     for names in edits.bypassed:
         _bypass(out, [nodes[n] for n in names])
     out.graph.lint()
+    return any(padded) or bool(edits.input_pads or edits.added_after or edits.norms
+                               or edits.bypassed)
 
 
 def _check_skips(gm: fx.GraphModule, space: MergeSpace) -> None:
@@ -233,46 +237,50 @@ def _check_skips(gm: fx.GraphModule, space: MergeSpace) -> None:
                             f"and {shapes[1]}: the skip could not be aligned")
 
 
-def check_space(gm: fx.GraphModule, space: MergeSpace) -> None:
-    """`PlanError` unless `space` was analysed from `gm` (or a copy of it)."""
-    if not space.describes(gm):
-        names = {n.name for n in gm.graph.nodes}
-        differ = next((n.name for n in space.nodes if n.name not in names), None)
-        where = f"no node '{differ}' here" if differ else "its nodes differ"
-        raise PlanError(f"the space was analysed from another graph ({where}): analyse "
-                        "this graph, or pass the graph the space came from")
-
-
 class PrunePass(FxMergePass):
     """Apply `plan`, made on `space`, to the graph `space` was analysed from.
 
-    requires: a canonical graph, the one `space` describes, and a plan that fits the space.
-    ensures: the plan is recorded on the result; every conv the plan removes is gone and
-    every conv it keeps is called; every skip-add meets equal shapes."""
+    requires: a canonical graph, the one `space` describes (or one this plan pruned
+    already), and a plan that fits the space.
+    call: a new graph with the plan recorded on it; a graph this plan pruned already is
+    returned as it is. `modified` says whether the graph changed (an identity plan on a
+    network without moved paddings changes nothing).
+    ensures: every conv the plan removes is gone and every conv it keeps is called; every
+    skip-add meets equal shapes."""
 
     def __init__(self, plan: Plan, space: MergeSpace) -> None:
         self.plan = plan
         self.space = space
-        self.edits: Edits | None = None
+
+    def done(self, graph_module: fx.GraphModule) -> bool:
+        """Whether `graph_module` is the result of this plan already."""
+        return graph_module.meta.get(PLAN_META) == self.plan
 
     def requires(self, graph_module: fx.GraphModule) -> None:
-        if not isinstance(graph_module, fx.GraphModule):
-            raise PlanError("prune needs a GraphModule: trace the model with fxmerge.trace "
-                            "first")
+        require_graph_module(graph_module, "prune")
         check_canonical(graph_module)
-        check_space(graph_module, self.space)
-        self.edits = resolve(self.space, self.plan)
+        if self.done(graph_module):
+            return
+        if PLAN_META in graph_module.meta:
+            raise PlanError("this graph was pruned with another plan already: prune the "
+                            "traced model, not a pruned one")
+        require_space_of(self.space, graph_module, "prune")
+        self.plan.validate(self.space)
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
+        if self.done(graph_module):
+            return PassResult(graph_module, False)
         out = copy.deepcopy(graph_module)
-        apply_edits(out, self.edits or resolve(self.space, self.plan))
+        changed = apply_edits(out, resolve(self.space, self.plan))
         out.delete_all_unused_submodules()
         out.recompile()
-        propagate_shapes(out, example_inputs(graph_module))
+        propagate_shapes(out, example_inputs(graph_module))  # (and tags the families)
         out.meta[PLAN_META] = self.plan
-        return PassResult(out, True)
+        return PassResult(out, changed)
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
+        if graph_module.meta.get(MERGED_META):
+            return  # given merged already: its blocks are one conv each
         _check_skips(graph_module, self.space)
         called = {n.target for n in graph_module.graph.nodes if n.op == "call_module"}
         left = set(self.plan.removed_convs) & called
@@ -287,16 +295,13 @@ def prune(gm: fx.GraphModule, plan: Plan, space: MergeSpace | None = None) -> fx
     GraphModule; `gm` is not changed. Pass the `space` the plan was made on to skip
     analysing `gm` again. Blocks whose `activation` is on where the network has none get
     the network's activation there (`add_activations`)."""
-    if not isinstance(gm, fx.GraphModule):
-        raise PlanError("prune needs a GraphModule: trace the model with fxmerge.trace first")
+    require_graph_module(gm, "prune")
     space = space if space is not None else plan.space_of(gm)
-    step = PrunePass(plan, space)
-    out = step(gm).graph_module
+    out = PrunePass(plan, space)(gm).graph_module
     log.info("pruned: %d convs removed, %d activations removed, %d added",
-             len(plan.removed_convs), step.edits.removed_activations,
-             len(step.edits.added_after))
+             len(plan.removed_convs), len(plan.removed_activations(space)),
+             len(plan.added_activations(space)))
     return out
-
 
 def prune_graph(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> PrunedGraph:
     """`plan` applied to `gm` (the graph `space` was analysed from) as `prune` does, but

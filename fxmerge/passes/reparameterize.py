@@ -18,16 +18,16 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import algebra
-from ..capture import check_canonical, ops
+from ..capture import check_canonical, ops, require_graph_module
 from ..capture.affine import AffineReader
+from ..capture.families import KIND_META, NodeKind, kind_of, tag
 from ..capture.regions import Region, find_regions
-from ..errors import ArgumentError, MergeError
-from .base import FxMergePass
+from ..errors import MergeError
+from .base import REPARAMETERIZED_META, FxMergePass
 from .merge import check_equal
 
 log = logging.getLogger(__name__)
 
-REPARAMETERIZED_META = "fxmerge_reparameterized"
 
 
 def _collapse(gm: fx.GraphModule, region: Region, nodes: dict[str, fx.Node]) -> None:
@@ -39,7 +39,8 @@ def _collapse(gm: fx.GraphModule, region: Region, nodes: dict[str, fx.Node]) -> 
     reader = AffineReader(gm, source, ops.tensor_shape(source)[1])
     reader.read(output, strict=True)
     after = ops.only_user(output)
-    if after is not None and ops.is_norm(gm, after) and not ops.module_of(gm, after).training:
+    if after is not None and kind_of(gm, after) is NodeKind.NORM \
+            and not ops.module_of(gm, after).training:
         output = after
         reader.read(output, strict=True)
     affine = reader.affine[output]
@@ -47,7 +48,7 @@ def _collapse(gm: fx.GraphModule, region: Region, nodes: dict[str, fx.Node]) -> 
                                                   template.weight.device))
     with gm.graph.inserting_after(output):
         conv = gm.graph.call_module(region.name, (source,))
-    conv.meta = dict(output.meta)
+    conv.meta = {k: v for k, v in output.meta.items() if k != KIND_META}
     output.replace_all_uses_with(conv)
     nodes[region.output] = nodes[output.name] = conv
     for n in reversed(reader.region):
@@ -58,22 +59,20 @@ class ReparameterizePass(FxMergePass):
     """Collapse every region of parallel linear branches into one conv.
 
     requires: a canonical graph (`fxmerge.trace`), every BatchNorm of a region in eval mode.
-    ensures: no region is left; with `verify` (the default), the result computes what the
-    given graph does on its example inputs."""
+    call: a new graph, recorded as re-parameterised (`modified` False where there was no
+    region: the same graph). With `verify` (the default), it also checks that the result computes what the given
+    graph does on its example inputs.
+    ensures: no region is left."""
 
     def __init__(self, *, exclude: Iterable[str] = (), verify: bool = True) -> None:
         self.exclude = tuple(exclude)
         self.verify = verify
-        self.regions: list[Region] = []
-        self.given: fx.GraphModule | None = None
 
     def requires(self, graph_module: fx.GraphModule) -> None:
-        if not isinstance(graph_module, fx.GraphModule):
-            raise ArgumentError("reparameterize needs a GraphModule: trace the model with "
-                                "fxmerge.trace first")
+        require_graph_module(graph_module, "reparameterize")
         check_canonical(graph_module)
-        self.regions = find_regions(graph_module, self.exclude)
-        inside = {name for region in self.regions for name in region.nodes}
+        inside = {name for region in find_regions(graph_module, self.exclude)
+                  for name in region.nodes}
         for node in graph_module.graph.nodes:
             if node.name in inside and node.op == "call_module":
                 module = graph_module.get_submodule(node.target)
@@ -82,34 +81,36 @@ class ReparameterizePass(FxMergePass):
                                      ".eval() on the model before re-parameterising it")
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        self.given = graph_module
+        regions = find_regions(graph_module, self.exclude)
         out = copy.deepcopy(graph_module)
         with torch.no_grad():
             nodes = {n.name: n for n in out.graph.nodes}
-            for region in self.regions:
+            for region in regions:
                 _collapse(out, region, nodes)
         out.graph.lint()
         out.delete_all_unused_submodules()
         out.recompile()
-        out.meta[REPARAMETERIZED_META] = len(self.regions)
-        return PassResult(out, bool(self.regions))
+        tag(out)
+        out.meta[REPARAMETERIZED_META] = graph_module.meta.get(REPARAMETERIZED_META, 0) + len(
+            regions)
+        if self.verify and regions:
+            check_equal(graph_module, out, "re-parameterised", "given")
+        return PassResult(out, bool(regions))
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
         left = find_regions(graph_module, self.exclude)
         if left:
             raise MergeError(f"region at '{left[0].output}' was not collapsed: please report "
                              "this")
-        if self.verify:
-            check_equal(self.given, graph_module, "re-parameterised", "given")
 
 
 def reparameterize(gm: fx.GraphModule, *, exclude: Iterable[str] = (), verify: bool = True
                    ) -> fx.GraphModule:
     """`gm` (from `fxmerge.trace`, in eval mode) with every region of parallel linear
     branches collapsed into one conv, as the re-parameterisation papers deploy their
-    networks; `gm` is not changed. Convs matching `exclude` (names or glob patterns) are in
-    no region. `verify` compares both networks on the graph's example inputs."""
-    step = ReparameterizePass(exclude=exclude, verify=verify)
-    out = step(gm).graph_module
-    log.info("re-parameterised: %d regions collapsed into one conv each", len(step.regions))
-    return out
+    networks; `gm` is not changed. Convs matching `exclude` (names or glob patterns) are in no region.
+    `verify` compares both networks on the graph's example inputs."""
+    result = ReparameterizePass(exclude=exclude, verify=verify)(gm)
+    log.info("re-parameterised: regions collapsed into one conv each (%d in all)",
+             result.graph_module.meta[REPARAMETERIZED_META])
+    return result.graph_module

@@ -10,15 +10,18 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ArgumentError, InfeasibleBudget, TableError
 from ..plan import Plan
 from ..space import MergeSpace
-from ..tables.importance import ImportanceTable
-from ..tables.latency import LatencyTable
 from . import depth, layermerge, layeronly
 from .dp import DPResult, Edge, min_latency, run_dp
 from .method import Method
+
+if TYPE_CHECKING:
+    from ..tables.importance import ImportanceTable
+    from ..tables.latency import LatencyTable
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ span, `Δ = log I` of its all-convs-kept entry, relative to leaving it unchanged
 conv: 0). Where the network has no activation (MobileNetV2's block ends) and
 `add_activations` is on, a span's end may have one added or not, as that paper's
 MobileNetV2 variant chooses: the DP's nodes are (position, activation after it), and each
-choice has its own importance (`space.depth_key`). Latencies are discretised in units of
+choice has its own importance (`depth_key`). Latencies are discretised in units of
 `UNIT_MS`, as that paper does.
 """
 
@@ -16,16 +16,86 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
 from itertools import pairwise
+from typing import TYPE_CHECKING
 
-from ..space import MergeSpace
-from ..tables.base import Key
-from ..tables.importance import ImportanceTable
-from ..tables.latency import LatencyTable
+from ..space import Entry, MergeSpace
 from .dp import Edge
 from .method import Method
 
+if TYPE_CHECKING:
+    from ..tables.base import Key
+    from ..tables.importance import ImportanceTable
+    from ..tables.latency import LatencyTable
+
 UNIT_MS = 0.05
+
+
+@dataclass(frozen=True)
+class DepthKey:
+    """Depth's importance key for a block whose ends it may change: block `(i, j)` merged
+    whole, with an activation after position `i` (`start`) and after `j` (`end`) or not.
+    (A dataclass, not a tuple, so that it never equals an `Entry`.)"""
+
+    i: int
+    j: int
+    start: bool
+    end: bool
+
+
+def activation_options(space: MergeSpace, p: int) -> tuple[bool, ...]:
+    """Whether an activation may follow position `p` at a block's end: where the network
+    has one (and at the input) it stays; where it has none, Depth may add one when
+    `add_activations` is on (its paper's choice at MobileNetV2's block ends)."""
+    if p == 0 or space.activation(p) is not None:
+        return (True,)
+    return (False, True) if space.add_activations else (False,)
+
+
+def _as_is(space: MergeSpace, i: int, j: int) -> tuple[bool, bool]:
+    """(start, end) activations of block `(i, j)` as its full entry has them."""
+    return i == 0 or space.activation(i) is not None, space.end_activation(i, j) is not None
+
+
+def activation_choices(space: MergeSpace, i: int, j: int) -> tuple[tuple[bool, bool], ...]:
+    """Depth's (start, end) activation choices for block `(i, j)`, restricted as its
+    authors do: a block starting where the network has no activation chooses its start
+    (and has one at its end where it may), any other block chooses its end; the full
+    entry's choice is always among them, so the original network is a path."""
+    starts, ends = activation_options(space, i), activation_options(space, j)
+    if len(starts) > 1:
+        choices = {(start, ends[-1]) for start in starts}
+    else:
+        choices = {(starts[0], end) for end in ends}
+    return tuple(sorted(choices | {_as_is(space, i, j)}))
+
+
+def depth_key(space: MergeSpace, i: int, j: int, start: bool, end: bool
+              ) -> Entry | DepthKey | None:
+    """The importance key scoring block `(i, j)` merged whole with these end activations:
+    None for the original network (one conv, its ends as they are), the block's full entry
+    when that entry's network is the same, else a `DepthKey`."""
+    if (start, end) != _as_is(space, i, j):
+        return DepthKey(i, j, start, end)
+    return None if j == i + 1 else space.full_entries[(i, j)]
+
+
+@lru_cache(maxsize=16)
+def depth_choices(space: MergeSpace) -> dict[tuple[int, int], tuple[tuple[bool, bool, Key | None],
+                                                                   ...]]:
+    """Every block's `(start, end, depth_key(...))` activation choices (what the Depth
+    solver reads), computed once per space."""
+    return {(i, j): tuple((start, end, depth_key(space, i, j, start, end))
+                          for start, end in activation_choices(space, i, j))
+            for i, j in space.full_entries}
+
+
+def depth_keys(space: MergeSpace) -> tuple[DepthKey, ...]:
+    """The keys Depth's activation choices need beyond the full entries."""
+    return tuple(key for choices in depth_choices(space).values()
+                 for _, _, key in choices if isinstance(key, DepthKey))
 
 
 def fastest_splits(space: MergeSpace, latency: LatencyTable) -> dict:
@@ -50,20 +120,20 @@ def node(p: int, activation: bool) -> int:
 
 def importance_keys(space: MergeSpace) -> list[Key]:
     """The importance Depth reads: each block of several convs merged whole (its full
-    entry), and `space.depth_keys` where its ends may change."""
+    entry), and `depth_keys` where its ends may change."""
     full = [e for (i, j), e in space.full_entries.items() if j - i > 1]
-    return [*full, *space.depth_keys]
+    return [*full, *depth_keys(space)]
 
 
 def edges(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable) -> list[Edge]:
-    """An edge per block and choice of its end activations (`space.depth_choices`),
+    """An edge per block and choice of its end activations (`depth_choices`),
     from `node(i, start)` to `node(j, end)`; then free edges from both nodes of position L
     to the last node."""
     latency.check(space, list(space.full_entries.values()))
     importance.check(space, importance_keys(space))
     splits = fastest_splits(space, latency)
     out = []
-    for (i, j), choices in space.depth_choices.items():
+    for (i, j), choices in depth_choices(space).items():
         t_opt, cuts = splits[(i, j)]
         for start, end, key in choices:
             out.append(Edge(node(i, start), node(j, end), t_opt,

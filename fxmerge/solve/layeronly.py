@@ -10,12 +10,15 @@ Irreducible convs are always kept (worth 1, a constant).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from ..space import MergeSpace
-from ..tables.importance import ImportanceTable
-from ..tables.latency import LatencyTable
 from .dp import Edge
 from .method import Method
+
+if TYPE_CHECKING:
+    from ..tables.importance import ImportanceTable
+    from ..tables.latency import LatencyTable
 
 
 def importance_keys(space: MergeSpace) -> list[str]:

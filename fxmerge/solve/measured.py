@@ -31,7 +31,7 @@ from ..backends.timing import (
 from ..errors import ArgumentError, InfeasibleBudget
 from ..plan import Plan
 from ..progress import Progress
-from ..space import MergeSpace
+from ..space import MergeSpace, require_space_of
 from ..tables.importance import ImportanceTable
 from ..tables.latency import LatencyTable
 from . import fastest_latency, fastest_plan, solve
@@ -69,8 +69,9 @@ class NetworkTimer:
         if min(preparations, repeat) < 1:
             raise ArgumentError(f"repeat and preparations must be positive, got {repeat}, "
                              f"{preparations}")
+        require_space_of(space, gm, "NetworkTimer")
         self.gm, self.space = gm, space
-        self.backend, self.device = get_backend(backend).value, torch.device(device)
+        self.backend, self.device = get_backend(backend), torch.device(device)
         self.inputs = timing_inputs(gm, batch_size, self.device)
         self.repeat, self.warmup = repeat, warmup
         self.preparations = min(preparations, repeat)  # at least one round each

@@ -23,8 +23,8 @@ from ..capture.trace import ExampleInputs, as_tuple
 from ..errors import TableError
 from ..passes.prune import PrunedGraph, prune_graph
 from ..progress import progress as iterate
-from ..space import MergeSpace
-from .base import Key, check_graph_of
+from ..space import MergeSpace, require_space_of
+from .base import Key
 from .importance import ImportanceSettings, ImportanceTable, importance_jobs
 
 
@@ -117,7 +117,7 @@ def agreement_importance(space: MergeSpace, gm: fx.GraphModule, batch: ExampleIn
     `estimate_importance`), exp(-relative squared error) of the output of the network with
     only that change against the original's on `batch`. `gm` is the graph `space` was
     analysed from. About one partial forward of `batch` per key."""
-    check_graph_of(gm, space, "agreement_importance(space, gm, batch)")
+    require_space_of(space, gm, "agreement_importance")
     was_training = gm.training
     gm.eval()
     try:

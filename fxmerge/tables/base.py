@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 from ..errors import ArgumentError, TableError
-from ..space import IDENTITY, DepthKey, Entry, MergeSpace
+from ..solve.depth import DepthKey
+from ..space import IDENTITY, Entry, MergeSpace
 
 # an entry (i, j, k, dw); a conv name (LayerOnly's per-conv importance); or a block with
 # chosen end activations (Depth's importance)
@@ -123,6 +124,8 @@ class EntryTable:
         `settings` are fields of the table's settings type (`source` is "user values")."""
         try:
             typed = cls.settings_type(**{"source": "user values", **settings})
+        except ArgumentError:  # a setting's own check (an unknown backend)
+            raise
         except TypeError as exc:
             raise ArgumentError(f"{cls.kind} table settings: {exc}") from None
         table = cls({_normalise(k): v for k, v in values.items()}, space.signature, typed,
@@ -185,17 +188,6 @@ class EntryTable:
         return cls({_key_from_json(k): v for k, v in rows}, signature,
                    cls.settings_type.from_dict(settings, f"{cls.kind} table"),
                    tuple(tuple(s) for s in shapes))
-
-
-def check_graph_of(gm: Any, space: MergeSpace, call: str) -> None:
-    """`ArgumentError` unless `gm` is the GraphModule `space` was analysed from."""
-    from torch import fx
-
-    if not isinstance(gm, fx.GraphModule):
-        raise ArgumentError(f"{call}: gm must be the GraphModule the space was analysed from "
-                            f"(fxmerge.trace), got {type(gm).__name__}")
-    if not space.describes(gm):
-        raise ArgumentError(f"{call}: the space was analysed from another graph than gm")
 
 
 def key_name(key: Key) -> Any:

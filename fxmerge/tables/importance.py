@@ -22,18 +22,20 @@ from pathlib import Path
 
 from torch import fx, nn
 
+from ..capture.families import NodeKind
 from ..capture.trace import ensure_shapes, example_inputs
 from ..errors import TableError
 from ..plan import Plan
 from ..progress import Progress
-from ..space import DepthKey, Entry, MergeSpace, NodeKind
+from ..solve.depth import DepthKey, depth_keys
+from ..solve.layermerge import choose_convs
+from ..space import Entry, MergeSpace, require_space_of
 from .base import (
     EntryTable,
     Key,
     TableSettings,
     _key_from_json,
     _key_to_json,
-    check_graph_of,
 )
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ def block_plan(space: MergeSpace, entry: Entry, scores: dict[str, float]) -> Pla
     i, j, k, dw = entry
     positions = sorted([*_singletons(space, range(i + 1, j + 1)), (i, j)])
     kept = {c.name for c in space.convs} - {c.name for c in space.convs[i:j]}
-    kept |= set(space.choose_convs(i, j, k, dw, scores))
+    kept |= set(choose_convs(space, i, j, k, dw, scores))
     return Plan.from_positions(space, positions, kept, method=f"importance:{tuple(entry)}")
 
 
@@ -194,10 +196,10 @@ def reset_modules(space: MergeSpace, entry: Entry) -> tuple[str, ...]:
 
 def importance_keys(space: MergeSpace) -> list[Key]:
     """Every key a table of `space` can hold, of each kind: the entries (LayerMerge's),
-    Depth's keys where a block's end activations may change (`space.depth_keys`), and the
+    Depth's keys where a block's end activations may change (`solve.depth.depth_keys`), and the
     name of each reducible conv (LayerOnly's removal of it). A method's own keys are
     `fxmerge.solve.get_method(name).importance_keys(space)`."""
-    return [*space.entries, *space.depth_keys,
+    return [*space.entries, *depth_keys(space),
             *(c.name for c in space.convs if not c.irreducible)]
 
 
@@ -250,7 +252,7 @@ def estimate_importance(
     `reset_single` re-initialises the conv (and norm) of each single-conv entry before the
     fine-tune, as the authors do; by default it is on exactly when there is a `finetune`.
     """
-    check_graph_of(gm, space, "estimate_importance(space, gm, evaluate=...)")
+    require_space_of(space, gm, "estimate_importance")
     path = Path(cache) if cache is not None else None
     if reset_single is None:
         reset_single = finetune is not None

@@ -14,12 +14,13 @@ import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
+from enum import Enum
 from pathlib import Path
 
 import torch
 from torch import fx, nn
 
-from ..backends.runtimes import get_backend, plan_runner, prepare
+from ..backends.runtimes import Backend, get_backend, plan_runner, prepare
 from ..backends.timing import (
     Timing,
     check_load,
@@ -28,12 +29,12 @@ from ..backends.timing import (
     timing_inputs,
     using_threads,
 )
-from ..capture.ops import ACTIVATION_CLASSES
+from ..capture.families import ACTIVATION_CLASSES
 from ..errors import TableError
 from ..plan import Plan
 from ..progress import progress as iterate
-from ..space import IDENTITY, Entry, MergeSpace
-from .base import EntryTable, TableSettings, check_graph_of
+from ..space import IDENTITY, Entry, MergeSpace, require_space_of
+from .base import EntryTable, TableSettings
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,21 @@ def entry_layer(space: MergeSpace, entry: Entry, batch_size: int | None = None) 
                      k // 2, merged.groups, space.end_activation(i, j), merged.dilation)
 
 
+class Check(str, Enum):
+    """What a latency table's check against the whole network found."""
+
+    OK = "ok"
+    FAILED = "failed"  # `check_failure` says why
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class LatencySettings(TableSettings):
     """How a latency table was timed, and what its check against the network found."""
 
-    backend: str = "eager"
+    backend: Backend = Backend.EAGER
     device: str = "cpu"
     machine: str | None = None
     batch_size: int | None = None
@@ -104,7 +115,7 @@ class LatencySettings(TableSettings):
     torch: str | None = None
     statistic: str = "median"
     spread: float | None = None  # median interquartile range / median over the layers
-    check: str | None = None  # "ok" or "failed" (then `check_failure` says why); None: none
+    check: Check | None = None  # None: not checked
     check_failure: str | None = None
     network_ms: float | None = None  # the whole original network, timed by the check
     table_share: float | None = None  # the table's sum over `network_ms`
@@ -112,6 +123,11 @@ class LatencySettings(TableSettings):
     num_layers: int | None = None  # distinct convs
     num_timed: int | None = None
     seconds: float | None = None  # the time the table took
+
+    def __post_init__(self) -> None:  # JSON's strings as the enums they name
+        object.__setattr__(self, "backend", get_backend(self.backend))
+        if self.check is not None:
+            object.__setattr__(self, "check", Check(self.check))
 
     def timing_conditions(self) -> dict:
         """What a cached timing must share to be reused."""
@@ -130,7 +146,7 @@ class LatencyTable(EntryTable):
     @property
     def check_failure(self) -> str | None:
         """Why the table failed its check against the whole network, or None."""
-        if self.settings.check == "failed":
+        if self.settings.check is Check.FAILED:
             return self.settings.check_failure or "no reason recorded"
         return None
 
@@ -190,17 +206,17 @@ def measure_latency(
     when `gm`, the graph `space` was analysed from, is given), the original
     network (BatchNorm folded) is timed whole on the same backend; a table whose sum is not a
     plausible share of it (`PLAUSIBLE_TABLE_SHARE`) is timed again, and if it still is not,
-    a warning says so and `settings.check` records it ("failed", with the reason in
+    a warning says so and `settings.check` records it (`Check.FAILED`, with the reason in
     `check_failure`; `solve` repeats the warning). `threads`: time with this many intra-op
     threads (torch's number is restored after); a table holds at the thread count it was
     timed with, recorded in `settings.threads`. A machine busier than its cores while
     timing gets a `BusyMachineWarning`.
     """
-    backend = get_backend(backend).value
+    backend = get_backend(backend)
     if check is None:
         check = gm is not None
     if check:
-        check_graph_of(gm, space, "measure_latency(space, gm, check=True)")
+        require_space_of(space, gm, "measure_latency")
     device = torch.device(device)
     with using_threads(threads):  # restored after
         batch = batch_size or space.input_shape(0)[0]
@@ -239,7 +255,7 @@ def measure_latency(
             log.warning("%s; timing the table again", verdict)
             timings = {}
         if check and verdict is not None:
-            table.settings = replace(table.settings, check="failed", check_failure=verdict)
+            table.settings = replace(table.settings, check=Check.FAILED, check_failure=verdict)
             warnings.warn(f"latency table: {verdict}; the machine was probably busy: time it "
                           "again on an idle machine", stacklevel=2)
         table.settings = replace(table.settings, num_entries=len(values),
@@ -261,7 +277,7 @@ def _check_against_network(table: LatencyTable, space: MergeSpace, gm: fx.GraphM
     network = time_callable(lambda: run(*inputs), device, warmup=3, repeat=10)
     share = table.identity_latency(space) / network.ms
     table.settings = replace(table.settings, network_ms=round(network.ms, 6),
-                             table_share=round(share, 4), check="ok")
+                             table_share=round(share, 4), check=Check.OK)
     low, high = PLAUSIBLE_TABLE_SHARE
     if low <= share <= high:
         return None

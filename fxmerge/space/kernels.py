@@ -1,0 +1,171 @@
+"""The kernel search: what each block's kept convs merge into, and which blocks are legal.
+
+A `MergeState` is what a block's kept convs merge into so far; keeping one more conv widens
+it (docs/method.md §4). A block's kernel options are the states reachable keeping its
+irreducible convs and any of the others, within the space's `max_kernel_bytes`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+from .records import IDENTITY, Conv, Entry, KernelOption, MergedConv
+
+if TYPE_CHECKING:
+    from .space import MergeSpace
+
+
+class MergeState(NamedTuple):
+    """What a block's kept convs merge into so far."""
+
+    extent: int = 1  # the merged kernel's side, in input pixels
+    stride: int = 1  # the kept convs' strides multiplied
+    depthwise: bool = True  # every kept conv is depthwise
+    kept: bool = False  # some conv is kept
+    step: int = 0  # the taps' spacing: gcd of `dilation * stride` of the kept (0: none yet)
+    groups: int = 0  # gcd of the kept convs' groups (0: none yet; gcd(0, n) = n)
+    over: bool = False  # merging it materialises more than `max_kernel_bytes`
+
+    def keep(self, c: Conv) -> MergeState:
+        """Also keep conv `c`: its kernel, taps `dilation * stride` apart, widens the field;
+        strides multiply; the taps lie on the gcd of the steps (a 1x1 has none); groups are
+        the gcd of theirs; depthwise only if every conv is. Whether it goes over the bound
+        is `extend`'s to say."""
+        tap = c.dilation * self.stride if c.kernel > 1 else 0
+        return self._replace(extent=self.extent + (c.kernel - 1) * tap,
+                             stride=self.stride * c.stride,
+                             depthwise=self.depthwise and c.depthwise, kept=True,
+                             step=math.gcd(self.step, tap), groups=math.gcd(self.groups, c.groups))
+
+    @property
+    def taps(self) -> int:
+        """Taps per side of the merged kernel."""
+        return (self.extent - 1) // self.step + 1 if self.step else 1
+
+    @property
+    def option(self) -> KernelOption:
+        return KernelOption(self.extent, self.depthwise)
+
+
+EMPTY = MergeState()
+
+
+def composition_bytes(space: MergeSpace, i: int, state: MergeState, c: Conv,
+                      new: MergeState) -> int:
+    """The most a merge of block `(i, ...)` materialises when it composes conv `c` onto the
+    convs merged into `state`, giving `new` (0 when `c` comes first): the new kernel, or the
+    merged one re-grouped to the new groups, whichever has more outputs."""
+    if not state.kept:
+        return 0
+    in_per_group = space.convs[i].in_channels // new.groups
+    return max(c.in_channels, c.out_channels) * in_per_group * new.taps ** 2 * 8
+
+
+def extend(space: MergeSpace, i: int, state: MergeState, c: Conv) -> MergeState:
+    """`state.keep(c)`, marked `over` once block `(i, ...)`'s merge exceeds the bound."""
+    new = state.keep(c)
+    over = state.over or composition_bytes(space, i, state, c, new) > space.max_kernel_bytes
+    return new._replace(over=over)
+
+
+def kernel_of(space: MergeSpace, kept: Iterable[int]) -> KernelOption:
+    """Merged (kernel, depthwise) of the convs with these indices, in order."""
+    state = EMPTY
+    for idx in sorted(kept):
+        state = state.keep(space.convs[idx - 1])
+    return state.option
+
+
+def merge_peak_bytes(space: MergeSpace, i: int, kept: Iterable[int]) -> int:
+    """The most merging these convs (indices) of a block starting at `i` materialises."""
+    state, peak = EMPTY, 0
+    for idx in sorted(kept):
+        c = space.convs[idx - 1]
+        new = state.keep(c)
+        peak = max(peak, composition_bytes(space, i, state, c, new))
+        state = new
+    return peak
+
+
+def reachable_states(space: MergeSpace, i: int, j: int) -> set[MergeState]:
+    """Every state reachable keeping block `(i, j)`'s irreducible convs and any others."""
+    states = {EMPTY}
+    for c in space.convs[i:j]:
+        kept = {extend(space, i, state, c) for state in states}
+        states = kept if c.irreducible else kept | states
+    return states
+
+
+def merged_conv(space: MergeSpace, i: int, j: int, state: MergeState) -> MergedConv:
+    """The native conv block `(i, j)` becomes from `state`: its taps, their dilation, its
+    groups (1 where it fuses a projection shortcut) and kernel bytes."""
+    groups = state.groups
+    if any(i <= s.source and s.target <= j and s.projection for s in space.skips):
+        groups = 1
+    in_channels, out_channels = space.convs[i].in_channels, space.convs[j - 1].out_channels
+    return MergedConv(state.taps, state.step or 1, groups,
+                      out_channels * (in_channels // groups) * state.taps ** 2 * 8)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """The legal blocks of a space and their kernel options."""
+
+    options: Mapping[tuple[int, int], tuple[KernelOption, ...]]
+    merged: Mapping[Entry, MergedConv]  # each entry's merged conv (the largest way to it)
+    over_bound: int  # kernel options left out for their size
+    oversized: frozenset[tuple[int, int]]  # blocks the bound left without any option
+
+
+def _crosses_segment(space: MergeSpace, i: int, j: int) -> bool:
+    return any((i < s.source < j < s.target) or (s.source < i < s.target < j)
+               for s in space.skips)
+
+
+def enumerate_blocks(space: MergeSpace) -> Blocks:
+    """Every legal block `(i, j)`: no break inside, no residual segment crossed; its
+    options are the kernels its reachable states give within the bound."""
+    options: dict[tuple[int, int], tuple[KernelOption, ...]] = {}
+    every: dict[Entry, MergedConv] = {}
+    over_bound, oversized = 0, set()
+    L = len(space.convs)
+    for i in range(L):
+        for j in range(i + 1, L + 1):
+            if j - 1 > i and (j - 1) in space.breaks:
+                break
+            if _crosses_segment(space, i, j):
+                continue
+            merged: dict[KernelOption, MergedConv] = {}
+            over: set[KernelOption] = set()
+            for state in reachable_states(space, i, j):
+                if not state.kept:
+                    continue
+                if state.over:  # its merge would materialise too much
+                    over.add(state.option)
+                    continue
+                conv = merged_conv(space, i, j, state)
+                if state.option not in merged or conv.bytes > merged[state.option].bytes:
+                    merged[state.option] = conv
+            over_bound += len(over - set(merged))
+            every.update({Entry(i, j, *o): conv for o, conv in merged.items()})
+            if merged:
+                options[(i, j)] = tuple(sorted(merged))
+            elif over:
+                oversized.add((i, j))
+    for p in _removable_alone(space, options):
+        options[(p - 1, p)] = (IDENTITY, *options[(p - 1, p)])
+    return Blocks(options, every, over_bound, frozenset(oversized))
+
+
+def _removable_alone(space: MergeSpace, options: Mapping[tuple[int, int], object]
+                     ) -> list[int]:
+    """Reducible convs that only a block of their own can hold, outside every residual
+    segment (the 3x3 conv after an upsample): removing them is an entry of its own, since
+    no neighbouring block can absorb the identity."""
+    return [c.index for c in space.convs
+            if not c.irreducible
+            and [b for b in options if b[0] < c.index <= b[1]] == [(c.index - 1, c.index)]
+            and not any(s.source < c.index <= s.target for s in space.skips)]

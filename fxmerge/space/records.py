@@ -1,0 +1,142 @@
+"""The plain records a merge space is made of: convs, skips, units, graph nodes, entries.
+
+Positions follow docs/method.md: conv `p` (1-based) sits between positions `p-1` and `p`;
+position `p` is "after conv p" (after its norm, its skip-add and its activation). A block
+`(i, j)` merges convs `i+1 .. j` into one conv.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import NamedTuple
+
+from ..capture.families import NodeKind
+
+MAX_KERNEL_BYTES = 2**29  # 512 MiB: the largest kernel a merge may materialise (§1)
+
+
+class StrideRule(str, Enum):
+    """What may follow a strided conv inside a block (docs/method.md §2)."""
+
+    PAPER = "paper"  # one 1x1 conv at most, as the authors
+    EXACT = "exact"  # any kernel, merged by dilating it
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Entry(NamedTuple):
+    """One table entry: block `(i, j)` merged into a `k`x`k` conv, depthwise or not."""
+
+    i: int
+    j: int
+    k: int
+    dw: bool
+
+
+class KernelOption(NamedTuple):
+    kernel: int
+    depthwise: bool
+
+
+IDENTITY = KernelOption(0, False)  # a block that keeps no conv: latency 0
+
+
+class MergedConv(NamedTuple):
+    """The conv an entry becomes, in native form: taps per side, their dilation, groups, and
+    the bytes of its float64 kernel (what the merge materialises)."""
+
+    kernel: int
+    dilation: int
+    groups: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Conv:
+    """A searchable convolution of the main path, or a region of parallel branches read as
+    the one conv it collapses into (named after its largest conv; docs/method.md §4b)."""
+
+    index: int
+    name: str
+    node: str
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    padding: int
+    dilation: int
+    groups: int
+    bias: bool
+    norm: str | None
+    activation: str | None
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    relocatable_norm: str | None = None  # a GroupNorm before the activation (DDPM)
+    activation_module: str | None = None  # the module the activation node calls
+    score: float = 0.0  # eq. 3's score: the l1 norm of the weight, at analysis
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups > 1 and self.groups == self.in_channels == self.out_channels
+
+    @property
+    def irreducible(self) -> bool:
+        """Input and output shapes differ (or it strides), so it cannot become identity."""
+        return self.in_shape != self.out_shape or self.stride > 1
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A residual segment: the value at position `source` is added at position `target`."""
+
+    source: int
+    target: int
+    add_node: str
+    source_node: str
+    projection: str | None = None
+    projection_norm: str | None = None
+    projection_stride: int = 1
+
+
+@dataclass(frozen=True)
+class GraphNode:
+    """One node of the analysed graph, as plain data: its name, op, target, kind and the
+    names of the nodes it reads."""
+
+    name: str
+    op: str
+    target: str
+    kind: NodeKind
+    inputs: tuple[str, ...]
+    op_name: str = ""  # the module's class or the function's name: `Conv2d`, `cat`, `mul`
+    label: str = ""  # what a barrier is, for reports (its family's label)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """FX node names of one conv's unit: conv -> [foldable norm] -> [conditioning add] ->
+    [skip add] -> [relocatable norm -> activation] (or [activation])."""
+
+    input: str
+    conv: str  # the conv node, or a region's output (its root add)
+    norm: str | None
+    add: str | None
+    act: str | None
+    cond: str | None = None
+    rnorm: str | None = None
+    region: tuple[str, ...] = ()  # a region's nodes, its output last (`capture.regions`)
+
+    @property
+    def pre_skip(self) -> str:
+        """The value the skip is added to (where a relocated norm goes)."""
+        return self.cond or self.norm or self.conv
+
+    @property
+    def pre_activation(self) -> str:
+        return self.rnorm or self.add or self.pre_skip
+
+    @property
+    def output(self) -> str:
+        return self.act or self.pre_activation
