@@ -32,8 +32,8 @@ from plans import (
     summarize_plans,
 )
 
-from fxmerge import ImportanceTable, Plan
-from fxmerge.demos.classify import (
+from fxmerge import ImportanceTable, Plan, measure_latency, score_plan
+from fxmerge.demos import (
     DemoConfig,
     Trained,
     estimator,
@@ -41,8 +41,6 @@ from fxmerge.demos.classify import (
     finetune_plan,
     train_seed,
 )
-from fxmerge.tables.importance import score_plan
-from fxmerge.tables.latency import measure_latency
 
 
 def plan_delta(trained: Trained, plan: Plan, config: DemoConfig,

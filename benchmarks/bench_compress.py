@@ -3,7 +3,7 @@ at one budget, with and without distillation in the fine-tune.
 
     python benchmarks/bench_compress.py [--budget 0.55] [--importance finetune]
 
-Each job is the CLI's own code path (`fxmerge.cli.main(["compress", ...])`). The original
+Each job is the command line itself (`fxmerge compress ...`, run as a process). The original
 is trained once (12 epochs, seed 0) and its checkpoint and latency table are shared by the
 four jobs, so they compress the same network on the same table; the two jobs of a
 method share its importance table. Images are decoded once and kept in memory. Writes
@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from common import write
 
-from fxmerge.cli import main
-from fxmerge.demos.shared import write_digits_folder
+from fxmerge.demos import write_digits_folder
 
 SHARED = ("original-train.pt", "latency.json", "latency-cache.json")
 
@@ -46,12 +46,12 @@ def run() -> None:
             if same != out and (same / f"importance-{args.importance}.json").exists():
                 shutil.copy(same / f"importance-{args.importance}.json", out)
             started = time.perf_counter()
-            code = main(["compress", "fxmerge:DemoMobileNetV2", "--data", str(data),
+            code = subprocess.call(["fxmerge", "compress", "fxmerge:DemoMobileNetV2", "--data", str(data),
                          "--grayscale", "--size", "32", "--exclude", "stem.0", "head.0",
                          "--budget", str(args.budget), "--method", method,
                          "--importance", args.importance, "--train-epochs", "12",
                          "--epochs", "4", "--kd-weight", str(kd), "--latency-batch", "64",
-                         "--out", str(out), "--quiet"])
+                         "--out", str(out), "--quiet"])  # the command line itself
             if code != 0:
                 rows.append({"method": method, "kd_weight": kd, "result": f"exit {code}"})
                 continue

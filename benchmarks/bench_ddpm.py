@@ -18,9 +18,8 @@ import torch
 from common import write
 
 import fxmerge
-from fxmerge.backends.timing import time_interleaved
+from fxmerge import agreement_importance, time_interleaved
 from fxmerge.models import DDPM_EXCLUDE, DDPMUNet
-from fxmerge.tables.agreement import agreement_importance
 
 # LayerMerge paper, Table 4 (DDPM on CIFAR-10, PyTorch speed-up)
 PAPER = {("layermerge", 0.73): 1.13, ("layermerge", 0.70): 1.16, ("layermerge", 0.58): 1.27,

@@ -49,11 +49,14 @@ from plans import (
     summarize_plans,
 )
 
-from fxmerge.demos.classify import DemoConfig, finetune_importance, finetune_plan, train_seed
-from fxmerge.demos.shared import time_against_original
-from fxmerge.passes import transform
-from fxmerge.plan import Plan
-from fxmerge.tables.latency import measure_latency
+from fxmerge import Plan, measure_latency, transform
+from fxmerge.demos import (
+    DemoConfig,
+    finetune_importance,
+    finetune_plan,
+    time_against_original,
+    train_seed,
+)
 
 
 def run_seed(config: DemoConfig, seed: int, budgets: list[float]) -> list[dict]:

@@ -21,11 +21,14 @@ from pathlib import Path
 
 from common import write
 
-from fxmerge import ImportanceTable, agreement_importance
-from fxmerge.demos.classify import DemoConfig, spearman, train_seed
-from fxmerge.space import Entry
-from fxmerge.tables.agreement import OutputAgreement
-from fxmerge.tables.importance import estimate_importance
+from fxmerge import (
+    Entry,
+    ImportanceTable,
+    OutputAgreement,
+    agreement_importance,
+    estimate_importance,
+)
+from fxmerge.demos import DemoConfig, spearman, train_seed
 
 BATCHES = (64, 32, 16)
 ROUNDS = 5

@@ -23,9 +23,13 @@ from common import calibrate_batchnorm, write
 from timm.utils.model import reparameterize_model
 
 import fxmerge
-from fxmerge.backends.timing import time_against_reference, using_threads
-from fxmerge.solve.measured import NetworkTimer, solve_measured
-from fxmerge.tables.agreement import agreement_importance
+from fxmerge import (
+    NetworkTimer,
+    agreement_importance,
+    solve_measured,
+    time_against_reference,
+    using_threads,
+)
 
 REFERENCE = "timm reparameterize_model"
 

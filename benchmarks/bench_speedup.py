@@ -31,8 +31,7 @@ import torchvision
 from common import write
 
 import fxmerge
-from fxmerge.solve.measured import NetworkTimer, solve_measured
-from fxmerge.tables.agreement import agreement_importance
+from fxmerge import NetworkTimer, agreement_importance, solve_measured
 
 MBV2_EXCLUDE = ["features.0.0", "features.18.0"]
 MODELS = {

@@ -16,7 +16,7 @@ import torchvision
 from common import write
 
 import fxmerge
-from fxmerge.solve.measured import NetworkTimer, solve_measured
+from fxmerge import NetworkTimer, solve_measured
 
 EXCLUDE = ["features.0.0", "features.18.0"]
 

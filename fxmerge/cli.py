@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from collections.abc import Sequence
 from dataclasses import replace
+from enum import Enum
 from pathlib import Path
 
 import torch
 
 from .backends.runtimes import BACKENDS
 from .errors import ArgumentError, FxMergeError, ModelSpecError
+from .job import BudgetBasis
 from .models.hub import attribute, load_model
+from .pipeline import JobSettings
 from .solve import METHODS
-from .space import MAX_KERNEL_BYTES
+from .space import MAX_KERNEL_BYTES, StrideRule
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2  # argparse also exits with 2 on bad usage
 
@@ -71,6 +76,33 @@ def example_batch(args: argparse.Namespace, batch: int | None = None) -> tuple:
     return tuple(inputs)
 
 
+def add_settings(p: argparse.ArgumentParser, settings: type) -> None:
+    """An option `--NAME` for every field of a settings dataclass, from its one default,
+    help string and choices (the field's metadata)."""
+    types = typing.get_type_hints(settings)
+    for f in dataclasses.fields(settings):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        required = f.default is dataclasses.MISSING
+        shown = f.default.value if isinstance(f.default, Enum) else f.default
+        help_text = meta["help"] + ("" if required or f.default is None
+                                    else f" (default: {shown})")
+        if types[f.name] is bool:
+            p.add_argument(flag, action="store_true", help=help_text)
+            continue
+        kind = next((t for t in typing.get_args(types[f.name]) if t is not type(None)),
+                    types[f.name])
+        choices = meta.get("choices")
+        p.add_argument(flag, type=str if choices else kind, required=required,
+                       default=None if required else f.default, help=help_text,
+                       choices=[str(c) for c in choices] if choices else None,
+                       metavar=meta.get("metavar"))
+
+
+def settings_from(args: argparse.Namespace, settings: type) -> object:
+    """The settings dataclass the options of `add_settings` were given for."""
+    return settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(settings)})
+
+
 def _add_model_args(p: argparse.ArgumentParser, pruned_weights: bool = False,
                     analysis: bool = True) -> None:
     p.add_argument("model", help="torchvision:NAME[:k=v,...], timm:NAME[:k=v,...], "
@@ -92,7 +124,7 @@ def _add_model_args(p: argparse.ArgumentParser, pruned_weights: bool = False,
                    help="module names or glob patterns of convs kept out of the search")
     if not analysis:
         return
-    p.add_argument("--stride-rule", choices=["paper", "exact"], default="paper",
+    p.add_argument("--stride-rule", choices=[str(r) for r in StrideRule], default="paper",
                    help="paper: a strided conv ends its block unless one 1x1 conv follows "
                    "(as the authors); exact: any kernel may follow it (default: paper)")
     p.add_argument("--add-activations", choices=["auto", "on", "off"], default="auto",
@@ -150,6 +182,8 @@ def _save(path: str | None, obj: object) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from .space import reach
+
     _, space = _space(args)
     print(space.summary())
     _write(args.out, json.dumps({
@@ -159,7 +193,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         "convs": [c.name for c in space.convs],
         "entries": [list(e) for e in space.entries],
         "capture": space.capture,
-        "reach": space.reach(),
+        "reach": reach(space),
     }, indent=1))
     return EXIT_OK
 
@@ -215,40 +249,25 @@ def _tables(args: argparse.Namespace):
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
-    from .errors import InfeasibleBudget
-    from .solve import fastest_latency, frontier, solve
-    from .solve.measured import NetworkTimer, solve_measured
+    from .job import Job
+    from .solve import frontier
 
-    gm, space = _space(args)
     latency, importance = _tables(args)
-    latency.check(space)
-    original = latency.identity_latency(space)
-    floor = fastest_latency(space, latency, importance, args.method)
-    print(f"reach: the fastest {args.method} plan's table latency is {floor:.4g} ms, "
-          f"{floor / original:.1%} of the original's {original:.4g} ms")
-    try:
-        if args.budget is not None and args.budget_basis == "measured":
-            timer = NetworkTimer.for_table(gm, space, latency, repeat=args.timing_repeat,
-                                           **({"threads": args.threads} if args.threads
-                                              else {}))
-            plan = solve_measured(space, latency, importance, timer, budget=args.budget,
-                                  method=args.method, levels=args.levels,
-                                  progress=_progress(args))
-        else:
-            plan = solve(space, latency, importance, budget=args.budget,
-                         budget_ms=args.budget_ms, method=args.method, levels=args.levels)
-    except InfeasibleBudget as exc:
-        if args.out and exc.plan is not None:
-            _write(args.out, exc.plan.to_json())
-            print(f"the fastest plan found, over the budget, is in {args.out} "
-                  "(marked \"over_budget\")", file=sys.stderr)
-        elif args.out:
-            print(f"no plan found: nothing written to {args.out}", file=sys.stderr)
-        raise
+    job = Job(_model(args).eval(), example_batch(args), analysis=_analyze_options(args),
+              latency=latency, importance=importance, threads=args.threads,
+              timing={"repeat": args.timing_repeat}, progress=_progress(args))
+    latency.check(job.space)
+    original = latency.identity_latency(job.space)
+    floor = job.fastest(args.method, importance)
+    print(f"reach: the fastest {args.method} plan's table latency is {floor * original:.4g} "
+          f"ms, {floor:.1%} of the original's {original:.4g} ms")
+    plan = job.solve(importance, args.budget, method=args.method, basis=args.budget_basis,
+                     budget_ms=args.budget_ms, levels=args.levels, save_to=args.out)
     print(plan.describe())
-    _write(args.out, plan.to_json())
+    if args.out:
+        print(f"wrote {args.out}", file=sys.stderr)
     if args.frontier or args.plot:
-        front = frontier(space, latency, importance, method=args.method,
+        front = frontier(job.space, latency, importance, method=args.method,
                          levels=args.levels or 1000)
         _write(args.frontier, front.to_json())
         if args.plot:
@@ -302,17 +321,11 @@ def cmd_reparameterize(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .pipeline import JobSettings, image_folder, run_job
+    from .pipeline import image_folder, run_job
 
     if args.input_shape:
         raise ArgumentError("compress takes its input shape from the images (--size)")
-    settings = JobSettings(
-        budget=args.budget, method=args.method, size=args.size, batch=args.batch,
-        latency_batch=args.latency_batch, epochs=args.epochs, train_epochs=args.train_epochs,
-        lr=args.lr, importance=args.importance, importance_steps=args.importance_steps,
-        kd_weight=args.kd_weight, kd_temperature=args.kd_temperature, threads=args.threads,
-        backend=args.backend, timing_repeat=args.timing_repeat, scheduler=args.scheduler,
-        grayscale=args.grayscale, seed=args.seed)
+    settings = settings_from(args, JobSettings)
     settings.check()
     train, val, classes = image_folder(args.data, settings)
     report = run_job(_model(args), train, val, args.out, settings, spec=args.model,
@@ -448,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--budget", type=float, help="fraction of the original network's "
                         "latency, measured on the latency table's backend, device and batch")
     budget.add_argument("--budget-ms", type=float, help="absolute budget on the table (ms)")
-    p.add_argument("--budget-basis", choices=["measured", "table"], default="measured",
+    p.add_argument("--budget-basis", choices=[str(b) for b in BudgetBasis], default="measured",
                    help="measured: plans are timed whole against the original until one "
                    "fits --budget; table: --budget is a fraction of the table's sum")
     p.add_argument("--timing-repeat", type=int, default=30,
@@ -492,38 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", required=True, help="an image folder: DIR/train/CLASS/*.png and "
                    "DIR/val/CLASS/*.png")
-    p.add_argument("--budget", type=float, required=True, help="the compressed network's "
-                   "latency as a fraction of the original's, measured (e.g. 0.6)")
     p.add_argument("--out", required=True, help="folder for every stage's result and "
                    "report.md; a job run again with it resumes")
-    _add_method(p)
-    p.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
-    p.add_argument("--grayscale", action="store_true", help="one-channel images")
-    p.add_argument("--batch", type=int, default=64, help="training and evaluation batch")
-    p.add_argument("--latency-batch", type=int, default=1,
-                   help="the deployment batch the budget is measured at (default 1)")
-    p.add_argument("--epochs", type=float, default=2.0,
-                   help="fine-tune epochs of the pruned network (default 2)")
-    p.add_argument("--train-epochs", type=float, default=0.0, help="train the original "
-                   "first for this many epochs (for a model without trained weights)")
-    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (Adam)")
-    p.add_argument("--importance", choices=["proxy", "finetune"], default="proxy",
-                   help="proxy: output agreement, seconds; finetune: the paper's estimator, "
-                   "a brief fine-tune per entry (default proxy)")
-    p.add_argument("--importance-steps", type=int, default=12,
-                   help="steps of each importance fine-tune (default 12)")
-    p.add_argument("--kd-weight", type=float, default=0.5, help="weight of distillation from "
-                   "the original in the fine-tune; 0 turns it off (default 0.5)")
-    p.add_argument("--kd-temperature", type=float, default=4.0,
-                   help="distillation temperature (default 4)")
-    p.add_argument("--backend", choices=BACKENDS, default="eager",
-                   help="what latencies are measured on (default eager)")
-    p.add_argument("--timing-repeat", type=int, default=30,
-                   help="interleaved rounds per network timing")
-    p.add_argument("--scheduler", metavar="ADDRESS", help="a Dask scheduler to run the "
-                   "fine-tuned importance entries on (with --importance finetune)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the training runs")
-    _add_threads(p)
+    add_settings(p, JobSettings)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("export", help="export a merged network saved by transform/merge "

@@ -1,5 +1,5 @@
 """`fxmerge.compress`: the whole pipeline in one call, from a model to a plan and a pruned
-network to fine-tune."""
+network to fine-tune (a front end over `fxmerge.job.Job`)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,14 @@ from typing import Any
 
 from torch import fx, nn
 
-from .capture import ExampleInputs, trace
-from .errors import ArgumentError
-from .passes import merge, prune
+from .capture import ExampleInputs
+from .job import BudgetBasis, Job, basis_of
+from .passes import merge
 from .plan import Plan
-from .solve import get_method, solve
-from .solve.measured import NetworkTimer, solve_measured
-from .space import MergeSpace, analyze
-from .tables.agreement import agreement_importance
-from .tables.importance import ImportanceTable, estimate_importance
-from .tables.latency import LatencyTable, measure_latency
+from .solve import get_method
+from .space import MergeSpace, StrideRule
+from .tables.importance import ImportanceTable
+from .tables.latency import LatencyTable
 
 
 @dataclass
@@ -60,10 +58,10 @@ def compress(
     importance: ImportanceTable | Callable[[nn.Module], float] | None = None,
     finetune: Callable[[nn.Module], nn.Module | None] | None = None,
     exclude: tuple[str, ...] = (),
-    stride_rule: str = "paper",
+    stride_rule: str | StrideRule = StrideRule.PAPER,
     levels: int | None = None,
     add_activations: bool | None = None,
-    budget_basis: str = "measured",
+    budget_basis: str | BudgetBasis = BudgetBasis.MEASURED,
     timing: Mapping[str, Any] | None = None,
     threads: int | None = None,
 ) -> CompressResult:
@@ -82,25 +80,13 @@ def compress(
     cheap output-agreement proxy on `example_inputs`. `threads`: the intra-op threads both
     the latency table and the network timings use (default: torch's), recorded in both.
     """
-    if budget_basis not in ("measured", "table"):
-        raise ArgumentError(f"budget_basis must be 'measured' or 'table', got {budget_basis!r}")
-    gm = trace(model, example_inputs)
-    space = analyze(gm, stride_rule=stride_rule, exclude=exclude,
-                    add_activations=add_activations)
-    keys = get_method(method).importance_keys(space)  # only the keys `method` reads
-    if not isinstance(latency, LatencyTable):
-        latency = measure_latency(space, gm, **{"threads": threads, **dict(latency or {})})
-    if importance is None:
-        importance = agreement_importance(space, gm, example_inputs, keys=keys)
-    elif not isinstance(importance, ImportanceTable):
-        importance = estimate_importance(space, gm, evaluate=importance, finetune=finetune,
-                                         keys=keys)
-    if budget_basis == "measured":
-        timer = NetworkTimer.for_table(gm, space, latency, **dict(timing or {}),
-                                       **({"threads": threads} if threads else {}))
-        plan = solve_measured(space, latency, importance, timer, budget=budget, method=method,
-                              levels=levels)
-    else:
-        plan = solve(space, latency, importance, budget=budget, method=method, levels=levels)
-    pruned = prune(gm, plan, space)
-    return CompressResult(plan, space, pruned, latency, importance)
+    basis = basis_of(budget_basis)
+    job = Job(model, example_inputs, threads=threads, latency=latency, timing=timing,
+              importance=importance if isinstance(importance, ImportanceTable) else None,
+              analysis={"stride_rule": stride_rule, "exclude": exclude,
+                        "add_activations": add_activations})
+    keys = get_method(method).importance_keys(job.space)  # only the keys `method` reads
+    table = job.importance(keys, evaluate=importance if callable(importance) else None,
+                           finetune=finetune)
+    plan = job.solve(table, budget, method=method, basis=basis, levels=levels)
+    return CompressResult(plan, job.space, job.prune(plan), job.latency, table)

@@ -20,17 +20,16 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from ..capture import trace
+from ..job import Job
 from ..models import DemoMobileNetV2
-from ..passes import merge, prune, transform
+from ..passes import transform
 from ..plan import Plan
 from ..recipes import ClassificationRecipe
 from ..solve import METHODS, frontier
-from ..solve.measured import NetworkTimer
-from ..space import Entry, MergeSpace, analyze
-from ..tables.agreement import agreement_importance
-from ..tables.importance import ImportanceTable, estimate_importance
-from ..tables.latency import LatencyTable, measure_latency
+from ..solve.depth import depth_keys
+from ..space import Entry, MergeSpace
+from ..tables.importance import ImportanceTable, importance_keys
+from ..tables.latency import LatencyTable
 from .shared import (
     PREPARATIONS,
     Digits,
@@ -103,13 +102,20 @@ def spearman(a: ImportanceTable, b: ImportanceTable) -> float:
 
 @dataclass
 class Trained:
-    """A seed's data, trained network and its merge space."""
+    """A seed's data, trained network and its compression job."""
 
     data: Digits
-    gm: fx.GraphModule
-    space: MergeSpace
+    job: Job
     base_acc: float
     recipe: ClassificationRecipe  # the fine-tunes' (lr 1e-3), on the seed's split
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        return self.job.gm
+
+    @property
+    def space(self) -> MergeSpace:
+        return self.job.space
 
 
 def train_seed(config: DemoConfig, seed: int) -> Trained:
@@ -123,10 +129,13 @@ def train_seed(config: DemoConfig, seed: int) -> Trained:
     base_acc = accuracy(model, data.test)
     print(f"[seed {seed}] trained DemoMobileNetV2: test accuracy {base_acc:.2f}% "
           f"({time.perf_counter() - started:.0f} s)")
-    gm = trace(model, data.test[0][: config.latency_batch])
+    job = Job(model, data.test[0][: config.latency_batch],
+              analysis={"exclude": DemoMobileNetV2.EXCLUDE},
+              latency={"warmup": 5, "repeat": config.latency_repeat},
+              timing={"repeat": config.compare_repeat // 2})
     recipe = ClassificationRecipe(train, val, lr=1e-3, importance_steps=config.importance_steps,
                                   kd_weight=config.kd_weight, seed=seed)
-    return Trained(data, gm, analyze(gm, exclude=DemoMobileNetV2.EXCLUDE), base_acc, recipe)
+    return Trained(data, job, base_acc, recipe)
 
 
 def estimator(trained: Trained, config: DemoConfig) -> tuple[Callable, Callable]:
@@ -140,17 +149,18 @@ def finetune_importance(trained: Trained, config: DemoConfig,
     """The paper's importance table (every method's keys): brief fine-tune, validation
     accuracy."""
     evaluate, finetune = estimator(trained, config)
-    return estimate_importance(trained.space, trained.gm, evaluate=evaluate, finetune=finetune,
-                               reset_single=config.reset_single, progress=progress)
+    trained.job.progress = progress
+    return trained.job.importance(importance_keys(trained.space), evaluate=evaluate,
+                                  finetune=finetune, reset_single=config.reset_single)
 
 
 def finetune_plan(trained: Trained, plan: Plan, config: DemoConfig, seed: int
                   ) -> tuple[nn.Module, float]:
     """`plan`'s pruned network fine-tuned, then merged, and its test accuracy."""
-    pruned = trained.recipe.train(prune(trained.gm, plan, trained.space),
-                                  epochs=config.finetune_epochs, teacher=trained.gm,
-                                  progress=False)
-    merged = merge(pruned.eval())
+    pruned = trained.job.finetune(plan, lambda net, checkpoint: trained.recipe.train(
+        net, epochs=config.finetune_epochs, teacher=trained.gm, checkpoint=checkpoint,
+        progress=False))
+    merged = trained.job.merge(pruned)
     return merged, round(accuracy(merged, trained.data.test), 2)
 
 
@@ -158,35 +168,32 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
     """Split, train, measure both tables, solve, fine-tune, merge and time, with `seed`."""
     started = time.perf_counter()
     trained = train_seed(config, seed)
-    data, gm, space, base_acc = trained.data, trained.gm, trained.space, trained.base_acc
+    data, job, base_acc = trained.data, trained.job, trained.base_acc
+    gm, space = job.gm, job.space
     example = data.test[0][: config.latency_batch]
-    latency = measure_latency(space, gm, warmup=5, repeat=config.latency_repeat,
-                              progress=progress)
+    job.progress = progress
+    latency = job.latency
     print(f"latency table: {space.num_entries} entries, {latency.settings.num_layers} "
           f"convs timed, batch {config.latency_batch}, {latency.settings.seconds:.0f} s")
     tick = time.perf_counter()
     importance = finetune_importance(trained, config, progress)
     finetune_s = time.perf_counter() - tick
     tick = time.perf_counter()
-    proxy = agreement_importance(space, gm, data.val[0][: config.proxy_batch],
-                                 keys=space.entries)
+    proxy = job.importance(space.entries, batch=data.val[0][: config.proxy_batch])
     proxy_s = time.perf_counter() - tick
     rho = spearman(importance, proxy)
     print(f"importance table: {len(importance)} fine-tuned estimates in {finetune_s:.0f} s "
-          f"({space.num_entries} LayerMerge entries, {len(space.depth_keys)} Depth "
+          f"({space.num_entries} LayerMerge entries, {len(depth_keys(space))} Depth "
           f"activation choices, the rest LayerOnly's); output-agreement proxy of the "
           f"LayerMerge entries in {proxy_s:.1f} s, Spearman rho {rho:.2f} "
           f"({time.perf_counter() - started:.0f} s so far)")
 
     nets = {"original": transform(gm, Plan.identity(space))}  # BN folded, as the paper times
     # budgets are fractions of the original's measured latency at the table's batch
-    timer = NetworkTimer.for_table(gm, space, latency, repeat=config.compare_repeat // 2)
     rows = []
     proxy_plans = [(f"{method}-proxy", budget, plan) for method, budget, plan in
-                   feasible_plans(space, latency, proxy, config.budgets, ("layermerge",),
-                                  timer)]
-    plans = [*feasible_plans(space, latency, importance, config.budgets, timer=timer),
-             *proxy_plans]
+                   feasible_plans(job, proxy, config.budgets, ("layermerge",))]
+    plans = [*feasible_plans(job, importance, config.budgets), *proxy_plans]
     for method, budget, plan in plans:
         nets[f"{method}@{budget}"], acc = finetune_plan(trained, plan, config, seed)
         rows.append({"seed": seed, "method": method, "budget": budget, "accuracy": acc,

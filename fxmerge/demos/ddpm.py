@@ -22,16 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capture import trace
+from ..job import Job
 from ..models import DDPM_EXCLUDE, DDPMUNet
-from ..passes import merge, prune, transform
+from ..passes import transform
 from ..plan import Plan
 from ..recipes import ClassificationRecipe
 from ..solve import METHODS
-from ..solve.measured import NetworkTimer
-from ..space import analyze
-from ..tables.importance import estimate_importance
-from ..tables.latency import measure_latency
+from ..tables.importance import importance_keys
 from .shared import (
     PREPARATIONS,
     accuracy,
@@ -238,28 +235,25 @@ def run_ddpm_demo(out: Path | None = None, config: DDPMDemoConfig = DDPMDemoConf
 
     x = x_val[: config.latency_batch]
     t = torch.randint(config.timesteps, (len(x),), generator=torch.Generator().manual_seed(2))
-    gm = trace(model, (x, t))
-    space = analyze(gm, exclude=DDPM_EXCLUDE)
-    latency = measure_latency(space, gm, warmup=5, repeat=config.latency_repeat,
-                              progress=progress)
+    job = Job(model, (x, t), analysis={"exclude": DDPM_EXCLUDE},
+              latency={"warmup": 5, "repeat": config.latency_repeat},
+              timing={"repeat": config.compare_repeat // 2}, progress=progress)
+    gm, space, latency = job.gm, job.space, job.latency
     print(f"latency table: {space.num_entries} entries in {space.num_blocks} blocks, "
           f"{latency.settings.num_layers} convs timed, batch {config.latency_batch} "
           f"({clock()})")
-    importance = estimate_importance(
-        space, gm, evaluate=_Score(held_out, base_loss),
-        finetune=_Finetune(x_train, diffusion, config.importance_steps, config.batch),
-        progress=progress)
+    importance = job.importance(
+        importance_keys(space), evaluate=_Score(held_out, base_loss),
+        finetune=_Finetune(x_train, diffusion, config.importance_steps, config.batch))
     print(f"importance table: {len(importance)} fine-tuned estimates ({clock()})")
 
     nets = {"original": transform(gm, Plan.identity(space))}
-    timer = NetworkTimer.for_table(gm, space, latency, repeat=config.compare_repeat // 2)
     rows, plans = [], {}
-    for method, budget, plan in feasible_plans(space, latency, importance, config.budgets,
-                                               timer=timer):
-        pruned = train_diffusion(prune(gm, plan), x_train, diffusion,
-                                 steps=config.finetune_steps, lr=config.finetune_lr,
-                                 batch=config.batch)
-        merged = merge(pruned)
+    for method, budget, plan in feasible_plans(job, importance, config.budgets):
+        pruned = job.finetune(plan, lambda net, checkpoint: train_diffusion(
+            net, x_train, diffusion, steps=config.finetune_steps, lr=config.finetune_lr,
+            batch=config.batch))
+        merged = job.merge(pruned)
         with torch.no_grad():
             error = (merged(x, t) - pruned(x, t)).abs().max().item()
         name = f"{method}@{budget}"

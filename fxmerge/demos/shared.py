@@ -17,12 +17,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..backends.timing import PREPARATIONS, ExampleInputs, Relative, time_against_reference
 from ..errors import ArgumentError, InfeasibleBudget
+from ..job import Job
 from ..plan import Plan
-from ..solve import METHODS, solve
-from ..solve.measured import NetworkTimer, solve_measured
-from ..space import MergeSpace
+from ..solve import METHODS
 from ..tables.importance import ImportanceTable
-from ..tables.latency import LatencyTable
 
 
 @dataclass
@@ -116,19 +114,15 @@ def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float
         return 100.0 * (model.eval()(x).argmax(1) == y).float().mean().item()
 
 
-def feasible_plans(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable,
-                   budgets: tuple[float, ...], methods: tuple[str, ...] = tuple(METHODS),
-                   timer: NetworkTimer | None = None) -> Iterator[tuple[str, float, Plan]]:
-    """`(method, budget, plan)` for every method and budget, budgets measured with `timer`
-    (table budgets without); those the method cannot reach are reported and skipped."""
+def feasible_plans(job: Job, importance: ImportanceTable, budgets: tuple[float, ...],
+                   methods: tuple[str, ...] = tuple(METHODS)
+                   ) -> Iterator[tuple[str, float, Plan]]:
+    """`(method, budget, plan)` for every method and budget, each solved by the job at a
+    measured budget; those the method cannot reach are reported and skipped."""
     for method in methods:
         for budget in budgets:
             try:
-                yield method, budget, (
-                    solve(space, latency, importance, budget=budget, method=method)
-                    if timer is None else
-                    solve_measured(space, latency, importance, timer, budget=budget,
-                                   method=method))
+                yield method, budget, job.solve(importance, budget, method=method)
             except InfeasibleBudget as exc:
                 print(f"{method} at {budget:.0%}: infeasible ({exc})")
 
