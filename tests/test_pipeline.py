@@ -60,6 +60,7 @@ def test_compress_refuses_what_it_cannot_use(digits, tmp_path, capsys):
     assert "needs --importance finetune" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fine_tuned_importance_runs_on_a_local_dask_cluster(digits, tmp_path, capsys):
     distributed = pytest.importorskip("distributed")
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,

@@ -29,6 +29,7 @@ def test_distillation_loss_is_the_standard_one():
     torch.testing.assert_close(distillation_loss(s, t, y, 2.0, 0.3), 0.7 * ce + 0.3 * kl)
 
 
+@pytest.mark.slow
 def test_the_recipe_trains_prunes_and_recovers_a_pruned_network(tmp_path):
     torch.manual_seed(0)
     train, val = loaders()
