@@ -258,7 +258,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
               timing={"repeat": args.timing_repeat}, progress=_progress(args))
     latency.check(job.space)
     original = latency.identity_latency(job.space)
-    floor = job.fastest(args.method, importance)
+    floor = job.reach(args.method)
     print(f"reach: the fastest {args.method} plan's table latency is {floor * original:.4g} "
           f"ms, {floor:.1%} of the original's {original:.4g} ms")
     plan = job.solve(importance, args.budget, method=args.method, basis=args.budget_basis,
@@ -327,15 +327,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise ArgumentError("compress takes its input shape from the images (--size)")
     settings = settings_from(args, JobSettings)
     settings.check()
-    train, val, classes = image_folder(args.data, settings)
-    report = run_job(_model(args), train, val, args.out, settings, spec=args.model,
+    data = image_folder(args.data, settings)
+    report = run_job(_model(args), data, args.out, settings, spec=args.model,
                      analyze_options=_analyze_options(args), progress=_progress(args))
-    t = report["timing"]
-    print(f"{settings.method} at {settings.budget:.0%}: accuracy "
+    t, choice = report["timing"], report["choice"]
+    print(f"{choice['method']} at {settings.budget:.0%}: val accuracy "
           f"{report['accuracy_original']:.2f}% -> {report['accuracy_compressed']:.2f}%, "
           f"{t['speedup']:.2f}x faster ({t['original_ms']:.4g} -> {t['merged_ms']:.4g} ms, "
-          f"{t['backend']}, batch {t['batch']}, {t['threads']} threads); "
-          f"{len(classes)} classes; report in {Path(args.out) / 'report.md'}")
+          f"{t['backend']}, batch {t['batch']}, {t['threads']} threads); {choice['reason']}; "
+          f"report in {Path(args.out) / 'report.md'}")
     return EXIT_OK
 
 

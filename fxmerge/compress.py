@@ -85,6 +85,7 @@ def compress(
               importance=importance if isinstance(importance, ImportanceTable) else None,
               analysis={"stride_rule": stride_rule, "exclude": exclude,
                         "add_activations": add_activations})
+    job.check_reach(budget, method)  # refused before any importance is measured
     keys = get_method(method).importance_keys(job.space)  # only the keys `method` reads
     table = job.importance(keys, evaluate=importance if callable(importance) else None,
                            finetune=finetune)

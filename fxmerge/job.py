@@ -14,6 +14,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor
@@ -171,11 +172,24 @@ class Job:
         self._write(path, table.to_json())
         return table
 
-    def fastest(self, method: str, importance: ImportanceTable) -> float:
+    def reach(self, method: str) -> float:
         """The smallest table latency any `method` plan reaches, as a fraction of the
-        original's (what the table says is reachable)."""
-        return (fastest_latency(self.space, self.latency, importance, method)
+        original's: what the latency table alone says is reachable (no importance is needed
+        to know it, so a budget below it is refused before any is measured)."""
+        keys = get_method(method).importance_keys(self.space)
+        flat = ImportanceTable.from_values(self.space, dict.fromkeys(keys, 1.0), keys=keys)
+        return (fastest_latency(self.space, self.latency, flat, method)
                 / self.latency.identity_latency(self.space))
+
+    def check_reach(self, budget: float, method: str) -> None:
+        """`InfeasibleBudget`, naming the figure and a budget that works, when the latency
+        table allows no `method` plan within `budget` (a fraction of the original's)."""
+        floor = self.reach(method)
+        if budget < floor:
+            raise InfeasibleBudget(
+                f"budget {budget:g} is below what the latency table allows: the fastest "
+                f"{method} plan is {floor:.0%} of the original's latency; ask for "
+                f"{math.ceil(floor * 100 + 1) / 100:g} or more")
 
     @cached_property
     def timer(self) -> NetworkTimer:
@@ -196,7 +210,7 @@ class Job:
         get_method(method)
         path = Path(save_to) if save_to else (self.out / "plan.json" if self.out else None)
         measured = basis_of(basis) is BudgetBasis.MEASURED and budget is not None
-        if path is not None and path == (self.out and self.out / "plan.json"):
+        if path is not None and self.out is not None and path.parent == self.out:
             plan = self._read(path.name, Plan.from_json)
             if plan is not None and plan.method == method and plan.budget == budget \
                     and bool(plan.measured) == measured and not plan.extra.get("over_budget"):

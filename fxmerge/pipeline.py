@@ -1,12 +1,18 @@
 """The practitioner's job end to end (`fxmerge compress MODEL --data DIR`): a model and an
 image folder in; a faster merged network, deployed files and a report out. Each stage
-keeps its result in the output folder, so an interrupted job resumes where it stopped."""
+keeps its result in the output folder, so an interrupted job resumes where it stopped.
+
+Nothing is chosen on the data the result is reported on: a stratified part of `train/` is
+held out before anything is fitted; importance, every solve and the choice between methods
+are scored on it; the fine-tunes train on the rest; `val/` is read once, for the report."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -14,19 +20,22 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .backends.runtimes import Backend, get_backend
 from .backends.timing import at_batch
-from .errors import ArgumentError
-from .job import Job
+from .errors import ArgumentError, InfeasibleBudget
+from .job import BudgetBasis, Job, basis_of
 from .plan import Plan
-from .recipes import ClassificationRecipe
+from .recipes import ClassificationRecipe, ImportanceProtocol
 from .solve import METHODS, frontier, get_method
 from .tables.importance import ImportanceTable
 
 log = logging.getLogger(__name__)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as most models expect
+AUTO = "auto"  # try LayerMerge and Depth, keep the one more accurate on the held-out images
+AUTO_METHODS = ("layermerge", "depth")
+HOLDOUT_FLOOR = 5  # held-out images per class at least (at most half of a class)
 
 
 class ImportanceMode(str, Enum):
@@ -51,8 +60,16 @@ class JobSettings:
 
     budget: float = field(metadata={"help": "the compressed network's latency as a fraction "
                                             "of the original's, measured (e.g. 0.6)"})
-    method: str = _option("layermerge", "layermerge (the paper's), or its baselines depth "
-                          "and layeronly", choices=METHODS)
+    method: str = _option(AUTO, "auto: LayerMerge and Depth both solved and fine-tuned, the "
+                          "one more accurate on the held-out images kept; or one method alone "
+                          "(layermerge, depth, layeronly)", choices=(AUTO, *METHODS))
+    holdout: float = _option(0.1, "fraction of train/ held out (stratified, at least "
+                             f"{HOLDOUT_FLOOR} images a class) to score importance and choose "
+                             "plans on; val/ is read only for the report")
+    budget_basis: BudgetBasis = _option(  # noqa: RUF009
+        BudgetBasis.MEASURED, "measured: plans are timed whole against the original until one "
+        "fits --budget; table: --budget is a fraction of the latency table's sum",
+        choices=BudgetBasis)
     size: int = _option(224, "image side in pixels")
     grayscale: bool = _option(False, "one-channel images")
     batch: int = _option(64, "training and evaluation batch")
@@ -64,6 +81,10 @@ class JobSettings:
     importance: ImportanceMode = _option(  # noqa: RUF009
         ImportanceMode.PROXY, "proxy: output agreement, seconds; finetune: the paper's "
         "estimator, a brief fine-tune per entry", choices=ImportanceMode)
+    importance_protocol: ImportanceProtocol = _option(  # noqa: RUF009
+        ImportanceProtocol.STEPS, "the fine-tuned estimator's brief fine-tune: steps "
+        "(--importance-steps), or the paper's (paper-imagenet: 4%% of the training images for "
+        "1 epoch; paper-cifar: 1%% for 50)", choices=ImportanceProtocol)
     importance_steps: int = _option(12, "steps of each importance fine-tune")
     kd_weight: float = _option(0.5, "weight of distillation from the original in the "
                                "fine-tune; 0 turns it off")
@@ -77,29 +98,54 @@ class JobSettings:
     scheduler: str | None = _option(None, "a Dask scheduler to run the fine-tuned importance "
                                     "entries on (with --importance finetune)",
                                     metavar="ADDRESS")
-    seed: int = _option(0, "seed of the training runs")
+    seed: int = _option(0, "seed of the training runs and of the held-out split")
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "importance", ImportanceMode(self.importance))
-        except ValueError:
-            raise ArgumentError(f"importance must be one of {', '.join(ImportanceMode)}, got "
-                                f"{self.importance!r}") from None
+        for name, kind in (("importance", ImportanceMode),
+                           ("importance_protocol", ImportanceProtocol)):
+            try:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+            except ValueError:
+                raise ArgumentError(f"{name} must be one of {', '.join(kind)}, got "
+                                    f"{getattr(self, name)!r}") from None
         object.__setattr__(self, "backend", get_backend(self.backend))
+        object.__setattr__(self, "budget_basis", basis_of(self.budget_basis))
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods the job tries."""
+        return AUTO_METHODS if self.method == AUTO else (self.method,)
 
     def check(self) -> None:
         if not 0 < self.budget <= 1:
             raise ArgumentError(f"budget must be in (0, 1], got {self.budget}")
-        get_method(self.method)
+        if not 0 < self.holdout < 1:
+            raise ArgumentError(f"holdout must be a fraction in (0, 1), got {self.holdout}")
+        for method in self.methods:
+            get_method(method)
         if self.scheduler and self.importance is not ImportanceMode.FINETUNE:
             raise ArgumentError("--scheduler runs the fine-tuned importance entries: it needs "
                                 "--importance finetune")
 
 
-def image_folder(root: str | Path, settings: JobSettings) -> tuple[DataLoader, DataLoader,
-                                                                   list[str]]:
-    """Loaders over `root/train` and `root/val` (torchvision ImageFolder layout: one folder
-    per class), images resized to `size` and normalised, and the class names."""
+@dataclass
+class ImageData:
+    """An image folder's loaders: `fit` (train/ less the held-out part), `holdout` (what
+    every choice is scored on), `val` (val/: the report's only), and the class names."""
+
+    fit: DataLoader
+    holdout: DataLoader
+    val: DataLoader
+    classes: list[str]
+
+    def sizes(self) -> dict[str, int]:
+        return {name: len(getattr(self, name).dataset) for name in ("fit", "holdout", "val")}
+
+
+def image_folder(root: str | Path, settings: JobSettings) -> ImageData:
+    """Loaders over `root/train` (split into fit and held-out parts, stratified by class)
+    and `root/val` (torchvision ImageFolder layout: one folder per class), images resized to
+    `size` and normalised."""
     from torchvision import datasets, transforms
 
     root = Path(root)
@@ -118,9 +164,25 @@ def image_folder(root: str | Path, settings: JobSettings) -> tuple[DataLoader, D
     if train.classes != val.classes:
         raise ArgumentError(f"--data {root}: train and val have other classes "
                             f"({train.classes[:5]} vs {val.classes[:5]})")
+    fit, held = holdout_split(train.targets, settings.holdout, settings.seed)
     train, val = _in_memory(train), _in_memory(val)
-    return (DataLoader(train, batch_size=settings.batch, shuffle=True),
-            DataLoader(val, batch_size=settings.batch), train.classes)
+    return ImageData(DataLoader(Subset(train, fit), batch_size=settings.batch, shuffle=True),
+                     DataLoader(Subset(train, held), batch_size=settings.batch),
+                     DataLoader(val, batch_size=settings.batch), train.classes)
+
+
+def holdout_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices to fit on and to hold out: per class, `fraction` of its images (at least
+    `HOLDOUT_FLOOR`, at most half of them), drawn with `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    fit, held = [], []
+    for c in sorted(set(labels)):
+        members = [i for i, y in enumerate(labels) if y == c]
+        order = [members[i] for i in torch.randperm(len(members), generator=gen).tolist()]
+        n = min(max(math.ceil(fraction * len(members)), HOLDOUT_FLOOR), len(members) // 2)
+        held += order[:n]
+        fit += order[n:]
+    return sorted(fit), sorted(held)
 
 
 IN_MEMORY_BYTES = 2**30  # image sets decoded once and kept when they fit in this
@@ -139,50 +201,81 @@ def _in_memory(images: Dataset) -> Dataset:
     return data
 
 
-def run_job(model: nn.Module, train: DataLoader, val: DataLoader, out: str | Path,
-            settings: JobSettings, *, spec: str = "", analyze_options: dict | None = None,
+def run_job(model: nn.Module, data: ImageData, out: str | Path, settings: JobSettings, *,
+            spec: str = "", analyze_options: dict | None = None,
             progress: bool | None = None) -> dict[str, Any]:
-    """Compress `model` (trained on `train`'s classes) to `settings.budget` of its measured
-    latency, as a `Job` over `out`: latency table, importance, measured solve, fine-tune
-    with distillation, merge, deploy, final timing; `out` gets every stage's result and
-    `report.md`. Returns the report."""
+    """Compress `model` (trained on `data`'s classes) to `settings.budget` of its latency, as
+    a `Job` over `out`: latency table, the budget checked against what it allows, importance
+    and solves scored on the held-out images, each candidate plan fine-tuned with
+    distillation on the fit images, the one more accurate on the held-out images kept,
+    merged, deployed and timed; `val/` scored last, for the report. `out` gets every stage's
+    result and `report.md`. Returns the report."""
     settings.check()
     out = Path(out)
-    report: dict[str, Any] = {"settings": asdict(settings), "model": spec}
-    recipe = ClassificationRecipe(train, val, lr=settings.lr,
+    report: dict[str, Any] = {"settings": asdict(settings), "model": spec,
+                              "images": data.sizes(), "classes": len(data.classes)}
+    recipe = ClassificationRecipe(data.fit, data.holdout, data.val, lr=settings.lr,
                                   importance_steps=settings.importance_steps,
+                                  protocol=settings.importance_protocol,
                                   kd_weight=settings.kd_weight,
                                   kd_temperature=settings.kd_temperature, seed=settings.seed)
     torch.manual_seed(settings.seed)
-    example = at_batch(next(iter(val))[0], settings.latency_batch)
+    example = at_batch(next(iter(data.holdout))[0], settings.latency_batch)
     job = Job(model, example, out=out, analysis=analyze_options, quiet=progress is False,
-              progress=progress, threads=settings.threads, timing={"repeat": settings.timing_repeat},
+              progress=progress, threads=settings.threads,
+              timing={"repeat": settings.timing_repeat},
               latency={"backend": settings.backend, "batch_size": settings.latency_batch})
     if settings.train_epochs > 0:
         with job.stage("train the original"):
-            trainer = ClassificationRecipe(train, val, lr=3 * settings.lr, seed=settings.seed)
+            trainer = ClassificationRecipe(data.fit, data.holdout, lr=3 * settings.lr,
+                                           seed=settings.seed)
             job.model = trainer.train(model, epochs=settings.train_epochs,
                                       checkpoint=out / "original-train.pt", progress=progress)
     job.model = job.model.eval()
     space = job.space
     report["space"] = {"convs": space.L, "blocks": space.num_blocks,
                        "entries": space.num_entries, "capture": space.capture}
-    keys = get_method(settings.method).importance_keys(space)
-    importance = _importance(job, recipe, keys, settings)
-    plan = job.solve(importance, settings.budget, method=settings.method)
+    methods = _reachable(job, settings, report)  # before any importance, training or timing
+    report["holdout_original"] = round(100 * recipe.evaluate(job.gm), 2)
+    _check_teacher(report, len(data.classes))
+    keys = list(dict.fromkeys(k for m in methods for k in get_method(m).importance_keys(space)))
+    calibration = next(iter(DataLoader(data.fit.dataset, batch_size=32)))[0]  # fixed images
+    importance = _importance(job, recipe, keys, settings, calibration)
+    candidates = {}
+    for method in methods:
+        try:
+            candidates[method] = _candidate(job, recipe, importance, method, settings, out,
+                                            progress)
+        except InfeasibleBudget as exc:
+            if len(methods) == 1:
+                raise
+            report.setdefault("dropped", {})[method] = str(exc)
+            _say(job, f"{method} dropped: {exc}")
+    if not candidates:
+        raise InfeasibleBudget("no method meets the budget: " + "; ".join(
+            report.get("dropped", {}).values()))
+    chosen = max(candidates, key=lambda m: (candidates[m]["holdout"],
+                                            candidates[m]["timing"]["speedup"]))
+    text = (out / f"plan-{chosen}.json").read_text()
+    plan = Plan.from_json(text)
+    if not (out / "plan.json").is_file() or (out / "plan.json").read_text() != text:
+        (out / "plan.json").write_text(text)  # the chosen plan
+    merged = candidates[chosen]["merged"]
+    report["onnx"] = job.deploy(merged, spec)["onnx"]
     try:
-        frontier(space, job.latency, importance, method=settings.method).plot(
-            out / "frontier.png", mark=plan)
+        frontier(space, job.latency, importance, method=chosen).plot(out / "frontier.png",
+                                                                      mark=plan)
     except ImportError:  # matplotlib is the demo extra's
         log.info("no matplotlib: no frontier plot")
-    report["accuracy_original"] = round(100 * recipe.evaluate(job.gm), 2)
-    report["accuracy_pruned_before_finetune"] = round(100 * recipe.evaluate(job.prune(plan)), 2)
-    pruned = job.finetune(plan, lambda net, checkpoint: recipe.train(
-        net, epochs=settings.epochs, teacher=job.gm, checkpoint=checkpoint, progress=progress))
-    merged = job.merge(pruned)
-    report["accuracy_compressed"] = round(100 * recipe.evaluate(merged), 2)
-    report["onnx"] = job.deploy(merged, spec)["onnx"]
-    report["timing"] = job.time(merged)
+    report["choice"] = {"method": chosen, "reason": _reason(candidates, chosen, settings)}
+    with job.stage("report (val/)"):  # the first time val/ is read
+        report["accuracy_original"] = round(100 * recipe.report(job.gm), 2)
+        for method, c in candidates.items():
+            c["val"] = round(100 * recipe.report(c.pop("merged")), 2)
+    report["candidates"] = candidates
+    report["accuracy_compressed"] = candidates[chosen]["val"]
+    report["accuracy_pruned_before_finetune"] = candidates[chosen]["holdout_before_finetune"]
+    report["timing"] = candidates[chosen]["timing"]
     report["seconds"] = dict(job.seconds)
     report["plan"] = {"method": plan.method, "budget": plan.budget, "blocks": len(plan.blocks),
                       "removed_convs": len(plan.removed_convs),
@@ -193,11 +286,84 @@ def run_job(model: nn.Module, train: DataLoader, val: DataLoader, out: str | Pat
     return report
 
 
-def _importance(job: Job, recipe: ClassificationRecipe, keys, settings: JobSettings
-                ) -> ImportanceTable:
-    """The job's importance, as `settings.importance` asks (on a Dask scheduler if given)."""
+def _say(job: Job, line: str) -> None:
+    if not job.quiet:
+        print(line, flush=True)
+
+
+def _reachable(job: Job, settings: JobSettings, report: dict) -> tuple[str, ...]:
+    """The methods whose fastest plan the latency table allows within the budget; a method
+    that cannot reach it is dropped with a line (`auto`), or the job is refused, naming the
+    figure and a budget that works."""
+    floors = {m: job.reach(m) for m in settings.methods}
+    report["reach"] = {m: round(f, 4) for m, f in floors.items()}
+    methods = tuple(m for m in settings.methods if floors[m] <= settings.budget)
+    for m in settings.methods:
+        if m not in methods:
+            line = (f"{m} cannot reach --budget {settings.budget:g}: its fastest plan is "
+                    f"{floors[m]:.0%} of the original's latency on the table")
+            report.setdefault("dropped", {})[m] = line
+            if len(settings.methods) > 1:
+                _say(job, f"{line}; trying the others")
+    if not methods:
+        best = min(floors.values())
+        raise InfeasibleBudget(
+            f"--budget {settings.budget:g} is below what the latency table allows: the "
+            f"fastest plan is {best:.0%} of the original's latency ("
+            + ", ".join(f"{m} {f:.0%}" for m, f in floors.items())
+            + f"); ask for --budget {math.ceil(best * 100 + 1) / 100:g} or more")
+    return methods
+
+
+def _check_teacher(report: dict, classes: int) -> None:
+    """Warn when the original scores near chance on the held-out images: distilling from it
+    would teach the compressed network nothing."""
+    chance = 100 / classes
+    if report["holdout_original"] < min(1.5 * chance, chance + 0.5 * (100 - chance)):
+        line = (f"the original scores {report['holdout_original']:.1f}% on the held-out "
+                f"images, near chance ({chance:.1f}%): it cannot be the teacher; give it "
+                "trained --weights or --train-epochs (and check --size and --grayscale)")
+        report["teacher_warning"] = line
+        warnings.warn(line, stacklevel=3)
+
+
+def _candidate(job: Job, recipe: ClassificationRecipe, importance: ImportanceTable,
+               method: str, settings: JobSettings, out: Path, progress: bool | None) -> dict:
+    """`method`'s plan at the budget, fine-tuned as the final network is, merged and timed;
+    its held-out accuracy (what the choice reads)."""
+    plan = job.solve(importance, settings.budget, method=method, basis=settings.budget_basis,
+                     save_to=out / f"plan-{method}.json")
+    before = round(100 * recipe.evaluate(job.prune(plan)), 2)
+    pruned = job.finetune(plan, lambda net, checkpoint: recipe.train(
+        net, epochs=settings.epochs, teacher=job.gm, checkpoint=checkpoint,
+        progress=progress))
+    merged = job.merge(pruned)
+    return {"holdout": round(100 * recipe.evaluate(merged), 2),
+            "holdout_before_finetune": before, "timing": job.time(merged),
+            "blocks": len(plan.blocks), "removed_convs": len(plan.removed_convs),
+            "removed_activations": len(plan.removed_activations(job.space)),
+            "plan": f"plan-{method}.json", "measured": plan.measured,
+            "merged": merged}
+
+
+def _reason(candidates: dict, chosen: str, settings: JobSettings) -> str:
+    if len(candidates) == 1:
+        return (f"{chosen} was asked for" if settings.method != AUTO
+                else f"{chosen} was the only method that met the budget")
+    best = candidates[chosen]["holdout"]
+    others = ", ".join(f"{m} {c['holdout']:.2f}%" for m, c in candidates.items() if m != chosen)
+    tie = any(c["holdout"] == best for m, c in candidates.items() if m != chosen)
+    return (f"{chosen} scored {best:.2f}% on the held-out images against {others}"
+            + (" (a tie: the faster one)" if tie else ""))
+
+
+def _importance(job: Job, recipe: ClassificationRecipe, keys, settings: JobSettings,
+                calibration: torch.Tensor) -> ImportanceTable:
+    """The job's importance, as `settings.importance` asks (on a Dask scheduler if given):
+    the estimator scores on the held-out images; the proxy's calibration batch is fit
+    images."""
     if settings.importance is ImportanceMode.PROXY:
-        return job.importance(keys, batch=next(iter(recipe.val_data))[0][:32])
+        return job.importance(keys, batch=calibration)
     with contextlib.ExitStack() as stack:
         executor = None
         if settings.scheduler:
@@ -209,16 +375,20 @@ def _importance(job: Job, recipe: ClassificationRecipe, keys, settings: JobSetti
 
 
 def render(report: dict, plan: Plan) -> str:
-    """report.md: what was done and what it gave."""
-    s, t = report["settings"], report["timing"]
+    """report.md: what was done, on which images, and what it gave."""
+    s, t, n = report["settings"], report["timing"], report["images"]
     distilled = (f"distilling from the original (weight {s['kd_weight']}, temperature "
                  f"{s['kd_temperature']})" if s["kd_weight"] > 0 else "without distillation")
-    space, m = report["space"], plan.measured
+    space, m, choice = report["space"], plan.measured, report["choice"]
+    rows = [f"| {name} | {c['holdout']:.2f} | {c['val']:.2f} | {c['timing']['speedup']:.2f}x "
+            f"| {c['blocks']} | {c['removed_convs']} | {c['removed_activations']} | "
+            f"{c['plan']} |" for name, c in report["candidates"].items()]
     lines = [
         f"# fxmerge compress: {report['model'] or 'model'}",
         "",
-        (f"{s['method']} at a budget of {s['budget']:.0%} of the original's latency, measured "
-         f"on {t['backend']} at batch {t['batch']} with {t['threads']} threads."),
+        (f"{choice['method']} at a budget of {s['budget']:.0%} of the original's latency "
+         f"({s['budget_basis']}), timed on {t['backend']} at batch {t['batch']} with "
+         f"{t['threads']} threads."),
         "",
         "| | original | compressed |",
         "|---|---|---|",
@@ -227,13 +397,29 @@ def render(report: dict, plan: Plan) -> str:
         f"| latency (ms) | {t['original_ms']:.4g} | {t['merged_ms']:.4g} |",
         f"| speed-up | 1.00 | {t['speedup']:.2f}x |",
         "",
+        (f"**Which images chose it.** {n['holdout']} images held out of train/ (a stratified "
+         f"{s['holdout']:.0%}, seed {s['seed']}) scored the importance table, the solves "
+         f"and the choice; the fine-tunes trained on the other {n['fit']}; val/ "
+         f"({n['val']} images) was read only for this report."),
+        "",
+        f"**The choice.** {choice['reason']}.",
+        "",
+        ("| method | held-out accuracy (%) | val accuracy (%) | speed-up | blocks | convs "
+         "removed | activations removed | plan |"),
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        *(f"- {name}: {why}" for name, why in report.get("dropped", {}).items()),
+        *([f"- warning: {report['teacher_warning']}"] if "teacher_warning" in report else []),
+        "",
         (f"The solve timed {m.get('rounds')} plan(s); the chosen one measured "
          f"{m.get('ratio', float('nan')):.1%} of the original (predicted "
-         f"{m.get('predicted_ratio', float('nan')):.1%})."),
+         f"{m.get('predicted_ratio', float('nan')):.1%})." if m else
+         "The plan was solved on the latency table's sum (no network timed)."),
         "",
-        (f"Before fine-tuning the pruned network scored "
-         f"{report['accuracy_pruned_before_finetune']:.2f}%; it was fine-tuned for "
-         f"{s['epochs']} epochs {distilled}."),
+        (f"Before fine-tuning the chosen pruned network scored "
+         f"{report['accuracy_pruned_before_finetune']:.2f}% on the held-out images; each "
+         f"candidate was fine-tuned for {s['epochs']} epochs {distilled}."),
         "",
         (f"Space: {space['convs']} convs, {space['blocks']} blocks, {space['entries']} "
          f"entries (captured by {space['capture']}); importance: {s['importance']}."),
@@ -242,8 +428,8 @@ def render(report: dict, plan: Plan) -> str:
         "|---|---|",
         *(f"| {k} | {v:.1f} |" for k, v in report["seconds"].items()),
         "",
-        (f"Files: merged.safetensors (`fxmerge.load`), {report['onnx']}, plan.json, "
-         "latency.json, frontier.png."),
+        (f"Files: merged.safetensors (`fxmerge.load`), {report['onnx']}, plan.json (the "
+         "chosen plan), plan-METHOD.json, latency.json, frontier.png."),
         "",
         "## Plan",
         "",
@@ -255,4 +441,5 @@ def render(report: dict, plan: Plan) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ImportanceMode", "JobSettings", "image_folder", "run_job"]
+__all__ = ["AUTO", "ImageData", "ImportanceMode", "JobSettings", "holdout_split",
+           "image_folder", "run_job"]

@@ -7,11 +7,13 @@ import logging
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 from .errors import ArgumentError
 from .progress import Progress
@@ -34,13 +36,32 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
     return (1 - weight) * hard + weight * soft
 
 
+class ImportanceProtocol(str, Enum):
+    """How the importance estimator's brief fine-tune runs (the paper, §C: a random subset
+    of the training data for a few epochs, scored on another training subset)."""
+
+    STEPS = "steps"  # `importance_steps` steps over the training data
+    PAPER_IMAGENET = "paper-imagenet"  # 4% of the training data, 1 epoch
+    PAPER_CIFAR = "paper-cifar"  # 1% of the training data, 50 epochs
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PROTOCOL_SUBSETS = {ImportanceProtocol.PAPER_IMAGENET: (0.04, 1.0),
+                    ImportanceProtocol.PAPER_CIFAR: (0.01, 50.0)}  # (fraction, epochs)
+
+
 @dataclass
 class ClassificationRecipe:
-    """Image classification from a training and a validation DataLoader of (images,
-    labels): `evaluate` (validation top-1 accuracy as a fraction) and `finetune` (a brief
-    fine-tune of `importance_steps` steps) are what `estimate_importance` takes; `train`
-    fine-tunes a pruned network, with knowledge distillation from a teacher (the original)
-    when `kd_weight` > 0, with checkpoints and resume.
+    """Image classification from DataLoaders of (images, labels): `train_data` to train on,
+    `score_data` to choose with (held-out training images: `evaluate`, what importance and
+    every selection read) and `report_data` to report on (`report`; never read by a choice).
+
+    `evaluate` (top-1 accuracy on `score_data`, a fraction) and `finetune` (the importance
+    estimator's brief fine-tune, by `protocol`) are what `estimate_importance` takes;
+    `train` fine-tunes a pruned network, with knowledge distillation from a teacher (the
+    original) when `kd_weight` > 0, with checkpoints and resume.
 
     Adam with cosine decay over each run. With `seed`, every run sees the same batches
     (a loader shuffled by torch's global generator; it is restored after), so an importance
@@ -48,10 +69,12 @@ class ClassificationRecipe:
     so the importance entries can run in a process pool or on a Dask cluster."""
 
     train_data: Batches
-    val_data: Batches
+    score_data: Batches
+    report_data: Batches | None = None
     lr: float = 1e-3
     weight_decay: float = 0.0
     importance_steps: int = 12
+    protocol: ImportanceProtocol = ImportanceProtocol.STEPS
     kd_temperature: float = 4.0
     kd_weight: float = 0.5
     device: str = "cpu"
@@ -61,27 +84,48 @@ class ClassificationRecipe:
         if not 0 <= self.kd_weight <= 1 or self.kd_temperature <= 0:
             raise ArgumentError(f"kd_weight must be in [0, 1] and kd_temperature positive, "
                                 f"got {self.kd_weight}, {self.kd_temperature}")
+        try:
+            self.protocol = ImportanceProtocol(self.protocol)
+        except ValueError:
+            raise ArgumentError(f"protocol must be one of {', '.join(ImportanceProtocol)}, "
+                                f"got {self.protocol!r}") from None
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in _forever(self.train_data):
             yield x.to(self.device), y.to(self.device)
 
-    def evaluate(self, model: nn.Module) -> float:
-        """Validation top-1 accuracy, a fraction (the paper's importance is the exponential
-        of its change, accuracy in percent / 100)."""
+    def accuracy(self, model: nn.Module, data: Batches) -> float:
+        """Top-1 accuracy of `model` on `data`, a fraction."""
         model = model.to(self.device).eval()
         right = total = 0
         with torch.no_grad():
-            for x, y in self.val_data:
+            for x, y in data:
                 right += (model(x.to(self.device)).argmax(1) == y.to(self.device)).sum().item()
                 total += len(y)
         if total == 0:
-            raise ArgumentError("the validation data is empty")
+            raise ArgumentError("the scoring data is empty")
         return right / total
 
+    def evaluate(self, model: nn.Module) -> float:
+        """Top-1 accuracy on the scoring data, a fraction (the paper's importance is the
+        exponential of its change, accuracy in percent / 100)."""
+        return self.accuracy(model, self.score_data)
+
+    def report(self, model: nn.Module) -> float:
+        """Top-1 accuracy on the reporting data, a fraction: for the report only."""
+        if self.report_data is None:
+            raise ArgumentError("this recipe has no report_data")
+        return self.accuracy(model, self.report_data)
+
     def finetune(self, model: nn.Module) -> nn.Module:
-        """The importance estimator's brief fine-tune: `importance_steps` steps."""
-        return self.train(model, steps=self.importance_steps, progress=False)
+        """The importance estimator's brief fine-tune: `importance_steps` steps, or the
+        paper's random subset of the training data for its epochs (`protocol`)."""
+        if self.protocol is ImportanceProtocol.STEPS:
+            return self.train(model, steps=self.importance_steps, progress=False)
+        fraction, epochs = PROTOCOL_SUBSETS[self.protocol]
+        subset = ClassificationRecipe(**{**self.__dict__, "train_data": _subset(
+            self.train_data, fraction, self.seed or 0), "protocol": ImportanceProtocol.STEPS})
+        return subset.train(model, epochs=epochs, progress=False)
 
     def train(self, model: nn.Module, *, epochs: float = 1.0, steps: int | None = None,
               teacher: nn.Module | None = None, checkpoint: str | Path | None = None,
@@ -133,6 +177,18 @@ class ClassificationRecipe:
                 _save_checkpoint(checkpoint, model, opt, sched, step + 1, total)
 
 
+def _subset(data: Batches, fraction: float, seed: int) -> DataLoader:
+    """A loader over a random `fraction` of a DataLoader's dataset (at least one batch)."""
+    if not isinstance(data, DataLoader):
+        raise ArgumentError("the paper's importance protocol samples the training data: give "
+                            "it as a DataLoader")
+    n = len(data.dataset)
+    size = min(n, max(data.batch_size or 1, round(fraction * n)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(Subset(data.dataset, order[:size].tolist()), batch_size=data.batch_size,
+                      shuffle=True)
+
+
 def _forever(data: Batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     while True:
         empty = True
@@ -180,4 +236,4 @@ def _resume(path: str | Path | None, model: nn.Module, opt, sched, total: int) -
     return int(state["step"])
 
 
-__all__ = ["ClassificationRecipe", "distillation_loss"]
+__all__ = ["ClassificationRecipe", "ImportanceProtocol", "distillation_loss"]

@@ -1,14 +1,20 @@
 """`fxmerge compress MODEL --data DIR`: the whole job on an image folder, resumable, and its
 fine-tuned importance entries on a local Dask cluster."""
 
+import copy
 import json
+import shutil
+import traceback
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 import fxmerge
 from fxmerge.cli import main
-from fxmerge.demos.shared import write_digits_folder
+from fxmerge.demos import write_digits_folder
+from fxmerge.models import DemoMobileNetV2
+from fxmerge.pipeline import JobSettings, image_folder, run_job
 
 ARGS = ["fxmerge:DemoMobileNetV2", "--grayscale", "--size", "16", "--exclude", "stem.0",
         "head.0", "--train-epochs", "6", "--epochs", "1", "--latency-batch", "8",
@@ -28,12 +34,15 @@ def test_compress_on_an_image_folder_end_to_end_and_resumed(digits, tmp_path, ca
     out = tmp_path / "job"
     assert run("compress", *ARGS, "--data", digits, "--budget", 0.7, "--out", out) == 0
     line = capsys.readouterr().out
-    assert "layermerge at 70%: accuracy" in line and "10 classes" in line
     report = json.loads((out / "report.json").read_text())
+    chosen = report["choice"]["method"]
+    assert f"{chosen} at 70%: val accuracy" in line and "held-out images" in line
+    assert set(report["candidates"]) | set(report.get("dropped", {})) == {"layermerge", "depth"}
     assert report["accuracy_original"] > 50 and report["accuracy_compressed"] > 30
     assert report["plan"]["measured"]["ratio"] <= 0.7 and report["timing"]["speedup"] > 0
     text = (out / "report.md").read_text()
     assert "| accuracy (val, %) |" in text and "distilling from the original" in text
+    assert "images held out of train/" in text and "val/ (" in text
     for name in ("merged.safetensors", "merged.onnx", "plan.json", "latency.json",
                  "frontier.png", "space.json"):
         assert (out / name).stat().st_size > 0, name
@@ -44,7 +53,7 @@ def test_compress_on_an_image_folder_end_to_end_and_resumed(digits, tmp_path, ca
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()
               if p.name in ("original-train.pt", "latency.json", "plan.json")
               or p.name.startswith("finetune-")}
-    assert len(stamps) == 4
+    assert len(stamps) == 3 + len(report["candidates"])
     assert run("compress", *ARGS, "--data", digits, "--budget", 0.7, "--out", out) == 0
     assert {n: (out / n).stat().st_mtime_ns for n in stamps} == stamps
     again = json.loads((out / "report.json").read_text())
@@ -84,3 +93,58 @@ def test_an_image_folder_with_other_classes_in_val_is_refused(digits, tmp_path, 
     shutil.rmtree(data / "val" / "7")
     assert run("compress", *ARGS, "--data", data, "--budget", 0.7, "--out", tmp_path / "o") == 1
     assert "train and val have other classes" in capsys.readouterr().err
+
+
+class WatchedLoader(DataLoader):
+    """A loader that records which functions were running whenever it is read."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        super().__init__(loader.dataset, batch_size=loader.batch_size)
+        self.readers: list[set[str]] = []
+
+    def __iter__(self):
+        self.readers.append({frame.name for frame in traceback.extract_stack()})
+        return super().__iter__()
+
+
+def test_val_is_read_only_for_the_report_and_never_chooses(digits, tmp_path):
+    """Importance, solves and the choice read the held-out part of train/; two jobs whose
+    val/ folders differ write the same importance table and plan (table-basis budget)."""
+    settings = JobSettings(budget=0.8, method="layermerge", grayscale=True, size=16,
+                           epochs=0.2, latency_batch=8, timing_repeat=4, budget_basis="table")
+    other = tmp_path / "other"
+    shutil.copytree(digits, other)
+    for image in sorted((other / "val").rglob("*.png"))[::2]:  # another val/: half replaced
+        image.write_bytes(next((other / "train" / image.parent.name).glob("*.png")).read_bytes())
+    model = DemoMobileNetV2().eval()
+    runs = []
+    for root in (digits, other):
+        data = image_folder(root, settings)
+        data.val = WatchedLoader(data.val)
+        out = tmp_path / f"job-{root.name}"
+        if runs:  # the same latency table: the plans then depend on importance alone
+            out.mkdir()
+            shutil.copy(runs[0][1] / "latency.json", out / "latency.json")
+        with pytest.warns(UserWarning, match="near chance"):  # random weights
+            report = run_job(copy.deepcopy(model), data, out, settings, analyze_options={
+                "exclude": ["stem.0", "head.0"]}, progress=False)
+        runs.append((report, out, data.val.readers))
+    for report, out, readers in runs:
+        assert len(readers) == 1 + len(report["candidates"])  # the original and each one
+        assert all("report" in r for r in readers)  # `recipe.report`, only
+        assert not any(r & {"evaluate", "finetune", "_importance", "_candidate", "train"}
+                       for r in readers)
+        assert "teacher_warning" in report and report["images"]["holdout"] >= 50
+    (a, out_a, _), (b, out_b, _) = runs
+    for name in ("importance-proxy.json", "plan.json"):
+        assert (out_a / name).read_text() == (out_b / name).read_text(), name
+    assert a["choice"] == b["choice"] and a["candidates"].keys() == b["candidates"].keys()
+
+
+def test_an_unreachable_budget_is_refused_after_the_latency_table(digits, tmp_path, capsys):
+    out = tmp_path / "job"
+    assert run("compress", *ARGS, "--data", digits, "--budget", 0.05, "--out", out) == 1
+    err = capsys.readouterr().err
+    assert "below what the latency table allows" in err and "ask for --budget" in err
+    assert (out / "latency.json").exists()
+    assert not list(out.glob("importance-*")) and not list(out.glob("finetune-*"))
