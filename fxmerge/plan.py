@@ -189,7 +189,7 @@ class Plan:
         if covered != names:
             raise PlanError("plan blocks do not tile the searched convs in order")
         for b, (i, j) in zip(self.blocks, self.positions(space)):
-            if (i, j) not in space.blocks and (i, j) not in space.oversized:
+            if not space.kernel_options(i, j) and (i, j) not in space.oversized:
                 raise PlanError(
                     f"block {b.convs[0]}..{b.convs[-1]} (positions {i}..{j}) is not legal: "
                     "it crosses a barrier, a stride break or half a residual segment")

@@ -13,6 +13,7 @@ from .classify import (
     finetune_importance,
     finetune_plan,
     run_demo,
+    run_seed,
     spearman,
     train_seed,
 )
@@ -28,5 +29,5 @@ from .shared import (
 
 __all__ = ["DDPMDemoConfig", "DemoConfig", "Diffusion", "Trained", "accuracy", "estimator",
            "finetune_importance", "finetune_plan", "frechet_distance", "load_digits", "loader",
-           "run_ddpm_demo", "run_demo", "spearman", "summarize", "time_against_original",
+           "run_ddpm_demo", "run_demo", "run_seed", "spearman", "summarize", "time_against_original",
            "train_seed", "write_digits_folder"]

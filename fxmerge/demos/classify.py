@@ -23,6 +23,7 @@ from torch import fx, nn
 from ..job import Job
 from ..models import DemoMobileNetV2
 from ..passes import transform
+from ..pipeline import AUTO_METHODS
 from ..plan import Plan
 from ..recipes import ClassificationRecipe
 from ..solve import METHODS, frontier
@@ -66,6 +67,9 @@ class DemoConfig:
     # recover such a conv, which skews the table (docs/experiments.md).
     reset_single: bool = False
     kd_weight: float = 0.0  # the plans' fine-tune distils from the original when > 0
+    # LayerMerge plans solved on the proxy table too, fine-tuned and timed (a research
+    # comparison, benchmarks/bench_proxy.py; off in the Quickstart)
+    proxy_plans: bool = False
 
     @classmethod
     def distorted_task(cls) -> DemoConfig:
@@ -179,7 +183,7 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
     importance = finetune_importance(trained, config, progress)
     finetune_s = time.perf_counter() - tick
     tick = time.perf_counter()
-    proxy = job.importance(space.entries, batch=data.val[0][: config.proxy_batch])
+    proxy = job.importance(space.entries, batch=data.train[0][: config.proxy_batch])
     proxy_s = time.perf_counter() - tick
     rho = spearman(importance, proxy)
     print(f"importance table: {len(importance)} fine-tuned estimates in {finetune_s:.0f} s "
@@ -192,11 +196,14 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
     # budgets are fractions of the original's measured latency at the table's batch
     rows = []
     proxy_plans = [(f"{method}-proxy", budget, plan) for method, budget, plan in
-                   feasible_plans(job, proxy, config.budgets, ("layermerge",))]
+                   feasible_plans(job, proxy, config.budgets, ("layermerge",))
+                   ] if config.proxy_plans else []
     plans = [*feasible_plans(job, importance, config.budgets), *proxy_plans]
     for method, budget, plan in plans:
         nets[f"{method}@{budget}"], acc = finetune_plan(trained, plan, config, seed)
         rows.append({"seed": seed, "method": method, "budget": budget, "accuracy": acc,
+                     "holdout": round(100 * trained.recipe.evaluate(nets[f"{method}@{budget}"]),
+                                      2),
                      "predicted_ratio": plan.measured["predicted_ratio"],
                      "solve_ratio": plan.measured["ratio"]})
     measured = time_against_original(nets, example, config.compare_repeat)
@@ -206,11 +213,24 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
                    original_ms=round(measured["original"].ms, 4),
                    measured_ratio=round(merged.ratio, 4),
                    speedup=round(1 / merged.ratio, 3))
+    rows += auto_rows(rows)
     print_table(rows, base_acc)
     costs = {"finetune_importance_s": round(finetune_s, 2), "finetune_keys": len(importance),
              "proxy_importance_s": round(proxy_s, 2), "proxy_keys": len(proxy),
              "spearman_rho": round(rho, 3)}
     return SeedRun(seed, rows, base_acc, space, latency, importance, costs)
+
+
+def auto_rows(rows: list[dict]) -> list[dict]:
+    """What `--method auto` keeps at each budget: of LayerMerge and Depth, the network more
+    accurate on the held-out split (val; the faster on a tie), reported on test."""
+    out = []
+    for budget in dict.fromkeys(r["budget"] for r in rows):
+        both = [r for r in rows if r["budget"] == budget and r["method"] in AUTO_METHODS]
+        if both:
+            best = max(both, key=lambda r: (r["holdout"], r["speedup"]))
+            out.append({**best, "method": "auto", "kept": best["method"]})
+    return out
 
 
 def run_demo(out: Path | None = None, config: DemoConfig = DemoConfig(),
@@ -232,16 +252,20 @@ def run_demo(out: Path | None = None, config: DemoConfig = DemoConfig(),
 
 def print_table(rows: list[dict], base_acc: float) -> None:
     print(f"\noriginal: test accuracy {base_acc:.2f}%")
-    head = (f"{'method':<16} {'budget':>6} {'acc %':>6} {'latency ms':>10} {'measured':>8} "
-            f"{'predicted':>9} {'original ms':>11} {'speed-up':>8}")
+    head = (f"{'method':<18} {'budget':>6} {'held-out %':>10} {'test %':>6} {'latency ms':>10} "
+            f"{'measured':>8} {'predicted':>9} {'speed-up':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['method']:<16} {r['budget']:>6.0%} {r['accuracy']:>6.2f} "
+        name = f"auto: {r['kept']}" if r["method"] == "auto" else r["method"]
+        print(f"{name:<18} {r['budget']:>6.0%} {r['holdout']:>10.2f} {r['accuracy']:>6.2f} "
               f"{r['latency_ms']:>10.3f} {r['measured_ratio']:>8.1%} "
-              f"{r['predicted_ratio']:>9.1%} {r['original_ms']:>11.3f} {r['speedup']:>7.2f}x")
-    print("budget, measured and predicted: fractions of the original's measured latency "
-          "(predicted: calibrated on the other plans' timings, before this plan was timed)")
+              f"{r['predicted_ratio']:>9.1%} {r['speedup']:>7.2f}x")
+    print("held-out: the validation split every choice is scored on; test: reported only. "
+          "auto keeps, per budget, the more accurate of layermerge and depth on held-out. "
+          "budget, measured and predicted: fractions of the original's measured latency "
+          f"({rows[0]['original_ms']:.3f} ms; predicted: calibrated on the other plans' "
+          "timings, before this plan was timed)" if rows else "no plan met any budget")
 
 
 def print_summary(rows: list[dict], base: list[float]) -> None:

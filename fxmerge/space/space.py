@@ -192,15 +192,17 @@ class MergeSpace:
         return {block: e for block, e in full.items() if e in self._blocks.merged}
 
     # ---- convs and positions ---------------------------------------------------------------
+    @cached_property
+    def _by_name(self) -> dict[str, Conv]:
+        return {c.name: c for c in self.convs}
+
     def conv(self, name_or_index: str | int) -> Conv:
         """The conv at a position (1-based) or of a module name; `SpaceError` if none."""
         if isinstance(name_or_index, int):
             if 1 <= name_or_index <= self.L:
                 return self.convs[name_or_index - 1]
-        else:
-            for c in self.convs:
-                if c.name == name_or_index:
-                    return c
+        elif name_or_index in self._by_name:
+            return self._by_name[name_or_index]
         raise SpaceError(f"no searched conv {name_or_index!r} in this space")
 
     def region(self, name: str) -> Region | None:

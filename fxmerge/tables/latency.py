@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -115,6 +117,8 @@ class LatencySettings(TableSettings):
     torch: str | None = None
     statistic: str = "median"
     spread: float | None = None  # median interquartile range / median over the layers
+    retimed: int | None = None  # layers timed more than twice (their passes disagreed)
+    unsettled: int | None = None  # layers whose timings never agreed within AGREE
     check: Check | None = None  # None: not checked
     check_failure: str | None = None
     network_ms: float | None = None  # the whole original network, timed by the check
@@ -176,6 +180,22 @@ def time_layer(layer: LayerSpec, *, backend: str, device: torch.device,
 # table whose sum is outside these bounds, as a fraction of the whole network timed on the
 # same backend, was timed under other conditions than the network (a loaded machine).
 PLAUSIBLE_TABLE_SHARE = (0.2, 3.0)
+# Each layer is timed in two passes over the table (the second in reverse order, on half the
+# time budget); a layer whose two timings differ by more than AGREE is timed again, in later
+# passes, until two of its timings agree (their mean is its value) or MAX_PASSES have run
+# (the median, counted as `unsettled`). One pass alone let a transient stall of the machine
+# decide an entry (once 5x off between two tables built back to back).
+AGREE = 0.10
+MAX_PASSES = 4
+
+
+def _settled(samples: list[float]) -> float | None:
+    """A layer's latency once two of its timings agree within `AGREE`: the mean of the
+    closest two; None before."""
+    ordered = sorted(samples)
+    gaps = [(b / a - 1, (a + b) / 2) for a, b in pairwise(ordered) if a > 0]
+    gap, mean = min(gaps, default=(math.inf, None))
+    return mean if gap <= AGREE else None
 
 
 def measure_latency(
@@ -199,7 +219,9 @@ def measure_latency(
 
     Each timing is the median of up to `repeat` runs after up to `warmup` runs, as many as
     fit in about `seconds` per layer (at least 3 timed runs; their spread is recorded), so
-    fast layers get many runs and slow ones, which no budget would pick, few. Distinct conv
+    fast layers get many runs and slow ones, which no budget would pick, few. Every layer
+    is timed in two passes over the table and again where they disagree (`AGREE`,
+    `MAX_PASSES`), so no single stall of the machine decides an entry. Distinct conv
     layers are timed once (`deduplicate=False` times every entry, to measure what that
     saves). With `cache`, each timing is written to that JSON file as soon as it is known,
     and a rerun with the same settings resumes where it stopped. With `check` (by default,
@@ -231,19 +253,27 @@ def measure_latency(
         timings = _load_cache(cache, settings)
         started = time.perf_counter()
         for attempt in (1, 2):
-            todo = [job for job in jobs if _job_key(job, layers) not in timings]
-            bar = iterate(todo, "latency table", "layer", progress)
-            spreads = []
-            for job in bar:
-                layer = layers[job] if isinstance(job, Entry) else job
-                timing = time_layer(layer, backend=backend, device=device, dtype=dtype,
-                                    warmup=warmup, repeat=repeat, seconds=seconds)
-                timings[_job_key(job, layers)] = timing.ms
-                spreads.append(timing.spread)
-                _save_cache(cache, settings, timings)
+            spreads: list[float] = []
+            for n in range(MAX_PASSES):  # each pass times what has not settled yet
+                todo = [job for job in jobs if len(timings.get(_job_key(job, layers), ())) <= n
+                        and (n < 2 or _settled(timings[_job_key(job, layers)]) is None)]
+                if not todo:
+                    break
+                name = "latency table" if n == 0 else f"latency table, pass {n + 1}"
+                for job in iterate(todo[::-1] if n % 2 else todo, name, "layer", progress):
+                    layer = layers[job] if isinstance(job, Entry) else job
+                    timing = time_layer(layer, backend=backend, device=device, dtype=dtype,
+                                        warmup=warmup, repeat=repeat,
+                                        seconds=seconds if n == 0 else seconds / 2)
+                    timings.setdefault(_job_key(job, layers), []).append(timing.ms)
+                    spreads.append(timing.spread)
+                    _save_cache(cache, settings, timings)
+            ms = {key: _settled(t) or statistics.median(t) for key, t in timings.items()}
             values = {e: 0.0 for e in space.entries if e not in layers}  # removing a conv
-            values.update({e: timings[_job_key(layer if deduplicate else e, layers)]
+            values.update({e: ms[_job_key(layer if deduplicate else e, layers)]
                            for e, layer in layers.items()})
+            settings = replace(settings, retimed=sum(len(t) > 2 for t in timings.values()),
+                               unsettled=sum(_settled(t) is None for t in timings.values()))
             if spreads:
                 settings = replace(settings, spread=round(statistics.median(spreads), 4))
             table = LatencyTable(values, space.signature, settings, space.input_shapes)
@@ -289,14 +319,16 @@ def _job_key(job: LayerSpec | Entry, layers: dict) -> str:
     return job.label if isinstance(job, LayerSpec) else f"entry {tuple(job)} {layers[job].label}"
 
 
-def _load_cache(cache: str | Path | None, settings: LatencySettings) -> dict[str, float]:
+def _load_cache(cache: str | Path | None, settings: LatencySettings
+                ) -> dict[str, list[float]]:
+    """Each layer's timings so far (one per pass) from `cache`, if it has these settings."""
     if cache is None or not Path(cache).is_file():
         return {}
     data = json.loads(Path(cache).read_text())
     if data.get("settings") != settings.timing_conditions():
         log.warning("latency cache %s has other settings; ignoring it", cache)
         return {}
-    return dict(data["timings"])
+    return {k: v if isinstance(v, list) else [v] for k, v in data["timings"].items()}
 
 
 def _save_cache(cache: str | Path | None, settings: LatencySettings, timings: dict) -> None:
