@@ -18,7 +18,7 @@ from .backends.runtimes import BACKENDS
 from .errors import ArgumentError, FxMergeError, ModelSpecError
 from .job import BudgetBasis
 from .models.hub import attribute, load_model
-from .pipeline import JobSettings
+from .pipeline import ImportanceMode, JobSettings
 from .solve import METHODS
 from .space import MAX_KERNEL_BYTES, StrideRule
 
@@ -395,6 +395,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             config = replace(DemoConfig.quick(), distorted=args.distorted)
         else:
             config = DemoConfig.distorted_task() if args.distorted else DemoConfig()
+        config = replace(config, importance=args.importance)
         run_demo(out, config, seeds=args.seeds)
     return EXIT_OK
 
@@ -530,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distorted", action="store_true", help="the harder task: digits "
                    "rotated, scaled, shifted and noisy (classify)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    p.add_argument("--importance", choices=[str(m) for m in ImportanceMode], default="proxy",
+                   help="proxy: output agreement, seconds; finetune: the paper's estimator, "
+                   "a brief fine-tune per entry (classify; default: proxy)")
     p.set_defaults(func=cmd_demo)
     return parser
 

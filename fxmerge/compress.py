@@ -4,13 +4,14 @@ network to fine-tune (a front end over `fxmerge.job.Job`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import fx, nn
 
 from .capture import ExampleInputs
-from .job import BudgetBasis, Job, basis_of
+from .errors import ArgumentError, InfeasibleBudget
+from .job import AUTO, AUTO_METHODS, BudgetBasis, Job, basis_of
 from .passes import merge
 from .plan import Plan
 from .solve import get_method
@@ -28,6 +29,8 @@ class CompressResult:
     pruned: fx.GraphModule
     latency: LatencyTable
     importance: ImportanceTable
+    # method="auto": each method tried, with its plan, trained network and score
+    candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def merge(self) -> fx.GraphModule:
         """The merged network (one conv per block) of the pruned one, in eval mode. Call it
@@ -57,6 +60,7 @@ def compress(
     latency: LatencyTable | Mapping[str, Any] | None = None,
     importance: ImportanceTable | Callable[[nn.Module], float] | None = None,
     finetune: Callable[[nn.Module], nn.Module | None] | None = None,
+    train: Callable[[fx.GraphModule], fx.GraphModule] | None = None,
     exclude: tuple[str, ...] = (),
     stride_rule: str | StrideRule = StrideRule.PAPER,
     levels: int | None = None,
@@ -79,8 +83,25 @@ def compress(
     `evaluate(model) -> float` for the paper's estimator (with `finetune`), or None for the
     cheap output-agreement proxy on `example_inputs`. `threads`: the intra-op threads both
     the latency table and the network timings use (default: torch's), recorded in both.
+
+    `method="auto"` tries LayerMerge and Depth from one importance pass: each plan's pruned
+    network is trained by `train(pruned) -> pruned` (your final fine-tune) and scored by
+    `importance` (an `evaluate` on held-out data, never the data you report on); the more
+    accurate is kept (its trained network is `result.pruned`; `result.candidates` has both).
+    A budget the latency table shows no plan can reach is refused before any importance is
+    measured (with `auto`, such a method is dropped).
     """
     basis = basis_of(budget_basis)
+    if method == AUTO:
+        if not callable(importance) or train is None:
+            raise ArgumentError('method="auto" picks the more accurate network: give '
+                                "importance=evaluate (scored on held-out data) and train=")
+        return _compress_auto(model, example_inputs, budget=budget, evaluate=importance,
+                              finetune=finetune, train=train, basis=basis, levels=levels,
+                              job=Job(model, example_inputs, threads=threads, latency=latency,
+                                      timing=timing, analysis={
+                                          "stride_rule": stride_rule, "exclude": exclude,
+                                          "add_activations": add_activations}))
     job = Job(model, example_inputs, threads=threads, latency=latency, timing=timing,
               importance=importance if isinstance(importance, ImportanceTable) else None,
               analysis={"stride_rule": stride_rule, "exclude": exclude,
@@ -91,3 +112,31 @@ def compress(
                            finetune=finetune)
     plan = job.solve(table, budget, method=method, basis=basis, levels=levels)
     return CompressResult(plan, job.space, job.prune(plan), job.latency, table)
+
+
+def _compress_auto(model: nn.Module, example_inputs: ExampleInputs, *, budget: float,
+                   evaluate: Callable[[nn.Module], float],
+                   finetune: Callable[[nn.Module], nn.Module | None] | None,
+                   train: Callable[[fx.GraphModule], fx.GraphModule], basis: BudgetBasis,
+                   levels: int | None, job: Job) -> CompressResult:
+    """`compress` with `method="auto"`: LayerMerge and Depth, the more accurate kept."""
+    methods = [m for m in AUTO_METHODS if job.reach(m) <= budget]
+    if not methods:
+        job.check_reach(budget, min(AUTO_METHODS, key=job.reach))  # raises, with the figure
+    keys = list(dict.fromkeys(k for m in methods for k in get_method(m).importance_keys(
+        job.space)))
+    table = job.importance(keys, evaluate=evaluate, finetune=finetune)
+    candidates: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        try:
+            plan = job.solve(table, budget, method=method, basis=basis, levels=levels)
+        except InfeasibleBudget:
+            continue
+        trained = train(job.prune(plan))
+        candidates[method] = {"plan": plan, "pruned": trained, "score": evaluate(trained)}
+    if not candidates:
+        raise InfeasibleBudget(f"neither {' nor '.join(methods)} meets budget {budget:g}")
+    chosen = max(candidates, key=lambda m: candidates[m]["score"])
+    best = candidates[chosen]
+    return CompressResult(best["plan"], job.space, best["pruned"], job.latency, table,
+                          candidates)

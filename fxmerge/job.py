@@ -43,6 +43,8 @@ from .tables.importance import ImportanceTable, estimate_importance
 from .tables.latency import LatencyTable, measure_latency
 
 log = logging.getLogger(__name__)
+AUTO = "auto"  # a method choice: LayerMerge and Depth both tried, the more accurate kept
+AUTO_METHODS = ("layermerge", "depth")
 
 
 class BudgetBasis(str, Enum):
@@ -307,4 +309,4 @@ def _write_file(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-__all__ = ["BudgetBasis", "Job", "basis_of"]
+__all__ = ["AUTO", "AUTO_METHODS", "BudgetBasis", "Job", "basis_of"]

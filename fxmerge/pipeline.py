@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from .backends.runtimes import Backend, get_backend
 from .backends.timing import at_batch
 from .errors import ArgumentError, InfeasibleBudget
-from .job import BudgetBasis, Job, basis_of
+from .job import AUTO, AUTO_METHODS, BudgetBasis, Job, basis_of
 from .plan import Plan
 from .recipes import ClassificationRecipe, ImportanceProtocol
 from .solve import METHODS, frontier, get_method
@@ -33,8 +33,6 @@ from .tables.importance import ImportanceTable
 
 log = logging.getLogger(__name__)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as most models expect
-AUTO = "auto"  # try LayerMerge and Depth, keep the one more accurate on the held-out images
-AUTO_METHODS = ("layermerge", "depth")
 HOLDOUT_FLOOR = 5  # held-out images per class at least (at most half of a class)
 
 
@@ -441,5 +439,5 @@ def render(report: dict, plan: Plan) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["AUTO", "ImageData", "ImportanceMode", "JobSettings", "holdout_split",
+__all__ = ["ImageData", "ImportanceMode", "JobSettings", "holdout_split",
            "image_folder", "run_job"]

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from helpers import randomize_batchnorm, relative_error
 
@@ -43,3 +44,43 @@ def test_compress_accepts_tables_and_an_evaluate_function():
                               method="depth")
     assert result.plan.method == "depth"
     assert len(calls) == 1 + len(result.importance)  # the original, then every key
+
+
+def test_compress_refuses_an_unreachable_budget_before_any_importance(monkeypatch):
+    model = randomize_batchnorm(DemoMobileNetV2())
+    x = torch.randn(2, 1, 16, 16)
+    gm = fxmerge.trace(model, x)
+    space = fxmerge.analyze(gm, exclude=DemoMobileNetV2.EXCLUDE)
+    latency = fxmerge.LatencyTable.from_values(space, {e: 1.0 + 0.1 * e.k for e in space.entries})
+    monkeypatch.setattr(fxmerge.job, "agreement_importance",
+                        lambda *a, **k: pytest.fail("importance measured"))
+    with pytest.raises(fxmerge.InfeasibleBudget, match=r"fastest layermerge plan is \d+% .* "
+                                                        r"ask for 0\.\d+ or more"):
+        fxmerge.compress(model, x, budget=0.01, latency=latency,
+                         exclude=DemoMobileNetV2.EXCLUDE)
+
+
+def test_compress_auto_keeps_the_method_whose_trained_network_scores_better():
+    model = randomize_batchnorm(DemoMobileNetV2())
+    x = torch.randn(2, 1, 16, 16)
+    gm = fxmerge.trace(model, x)
+    space = fxmerge.analyze(gm, exclude=DemoMobileNetV2.EXCLUDE)
+    latency = fxmerge.LatencyTable.from_values(space, {e: 1.0 + 0.1 * e.k for e in space.entries})
+    trained = []
+
+    def evaluate(m):  # a network with fewer convs scores better: depth keeps every conv
+        return -sum(isinstance(c, torch.nn.Conv2d) for c in m.modules())
+
+    def train(pruned):
+        trained.append(pruned)
+        return pruned
+
+    result = fxmerge.compress(model, x, budget=0.7, latency=latency, importance=evaluate,
+                              train=train, method="auto", exclude=DemoMobileNetV2.EXCLUDE,
+                              budget_basis="table")
+    assert set(result.candidates) == {"layermerge", "depth"} and len(trained) == 2
+    scores = {m: c["score"] for m, c in result.candidates.items()}
+    assert result.plan.method == max(scores, key=scores.get)
+    assert result.pruned is result.candidates[result.plan.method]["pruned"]
+    with pytest.raises(fxmerge.ArgumentError, match="auto"):
+        fxmerge.compress(model, x, budget=0.7, latency=latency, method="auto")

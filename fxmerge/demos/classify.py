@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from ..job import Job
+from ..job import AUTO_METHODS, Job
 from ..models import DemoMobileNetV2
 from ..passes import transform
-from ..pipeline import AUTO_METHODS
 from ..plan import Plan
 from ..recipes import ClassificationRecipe
 from ..solve import METHODS, frontier
@@ -70,6 +69,8 @@ class DemoConfig:
     # LayerMerge plans solved on the proxy table too, fine-tuned and timed (a research
     # comparison, benchmarks/bench_proxy.py; off in the Quickstart)
     proxy_plans: bool = False
+    # "proxy" (output agreement: seconds) or "finetune" (the paper's estimator: minutes)
+    importance: str = "proxy"
 
     @classmethod
     def distorted_task(cls) -> DemoConfig:
@@ -180,17 +181,28 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
     print(f"latency table: {space.num_entries} entries, {latency.settings.num_layers} "
           f"convs timed, batch {config.latency_batch}, {latency.settings.seconds:.0f} s")
     tick = time.perf_counter()
-    importance = finetune_importance(trained, config, progress)
-    finetune_s = time.perf_counter() - tick
-    tick = time.perf_counter()
-    proxy = job.importance(space.entries, batch=data.train[0][: config.proxy_batch])
+    calibration = data.train[0][: config.proxy_batch]  # training images
+    proxy = job.importance(importance_keys(space), batch=calibration)
     proxy_s = time.perf_counter() - tick
-    rho = spearman(importance, proxy)
-    print(f"importance table: {len(importance)} fine-tuned estimates in {finetune_s:.0f} s "
-          f"({space.num_entries} LayerMerge entries, {len(depth_keys(space))} Depth "
-          f"activation choices, the rest LayerOnly's); output-agreement proxy of the "
-          f"LayerMerge entries in {proxy_s:.1f} s, Spearman rho {rho:.2f} "
-          f"({time.perf_counter() - started:.0f} s so far)")
+    costs = {"proxy_importance_s": round(proxy_s, 2), "proxy_keys": len(proxy)}
+    what = (f"{space.num_entries} LayerMerge entries, {len(depth_keys(space))} Depth "
+            "activation choices, the rest LayerOnly's")
+    if config.importance == "finetune":
+        tick = time.perf_counter()
+        importance = finetune_importance(trained, config, progress)
+        finetune_s = time.perf_counter() - tick
+        rho = spearman(importance, proxy)
+        costs.update(finetune_importance_s=round(finetune_s, 2),
+                     finetune_keys=len(importance), spearman_rho=round(rho, 3))
+        print(f"importance table: {len(importance)} fine-tuned estimates in {finetune_s:.0f} s "
+              f"({what}); the output-agreement proxy's in {proxy_s:.1f} s rank the LayerMerge "
+              f"entries with Spearman rho {rho:.2f} to them "
+              f"({time.perf_counter() - started:.0f} s so far)")
+    else:
+        importance = proxy
+        print(f"importance table: {len(proxy)} output-agreement estimates in {proxy_s:.1f} s "
+              f"({what}; the paper's fine-tuned estimator: --importance finetune) "
+              f"({time.perf_counter() - started:.0f} s so far)")
 
     nets = {"original": transform(gm, Plan.identity(space))}  # BN folded, as the paper times
     # budgets are fractions of the original's measured latency at the table's batch
@@ -215,9 +227,6 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
                    speedup=round(1 / merged.ratio, 3))
     rows += auto_rows(rows)
     print_table(rows, base_acc)
-    costs = {"finetune_importance_s": round(finetune_s, 2), "finetune_keys": len(importance),
-             "proxy_importance_s": round(proxy_s, 2), "proxy_keys": len(proxy),
-             "spearman_rho": round(rho, 3)}
     return SeedRun(seed, rows, base_acc, space, latency, importance, costs)
 
 
