@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import sys
 import typing
@@ -20,7 +21,9 @@ from .job import BudgetBasis
 from .models.hub import attribute, load_model
 from .pipeline import ImportanceMode, JobSettings
 from .solve import METHODS
+from .solve.measured import NetworkTimer
 from .space import MAX_KERNEL_BYTES, StrideRule
+from .tables.latency import measure_latency
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2  # argparse also exits with 2 on bad usage
 
@@ -101,6 +104,12 @@ def add_settings(p: argparse.ArgumentParser, settings: type) -> None:
 def settings_from(args: argparse.Namespace, settings: type) -> object:
     """The settings dataclass the options of `add_settings` were given for."""
     return settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(settings)})
+
+
+def _defaults(function: typing.Callable) -> dict:
+    """A function's keyword defaults: the one place an option's default is written."""
+    return {name: param.default for name, param in inspect.signature(function).parameters.items()
+            if param.default is not inspect.Parameter.empty}
 
 
 def _add_model_args(p: argparse.ArgumentParser, pruned_weights: bool = False,
@@ -199,8 +208,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
-    from .tables.latency import measure_latency
-
     gm, space = _space(args)
     table = measure_latency(space, gm, backend=args.backend, device=args.device,
                             batch_size=args.batch, warmup=args.warmup, repeat=args.repeat,
@@ -426,17 +433,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("latency", help="measure the latency table")
     _add_model_args(p)
     p.add_argument("--out", help="write the table as JSON")
-    p.add_argument("--backend", choices=BACKENDS, default="eager",
-                   help="what the layers are timed on (default: eager)")
-    p.add_argument("--device", default="cpu", help="torch device to time on (default: cpu)")
+    table = _defaults(measure_latency)
+    p.add_argument("--backend", choices=BACKENDS, default=str(table["backend"]),
+                   help=f"what the layers are timed on (default: {table['backend']})")
+    p.add_argument("--device", default=table["device"],
+                   help=f"torch device to time on (default: {table['device']})")
     _add_threads(p)
     p.add_argument("--batch", type=int, help="deployment batch (default: the input shape's)")
-    p.add_argument("--warmup", type=int, default=10,
-                   help="untimed runs per layer, at most (default 10)")
-    p.add_argument("--repeat", type=int, default=30,
-                   help="timed runs per layer, at most; the median is kept (default 30)")
-    p.add_argument("--seconds", type=float, default=0.3, help="time each layer for about "
-                   "this long (fewer runs for slow layers; default 0.3)")
+    p.add_argument("--warmup", type=int, default=table["warmup"],
+                   help=f"untimed runs per layer, at most (default {table['warmup']})")
+    p.add_argument("--repeat", type=int, default=table["repeat"], help="timed runs per layer, "
+                   f"at most; the median is kept (default {table['repeat']})")
+    p.add_argument("--seconds", type=float, default=table["seconds"], help="time each layer "
+                   f"for about this long (fewer runs for slow layers; default "
+                   f"{table['seconds']})")
     p.add_argument("--cache", help="JSON file to resume an interrupted measurement from")
     p.add_argument("--no-dedup", action="store_true", help="time every entry separately")
     p.set_defaults(func=cmd_latency)
@@ -465,8 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-basis", choices=[str(b) for b in BudgetBasis], default="measured",
                    help="measured: plans are timed whole against the original until one "
                    "fits --budget; table: --budget is a fraction of the table's sum")
-    p.add_argument("--timing-repeat", type=int, default=30,
-                   help="interleaved rounds per network timing (measured basis)")
+    repeat = _defaults(NetworkTimer)["repeat"]
+    p.add_argument("--timing-repeat", type=int, default=repeat, help="interleaved rounds per "
+                   f"network timing (measured basis; default {repeat})")
     _add_threads(p)
     _add_method(p)
     p.add_argument("--levels", type=int, help="budget levels of the DP (default 1000; "
