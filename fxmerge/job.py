@@ -131,9 +131,10 @@ class Job:
         """latency: the table given, the one in latency.json when it fits, else measured."""
         table = self._given["latency"] or self._read("latency.json", LatencyTable.from_json)
         options = self.latency_options
-        if table is not None and (options.get("threads") in (None, table.settings.threads)
-                                  and options.get("backend", table.settings.backend)
-                                  == table.settings.backend):
+        if table is not None and all(options.get(name) in (None, getattr(table.settings, field))
+                                     for name, field in (("threads", "threads"),
+                                                         ("backend", "backend"),
+                                                         ("batch_size", "batch_size"))):
             table.check(self.space)
             return table
         with self.stage("latency table"):
