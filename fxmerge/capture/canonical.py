@@ -44,6 +44,34 @@ def module_path(node: fx.Node) -> str | None:
     return path or None
 
 
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _owner(node: Any) -> str | None:
+    """The module whose attributes a computed weight is made of: the common prefix of the
+    attributes it reads (`stem.conv` for `stem.conv.weight` and `stem.conv.gain`)."""
+    if not isinstance(node, fx.Node):
+        return None
+    paths = [n.target.rpartition(".")[0] for n in _ancestors(node) if n.op == "get_attr"]
+    if not paths or any(not p for p in paths):
+        return None
+    parts = [p.split(".") for p in paths]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common) or None
+
+
 def _is_parameter_input(node: fx.Node) -> bool:
     """A dynamo placeholder that holds a parameter or buffer of the module (not a forward
     input): dynamo marks those as static inputs and names them after their attribute
@@ -78,7 +106,41 @@ class Canonicaliser:
         if isinstance(arg, fx.Node) and arg.op == "placeholder" and arg.name in self.inputs \
                 and _is_parameter_input(arg):
             return self.inputs[arg.name]
+        if isinstance(arg, fx.Node) and arg.op in ("call_function", "call_method"):
+            return self.computed(arg)
         raise ValueError(f"{arg} is not a constant of the graph")
+
+    def computed(self, node: fx.Node) -> torch.Tensor:
+        """The value of `node` when it is computed from constants of the graph alone (a
+        weight standardised or normalised from parameters: weight norm, timm's
+        `ScaledStdConv2d`, `F.conv2d(x, f(self.w))`), evaluated once; `ValueError` when
+        anything it reads is a forward input or a module call."""
+        order = [n for n in self.gm.graph.nodes if n is node or n in _ancestors(node)]
+        env: dict[fx.Node, Any] = {}
+        with torch.no_grad():
+            for n in order:
+                if n.op in ("get_attr", "placeholder"):
+                    env[n] = self.constant(n)
+                elif n.op in ("call_function", "call_method"):
+                    args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
+                    env[n] = (n.target(*args, **kwargs) if n.op == "call_function"
+                              else getattr(args[0], n.target)(*args[1:], **kwargs))
+                else:
+                    raise ValueError(f"{node} reads {n}, not a constant of the graph")
+        value = env[node]
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{node} is not a tensor")  # noqa: TRY004 (callers catch ValueError)
+        return value.detach()
+
+    def erase_unused(self, arg: Any) -> None:
+        """Erase `arg` and what it was computed from, where nothing else reads them (a
+        weight's computation, once the weight is folded into a module)."""
+        if not isinstance(arg, fx.Node) or arg.op == "placeholder":
+            return
+        nodes = [n for n in self.gm.graph.nodes if n is arg or n in _ancestors(arg)]
+        for n in reversed(nodes):
+            if not n.users and n.op != "placeholder":
+                self.gm.graph.erase_node(n)
 
     def name_for(self, node: fx.Node, weight_arg: Any, weight: torch.Tensor | None,
                  kind: str) -> tuple[str, bool]:
@@ -91,7 +153,7 @@ class Canonicaliser:
             if isinstance(weight_arg, fx.Node) and weight_arg.op == "get_attr":
                 path = weight_arg.target.rpartition(".")[0] or None
             else:
-                path = module_path(node)
+                path = module_path(node) or _owner(weight_arg)
         if path is not None and path in self.installed:
             weight_id, name = self.installed[path]
             if weight is not None and weight_id == id(weight):

@@ -180,6 +180,8 @@ def _canonical_conv(cz: Canonicaliser, node: fx.Node) -> bool:
         if bias is not None:
             conv.bias = cz.parameter(bias)
     cz.install(node, conv, name, x)
+    for arg in (w, b):  # a weight computed from parameters is folded: its computation goes
+        cz.erase_unused(arg)
     return True
 
 
