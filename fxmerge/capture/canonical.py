@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from . import families
+from . import families, ops
 
 _SHAPE_READS = {getattr, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
                 operator.ge, operator.and_, len, "size", "dim"}
@@ -44,23 +44,12 @@ def module_path(node: fx.Node) -> str | None:
     return path or None
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(node.all_input_nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
-
-
 def _owner(node: Any) -> str | None:
     """The module whose attributes a computed weight is made of: the common prefix of the
     attributes it reads (`stem.conv` for `stem.conv.weight` and `stem.conv.gain`)."""
     if not isinstance(node, fx.Node):
         return None
-    paths = [n.target.rpartition(".")[0] for n in _ancestors(node) if n.op == "get_attr"]
+    paths = [n.target.rpartition(".")[0] for n in ops.ancestors(node) if n.op == "get_attr"]
     if not paths or any(not p for p in paths):
         return None
     parts = [p.split(".") for p in paths]
@@ -115,7 +104,7 @@ class Canonicaliser:
         weight standardised or normalised from parameters: weight norm, timm's
         `ScaledStdConv2d`, `F.conv2d(x, f(self.w))`), evaluated once; `ValueError` when
         anything it reads is a forward input or a module call."""
-        order = [n for n in self.gm.graph.nodes if n is node or n in _ancestors(node)]
+        order = [n for n in self.gm.graph.nodes if n is node or n in ops.ancestors(node)]
         env: dict[fx.Node, Any] = {}
         with torch.no_grad():
             for n in order:
@@ -137,7 +126,7 @@ class Canonicaliser:
         weight's computation, once the weight is folded into a module)."""
         if not isinstance(arg, fx.Node) or arg.op == "placeholder":
             return
-        nodes = [n for n in self.gm.graph.nodes if n is arg or n in _ancestors(arg)]
+        nodes = [n for n in self.gm.graph.nodes if n is arg or n in ops.ancestors(arg)]
         for n in reversed(nodes):
             if not n.users and n.op != "placeholder":
                 self.gm.graph.erase_node(n)
