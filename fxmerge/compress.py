@@ -92,21 +92,17 @@ def compress(
     measured (with `auto`, such a method is dropped).
     """
     basis = basis_of(budget_basis)
-    if method == AUTO:
-        if not callable(importance) or train is None:
-            raise ArgumentError('method="auto" picks the more accurate network: give '
-                                "importance=evaluate (scored on held-out data) and train=")
-        return _compress_auto(model, example_inputs, budget=budget, evaluate=importance,
-                              finetune=finetune, train=train, basis=basis, levels=levels,
-                              job=Job(model, example_inputs, threads=threads, latency=latency,
-                                      timing=timing, analysis={
-                                          "stride_rule": stride_rule, "exclude": exclude,
-                                          "add_activations": add_activations}))
+    if method == AUTO and (not callable(importance) or train is None):
+        raise ArgumentError('method="auto" picks the more accurate network: give '
+                            "importance=evaluate (scored on held-out data) and train=")
     job = Job(model, example_inputs, threads=threads, latency=latency, timing=timing,
               importance=importance if isinstance(importance, ImportanceTable) else None,
               analysis={"stride_rule": stride_rule, "exclude": exclude,
                         "add_activations": add_activations})
-    job.check_reach(budget, method)  # refused before any importance is measured
+    if method == AUTO:
+        return _compress_auto(job, budget=budget, evaluate=importance, finetune=finetune,
+                              train=train, basis=basis, levels=levels)
+    job.reachable(budget, (method,))  # refused before any importance is measured
     keys = get_method(method).importance_keys(job.space)  # only the keys `method` reads
     table = job.importance(keys, evaluate=importance if callable(importance) else None,
                            finetune=finetune)
@@ -114,15 +110,12 @@ def compress(
     return CompressResult(plan, job.space, job.prune(plan), job.latency, table)
 
 
-def _compress_auto(model: nn.Module, example_inputs: ExampleInputs, *, budget: float,
-                   evaluate: Callable[[nn.Module], float],
+def _compress_auto(job: Job, *, budget: float, evaluate: Callable[[nn.Module], float],
                    finetune: Callable[[nn.Module], nn.Module | None] | None,
                    train: Callable[[fx.GraphModule], fx.GraphModule], basis: BudgetBasis,
-                   levels: int | None, job: Job) -> CompressResult:
+                   levels: int | None) -> CompressResult:
     """`compress` with `method="auto"`: LayerMerge and Depth, the more accurate kept."""
-    methods = [m for m in AUTO_METHODS if job.reach(m) <= budget]
-    if not methods:
-        job.check_reach(budget, min(AUTO_METHODS, key=job.reach))  # raises, with the figure
+    methods = job.reachable(budget, AUTO_METHODS)
     keys = list(dict.fromkeys(k for m in methods for k in get_method(m).importance_keys(
         job.space)))
     table = job.importance(keys, evaluate=evaluate, finetune=finetune)

@@ -96,6 +96,7 @@ class Job:
         self.seconds: dict[str, float] = {}  # each stage's time
         self._given = {"latency": latency if isinstance(latency, LatencyTable) else None,
                        "importance": importance}
+        self._reach: dict[str, float] = {}  # each method's `reach`
 
     # ---- stages ----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -131,10 +132,8 @@ class Job:
         """latency: the table given, the one in latency.json when it fits, else measured."""
         table = self._given["latency"] or self._read("latency.json", LatencyTable.from_json)
         options = self.latency_options
-        if table is not None and all(options.get(name) in (None, getattr(table.settings, field))
-                                     for name, field in (("threads", "threads"),
-                                                         ("backend", "backend"),
-                                                         ("batch_size", "batch_size"))):
+        if table is not None and all(options.get(name) in (None, getattr(table.settings, name))
+                                     for name in ("threads", "backend", "batch_size")):
             table.check(self.space)
             return table
         with self.stage("latency table"):
@@ -178,21 +177,29 @@ class Job:
     def reach(self, method: str) -> float:
         """The smallest table latency any `method` plan reaches, as a fraction of the
         original's: what the latency table alone says is reachable (no importance is needed
-        to know it, so a budget below it is refused before any is measured)."""
-        keys = get_method(method).importance_keys(self.space)
-        flat = ImportanceTable.from_values(self.space, dict.fromkeys(keys, 1.0), keys=keys)
-        return (fastest_latency(self.space, self.latency, flat, method)
-                / self.latency.identity_latency(self.space))
+        to know it, so a budget below it is refused before any is measured). Once a job."""
+        if method not in self._reach:
+            keys = get_method(method).importance_keys(self.space)
+            flat = ImportanceTable.from_values(self.space, dict.fromkeys(keys, 1.0), keys=keys)
+            self._reach[method] = (fastest_latency(self.space, self.latency, flat, method)
+                                   / self.latency.identity_latency(self.space))
+        return self._reach[method]
 
-    def check_reach(self, budget: float, method: str) -> None:
-        """`InfeasibleBudget`, naming the figure and a budget that works, when the latency
-        table allows no `method` plan within `budget` (a fraction of the original's)."""
-        floor = self.reach(method)
-        if budget < floor:
+    def reachable(self, budget: float, methods: Iterable[str], option: str = "budget"
+                  ) -> tuple[str, ...]:
+        """The `methods` whose fastest plan the latency table allows within `budget` (a
+        fraction of the original's); `InfeasibleBudget` when none does, naming each one's
+        figure and a budget that works (`option` names the budget in the message)."""
+        floors = {m: self.reach(m) for m in methods}
+        fits = tuple(m for m, floor in floors.items() if floor <= budget)
+        if not fits:
+            best = min(floors.values())
             raise InfeasibleBudget(
-                f"budget {budget:g} is below what the latency table allows: the fastest "
-                f"{method} plan is {floor:.0%} of the original's latency; ask for "
-                f"{math.ceil(floor * 100 + 1) / 100:g} or more")
+                f"{option} {budget:g} is below what the latency table allows: the fastest "
+                f"plan is {best:.0%} of the original's latency ("
+                + ", ".join(f"{m} {f:.0%}" for m, f in floors.items())
+                + f"); ask for {option} {math.ceil(best * 100 + 1) / 100:g} or more")
+        return fits
 
     @cached_property
     def timer(self) -> NetworkTimer:

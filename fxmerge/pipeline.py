@@ -293,23 +293,14 @@ def _reachable(job: Job, settings: JobSettings, report: dict) -> tuple[str, ...]
     """The methods whose fastest plan the latency table allows within the budget; a method
     that cannot reach it is dropped with a line (`auto`), or the job is refused, naming the
     figure and a budget that works."""
-    floors = {m: job.reach(m) for m in settings.methods}
-    report["reach"] = {m: round(f, 4) for m, f in floors.items()}
-    methods = tuple(m for m in settings.methods if floors[m] <= settings.budget)
+    methods = job.reachable(settings.budget, settings.methods, "--budget")
+    report["reach"] = {m: round(job.reach(m), 4) for m in settings.methods}
     for m in settings.methods:
         if m not in methods:
             line = (f"{m} cannot reach --budget {settings.budget:g}: its fastest plan is "
-                    f"{floors[m]:.0%} of the original's latency on the table")
+                    f"{job.reach(m):.0%} of the original's latency on the table")
             report.setdefault("dropped", {})[m] = line
-            if len(settings.methods) > 1:
-                _say(job, f"{line}; trying the others")
-    if not methods:
-        best = min(floors.values())
-        raise InfeasibleBudget(
-            f"--budget {settings.budget:g} is below what the latency table allows: the "
-            f"fastest plan is {best:.0%} of the original's latency ("
-            + ", ".join(f"{m} {f:.0%}" for m, f in floors.items())
-            + f"); ask for --budget {math.ceil(best * 100 + 1) / 100:g} or more")
+            _say(job, f"{line}; trying the others")
     return methods
 
 

@@ -146,7 +146,7 @@ class Plan:
     def space_of(self, gm) -> MergeSpace:
         """The space of `gm` analysed with this plan's settings: the one it was made on, if
         it was made for this graph (pass that space around instead, where you have it)."""
-        require_graph_module(gm, "prune")
+        require_graph_module(gm, "Plan.space_of")  # (its ArgumentError is caught below)
         try:
             return analyze(gm, stride_rule=self.stride_rule, exclude=self.exclude,
                            add_activations=self.add_activations,

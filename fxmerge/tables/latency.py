@@ -268,12 +268,13 @@ def measure_latency(
                     timings.setdefault(_job_key(job, layers), []).append(timing.ms)
                     spreads.append(timing.spread)
                     _save_cache(cache, settings, timings)
-            ms = {key: _settled(t) or statistics.median(t) for key, t in timings.items()}
+            settled = {key: _settled(t) for key, t in timings.items()}
+            ms = {key: settled[key] or statistics.median(t) for key, t in timings.items()}
             values = {e: 0.0 for e in space.entries if e not in layers}  # removing a conv
             values.update({e: ms[_job_key(layer if deduplicate else e, layers)]
                            for e, layer in layers.items()})
             settings = replace(settings, retimed=sum(len(t) > 2 for t in timings.values()),
-                               unsettled=sum(_settled(t) is None for t in timings.values()))
+                               unsettled=sum(s is None for s in settled.values()))
             if spreads:
                 settings = replace(settings, spread=round(statistics.median(spreads), 4))
             table = LatencyTable(values, space.signature, settings, space.input_shapes)
