@@ -84,3 +84,9 @@ def test_compress_auto_keeps_the_method_whose_trained_network_scores_better():
     assert result.pruned is result.candidates[result.plan.method]["pruned"]
     with pytest.raises(fxmerge.ArgumentError, match="auto"):
         fxmerge.compress(model, x, budget=0.7, latency=latency, method="auto")
+
+
+def test_a_job_without_a_folder_refuses_to_deploy():
+    job = fxmerge.Job(DemoMobileNetV2().eval(), torch.randn(2, 1, 16, 16))
+    with pytest.raises(fxmerge.ArgumentError, match="give the Job an out folder"):
+        job.deploy(job.gm)

@@ -14,7 +14,7 @@ import fxmerge
 from fxmerge.cli import main
 from fxmerge.demos import write_digits_folder
 from fxmerge.models import DemoMobileNetV2
-from fxmerge.pipeline import JobSettings, image_folder, run_job
+from fxmerge.pipeline import JobSettings, holdout_split, image_folder, run_job
 
 ARGS = ["fxmerge:DemoMobileNetV2", "--grayscale", "--size", "16", "--exclude", "stem.0",
         "head.0", "--train-epochs", "6", "--epochs", "1", "--latency-batch", "8",
@@ -67,6 +67,23 @@ def test_compress_refuses_what_it_cannot_use(digits, tmp_path, capsys):
     assert run("compress", *ARGS, "--data", digits, "--budget", 0.7, "--out", tmp_path / "o",
                "--scheduler", "tcp://x:1") == 1
     assert "needs --importance finetune" in capsys.readouterr().err
+    assert run("compress", *ARGS, "--data", digits, "--budget", 0.7, "--out", tmp_path / "o",
+               "--holdout", 1.0) == 1
+    assert "holdout must be a fraction in (0, 1), got 1.0" in capsys.readouterr().err
+    with pytest.raises(fxmerge.ArgumentError, match="importance_protocol must be one of"):
+        JobSettings(budget=0.5, importance_protocol="paper-mnist")
+    with pytest.raises(fxmerge.ArgumentError, match="budget_basis must be one of"):
+        JobSettings(budget=0.5, budget_basis="wall")
+
+
+def test_the_held_out_split_is_stratified_with_a_floor_and_seeded():
+    labels = [0] * 100 + [1] * 20 + [2] * 6
+    fit, held = holdout_split(labels, 0.1, seed=0)
+    per_class = [sum(labels[i] == c for i in held) for c in range(3)]
+    assert per_class == [10, 5, 3]  # 10%; the floor of 5; at most half of a class
+    assert sorted(fit + held) == list(range(len(labels))) and not set(fit) & set(held)
+    assert holdout_split(labels, 0.1, seed=0) == (fit, held)
+    assert holdout_split(labels, 0.1, seed=1) != (fit, held)
 
 
 @pytest.mark.slow

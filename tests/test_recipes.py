@@ -66,3 +66,22 @@ def test_a_checkpoint_that_is_not_one_is_refused_by_name(tmp_path):
     with pytest.raises(fxmerge.ArgumentError, match="checkpoint .*ft.pt: cannot resume"):
         ClassificationRecipe(train, val).train(DemoMobileNetV2(), steps=1,
                                                checkpoint=tmp_path / "ft.pt")
+
+
+def test_an_unknown_importance_protocol_and_a_recipe_without_report_data_are_refused():
+    data = DataLoader(TensorDataset(torch.randn(8, 1, 16, 16), torch.arange(8) % 2), batch_size=4)
+    with pytest.raises(fxmerge.ArgumentError, match="protocol must be one of steps"):
+        ClassificationRecipe(data, data, protocol="paper-mnist")
+    with pytest.raises(fxmerge.ArgumentError, match="no report_data"):
+        ClassificationRecipe(data, data).report(DemoMobileNetV2())
+
+
+def test_the_papers_protocol_fine_tunes_on_a_subset_of_the_training_data(monkeypatch):
+    data = DataLoader(TensorDataset(torch.randn(200, 1, 16, 16), torch.arange(200) % 10),
+                      batch_size=4)
+    recipe = ClassificationRecipe(data, data, protocol="paper-imagenet")
+    seen = []
+    monkeypatch.setattr(ClassificationRecipe, "train", lambda self, model, **kw: seen.append(
+        (len(self.train_data.dataset), kw)) or model)
+    recipe.finetune(DemoMobileNetV2())
+    assert seen == [(8, {"epochs": 1.0, "progress": False})]  # 4% of 200 images, 1 epoch
