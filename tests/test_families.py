@@ -107,3 +107,36 @@ def test_a_barrier_is_labelled_by_its_family_in_reports(negation):
     space = fxmerge.analyze(fxmerge.trace(Gate().double().eval(), X))
     found = fxmerge.space.reach(space)["barriers"]
     assert found == {"splits and indexing": 2, "concatenation": 1, "negations": 1}
+
+
+class InPlaceResidual(nn.Module):
+    """In-place ReLUs whose input is also a skip's: once prune removes conv `b`, an in-place
+    ReLU would overwrite the value the skip adds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.r1, self.r2 = nn.ReLU(inplace=True), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.r1(self.a(x))
+        return self.r2(self.b(y)) + y
+
+
+def test_activation_modules_are_out_of_place_in_the_canonical_graph():
+    model = InPlaceResidual().double().eval()
+    gm = fxmerge.trace(model, X)
+    acts = [m for m in gm.modules() if isinstance(m, nn.ReLU)]
+    assert acts and not any(m.inplace for m in acts)
+    assert model.r1.inplace and model.r2.inplace  # the user's model is left as it is
+    space = fxmerge.analyze(gm)
+    removed = fxmerge.Plan.from_positions(space, [(0, 1), (1, 2)], {"a"})
+    assert removed.removed_convs == ("b",)
+    pruned = fxmerge.prune(gm, removed, space)
+    y = torch.relu(model.a(X))
+    with torch.no_grad():
+        assert relative_error(pruned.eval()(X), torch.relu(y) + y) <= 1e-12
+    pruned.train()(X).sum().backward()  # an in-place ReLU here failed autograd
+    next(m for m in gm.modules() if isinstance(m, nn.ReLU)).inplace = True
+    with pytest.raises(fxmerge.TraceError, match="in-place activation module"):
+        fxmerge.check_canonical(gm)

@@ -377,18 +377,33 @@ def _canonical_swish(cz: Canonicaliser, node: fx.Node) -> bool:
     return False
 
 
-def _refuse_functional_activation(gm: fx.GraphModule, node: fx.Node) -> str | None:
+def _out_of_place(cz: Canonicaliser, node: fx.Node) -> bool:
+    """An in-place activation module becomes an out-of-place copy: once prune bypasses the
+    conv before it, its input can be a value something else reads too."""
+    module = cz.gm.get_submodule(node.target)
+    if getattr(module, "inplace", False) and not ops.has_hooks(module):
+        module = copy.copy(module)
+        module.inplace = False
+        cz.gm.add_submodule(node.target, module)
+    return False  # the node stays as it is
+
+
+def _refuse_activation(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS \
             and len(node.args) == 1 and set(node.kwargs) <= {"inplace"}:
         return "a functional activation (not an activation module)"
+    module = ops.module_of(gm, node) if activation_kind(gm, node) is not None else None
+    if getattr(module, "inplace", False):
+        return "an in-place activation module"
     return None
 
 
 register(OpFamily(
     "activation", NodeKind.ACTIVATION, lambda gm, n: activation_kind(gm, n) is not None,
     {**_functions(ACTIVATION_FUNCTIONS, _canonical_activation),
-     **_functions(_HARDTANH, _canonical_hardtanh), **_functions(MUL_FUNCTIONS, _canonical_swish)},
-    None, _refuse_functional_activation))
+     **_functions(_HARDTANH, _canonical_hardtanh), **_functions(MUL_FUNCTIONS, _canonical_swish),
+     **_functions(tuple(ACTIVATION_MODULES), _out_of_place)},
+    None, _refuse_activation))
 
 
 # ---- add ----------------------------------------------------------------------------------
