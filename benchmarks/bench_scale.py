@@ -2,6 +2,13 @@
 analyze, latency table, output-agreement importance, solve and transform, each stage alone.
 
     python benchmarks/bench_scale.py [--only resnet50 ...] [--size 224] [--keys 32]
+    python benchmarks/bench_scale.py --proxy [--only resnet152 resnet50 mobilenet_v2]
+
+`--proxy` times the whole output-agreement table as a user gets it, `fxmerge importance
+torchvision:NAME` with its default calibration (wall clock of the command), and for the
+networks with a reference (ResNet-50, MobileNetV2) ranks it against the table from the
+earlier default calibration (8 random images at 224x224): Spearman over every key and over
+the multi-conv entries alone.
 
 Each network runs in a fresh process (random weights, batch 1, CPU, eager). A stage's peak is
 the process's resident high-water mark during that stage alone (reset before it through
@@ -172,14 +179,63 @@ def plot(rows: list[dict]) -> None:
     fig.savefig(RESULTS / "scale.png", dpi=110)
 
 
+REFERENCE = ["--calibration-batch", "8", "--calibration-size", "224"]  # the earlier default
+
+
+def _importance(name: str, out: Path, *extra: str) -> float:
+    """Seconds `fxmerge importance torchvision:NAME` takes, its table written to `out`."""
+    start = time.perf_counter()
+    subprocess.run(["fxmerge", "importance", f"torchvision:{name}", "--out", str(out),
+                    "--quiet", *extra], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def proxy(names: list[str]) -> None:
+    from scipy.stats import spearmanr
+
+    rows = []
+    for name in names:
+        row = {"network": name, "load_before": round(os.getloadavg()[0], 2)}
+        path = RESULTS / f"_{name}_proxy.json"
+        row["seconds"] = round(_importance(name, path), 1)
+        table = fxmerge.ImportanceTable.from_json(path.read_text())
+        row["keys"] = len(table)
+        row["calibration"] = "x".join(map(str, table.settings.calibration_shape))
+        if name in ("resnet50", "mobilenet_v2"):
+            ref_path = RESULTS / f"_{name}_reference.json"
+            row["reference_seconds"] = round(_importance(name, ref_path, *REFERENCE), 1)
+            reference = fxmerge.ImportanceTable.from_json(ref_path.read_text())
+            keys = list(reference.values)
+            multi = [k for k in keys if isinstance(k, fxmerge.Entry) and k.j - k.i > 1]
+            for label, subset in (("spearman", keys), ("spearman_multi_conv", multi)):
+                row[label] = round(float(spearmanr([reference[k] for k in subset],
+                                                   [table[k] for k in subset]).statistic), 4)
+            ref_path.unlink()
+        path.unlink()
+        row["load_after"] = round(os.getloadavg()[0], 2)
+        rows.append(row)
+        print(row, flush=True)
+    write("scale_proxy", {"command": "fxmerge importance torchvision:NAME (random weights, "
+                                     "input 1x3x224x224, default calibration), wall clock",
+                          "reference": "the same with " + " ".join(REFERENCE)},
+          rows, ["network", "keys", "calibration", "seconds", "reference_seconds", "spearman",
+                 "spearman_multi_conv", "load_before", "load_after"],
+          "The output-agreement importance table at scale")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", choices=list(NETWORKS))
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--keys", type=int, default=32, help="importance keys timed")
+    parser.add_argument("--proxy", action="store_true",
+                        help="time the whole proxy table as `fxmerge importance` makes it")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.proxy:
+        proxy(args.only or ["resnet152", "resnet50", "mobilenet_v2"])
+        return
     if args.child:
         print(json.dumps(child(args.child, args.size, args.keys)))
         return

@@ -77,6 +77,7 @@ def test_pipeline_analyze_latency_importance_solve_transform(tmp_path, capsys):
     imp = fxmerge.ImportanceTable.from_json((tmp_path / "imp.json").read_text())
     assert len(imp) == 89 + 48 + 6  # entries, Depth's activation choices, LayerOnly's convs
     assert imp.settings.estimator == "output agreement (no fine-tuning)"
+    assert imp.settings.calibration_shape == [1, 1, 16, 16]  # below --calibration-size
     assert run("importance", *MODEL, "--cache", tmp_path / "imp.jsonl") == 1
     assert "--cache need --evaluate" in capsys.readouterr().err
     assert run("importance", *MODEL, "--finetune", tmp_path / "ft.py:finetune") == 1
@@ -334,3 +335,37 @@ def test_reparameterize_writes_a_collapsed_network_that_loads(tmp_path, capsys):
     assert run("analyze", "timm:repvgg_a0", "--input-shape", "1,3,32,32", "-q") == 0
     assert "22 regions of parallel branches (44 convs) each searched as one conv" \
         in capsys.readouterr().out
+
+
+def test_proxy_calibrates_at_a_smaller_size_where_the_model_runs_there(tmp_path, capsys):
+    """The output-agreement default calibrates on one image at most 64 pixels a side; a
+    graph that runs only at its traced size (a flatten into a Linear) is calibrated there,
+    with a line saying so."""
+    big = ["fxmerge:DemoMobileNetV2", "--input-shape", "1,1,80,80", "--exclude", "stem.0",
+           "head.0"]
+    assert run("importance", *big, "--out", tmp_path / "imp.json") == 0
+    imp = fxmerge.ImportanceTable.from_json((tmp_path / "imp.json").read_text())
+    assert imp.settings.calibration_shape == [1, 1, 64, 64]
+    assert "calibrating at" not in capsys.readouterr().out
+    (tmp_path / "fixed.py").write_text(
+        "import torch\n"
+        "def net():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),\n"
+        "        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),\n"
+        "        torch.nn.Linear(8 * 72 * 72, 10))\n")
+    assert run("importance", f"{tmp_path / 'fixed.py'}:net", "--input-shape", "1,3,72,72",
+               "--out", tmp_path / "fixed.json") == 0
+    assert "does not run at 64 pixels a side" in capsys.readouterr().out
+    fixed = fxmerge.ImportanceTable.from_json((tmp_path / "fixed.json").read_text())
+    assert fixed.settings.calibration_shape == [1, 3, 72, 72]
+
+
+def test_random_weights_are_the_same_network_in_every_command():
+    """Each command builds the model anew: its random weights are seeded, so the tables
+    and plans of separate commands describe one network; the caller's RNG is left alone."""
+    from fxmerge.models.hub import load_model
+
+    state = torch.random.get_rng_state()
+    a, b = (load_model("torchvision:resnet18").state_dict() for _ in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(torch.random.get_rng_state(), state)

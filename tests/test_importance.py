@@ -199,16 +199,54 @@ def test_fast_proxy_equals_scoring_each_pruned_network():
 
 
 def test_only_what_a_plan_changes_is_recomputed(space, gm):
+    """A plan's window holds the nodes it edits and those reading them, no more; the rest
+    is the original's graph, run on the window's values (stacked for keys ending together)."""
     x = torch.randn(2, 3, 12, 12)
     cache = CachedOutputs(gm, x)
     identity = prune_graph(gm, space, fxmerge.Plan.identity(space))
-    assert len(cache.unchanged(identity)) == len(identity.graph.nodes) - 1  # all but output
+    assert len(identity.graph.nodes) == 1 and cache.run(identity) is cache.output
     last = max((e for e in space.entries if e.j - e.i > 1), key=lambda e: e.i)
     plan = block_plan(space, last, space.conv_scores)
     changed = prune_graph(gm, space, plan)
-    reused = {n.name for n in cache.unchanged(changed)}
-    assert space.units[last.i].input in reused  # the block's input: computed before it
-    assert 0 < len(reused) < len(changed.graph.nodes) - 1
+    order = [n.name for n in gm.graph.nodes]
+    window = order[changed.start:changed.stop]
+    assert space.units[last.i].input not in window  # the block's input: computed before it
+    assert {u.output for u in space.units[last.i:last.j - 1]} <= set(window)
+    assert 0 < len(window) < len(order) // 2
     with torch.no_grad():
         full = fxmerge.prune(gm, plan).eval()(x)
     assert torch.allclose(cache.run(changed), full, rtol=1e-6, atol=1e-7)
+    assert cache.batchable()
+    stacked = cache.outputs([cache.cut(changed)] * 3)
+    for out in stacked:
+        assert torch.allclose(out, full, rtol=1e-6, atol=1e-7)
+
+class MixesSamples(nn.Module):
+    """A conv stack whose middle subtracts the batch mean: samples are not independent."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                               nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                               nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                               nn.Conv2d(8, 4, 3, padding=1))
+
+    def forward(self, x):
+        x = self.a(x)
+        return self.b(x - x.mean(0, keepdim=True))
+
+
+def test_keys_ending_together_share_the_rest_only_where_samples_stay_apart():
+    """Stacking keys on the batch needs a graph that keeps samples apart; where it does not
+    (a batch mean), each key runs alone, and the values still equal scoring each whole
+    pruned network."""
+    x = torch.randn(3, 3, 10, 10)
+    gm = fxmerge.trace(MixesSamples(), x)
+    space = fxmerge.analyze(gm)
+    assert not CachedOutputs(gm, x).batchable()
+    fast = agreement_importance(space, gm, x)
+    slow = estimate_importance(space, gm, evaluate=OutputAgreement(gm, x))
+    assert min(slow.values.values()) < 0.99
+    for key, value in slow.values.items():
+        assert fast[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key

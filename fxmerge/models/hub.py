@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import ArgumentError, ModelSpecError
@@ -96,12 +97,15 @@ def _factory(spec: str, pretrained: bool) -> tuple[Callable, dict[str, Any]]:
 
 def load_model(spec: str, *, pretrained: bool = False) -> nn.Module:
     """The model `spec` names, with random weights unless `pretrained` (the library's own
-    pretrained weights, downloaded by it). A spec that names nothing raises
-    `ModelSpecError` listing the accepted forms; a model that fails to build, an
-    `ArgumentError` saying why."""
+    pretrained weights, downloaded by it). The random weights are seeded (the same spec gives
+    the same network in every command), without touching the caller's random state. A spec
+    that names nothing raises `ModelSpecError` listing the accepted forms; a model that
+    fails to build, an `ArgumentError` saying why."""
     factory, kwargs = _factory(spec, pretrained)
     try:
-        model = factory(**kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = factory(**kwargs)
     except Exception as exc:  # noqa: BLE001 (the library's or user's factory: one line)
         raise ArgumentError(f"model {spec!r} could not be built: {type(exc).__name__}: "
                             f"{exc}") from None

@@ -36,14 +36,41 @@ log = logging.getLogger(__name__)
 
 
 class PrunedGraph:
-    """A plan applied without copying modules: `graph`, the original's nodes copied and
-    edited, and `modules`, the modules the edits replaced or added (by target); every other
-    target is `base`'s. Scoring many plans this way is cheap; never train it."""
+    """A plan applied to the part of a graph it changes, without copying modules.
 
-    def __init__(self, base: fx.GraphModule) -> None:
+    `graph` holds the nodes of `base.graph` from position `start` up to `stop` (the first
+    node a plan edits to the last node reading an edited one), edited; its placeholders
+    stand for the values it reads from outside (`inputs`, by node name) and its output
+    tuple gives the values nodes from `stop` on read (`outputs`, by name). `modules` are
+    the modules the edits replaced or added (by target); every other target is `base`'s.
+    Nothing outside the window differs from `base`. Scoring many plans this way is cheap;
+    never train it."""
+
+    def __init__(self, base: fx.GraphModule, touched: set[str]) -> None:
         self.base = base
-        self.graph = copy.deepcopy(base.graph)
         self.modules: dict[str, nn.Module] = {}
+        self.graph = fx.Graph()
+        self.inputs: list[str] = []
+        self.outputs: list[str] = []
+        order = list(base.graph.nodes)
+        position = {n: k for k, n in enumerate(order)}
+        marked = [n for n in order if n.name in touched]
+        self.start = min((position[n] for n in marked), default=0)
+        self.stop = max((position[u] + 1 for n in marked for u in (n, *n.users)
+                         if u.op != "output"), default=0)
+        window = [n for n in order[self.start:self.stop] if n.op != "placeholder"]
+        env: dict[fx.Node, fx.Node] = {}
+        for node in window:  # values from outside the window, read in it
+            for value in node.all_input_nodes:
+                if value not in env and (value.op == "placeholder"
+                                         or not self.start <= position[value] < self.stop):
+                    env[value] = self.graph.placeholder(value.name)
+                    self.inputs.append(value.name)
+        for node in window:
+            env[node] = self.graph.node_copy(node, env.__getitem__)
+        read_after = [n for n in window if any(position[u] >= self.stop for u in n.users)]
+        self.outputs = [n.name for n in read_after]
+        self.graph.output(tuple(env[n] for n in read_after))
 
     def get_submodule(self, target: str) -> nn.Module:
         return self.modules[target] if target in self.modules else self.base.get_submodule(target)
@@ -92,7 +119,7 @@ class Edits:
     """A plan resolved against its space: every edit `prune` makes, by node and module
     name, in the order they are made."""
 
-    paddings: tuple[tuple[str, tuple[int, int]], ...]  # conv module -> padding (rows, cols)
+    paddings: tuple[tuple[str, tuple[int, int]], ...]  # conv module -> new padding (rows, cols)
     input_pads: tuple[InputPad, ...]
     activation: str | None  # the network's activation module copied where one is added
     added_after: tuple[str, ...]  # values an activation is added after
@@ -102,9 +129,11 @@ class Edits:
     removed_activations: int
 
 
-def resolve(space: MergeSpace, plan: Plan) -> Edits:
-    """Validate `plan` on `space` and read off every edit it asks for, once."""
-    plan.validate(space)
+def resolve(space: MergeSpace, plan: Plan, validate: bool = True) -> Edits:
+    """Validate `plan` on `space` (unless it was built from it) and read off every edit it
+    asks for, once."""
+    if validate:
+        plan.validate(space)
     kept = set(plan.kept_convs)
     positions = plan.positions(space)
     paddings, input_pads = [], []
@@ -117,11 +146,12 @@ def resolve(space: MergeSpace, plan: Plan) -> Edits:
             pad = border[first - 1] if space.conv(name).index == first else 0
             region = space.region(name)
             if region is None:
-                paddings.append((name, (pad, pad)))
+                if pad != space.conv(name).padding:
+                    paddings.append((name, (pad, pad)))
                 continue
             for branch in region.branches:  # each branch's padding moves as the region's
                 pads, crop = _branch_padding(branch, pad - region.padding)
-                if branch.conv is not None:
+                if branch.conv is not None and pads != tuple(branch.padding):
                     paddings.append((branch.conv, pads))
                 if any(crop):
                     input_pads.append(InputPad(region.input, branch.reader, False, crop))
@@ -304,9 +334,24 @@ def prune(gm: fx.GraphModule, plan: Plan, space: MergeSpace | None = None) -> fx
     return out
 
 def prune_graph(gm: fx.GraphModule, space: MergeSpace, plan: Plan) -> PrunedGraph:
-    """`plan` applied to `gm` (the graph `space` was analysed from) as `prune` does, but
-    without copying, compiling or shape-checking a network: for scoring many plans (the
-    output-agreement importance)."""
-    out = PrunedGraph(gm)
-    apply_edits(out, resolve(space, plan))
+    """`plan` applied to `gm` (the graph `space` was analysed from) as `prune` does, but only
+    to the nodes it changes, without copying, compiling or shape-checking a network: for
+    scoring many plans (the output-agreement importance). `plan` is not validated: it must
+    be one built from `space` (the importance tables' are)."""
+    edits = resolve(space, plan, validate=False)
+    out = PrunedGraph(gm, edited_nodes(gm, edits))
+    apply_edits(out, edits)
     return out
+
+
+def edited_nodes(gm: fx.GraphModule, edits: Edits) -> set[str]:
+    """The nodes of `gm` that `edits` change (a conv whose padding moves, a value an
+    activation or norm is added after, a skip's source and consumer, what is bypassed)."""
+    padded = {name for name, _ in edits.paddings}
+    projections = {p.consumer for p in edits.input_pads if p.is_projection}
+    names = {n.name for n in gm.graph.nodes
+             if n.op == "call_module" and n.target in padded | projections}
+    names |= {p.source for p in edits.input_pads}
+    names |= {p.consumer for p in edits.input_pads if not p.is_projection}
+    names |= {*edits.added_after, *(norm.value for norm in edits.norms)}
+    return names | {n for nodes in edits.bypassed for n in nodes}

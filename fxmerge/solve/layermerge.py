@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from ..errors import PlanError
-from ..space import IDENTITY, MergeSpace
+from ..space import IDENTITY, KernelOption, MergeSpace
 from ..space.kernels import MergeState, extend
 from .dp import Edge
 from .method import Method
@@ -16,30 +17,43 @@ if TYPE_CHECKING:
     from ..tables.latency import LatencyTable
 
 
-def choose_convs(space: MergeSpace, i: int, j: int, k: int, dw: bool,
-                 scores: Mapping[str, float] | None = None) -> tuple[str, ...]:
-    """Eq. 3: among the kept-conv subsets of block `(i, j)` that contain every irreducible
-    conv, give kernel `k` (depthwise `dw`) and merge within `max_kernel_bytes`, the one with
-    the largest total score (`space.conv_scores` unless given)."""
+Chosen = dict[KernelOption, tuple[float, tuple[str, ...]]]  # option -> (score, kept convs)
+
+
+def best_subsets(space: MergeSpace, i: int, scores: Mapping[str, float] | None = None
+                 ) -> Iterator[Chosen]:
+    """Eq. 3 for the blocks starting at `i`, by their end `j = i + 1, i + 2, ...`: for each
+    kernel option the block can give, its highest-scoring kept-conv subset that contains
+    every irreducible conv and merges within `max_kernel_bytes` (`space.conv_scores`
+    unless given). One pass: a block's subsets extend the shorter block's."""
     scores = space.conv_scores if scores is None else scores
-    if (k, dw) == IDENTITY:
-        return ()
     best: dict[MergeState, tuple[float, tuple[str, ...]]] = {MergeState(): (0.0, ())}
-    for c in space.convs[i:j]:
+    for c in space.convs[i:]:
         nxt: dict[MergeState, tuple[float, tuple[str, ...]]] = {}
         for state, (score, kept) in best.items():
             options = [(extend(space, i, state, c), (score + scores[c.name], kept + (c.name,)))]
             if not c.irreducible:
                 options.append((state, (score, kept)))
             for key, value in options:
-                if key not in nxt or value[0] > nxt[key][0]:
+                if not key.over and (key not in nxt or value[0] > nxt[key][0]):
                     nxt[key] = value
         best = nxt
-    found = [v for state, v in best.items()
-             if state.kept and not state.over and state.option == (k, dw)]
-    if not found:
+        chosen: Chosen = {}
+        for state, value in best.items():
+            if state.kept and (state.option not in chosen or value > chosen[state.option]):
+                chosen[state.option] = value
+        yield chosen
+
+
+def choose_convs(space: MergeSpace, i: int, j: int, k: int, dw: bool,
+                 scores: Mapping[str, float] | None = None) -> tuple[str, ...]:
+    """Eq. 3 for entry `(i, j, k, dw)` (`best_subsets`): the kept convs; () for identity."""
+    if (k, dw) == IDENTITY:
+        return ()
+    chosen = next(itertools.islice(best_subsets(space, i, scores), j - i - 1, None), {})
+    if (k, dw) not in chosen:
         raise PlanError(f"no kept-conv subset of block ({i}, {j}) gives kernel {k}, dw={dw}")
-    return max(found)[1]
+    return chosen[KernelOption(k, dw)][1]
 
 
 def importance_keys(space: MergeSpace) -> list:

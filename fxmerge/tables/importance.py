@@ -9,6 +9,7 @@ any `concurrent.futures.Executor`; each finished entry is appended to a cache fi
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import math
@@ -28,8 +29,8 @@ from ..errors import TableError
 from ..plan import Plan
 from ..progress import Progress
 from ..solve.depth import DepthKey, depth_keys
-from ..solve.layermerge import choose_convs
-from ..space import Entry, MergeSpace, require_space_of
+from ..solve.layermerge import Chosen, best_subsets, choose_convs
+from ..space import IDENTITY, Entry, MergeSpace, require_space_of
 from .base import (
     EntryTable,
     Key,
@@ -53,6 +54,7 @@ class ImportanceSettings(TableSettings):
     num_keys: int | None = None
     single_convs_reinitialised: bool | None = None
     calibration_batch: int | None = None  # the output-agreement proxy's batch
+    calibration_shape: list[int] | None = None  # and its (first) input's shape
 
 
 class ImportanceTable(EntryTable):
@@ -70,12 +72,14 @@ def _singletons(space: MergeSpace, skip: range) -> list[tuple[int, int]]:
     return [(p - 1, p) for p in range(1, space.L + 1) if p not in skip]
 
 
-def block_plan(space: MergeSpace, entry: Entry, scores: dict[str, float]) -> Plan:
-    """Only block `entry` changed: inner activations removed, convs kept by eq. 3."""
+def block_plan(space: MergeSpace, entry: Entry, scores: dict[str, float],
+               chosen: tuple[str, ...] | None = None) -> Plan:
+    """Only block `entry` changed: inner activations removed, convs kept by eq. 3 (`chosen`
+    when the caller has it)."""
     i, j, k, dw = entry
     positions = sorted([*_singletons(space, range(i + 1, j + 1)), (i, j)])
     kept = {c.name for c in space.convs} - {c.name for c in space.convs[i:j]}
-    kept |= set(choose_convs(space, i, j, k, dw, scores))
+    kept |= set(choose_convs(space, i, j, k, dw, scores) if chosen is None else chosen)
     return Plan.from_positions(space, positions, kept, method=f"importance:{tuple(entry)}")
 
 
@@ -214,10 +218,17 @@ def importance_jobs(space: MergeSpace, keys: Iterable[Key] | None, reset_single:
     if unknown:
         raise TableError(f"importance key {unknown[0]!r} is not one of this space's")
     scores = space.conv_scores
+    eq3: dict[int, list[Chosen]] = {}  # by block start: best_subsets, by block end
+    for key in keys:
+        if isinstance(key, Entry) and key.j - key.i > len(eq3.get(key.i, ())):
+            eq3[key.i] = list(itertools.islice(best_subsets(space, key.i, scores),
+                                               key.j - key.i))
     jobs: dict[Key, tuple[Plan, tuple[str, ...]]] = {}
     for key in keys:
         if isinstance(key, Entry):
-            jobs[key] = (block_plan(space, key, scores),
+            option = (key.k, key.dw)
+            chosen = () if option == IDENTITY else eq3[key.i][key.j - key.i - 1][option][1]
+            jobs[key] = (block_plan(space, key, scores, chosen),
                          reset_modules(space, key) if reset_single else ())
         elif isinstance(key, DepthKey):
             jobs[key] = (depth_plan(space, key), ())
