@@ -1,7 +1,8 @@
 """Pure tensor maths for exact merging: affine convolutions, composed, folded and summed.
 
-An `AffineConv` is `y = conv2d(x, weight, bias, stride, padding, dilation, groups) + sum_k
-A_k c_k`, kept in the native form of a convolution: grouped weights stay grouped and dilated
+An `AffineConv` is `y = convNd(x, weight, bias, stride, padding, dilation, groups) + sum_k
+A_k c_k` over 1, 2 or 3 spatial dimensions (the weight's rank says which; every side has the
+same kernel, stride, padding and dilation), kept in the native form of a convolution: grouped weights stay grouped and dilated
 kernels stay dilated, so a conv the plan leaves alone is never expanded, and a composition
 is only as large as the maths requires (docs/method.md §4). The padding may be negative while
 a chain is being built (a crop). Conditioning terms are vectors `c_k` (a time embedding, one
@@ -14,7 +15,9 @@ float64 for exactness.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -26,7 +29,7 @@ from .errors import MergeError
 
 @dataclass(frozen=True)
 class AffineConv:
-    weight: torch.Tensor  # (out, in / groups, k, k): the taps, `dilation` apart
+    weight: torch.Tensor  # (out, in / groups, k, ..., k): the taps, `dilation` apart
     bias: torch.Tensor  # (out,)
     stride: int = 1
     padding: int = 0
@@ -34,6 +37,11 @@ class AffineConv:
     dilation: int = 1
     is_identity: bool = False  # exactly the identity (1x1, stride 1, no bias), maybe padded
     conditions: tuple[tuple[object, torch.Tensor], ...] = ()  # (key of c_k, A_k (out, dim))
+
+    @property
+    def rank(self) -> int:
+        """Spatial dimensions: 1, 2 or 3."""
+        return self.weight.dim() - 2
 
     @property
     def kernel(self) -> int:
@@ -57,9 +65,13 @@ class AffineConv:
         """Apply it (negative padding crops the input first)."""
         if self.padding < 0:
             c = -self.padding
-            x = x[..., c:x.shape[-2] - c, c:x.shape[-1] - c]
-        return F.conv2d(x, self.weight, self.bias, self.stride, max(self.padding, 0),
-                        self.dilation, self.groups)
+            x = x[(..., *(slice(c, n - c) for n in x.shape[-self.rank:]))]
+        return CONV_FUNCTIONS[self.rank](x, self.weight, self.bias, self.stride,
+                                         max(self.padding, 0), self.dilation, self.groups)
+
+
+CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}  # by spatial rank
+CONV_MODULES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def _format_bytes(n: int) -> str:
@@ -67,7 +79,7 @@ def _format_bytes(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
 
 
-def _check_size(shape: tuple[int, int, int, int], itemsize: int, max_bytes: int | None,
+def _check_size(shape: tuple[int, ...], itemsize: int, max_bytes: int | None,
                 what: str) -> None:
     size = math.prod(shape) * itemsize
     if max_bytes is not None and size > max_bytes:
@@ -95,10 +107,15 @@ def _spread(weight: torch.Tensor, factor: int) -> torch.Tensor:
     no taps to spread, whatever `factor` is."""
     if factor == 1 or weight.shape[-1] == 1:
         return weight
-    k = weight.shape[-1]
-    out = weight.new_zeros(*weight.shape[:2], (k - 1) * factor + 1, (k - 1) * factor + 1)
-    out[..., ::factor, ::factor] = weight
+    rank, k = weight.dim() - 2, weight.shape[-1]
+    out = weight.new_zeros(*weight.shape[:2], *[(k - 1) * factor + 1] * rank)
+    out[(..., *[slice(None, None, factor)] * rank)] = weight
     return out
+
+
+def _at(offset: Sequence[int], size: int) -> tuple:
+    """The index of a `size`-wide cube at `offset` in a kernel's last dimensions."""
+    return (..., *(slice(o, o + size) for o in offset))
 
 
 def _step(a: AffineConv) -> int:
@@ -116,48 +133,49 @@ def _grouped_matmul(m: torch.Tensor, groups: int, v: torch.Tensor) -> torch.Tens
     return prod.reshape(out_ch, *rest)
 
 
-def square_form(kernel: tuple[int, int], padding: tuple[int, int], dilation: int
-                ) -> tuple[int, int] | None:
-    """`(k, padding)` of the square conv a `kh x kw` one padded `(ph, pw)` is: the `k =
-    max(kh, kw)` kernel holding it centred, zeros around it; None unless it is centred on a
-    square grid (docs/method.md §4b)."""
-    (kh, kw), (ph, pw) = kernel, padding
-    k = max(kh, kw)
-    if (kh - kw) % 2 or ph + dilation * (k - kh) // 2 != pw + dilation * (k - kw) // 2:
+def cube_form(kernel: Sequence[int], padding: Sequence[int], dilation: int
+              ) -> tuple[int, int] | None:
+    """`(k, padding)` of the cube conv (square in 2-D) a conv of these sides and paddings
+    is: the `k = max(kernel)` kernel holding it centred, zeros around it; None unless it is
+    centred on a cube grid (a `1x3` padded `(0, 1)` is a `3x3` padded 1: docs/method.md
+    §4b)."""
+    k = max(kernel)
+    if any((k - side) % 2 for side in kernel):
         return None
-    return k, ph + dilation * (k - kh) // 2
+    pads = {p + dilation * (k - side) // 2 for side, p in zip(kernel, padding)}
+    return (k, pads.pop()) if len(pads) == 1 else None
 
 
-def from_conv(conv: nn.Conv2d, dtype: torch.dtype = torch.float64,
-              padding: tuple[int, int] | None = None) -> AffineConv:
-    """The affine map of an `nn.Conv2d` (zero padding), in its own form: its groups,
-    dilation, stride and padding (or `padding`, rows and columns, negative where its input
-    is cropped first). A non-square kernel centred on a square grid (`1x3` padded `(0, 1)`)
-    becomes the square kernel holding it, zeros around it."""
+def from_conv(conv: nn.Module, dtype: torch.dtype = torch.float64,
+              padding: Sequence[int] | None = None) -> AffineConv:
+    """The affine map of an `nn.Conv1d/2d/3d` (zero padding), in its own form: its groups,
+    dilation, stride and padding (or `padding`, one per side, negative where its input is
+    cropped first). A kernel centred on a cube grid (`1x3` padded `(0, 1)`) becomes the
+    cube kernel holding it, zeros around it."""
     weight = conv.weight.detach().to(dtype)
     bias = (conv.bias.detach().to(dtype) if conv.bias is not None
             else weight.new_zeros(conv.out_channels))
-    (kh, kw), d = conv.kernel_size, conv.dilation[0]
-    pads = tuple(conv.padding) if padding is None else padding
-    square = square_form((kh, kw), pads, d)
-    if square is None:
-        raise MergeError(f"a {kh}x{kw} kernel padded {pads} is not centred on a square grid")
-    k, padding = square
-    if (kh, kw) != (k, k):
-        square = weight.new_zeros(*weight.shape[:2], k, k)
-        y, x = (k - kh) // 2, (k - kw) // 2
-        square[..., y:y + kh, x:x + kw] = weight
-        weight = square
+    sides, d = tuple(conv.kernel_size), conv.dilation[0]
+    pads = tuple(conv.padding) if padding is None else tuple(padding)
+    cube = cube_form(sides, pads, d)
+    if cube is None:
+        raise MergeError(f"a {'x'.join(map(str, sides))} kernel padded {pads} is not centred "
+                         "on a cube grid")
+    k, padding = cube
+    if sides != (k,) * len(sides):
+        full = weight.new_zeros(*weight.shape[:2], *[k] * len(sides))
+        full[(..., *(slice((k - n) // 2, (k + n) // 2) for n in sides))] = weight
+        weight = full
     return AffineConv(weight, bias, conv.stride[0], padding, conv.groups, d)
 
 
-def identity(channels: int, dtype: torch.dtype = torch.float64) -> AffineConv:
-    """The identity as a depthwise 1x1 conv of weight 1."""
-    return AffineConv(torch.ones(channels, 1, 1, 1, dtype=dtype),
+def identity(channels: int, dtype: torch.dtype = torch.float64, rank: int = 2) -> AffineConv:
+    """The identity as a depthwise 1x1 conv of weight 1, over `rank` spatial dimensions."""
+    return AffineConv(torch.ones(channels, 1, *[1] * rank, dtype=dtype),
                       torch.zeros(channels, dtype=dtype), groups=channels, is_identity=True)
 
 
-def bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype = torch.float64):
+def bn_scale_shift(bn: nn.Module, dtype: torch.dtype = torch.float64):
     """Eval-mode BatchNorm as `x * scale + shift` per channel; reads the module's eps."""
     if bn.running_mean is None or bn.running_var is None:
         raise MergeError(f"BatchNorm {bn} has no running statistics to fold")
@@ -170,12 +188,12 @@ def bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype = torch.float64):
 
 def scale_shift(a: AffineConv, scale: torch.Tensor, shift: torch.Tensor) -> AffineConv:
     """`a(x) * scale + shift`, one value of each per channel, as one affine conv."""
-    return replace(a, weight=a.weight * scale[:, None, None, None],
+    return replace(a, weight=a.weight * scale.reshape(-1, *[1] * (a.weight.dim() - 1)),
                    bias=a.bias * scale + shift, is_identity=False,
                    conditions=tuple((k, m * scale[:, None]) for k, m in a.conditions))
 
 
-def fold_bn(a: AffineConv, bn: nn.BatchNorm2d) -> AffineConv:
+def fold_bn(a: AffineConv, bn: nn.Module) -> AffineConv:
     """`bn(a(x))` as one affine conv (BN in eval mode)."""
     return scale_shift(a, *bn_scale_shift(bn, a.weight.dtype))
 
@@ -209,6 +227,9 @@ def compose(first: AffineConv, second: AffineConv, max_bytes: int | None = None
             "block to its first conv (fxmerge.prune does) before merging")
     if first.out_channels != second.in_channels:
         raise MergeError(f"channel mismatch {first.out_channels} -> {second.in_channels}")
+    if first.rank != second.rank:
+        raise MergeError(f"cannot compose a {first.rank}-D conv with a {second.rank}-D one")
+    rank = first.rank
     s = first.stride
     step = math.gcd(_step(first), s * _step(second)) or 1
     groups = math.gcd(first.groups, second.groups)
@@ -216,19 +237,17 @@ def compose(first: AffineConv, second: AffineConv, max_bytes: int | None = None
     k1 = (first.extent - 1) // step + 1  # the first kernel's taps on the merged lattice
     in_per_group = first.in_channels // groups
     itemsize = first.weight.element_size()
-    _check_size((second.out_channels, in_per_group, size, size), itemsize, max_bytes,
+    _check_size((second.out_channels, in_per_group, *[size] * rank), itemsize, max_bytes,
                 "the composed conv")
-    _check_size((first.out_channels, in_per_group, k1, k1), itemsize, max_bytes,
+    _check_size((first.out_channels, in_per_group, *[k1] * rank), itemsize, max_bytes,
                 "the first conv, re-grouped")
     inner = _spread(_regroup(first.weight, first.groups, groups), first.dilation // step)
     flat, pitch = inner.reshape(first.out_channels, -1), s * second.dilation // step
-    weight = inner.new_zeros(second.out_channels, in_per_group, size, size)
-    for uy in range(second.kernel):  # each tap of the second conv, in its own groups
-        for ux in range(second.kernel):
-            tap = _grouped_matmul(second.weight[:, :, uy, ux], second.groups, flat)
-            y, x = pitch * uy, pitch * ux
-            weight[:, :, y:y + k1, x:x + k1] += tap.reshape(-1, in_per_group, k1, k1)
-    taps = second.weight.sum(dim=(2, 3))
+    weight = inner.new_zeros(second.out_channels, in_per_group, *[size] * rank)
+    for u in itertools.product(range(second.kernel), repeat=rank):  # each tap of the second
+        tap = _grouped_matmul(second.weight[(..., *u)], second.groups, flat)
+        weight[_at([pitch * t for t in u], k1)] += tap.reshape(-1, in_per_group, *[k1] * rank)
+    taps = second.weight.sum(dim=tuple(range(2, 2 + rank)))
     return AffineConv(
         weight, _grouped_matmul(taps, second.groups, first.bias) + second.bias,
         first.stride * second.stride, first.padding, groups, step,
@@ -249,6 +268,8 @@ def add(a: AffineConv, b: AffineConv, max_bytes: int | None = None) -> AffineCon
     """`a(x) + b(x)` as one conv: both kernels placed on one grid, with the groups and tap
     lattice both share. This is how a skip connection (identity, or a folded 1x1
     projection) is fused into a merged conv."""
+    if a.rank != b.rank:
+        raise MergeError(f"cannot fuse an add of a {a.rank}-D and a {b.rank}-D path")
     if a.stride != b.stride:
         raise MergeError(f"cannot fuse an add of stride {a.stride} and stride {b.stride} paths")
     reach_a = a.extent - 1 - 2 * a.padding
@@ -260,23 +281,24 @@ def add(a: AffineConv, b: AffineConv, max_bytes: int | None = None) -> AffineCon
     step = math.gcd(_step(a), _step(b), pad - a.padding, pad - b.padding) or 1
     groups = math.gcd(a.groups, b.groups)
     size = (extent - 1) // step + 1
-    shape = (a.out_channels, a.in_channels // groups, size, size)
+    shape = (a.out_channels, a.in_channels // groups, *[size] * a.rank)
     _check_size(shape, a.weight.element_size(), max_bytes, "the fused add")
     weight = a.weight.new_zeros(shape)
     for part in (a, b):
         w = _spread(_regroup(part.weight, part.groups, groups), part.dilation // step)
-        o = (pad - part.padding) // step
-        weight[:, :, o:o + w.shape[-1], o:o + w.shape[-1]] += w
+        weight[_at([(pad - part.padding) // step] * a.rank, w.shape[-1])] += w
     return AffineConv(weight, a.bias + b.bias, a.stride, pad, groups, step,
                       conditions=a.conditions + b.conditions)
 
 
-def to_conv(a: AffineConv, dtype: torch.dtype, device: torch.device | None = None) -> nn.Conv2d:
-    """An `nn.Conv2d` computing `a` without its conditioning terms (see `condition_conv`),
-    with `a`'s groups and dilation; its weights are never initialised, only assigned."""
+def to_conv(a: AffineConv, dtype: torch.dtype, device: torch.device | None = None
+            ) -> nn.Module:
+    """An `nn.Conv1d/2d/3d` computing `a` without its conditioning terms (see
+    `condition_conv`), with `a`'s groups and dilation; its weights are never initialised,
+    only assigned."""
     if a.padding < 0:
         raise MergeError(f"merged conv would need negative padding {a.padding}")
-    conv = nn.Conv2d(a.in_channels, a.out_channels, a.kernel, a.stride, a.padding,
+    conv = CONV_MODULES[a.rank](a.in_channels, a.out_channels, a.kernel, a.stride, a.padding,
                      dilation=a.dilation, groups=a.groups, bias=True, device="meta")
     conv.weight = nn.Parameter(a.weight.to(dtype=dtype, device=device).contiguous())
     conv.bias = nn.Parameter(a.bias.to(dtype=dtype, device=device))
@@ -284,9 +306,9 @@ def to_conv(a: AffineConv, dtype: torch.dtype, device: torch.device | None = Non
 
 
 def condition_conv(matrix: torch.Tensor, dtype: torch.dtype,
-                   device: torch.device | None = None) -> nn.Conv2d:
-    """The 1x1 conv that maps a conditioning vector `(B, dim, 1, 1)` to its term `A c`."""
-    conv = nn.Conv2d(matrix.shape[1], matrix.shape[0], 1, bias=False, device="meta")
-    conv.weight = nn.Parameter(matrix[:, :, None, None].to(dtype=dtype, device=device)
-                               .contiguous())
+                   device: torch.device | None = None, rank: int = 2) -> nn.Module:
+    """The 1x1 conv that maps a conditioning vector `(B, dim, 1, ...)` to its term `A c`."""
+    conv = CONV_MODULES[rank](matrix.shape[1], matrix.shape[0], 1, bias=False, device="meta")
+    conv.weight = nn.Parameter(matrix.reshape(*matrix.shape, *[1] * rank)
+                               .to(dtype=dtype, device=device).contiguous())
     return conv

@@ -5,10 +5,10 @@ from torch import nn
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm random statistics and affine parameters; return it in eval mode."""
+    """Give every BatchNorm (1-D, 2-D, 3-D) random statistics and affine parameters; return it in eval mode."""
     gen = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             n = m.num_features
             m.running_mean = torch.randn(n, generator=gen) * 0.1
             m.running_var = torch.rand(n, generator=gen) + 0.5

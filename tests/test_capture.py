@@ -328,7 +328,7 @@ def test_exclude_takes_globs_and_an_excluded_projection_is_never_merged():
             assert close(fxmerge.prune(gm, plan).eval()(x), merged(x))
     with pytest.raises(TypeError, match="exclude must be a list"):
         fxmerge.analyze(gm, exclude="conv1")
-    with pytest.raises(fxmerge.ArgumentError, match="matches no Conv2d"):
+    with pytest.raises(fxmerge.ArgumentError, match="matches no conv"):
         fxmerge.analyze(gm, exclude=["nope.*"])
 
 

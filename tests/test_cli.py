@@ -278,7 +278,7 @@ def test_bad_inputs_exit_1_with_one_line(tmp_path, capsys):
         (["analyze", *MODEL, "--weights", tmp_path / "missing.pt"], "missing.pt"),
         (["analyze", *MODEL, "--out", tmp_path / "folder"], "folder"),
         (["transform", *MODEL, "--plan", tmp_path / "plan.json"], "invalid JSON"),
-        (["analyze", *MODEL[:3], "--exclude", "nothing.*"], "matches no Conv2d"),
+        (["analyze", *MODEL[:3], "--exclude", "nothing.*"], "matches no conv"),
         (["demo", "--seeds", "0"], "--seeds must be at least 1"),
         (["demo", "--task", "ddpm", "--seeds", "2"], "are for the classify task"),
     ]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..capture import propagate_shapes, verify
+from ..capture import ops, propagate_shapes, verify
 from ..capture.canonical import canonicalize
 from ..capture.families import CONV_FUNCTIONS
 from ..errors import ArgumentError, BackendError, FxMergeError, MergeError, PlanError, SpaceError
@@ -93,14 +93,14 @@ def apply_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan
     verify(gm, canonical, example_inputs, got, "the graph torch.compile captured")
     exclude = [p for p in plan.exclude if any(
         fnmatch.fnmatchcase(name, p) for name, m in canonical.named_modules()
-        if isinstance(m, torch.nn.Conv2d))]
+        if isinstance(m, ops.CONVS))]
     try:
         space = analyze(canonical, stride_rule=plan.stride_rule, exclude=exclude,
                         add_activations=plan.add_activations,
                         max_kernel_bytes=plan.max_kernel_bytes)
     except SpaceError:
         if any(n.op == "call_module" and isinstance(canonical.get_submodule(n.target),
-                                                    torch.nn.Conv2d)
+                                                    ops.CONVS)
                or n.target in CONV_FUNCTIONS for n in canonical.graph.nodes):
             raise PlanError("torch.compile captured convolutions that fxmerge could not "
                             "recognise as the model's own, so the plan cannot apply") from None

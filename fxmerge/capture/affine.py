@@ -18,13 +18,14 @@ class AffineReader:
     """Computes the affine map from one node of a graph (`source`) to later nodes."""
 
     def __init__(self, gm: fx.GraphModule, source: fx.Node, channels: int,
-                 exclude: tuple[str, ...] = (), max_bytes: int | None = None) -> None:
+                 exclude: tuple[str, ...] = (), max_bytes: int | None = None,
+                 rank: int = 2) -> None:
         self.gm = gm
         self.source = source
         self.exclude = exclude
         self.max_bytes = max_bytes
         self.affine: dict[fx.Node, algebra.AffineConv | None] = {
-            source: algebra.identity(channels, torch.float64)}
+            source: algebra.identity(channels, torch.float64, rank)}
 
     def read(self, node: fx.Node, *, strict: bool) -> algebra.AffineConv | None:
         """The affine map of `node`, or None (strict: MergeError) if it is not one."""

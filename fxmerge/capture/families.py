@@ -146,12 +146,14 @@ def _functions(targets: Sequence[Any], rewrite: Rewrite) -> dict[Any, Rewrite]:
 
 
 # ---- conv ---------------------------------------------------------------------------------
-CONV_FUNCTIONS = (torch.conv2d, F.conv2d, aten.conv2d.default, aten.conv2d.padding,
+CONV_FUNCTIONS = (torch.conv1d, F.conv1d, aten.conv1d.default, aten.conv1d.padding,
+                  torch.conv2d, F.conv2d, aten.conv2d.default, aten.conv2d.padding,
+                  torch.conv3d, F.conv3d, aten.conv3d.default, aten.conv3d.padding,
                   aten.convolution.default)
 
 
 def _canonical_conv(cz: Canonicaliser, node: fx.Node) -> bool:
-    """A functional conv of constant weights becomes an `nn.Conv2d` call."""
+    """A functional conv of constant weights becomes an `nn.Conv1d/2d/3d` call."""
     if node.target is aten.convolution.default:
         x, w, b, stride, padding, dilation, transposed, _, groups = node.args
         if transposed:
@@ -164,18 +166,20 @@ def _canonical_conv(cz: Canonicaliser, node: fx.Node) -> bool:
         weight, bias = cz.constant(w), cz.constant(b)
     except ValueError:
         return False
-    if weight.dim() != 4:
+    rank = weight.dim() - 2
+    if rank not in algebra.CONV_MODULES:
         return False
-    pair = lambda v: tuple(v) if isinstance(v, Sequence) else (v, v)
-    stride, dilation = pair(stride), pair(dilation)
+    sides = lambda v: tuple(v) if isinstance(v, Sequence) else (v,) * rank
+    stride, dilation = sides(stride), sides(dilation)
     padding = ops.static_padding(padding, weight.shape[2:], stride, dilation)
     if padding is None:
         return False
     name, shared = cz.name_for(node, w, weight, "conv")
     conv = None
     if not shared:
-        conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
-                         stride, padding, dilation, groups, bias=bias is not None)
+        conv = algebra.CONV_MODULES[rank](weight.shape[1] * groups, weight.shape[0],
+                                          tuple(weight.shape[2:]), stride, padding, dilation,
+                                          groups, bias=bias is not None)
         conv.weight = cz.parameter(weight)
         if bias is not None:
             conv.bias = cz.parameter(bias)
@@ -186,9 +190,9 @@ def _canonical_conv(cz: Canonicaliser, node: fx.Node) -> bool:
 
 
 def _static_padding_conv(cz: Canonicaliser, node: fx.Node) -> bool:
-    """An `nn.Conv2d` with string padding gets the integer padding it means."""
+    """An `nn.Conv1d/2d/3d` with string padding gets the integer padding it means."""
     m = cz.gm.get_submodule(node.target)
-    if type(m) is not nn.Conv2d or not isinstance(m.padding, str) or ops.has_hooks(m):
+    if type(m) not in ops.CONVS or not isinstance(m.padding, str) or ops.has_hooks(m):
         return False
     padding = ops.static_padding(m.padding, m.kernel_size, m.stride, m.dilation)
     if padding is not None:
@@ -200,13 +204,14 @@ def _static_padding_conv(cz: Canonicaliser, node: fx.Node) -> bool:
 
 
 def _read_conv(reader: AffineReader, node: fx.Node, strict: bool):
-    """Compose the conv onto what it reads; a crop of rows or columns alone before it
-    (prune's, before a 1xk branch of a region) is part of its padding."""
+    """Compose the conv onto what it reads; a crop of some sides alone before it (prune's,
+    before a 1xk branch of a region) is part of its padding."""
     module = ops.module_of(reader.gm, node)
     x, padding = node.args[0], tuple(module.padding)
     crop = ops.pad_amounts(x) if isinstance(x, fx.Node) else None
-    if crop is not None and crop[0] != crop[1] and len(x.users) == 1:
-        x, padding = x.args[0], (padding[0] + crop[0], padding[1] + crop[1])
+    if crop is not None and len(set(crop)) > 1 and len(crop) == len(padding) \
+            and len(x.users) == 1:
+        x, padding = x.args[0], tuple(p + c for p, c in zip(padding, crop))
     if ops.centred_refusal(module, padding) is not None:
         return reader.refuse(node, strict, "unknown or non-linear op inside a block")
     if ops.excluded(node.target, reader.exclude):
@@ -221,30 +226,37 @@ def _read_conv(reader: AffineReader, node: fx.Node, strict: bool):
 def _refuse_functional_conv(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if node.op == "call_function" and node.target in CONV_FUNCTIONS and any(
             isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args[1:2]):
-        return "a functional conv of constant weights (not an nn.Conv2d call)"
+        return "a functional conv of constant weights (not an nn.Conv1d/2d/3d call)"
     return None
 
 
 register(OpFamily(
-    "conv", NodeKind.CONV, lambda gm, n: _module(gm, n, nn.Conv2d),
-    {**_functions(CONV_FUNCTIONS, _canonical_conv), nn.Conv2d: _static_padding_conv},
+    "conv", NodeKind.CONV, lambda gm, n: _module(gm, n, ops.CONVS),
+    {**_functions(CONV_FUNCTIONS, _canonical_conv),
+     **dict.fromkeys(ops.CONVS, _static_padding_conv)},
     _read_conv, _refuse_functional_conv))
 
 
 # ---- BatchNorm (folded) -------------------------------------------------------------------
+NORM_MODULES: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d,
+                                            3: nn.BatchNorm3d}  # by spatial rank
+NORMS = {kind: rank for rank, kind in NORM_MODULES.items()}
 NORM_FUNCTIONS = (F.batch_norm, torch.batch_norm, aten.batch_norm.default,
                   aten._native_batch_norm_legit_no_training.default)
 
 
 def _is_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A BatchNorm2d that can be folded into the conv before it (running statistics)."""
+    """A BatchNorm1d/2d/3d of a feature map (channels and at least one spatial dimension)
+    that can be folded into the conv before it (running statistics)."""
     m = ops.module_of(gm, node)
-    return type(m) is nn.BatchNorm2d and m.track_running_stats
+    return (type(m) in NORMS and m.track_running_stats
+            and ops.rank(node.args[0]) in (None, *(r + 2 for r in NORMS.values())))
 
 
 def _canonical_norm(cz: Canonicaliser, node: fx.Node) -> bool:
-    """A functional batch norm in eval mode, of constant statistics, becomes an
-    `nn.BatchNorm2d` call (a BatchNorm1d stays as it is: a barrier)."""
+    """A functional batch norm in eval mode, of constant statistics, on a feature map,
+    becomes an `nn.BatchNorm1d/2d/3d` call (one of a `(batch, channels)` input stays as it
+    is: a barrier)."""
     t = node.target
     if t is aten._native_batch_norm_legit_no_training.default:
         x, w, b, mean, var, momentum, eps = node.args
@@ -259,7 +271,8 @@ def _canonical_norm(cz: Canonicaliser, node: fx.Node) -> bool:
         weight, bias, running_mean, running_var = (cz.constant(a) for a in (w, b, mean, var))
     except ValueError:
         return False
-    if training or running_mean is None or running_var is None or ops.rank(x) not in (None, 4):
+    spatial = (ops.rank(x) or 4) - 2
+    if training or running_mean is None or running_var is None or spatial not in (1, 2, 3):
         return False
     if t is aten._native_batch_norm_legit_no_training.default:
         users = list(node.users)
@@ -268,8 +281,8 @@ def _canonical_norm(cz: Canonicaliser, node: fx.Node) -> bool:
         for u in users:
             u.replace_all_uses_with(node)
             cz.gm.graph.erase_node(u)
-    bn = nn.BatchNorm2d(running_mean.numel(), eps=eps, momentum=momentum,
-                        affine=weight is not None or bias is not None)
+    bn = NORM_MODULES[spatial](running_mean.numel(), eps=eps, momentum=momentum,
+                               affine=weight is not None or bias is not None)
     bn.running_mean, bn.running_var = running_mean.detach(), running_var.detach()
     name, shared = cz.name_for(node, mean, running_mean, "norm")
     cz.install(node, None if shared else cz.set_affine(bn, weight, bias).eval(), name, x)
@@ -309,7 +322,8 @@ register(OpFamily(
 # ---- activations --------------------------------------------------------------------------
 ACTIVATION_MODULES: dict[type, str] = {
     nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
-    nn.GELU: "gelu", nn.LeakyReLU: "leaky_relu", nn.Mish: "mish",
+    nn.GELU: "gelu", nn.LeakyReLU: "leaky_relu", nn.Mish: "mish", nn.ELU: "elu",
+    nn.PReLU: "prelu",  # (its slopes are parameters: kept where it stays, gone where removed)
 }
 ACTIVATION_CLASSES: dict[str, type] = {kind: cls for cls, kind in ACTIVATION_MODULES.items()}
 ACTIVATION_FUNCTIONS = {

@@ -7,11 +7,11 @@ A canonical GraphModule, as `fxmerge.trace` makes it (and `prune` keeps it):
 2. it carries those example inputs, and a shape on every node that computes a tensor (each
    conv call at least: that is what is checked);
 3. weights and BatchNorm statistics are module parameters and buffers, and forward inputs
-   stay placeholders: a conv of constant weights is an `nn.Conv2d` call, never a functional
+   stay placeholders: a conv of constant weights is an `nn.Conv1d/2d/3d` call, never a functional
    one; a weight computed from parameters alone (standardised, normalised) is folded into
    that conv at capture (a conv whose weight depends on a forward input is a barrier);
-4. its ops are in their families' canonical forms (`families`): `nn.Conv2d`, foldable
-   `nn.BatchNorm2d`, activation modules (never their functional forms), `operator.add` of
+4. its ops are in their families' canonical forms (`families`): `nn.Conv1d/2d/3d`, foldable
+   `nn.BatchNorm1d/2d/3d`, activation modules (never their functional forms), `operator.add` of
    equal shapes, `F.pad`; identities (`nn.Identity`, dropout and drop path in eval mode,
    `x / 1`) are gone; each node's family is tagged in `node.meta[families.KIND_META]`.
    Anything else is a barrier;

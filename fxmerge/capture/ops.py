@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..algebra import square_form
+from ..algebra import CONV_MODULES, cube_form
 
 _ADD = (operator.add, torch.add)
 
@@ -46,45 +46,55 @@ def excluded(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def conv_refusal(conv: nn.Conv2d) -> str | None:
-    """Why fxmerge cannot search over this conv, or None when it can."""
-    parametrized = getattr(conv, "parametrizations", None) is not None
-    if type(conv) is not nn.Conv2d and not (parametrized and type(conv).__bases__[0] is
-                                            nn.Conv2d):
-        return f"{type(conv).__name__} is not a plain nn.Conv2d"
+CONVS = tuple(CONV_MODULES.values())  # nn.Conv1d, nn.Conv2d, nn.Conv3d
+
+
+def is_conv(module: Any) -> bool:
+    """A plain `nn.Conv1d/2d/3d` (or one whose weight is parametrized), not a subclass."""
+    kind = type(module)
+    if getattr(module, "parametrizations", None) is not None:
+        kind = kind.__bases__[0]
+    return kind in CONVS
+
+
+def conv_refusal(conv: nn.Module) -> str | None:
+    """Why fxmerge cannot search over this conv, or None when it can: a plain conv of
+    any spatial rank with the same kernel, stride, padding and dilation on every side."""
+    if not is_conv(conv):
+        return f"{type(conv).__name__} is not a plain nn.Conv1d/2d/3d"
     if isinstance(conv.padding, str):
         return f"string padding {conv.padding!r}"
     if conv.padding_mode != "zeros":
         return f"padding_mode {conv.padding_mode!r}"
     for attr in ("kernel_size", "stride", "padding", "dilation"):
         value = getattr(conv, attr)
-        if value[0] != value[1]:
+        if len(set(value)) > 1:
             return f"non-square {attr} {tuple(value)}"
     return None
 
 
-def centred_refusal(conv: nn.Conv2d, padding: tuple[int, int] | None = None) -> str | None:
+def centred_refusal(conv: nn.Module, padding: Sequence[int] | None = None) -> str | None:
     """Why this conv cannot be one branch of a collapsed region, or None: as `conv_refusal`,
-    except that a non-square kernel is accepted when it is centred on the grid of a square
+    except that a non-square kernel is accepted when it is centred on the grid of a cube
     one (`1x3` padded `(0, 1)` is a `3x3` padded 1 with zero rows: ACNet's branches).
-    `padding` (rows, columns) replaces the conv's own: where its input is cropped first."""
+    `padding` (one per side) replaces the conv's own: where its input is cropped first."""
     why = conv_refusal(conv)
     if why is not None and not why.startswith(("non-square kernel_size",
                                                "non-square padding")):
         return why
     for attr in ("stride", "dilation"):
         value = getattr(conv, attr)
-        if value[0] != value[1]:
+        if len(set(value)) > 1:
             return f"non-square {attr} {tuple(value)}"
-    padding = tuple(conv.padding) if padding is None else padding
-    if square_form(tuple(conv.kernel_size), padding, conv.dilation[0]) is None:
+    padding = tuple(conv.padding) if padding is None else tuple(padding)
+    if cube_form(tuple(conv.kernel_size), padding, conv.dilation[0]) is None:
         return f"kernel {tuple(conv.kernel_size)} padded {padding} is not centred on a square grid"
     return None
 
 
 def channel_scale(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor] | None:
     """`(x, scale)` for `x * scale` with `scale` a constant of the graph holding one value
-    per channel (`(C, 1, 1)` or `(1, C, 1, 1)`), in either order; else None."""
+    per channel (`(C, 1, 1)` or `(1, C, 1, 1)` in 2-D), in either order; else None."""
     if node.op != "call_function" or node.target not in (operator.mul, torch.mul) \
             or node.kwargs or len(node.args) != 2:
         return None
@@ -94,8 +104,9 @@ def channel_scale(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Ten
             for part in s.target.split("."):
                 value = getattr(value, part, None)
             shape = _shape(x)
-            if isinstance(value, torch.Tensor) and shape is not None and len(shape) == 4 \
-                    and tuple(value.shape) in ((shape[1], 1, 1), (1, shape[1], 1, 1)):
+            ones = (1,) * (len(shape) - 2) if shape is not None else ()
+            if isinstance(value, torch.Tensor) and shape is not None and len(shape) >= 3 \
+                    and tuple(value.shape) in ((shape[1], *ones), (1, shape[1], *ones)):
                 return x, value.detach().reshape(-1)
     return None
 
@@ -120,14 +131,15 @@ def is_add(node: fx.Node) -> bool:
 
 def conditioning_add(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """`(main, condition)` for `main + condition` where the condition is one vector per
-    sample (or one for all), broadcast over the map: `(B|1, C, 1, 1)` onto `(B, C, H, W)`."""
+    sample (or one for all), broadcast over the map: `(B|1, C, 1, 1)` onto `(B, C, H, W)`
+    (and alike in 1-D and 3-D)."""
     if node.op != "call_function" or node.target not in _ADD or node.kwargs \
             or len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
         return None
     for main, cond in (node.args, node.args[::-1]):
         m, c = _shape(main), _shape(cond)
-        if m is not None and c is not None and len(m) == len(c) == 4 and c[2:] == (1, 1) \
-                and m[2:] != (1, 1) and c[1] == m[1] and c[0] in (1, m[0]):
+        if m is not None and c is not None and len(m) == len(c) >= 3 and set(c[2:]) == {1} \
+                and set(m[2:]) != {1} and c[1] == m[1] and c[0] in (1, m[0]):
             return main, cond
     return None
 
@@ -144,9 +156,10 @@ def ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def pad_amounts(node: fx.Node) -> tuple[int, int] | None:
-    """`(rows, columns)` of an `F.pad(x, (c, c, r, r))` node: zeros on both sides of each
-    spatial dimension (negative crops)."""
+def pad_amounts(node: fx.Node) -> tuple[int, ...] | None:
+    """The amount per spatial dimension, first to last (rows, columns in 2-D), of an
+    `F.pad(x, (..., c, c, r, r))` node: zeros on both sides of each (negative crops); 0 for
+    the dimensions it leaves alone, where the input's rank is known."""
     if node.op != "call_function" or node.target is not F.pad:
         return None
     pads = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
@@ -154,16 +167,18 @@ def pad_amounts(node: fx.Node) -> tuple[int, int] | None:
     value = node.kwargs.get("value", None)
     if mode != "constant" or value not in (None, 0, 0.0) or len(node.args) > 2:
         return None
-    if not isinstance(pads, (list, tuple)) or len(pads) != 4 or pads[0] != pads[1] \
-            or pads[2] != pads[3]:
+    if not isinstance(pads, (list, tuple)) or not pads or len(pads) % 2 \
+            or any(pads[k] != pads[k + 1] for k in range(0, len(pads), 2)):
         return None
-    return int(pads[2]), int(pads[0])
+    amounts = [int(pads[k]) for k in range(len(pads) - 2, -1, -2)]
+    spatial = (rank(node.args[0]) or 0) - 2
+    return tuple([0] * (spatial - len(amounts)) + amounts)
 
 
 def pad_amount(node: fx.Node) -> int | None:
-    """The symmetric spatial amount of an `F.pad(x, (p, p, p, p))` node (negative crops)."""
+    """The amount of an `F.pad` node that pads (or crops) every spatial side alike."""
     amounts = pad_amounts(node)
-    return amounts[0] if amounts is not None and amounts[0] == amounts[1] else None
+    return amounts[0] if amounts is not None and len(set(amounts)) == 1 else None
 
 
 def only_user(node: fx.Node) -> fx.Node | None:
@@ -188,12 +203,12 @@ def rank(node: Any) -> int | None:
 
 
 def static_padding(padding: Any, kernel: Sequence[int], stride: Sequence[int],
-                   dilation: Sequence[int]) -> tuple[int, int] | None:
+                   dilation: Sequence[int]) -> tuple[int, ...] | None:
     """Integer padding equal to a string one, or None when 'same' is not symmetric."""
     if not isinstance(padding, str):
-        return tuple(padding) if isinstance(padding, Sequence) else (padding, padding)
+        return tuple(padding) if isinstance(padding, Sequence) else (padding,) * len(kernel)
     if padding == "valid":
-        return (0, 0)
+        return (0,) * len(kernel)
     total = [d * (k - 1) for k, d in zip(kernel, dilation)]
     if any(s != 1 for s in stride) or any(t % 2 for t in total):
         return None

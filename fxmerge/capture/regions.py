@@ -69,10 +69,10 @@ def _readings(gm: fx.GraphModule, t: fx.Node, exclude: Iterable[str], sites: dic
     return out
 
 
-def _square(conv: nn.Conv2d) -> tuple[int, int, int]:
-    """(kernel, padding, dilation) of the square conv a centred one is."""
-    k, padding = algebra.square_form(tuple(conv.kernel_size), tuple(conv.padding),
-                                     conv.dilation[0])
+def _square(conv: nn.Module) -> tuple[int, int, int]:
+    """(kernel, padding, dilation) of the square (cube) conv a centred one is."""
+    k, padding = algebra.cube_form(tuple(conv.kernel_size), tuple(conv.padding),
+                                   conv.dilation[0])
     return k, padding, conv.dilation[0]
 
 
@@ -107,7 +107,8 @@ def _region_at(gm: fx.GraphModule, root: fx.Node, exclude: Iterable[str],
     branches = tuple(
         Branch((chain[-1] if chain else _reader_of(x, adds)).name,
                conv.target if conv is not None else None,
-               tuple(gm.get_submodule(conv.target).padding) if conv is not None else (0, 0))
+               tuple(gm.get_submodule(conv.target).padding) if conv is not None
+               else (0,) * len(convs[0].padding))
         for _, chain, conv in chosen)
     largest = max((c for _, _, c in chosen if c is not None),
                   key=lambda c: (gm.get_submodule(c.target).weight[0, 0].numel(), -order[c]))
@@ -144,5 +145,6 @@ def collapse(gm: fx.GraphModule, region: Region) -> algebra.AffineConv:
     """The one conv (float64) that computes `region`'s output from its input."""
     nodes = {n.name: n for n in gm.graph.nodes}
     source = nodes[region.input]
-    reader = AffineReader(gm, source, ops.tensor_shape(source)[1])
+    shape = ops.tensor_shape(source)
+    reader = AffineReader(gm, source, shape[1], rank=len(shape) - 2)
     return reader.read(nodes[region.output], strict=True)

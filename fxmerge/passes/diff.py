@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import fx, nn
+from torch import fx
 
-from ..capture import require_graph_module
+from ..capture import ops, require_graph_module
 
 
 def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, ops.CONVS):
             g = f" g{m.groups}" if m.groups > 1 else ""
             d = f" d{m.dilation[0]}" if m.dilation[0] > 1 else ""
-            return (f"{node.target}: Conv2d {m.in_channels}->{m.out_channels} "
-                    f"{m.kernel_size[0]}x{m.kernel_size[1]} s{m.stride[0]} p{m.padding[0]}{d}{g}")
+            return (f"{node.target}: {type(m).__name__} {m.in_channels}->{m.out_channels} "
+                    f"{'x'.join(map(str, m.kernel_size))} s{m.stride[0]} p{m.padding[0]}{d}{g}")
         return f"{node.target}: {type(m).__name__}"
     if node.op == "call_function":
         return f"{node.name}: {getattr(node.target, '__name__', node.target)}"

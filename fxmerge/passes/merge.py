@@ -37,7 +37,8 @@ def _merge_block(gm: fx.GraphModule, convs: dict[str, fx.Node], kept: tuple[str,
     first, last = convs[kept[0]], convs[kept[-1]]
     source = first.args[0]  # (a region first in its block: its largest conv reads its input)
     template = gm.get_submodule(kept[0])
-    reader = AffineReader(gm, source, template.in_channels, plan.exclude, plan.max_kernel_bytes)
+    reader = AffineReader(gm, source, template.in_channels, plan.exclude, plan.max_kernel_bytes,
+                          rank=template.weight.dim() - 2)
     try:
         reader.read(last, strict=True)  # every node on a path from the block input, or refused
         output = last
@@ -68,7 +69,7 @@ def _merge_block(gm: fx.GraphModule, convs: dict[str, fx.Node], kept: tuple[str,
     nodes = {n.name: n for n in gm.graph.nodes}
     for n, (key, matrix) in enumerate(affine.conditions):  # each added vector, carried through
         name = f"{kept[0]}_condition{n}"
-        gm.add_submodule(name, algebra.condition_conv(matrix, dtype, device))
+        gm.add_submodule(name, algebra.condition_conv(matrix, dtype, device, affine.rank))
         with gm.graph.inserting_after(result):
             term = gm.graph.call_module(name, (nodes[key],))
         with gm.graph.inserting_after(term):

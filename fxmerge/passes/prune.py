@@ -101,7 +101,7 @@ class InputPad:
     source: str
     consumer: str  # the projection's module target, or the add node
     is_projection: bool
-    crop: tuple[int, int]  # rows, columns
+    crop: tuple[int, ...]  # per spatial dimension, first to last (rows, columns in 2-D)
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class Edits:
     """A plan resolved against its space: every edit `prune` makes, by node and module
     name, in the order they are made."""
 
-    paddings: tuple[tuple[str, tuple[int, int]], ...]  # conv module -> new padding (rows, cols)
+    paddings: tuple[tuple[str, tuple[int, ...]], ...]  # conv module -> new padding, per side
     input_pads: tuple[InputPad, ...]
     activation: str | None  # the network's activation module copied where one is added
     added_after: tuple[str, ...]  # values an activation is added after
@@ -147,7 +147,7 @@ def resolve(space: MergeSpace, plan: Plan, validate: bool = True) -> Edits:
             region = space.region(name)
             if region is None:
                 if pad != space.conv(name).padding:
-                    paddings.append((name, (pad, pad)))
+                    paddings.append((name, (pad,) * space.conv(name).rank))
                 continue
             for branch in region.branches:  # each branch's padding moves as the region's
                 pads, crop = _branch_padding(branch, pad - region.padding)
@@ -162,7 +162,7 @@ def resolve(space: MergeSpace, plan: Plan, validate: bool = True) -> Edits:
                 if crop:
                     input_pads.append(InputPad(
                         skip.source_node, skip.projection or skip.add_node,
-                        skip.projection is not None, (crop, crop)))
+                        skip.projection is not None, (crop,) * space.conv(i + 1).rank))
     added = plan.added_activations(space)
     template = next((c.activation_module for c in space.convs
                      if c.activation == space.added_activation), None) if added else None
@@ -183,18 +183,18 @@ def resolve(space: MergeSpace, plan: Plan, validate: bool = True) -> Edits:
                  len(removed))
 
 
-def _branch_padding(branch: Branch, delta: int) -> tuple[tuple[int, int], tuple[int, int]]:
+def _branch_padding(branch: Branch, delta: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """A region branch's conv padding once the region's changes by `delta`, and the crop
-    (> 0) or zero-pad (< 0), rows and columns, of the input it then reads: a conv pads as
+    (> 0) or zero-pad (< 0), per side, of the input it then reads: a conv pads as
     far as it can; a branch without one reads a padded input (docs/method.md §4b)."""
     if branch.conv is None:
         return (0, 0), (-delta, -delta)
-    rows, cols = (p + delta for p in branch.padding)
-    crop = (max(0, -rows), max(0, -cols))
-    return (rows + crop[0], cols + crop[1]), crop
+    pads = [p + delta for p in branch.padding]
+    crop = tuple(max(0, -p) for p in pads)
+    return tuple(p + c for p, c in zip(pads, crop)), crop
 
 
-def _set_padding(gm: Editable, name: str, padding: tuple[int, int]) -> bool:
+def _set_padding(gm: Editable, name: str, padding: tuple[int, ...]) -> bool:
     """Give conv `name` a new padding on a shallow copy, never in place; whether it moved.
     The copy shares the conv's parameters (`copy.copy` refuses parametrized modules, so
     copy the dict)."""
@@ -239,8 +239,8 @@ def apply_edits(out: Editable, edits: Edits) -> bool:
                          and n.target == skip.consumer)
                     if skip.is_projection else nodes[skip.consumer])
         with out.graph.inserting_before(consumer):
-            rows, cols = skip.crop
-            pad = out.graph.call_function(F.pad, (source, (-cols, -cols, -rows, -rows)))
+            amounts = tuple(-c for c in reversed(skip.crop) for _ in range(2))  # last side first
+            pad = out.graph.call_function(F.pad, (source, amounts))
         consumer.replace_input_with(source, pad)
     for n, value in enumerate(edits.added_after):  # the network's own, settings too
         name = f"fxmerge_added_act_{n}"  # capture names its activations fxmerge_act_N

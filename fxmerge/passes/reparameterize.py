@@ -36,7 +36,8 @@ def _collapse(gm: fx.GraphModule, region: Region, nodes: dict[str, fx.Node]) -> 
     region's input may be the output of one collapsed before it); it is kept up to date."""
     source, output = nodes[region.input], nodes[region.output]
     template = gm.get_submodule(region.name)
-    reader = AffineReader(gm, source, ops.tensor_shape(source)[1])
+    shape = ops.tensor_shape(source)
+    reader = AffineReader(gm, source, shape[1], rank=len(shape) - 2)
     reader.read(output, strict=True)
     after = ops.only_user(output)
     if after is not None and kind_of(gm, after) is NodeKind.NORM \

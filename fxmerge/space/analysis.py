@@ -13,7 +13,7 @@ import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from torch import Tensor, fx, nn
+from torch import Tensor, fx
 
 from ..capture import capture_path, check_canonical, example_inputs, ops, require_graph_module
 from ..capture.families import NodeKind, activation_kind, kind_of, label_of, op_name
@@ -55,7 +55,7 @@ def left_out_convs(gm: fx.GraphModule, exclude: Iterable[str]) -> dict[str, str]
     sites = ops.call_sites(gm)
     reasons = {}
     for name, m in gm.named_modules():
-        if not isinstance(m, nn.Conv2d) or name not in sites:
+        if not isinstance(m, ops.CONVS) or name not in sites:
             continue
         if ops.excluded(name, exclude):
             reasons[name] = "excluded"
@@ -181,10 +181,10 @@ def analyze(
         raise ArgumentError(f"exclude must be a list of module names or glob patterns, got "
                             f"{exclude!r}")
     exclude = set(exclude)
-    convs_named = [n for n, m in gm.named_modules() if isinstance(m, nn.Conv2d)]
+    convs_named = [n for n, m in gm.named_modules() if isinstance(m, ops.CONVS)]
     for pattern in exclude:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in convs_named):
-            raise ArgumentError(f"exclude names '{pattern}', which matches no Conv2d of this "
+            raise ArgumentError(f"exclude names '{pattern}', which matches no conv of this "
                                 "model")
     regions = {r.output: r for r in find_regions(gm, exclude)}
     in_regions = {name for r in regions.values() for name in r.nodes}
@@ -204,7 +204,11 @@ def analyze(
             value_position[u.output] = p + 1
         bad = [add for add, sk in adds.items()
                if sk.source.name not in value_position
-               or not any(u.add == add.name for u in units)]
+               or not any(u.add == add.name for u in units)
+               # the block's first conv must read the skip's source itself: x + f(act(x))
+               # is no conv of one input
+               or value_position[sk.source.name] >= len(units)
+               or units[value_position[sk.source.name]].input != sk.source.name]
         if not bad:
             break
         for add in bad:
@@ -212,7 +216,7 @@ def analyze(
 
     L = len(units)
     if L == 0:
-        raise SpaceError("the graph has no searchable Conv2d on a main path")
+        raise SpaceError("the graph has no searchable conv (Conv1d/2d/3d) on a main path")
     skips, skip_users = [], {}
     for p, u in enumerate(units, start=1):
         if u.add is None:

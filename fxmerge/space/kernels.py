@@ -61,7 +61,7 @@ def composition_bytes(space: MergeSpace, i: int, state: MergeState, c: Conv,
     if not state.kept:
         return 0
     in_per_group = space.convs[i].in_channels // new.groups
-    return max(c.in_channels, c.out_channels) * in_per_group * new.taps ** 2 * 8
+    return max(c.in_channels, c.out_channels) * in_per_group * new.taps ** c.rank * 8
 
 
 def extend(space: MergeSpace, i: int, state: MergeState, c: Conv) -> MergeState:
@@ -107,7 +107,8 @@ def merged_conv(space: MergeSpace, i: int, j: int, state: MergeState) -> MergedC
         groups = 1
     in_channels, out_channels = space.convs[i].in_channels, space.convs[j - 1].out_channels
     return MergedConv(state.taps, state.step or 1, groups,
-                      out_channels * (in_channels // groups) * state.taps ** 2 * 8)
+                      out_channels * (in_channels // groups)
+                      * state.taps ** space.convs[i].rank * 8)
 
 
 @dataclass(frozen=True)

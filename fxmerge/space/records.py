@@ -82,6 +82,11 @@ class Conv:
         return self.groups > 1 and self.groups == self.in_channels == self.out_channels
 
     @property
+    def rank(self) -> int:
+        """Spatial dimensions: 1 (Conv1d), 2 or 3."""
+        return len(self.in_shape) - 2
+
+    @property
     def irreducible(self) -> bool:
         """Input and output shapes differ (or it strides), so it cannot become identity."""
         return self.in_shape != self.out_shape or self.stride > 1

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from ..algebra import CONV_MODULES
 from ..backends.runtimes import Backend, get_backend, plan_runner, prepare
 from ..backends.timing import (
     Timing,
@@ -57,14 +58,14 @@ class LayerSpec:
     @property
     def label(self) -> str:
         """The layer in one line (what the timing cache is keyed by)."""
-        n, c, h, w = self.input_shape
         dilation = f" d{self.dilation}" if self.dilation != 1 else ""
-        return (f"{n}x{c}x{h}x{w}->{self.out_channels} k{self.kernel}{dilation} "
+        return (f"{'x'.join(map(str, self.input_shape))}->{self.out_channels} k{self.kernel}{dilation} "
                 f"s{self.stride} p{self.padding} g{self.groups} {self.activation or 'none'}")
 
     def module(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        """The layer, its weights a constant: timed weights need no random initialisation."""
-        conv = nn.Conv2d(self.input_shape[1], self.out_channels, self.kernel, self.stride,
+        """The layer (a conv of the input's spatial rank), its weights a constant: timed
+        weights need no random initialisation."""
+        conv = CONV_MODULES[len(self.input_shape) - 2](self.input_shape[1], self.out_channels, self.kernel, self.stride,
                          self.padding, self.dilation, self.groups, device="meta", dtype=dtype)
         conv = conv.to_empty(device=device)
         with torch.no_grad():

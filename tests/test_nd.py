@@ -1,0 +1,205 @@
+"""Convolutions of every spatial rank: 1-D (signals) and 3-D (video, volumes) through the
+algebra and the whole pipeline, exactly as 2-D."""
+
+import pytest
+import torch
+import torchvision
+from helpers import randomize_batchnorm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fxmerge
+from fxmerge import MergeError, algebra
+from fxmerge.models import TCN1d, VocoderStack
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+SIDE = {1: 23, 3: 9}  # input side per rank: small enough for float64 3-D
+
+
+@st.composite
+def chains(draw):
+    """A chain of 1-3 convs of one rank (groups, dilation, stride, BN); the chain's padding
+    on its first conv."""
+    rank = draw(st.sampled_from([1, 3]))
+    channels, layers = draw(st.sampled_from([2, 4])), []
+    for idx in range(draw(st.integers(1, 3))):
+        groups = draw(st.sampled_from([1, 2, channels]))
+        out = channels * draw(st.sampled_from([1, 2])) if groups == channels else 4
+        layers.append(dict(  # noqa: C408
+            in_channels=channels, out_channels=out, groups=groups,
+            kernel_size=draw(st.sampled_from([1, 3])), stride=draw(st.integers(1, 2)),
+            dilation=draw(st.sampled_from([1, 2])),
+            padding=draw(st.integers(0, 2)) if idx == 0 else 0, bn=draw(st.booleans())))
+        channels = out
+    return rank, layers, draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(chains())
+def test_a_composed_nd_chain_equals_the_chain(chain):
+    rank, layers, seed = chain
+    gen = torch.Generator().manual_seed(seed)
+    modules, affine = [], None
+    for spec in layers:
+        spec = dict(spec)
+        with_bn = spec.pop("bn")
+        conv = CONV[rank](**spec).double()
+        conv.weight.data = torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64)
+        conv.bias.data = torch.randn(conv.bias.shape, generator=gen, dtype=torch.float64)
+        step = algebra.from_conv(conv)
+        modules.append(conv)
+        if with_bn:
+            bn = randomize_batchnorm(NORM[rank](conv.out_channels), seed).double()
+            modules.append(bn)
+            step = algebra.fold_bn(step, bn)
+        affine = step if affine is None else algebra.compose(affine, step)
+    side = max(SIDE[rank], affine.extent - 2 * affine.padding + affine.stride)
+    x = torch.randn(2, layers[0]["in_channels"], *[side] * rank, generator=gen,
+                    dtype=torch.float64)
+    with torch.no_grad():
+        want = nn.Sequential(*modules).eval()(x)
+    got = algebra.to_conv(affine, torch.float64)(x)
+    assert type(algebra.to_conv(affine, torch.float64)) is CONV[rank]
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-10 * max(1.0, float(want.abs().max()))
+
+
+class Net(nn.Module):
+    """Stem, a residual block (dilated, grouped), a depthwise conv, a 1x1, a strided conv."""
+
+    def __init__(self, rank: int, c: int = 8) -> None:
+        super().__init__()
+        conv, norm = CONV[rank], NORM[rank]
+        self.stem = nn.Sequential(conv(3, c, 3, padding=1), norm(c), nn.ReLU())
+        self.res = nn.Sequential(conv(c, c, 3, padding=1, bias=False), norm(c), nn.ReLU(),
+                                 conv(c, c, 3, padding=2, dilation=2, groups=2), norm(c))
+        self.tail = nn.Sequential(conv(c, c, 3, padding=1, groups=c), norm(c), nn.ReLU(),
+                                  conv(c, c, 1), nn.ReLU(), conv(c, c, 3, stride=2, padding=1))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.tail(torch.relu(self.res(x) + x))
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_random_plans_merge_exactly_and_the_identity_keeps_every_conv_native(rank):
+    x = torch.randn(2, 3, *[SIDE[rank]] * rank, dtype=torch.float64)
+    model = randomize_batchnorm(Net(rank)).double()
+    gm = fxmerge.trace(model, x)
+    space = fxmerge.analyze(gm)
+    assert space.L == 6 and {c.rank for c in space.convs} == {rank}
+    assert any(e.j - e.i > 1 for e in space.entries) and space.skips
+    for seed in range(8):
+        plan = fxmerge.Plan.random(space, seed)
+        with torch.no_grad():
+            want = fxmerge.prune(gm, plan, space).eval()(x)
+            got = fxmerge.transform(gm, plan, space)(x)
+        assert (got - want).abs().max() <= 1e-10 * float(want.abs().max()), seed
+    merged = fxmerge.transform(gm, fxmerge.Plan.identity(space), space)
+    with torch.no_grad():
+        assert torch.allclose(merged(x), model(x), rtol=0, atol=1e-12)
+    native = [(m.kernel_size, m.dilation, m.groups, m.stride) for m in model.modules()
+              if isinstance(m, CONV[rank])]
+    assert [(m.kernel_size, m.dilation, m.groups, m.stride) for m in merged.modules()
+            if isinstance(m, CONV[rank])] == native
+
+
+def test_a_3d_composition_over_the_memory_bound_is_refused_by_name():
+    """A merged 3-D kernel grows with the cube of its side: over `max_kernel_bytes` the
+    space leaves the entry out and the algebra refuses to build it."""
+    x = torch.randn(1, 3, 9, 9, 9, dtype=torch.float64)
+    gm = fxmerge.trace(randomize_batchnorm(Net(3)).double(), x)
+    full, small = fxmerge.analyze(gm), fxmerge.analyze(gm, max_kernel_bytes=40_000)
+    assert max(full.merged_conv(e).bytes for e in full.entries) > 40_000
+    assert small.num_entries < full.num_entries
+    assert max(small.merged_conv(e).bytes for e in small.entries) <= 40_000
+    a = algebra.from_conv(nn.Conv3d(64, 64, 5).double())
+    with pytest.raises(MergeError, match="max_kernel_bytes"):
+        algebra.compose(a, algebra.from_conv(nn.Conv3d(64, 64, 5).double()), 2**20)
+
+
+def test_a_pre_activation_skip_is_no_block_input():
+    """`x + conv(act(x))`: the block's first conv does not read the skip's source, so the
+    skip is not fused (merging it ended in a MergeError on the vocoder's stacks)."""
+    model = VocoderStack(mels=8, channels=8).double().eval()
+    x = torch.randn(2, 8, 16, dtype=torch.float64)
+    gm = fxmerge.trace(model, x)
+    space = fxmerge.analyze(gm)
+    assert not space.skips
+    for seed in range(6):
+        plan = fxmerge.Plan.random(space, seed)
+        with torch.no_grad():
+            want = fxmerge.prune(gm, plan, space).eval()(x)
+            got = fxmerge.transform(gm, plan, space)(x)
+        assert (got - want).abs().max() <= 1e-10 * float(want.abs().max()), seed
+
+
+def _zoo(model: nn.Module, x: torch.Tensor, plans: int = 3) -> tuple[int, float]:
+    """Multi-conv entries of the model's space and the worst relative error of random
+    plans' merged networks against their pruned ones (float64)."""
+    model, x = randomize_batchnorm(model).double(), x.double()
+    gm = fxmerge.trace(model, x)
+    space = fxmerge.analyze(gm)
+    worst = 0.0
+    for seed in range(plans):
+        plan = fxmerge.Plan.random(space, seed)
+        with torch.no_grad():
+            want = fxmerge.prune(gm, plan, space).eval()(x)
+            got = fxmerge.transform(gm, plan, space)(x)
+        worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+    return sum(e.j - e.i > 1 for e in space.entries), worst
+
+
+def _monai_basic_unet():
+    monai = pytest.importorskip("monai.networks.nets")
+    return monai.BasicUNet(spatial_dims=3, in_channels=1, out_channels=2,
+                           features=(8, 8, 16, 32, 64, 8), norm="batch")
+
+
+def _monai_unet():
+    monai = pytest.importorskip("monai.networks.nets")
+    return monai.UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16, 32),
+                      strides=(2, 2), num_res_units=2, norm="batch")
+
+
+VIDEO = torchvision.models.video
+ZOO = {
+    "tcn1d": (TCN1d, (1, 40, 101)),
+    "vocoder": (VocoderStack, (1, 80, 32)),
+    "r3d_18": (VIDEO.r3d_18, (1, 3, 8, 32, 32)),
+    "monai_basic_unet": (_monai_basic_unet, (1, 1, 32, 32, 32)),
+}
+SLOW_ZOO = {
+    "mc3_18": (VIDEO.mc3_18, (1, 3, 8, 32, 32)),
+    "monai_unet": (_monai_unet, (1, 1, 32, 32, 32)),
+}
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_real_1d_and_3d_networks_offer_multi_conv_blocks_and_merge_exactly(name):
+    factory, shape = ZOO[name]
+    multi, worst = _zoo(factory(), torch.randn(shape))
+    assert multi > 0 and worst < 1e-10, (multi, worst)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SLOW_ZOO))
+def test_more_3d_networks_merge_exactly(name):
+    factory, shape = SLOW_ZOO[name]
+    multi, worst = _zoo(factory(), torch.randn(shape))
+    assert multi > 0 and worst < 1e-10, (multi, worst)
+
+
+def test_a_1d_latency_table_times_conv1d_layers():
+    x = torch.randn(1, 3, 64)
+    gm = fxmerge.trace(randomize_batchnorm(Net(1)), x)
+    space = fxmerge.analyze(gm)
+    table = fxmerge.measure_latency(space, gm, warmup=0, repeat=2, progress=False)
+    layer = fxmerge.entry_layer(space, space.entries[0])
+    assert len(layer.input_shape) == 3 and "1x3x64->" in layer.label
+    assert isinstance(layer.module(torch.device("cpu"), torch.float32)[0]
+                      if layer.activation else layer.module(torch.device("cpu"),
+                                                            torch.float32), nn.Conv1d)
+    assert len(table) == space.num_entries
