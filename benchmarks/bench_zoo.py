@@ -1,8 +1,9 @@
 """What fxmerge finds and how exactly it merges in the model zoos users bring: timm CNNs of
-many families and one model of each torchvision CNN family, each captured via
-`symbolic_trace` and via `torch.export`.
+many families, one model of each torchvision CNN family, and 1-D and 3-D networks (video,
+3-D U-Nets, a TCN, a weight-normed vocoder stack), each captured via `symbolic_trace` and
+via `torch.export`.
 
-    python benchmarks/bench_zoo.py [--size 32] [--only resnet18 ...]
+    python benchmarks/bench_zoo.py [--size 32] [--only resnet18 ...] [--source nd]
 
 Per model and graph form: convs in the model, convs searched, regions of parallel branches
 (each searched as one conv position), blocks, entries, blocks of two or more convs, and the
@@ -30,6 +31,7 @@ import torchvision
 from common import RESULTS, calibrate_batchnorm, write
 
 import fxmerge
+from fxmerge.models import TCN1d, VocoderStack
 
 TIMM = ["resnet18", "seresnet18", "resnet26d", "resnext26ts", "repvgg_a0", "mobileone_s0",
         "repvit_m0_9", "gernet_s",
@@ -37,11 +39,33 @@ TIMM = ["resnet18", "seresnet18", "resnet26d", "resnext26ts", "repvgg_a0", "mobi
         "tinynet_a", "mixnet_s", "mobilenetv3_small_100", "lcnet_050", "cspresnet50",
         "densenet121", "convnext_atto", "ghostnet_100", "dla34", "rexnet_100",
         "ese_vovnet19b_dw", "selecsls42b", "hardcorenas_a", "res2net50_14w_8s", "dpn68",
-        "vgg11_bn"]
+        "vgg11_bn", "nf_resnet26"]
 TORCHVISION = ["alexnet", "vgg11_bn", "resnet18", "squeezenet1_0", "densenet121", "googlenet",
                "inception_v3", "shufflenet_v2_x0_5", "mobilenet_v2", "mobilenet_v3_small",
                "mnasnet0_5", "efficientnet_b0", "efficientnet_v2_s", "regnet_x_400mf",
                "convnext_tiny"]
+
+
+
+def _monai(name: str, **kwargs):
+    from monai.networks import nets
+
+    return getattr(nets, name)(spatial_dims=3, in_channels=1, out_channels=2, norm="batch",
+                               **kwargs)
+
+
+VIDEO = torchvision.models.video
+ND = {  # name: (factory, input shape): 1-D and 3-D networks
+    "r3d_18": (VIDEO.r3d_18, (2, 3, 8, 32, 32)),
+    "mc3_18": (VIDEO.mc3_18, (2, 3, 8, 32, 32)),
+    "r2plus1d_18": (VIDEO.r2plus1d_18, (2, 3, 8, 32, 32)),
+    "monai_UNet": (lambda: _monai("UNet", channels=(8, 16, 32), strides=(2, 2),
+                                  num_res_units=2), (2, 1, 32, 32, 32)),
+    "monai_BasicUNet": (lambda: _monai("BasicUNet", features=(8, 8, 16, 32, 64, 8)),
+                        (2, 1, 32, 32, 32)),
+    "TCN1d": (TCN1d, (2, 40, 101)),
+    "VocoderStack": (VocoderStack, (2, 80, 64)),
+}
 TOLERANCE = 1e-9  # relative, in float64
 MIN_SIZE = {"inception_v3": 96, "alexnet": 64}  # their pooling needs 75 and 63 pixels
 
@@ -108,7 +132,8 @@ def errors(model: torch.nn.Module, form: str, x: torch.Tensor
 def measure(model: torch.nn.Module, form: str, x: torch.Tensor) -> dict:
     """Exactness is judged in float64 (rounding cannot hide a wrong merge there); the float32
     error is what a user sees."""
-    row: dict = {"convs": sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())}
+    row: dict = {"convs": sum(isinstance(m, torch.nn.modules.conv._ConvNd)
+                              for m in model.modules())}
     try:
         sizes, f32, _ = errors(model, form, x)
         _, f64, bound = errors(copy.deepcopy(model).double(), form, x.double())
@@ -128,12 +153,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=32, help="input resolution")
     parser.add_argument("--only", nargs="*", help="model names to run")
-    parser.add_argument("--source", choices=["timm", "torchvision"], help="one zoo only")
+    parser.add_argument("--source", choices=["timm", "torchvision", "nd"], help="one zoo only")
     parser.add_argument("--update", action="store_true", help="replace only the rows run "
                         "(with --only) in the recorded results, keeping the others")
     args = parser.parse_args()
     rows = []
-    for source, names in (("timm", TIMM), ("torchvision", TORCHVISION)):
+    for source, names in (("timm", TIMM), ("torchvision", TORCHVISION), ("nd", list(ND))):
         if args.source and source != args.source:
             continue
         for name in names:
@@ -141,13 +166,14 @@ def main() -> None:
                 continue
             torch.manual_seed(0)
             size = max(args.size, MIN_SIZE.get(name, 0))
-            x = torch.randn(2, 3, size, size)
-            model, family = build(source, name)
+            x = torch.randn(ND[name][1] if source == "nd" else (2, 3, size, size))
+            model, family = (ND[name][0](), f"{x.dim() - 2}-D") if source == "nd" \
+                else build(source, name)
             model = calibrate_batchnorm(model, x)
             for form in ("symbolic_trace", "export"):
                 start = time.perf_counter()
                 row = {"source": source, "model": name, "family": family, "form": form,
-                       "size": size, **measure(model, form, x)}
+                       "size": "x".join(map(str, x.shape[2:])), **measure(model, form, x)}
                 row["seconds"] = round(time.perf_counter() - start, 1)
                 print(row, flush=True)
                 rows.append(row)
@@ -166,7 +192,8 @@ def report(rows: list[dict], size: int) -> None:
     wrong = sum(r["outcome"] == "WRONG" for r in rows)
     rounding = sum(r["outcome"] == "exact (within rounding)" for r in rows)
     families = {(r["source"], r["family"]) for r in rows}
-    meta = {"input": f"2x3x{size}x{size} (larger where a model needs it: size)",
+    meta = {"input": f"2x3x{size}x{size} (larger where a model needs it; 1-D and 3-D "
+                      "networks at their own: size)",
             "tolerance": f"{TOLERANCE} relative, float64",
             "models": len(models), "families": len(families),
             "mergeable_models": f"{len(mergeable)}/{len(models)} "

@@ -20,3 +20,17 @@ def test_the_readme_is_for_users_and_names_only_files_that_exist():
                 "benchmarks/README.md"):
         missing = [p for p in named_files((ROOT / doc).read_text()) if not (ROOT / p).exists()]
         assert not missing, (doc, missing)
+
+
+def test_the_readmes_signals_example_runs(capsys):
+    """The README's 1-D example, as written: compress a Conv1d network, merge it."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Signals and volumes")[1]
+    code = section.split("```python")[1].split("```")[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102  (the project's README)
+    result, merged, x = namespace["result"], namespace["merged"], namespace["x"]
+    assert result.plan.measured["ratio"] <= 0.6
+    with __import__("torch").no_grad():
+        assert (merged(x) - result.pruned(x)).abs().max() < 1e-4
+    assert "layermerge at budget 60%" in capsys.readouterr().out

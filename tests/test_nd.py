@@ -198,3 +198,13 @@ def test_a_1d_latency_table_times_conv1d_layers():
                       if layer.activation else layer.module(torch.device("cpu"),
                                                             torch.float32), nn.Conv1d)
     assert len(table) == space.num_entries
+
+
+def test_weight_normed_convs_are_searched_through_torch_export():
+    """torch.export leaves a plain Conv1d holding the parametrizations' module: still a
+    conv fxmerge searches (it was refused as 'not a plain conv')."""
+    model = VocoderStack(mels=8, channels=8).eval()
+    x = torch.randn(2, 8, 16)
+    traced = fxmerge.analyze(fxmerge.trace(model, x))
+    exported = fxmerge.analyze(fxmerge.trace(torch.export.export(model, (x,)), x))
+    assert exported.L == traced.L == 14 and not exported.left_out

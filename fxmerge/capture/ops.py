@@ -52,9 +52,8 @@ CONVS = tuple(CONV_MODULES.values())  # nn.Conv1d, nn.Conv2d, nn.Conv3d
 def is_conv(module: Any) -> bool:
     """A plain `nn.Conv1d/2d/3d` (or one whose weight is parametrized), not a subclass."""
     kind = type(module)
-    if getattr(module, "parametrizations", None) is not None:
-        kind = kind.__bases__[0]
-    return kind in CONVS
+    parametrized = getattr(module, "parametrizations", None) is not None
+    return kind in CONVS or (parametrized and kind.__bases__[0] in CONVS)
 
 
 def conv_refusal(conv: nn.Module) -> str | None:
