@@ -208,3 +208,39 @@ def test_weight_normed_convs_are_searched_through_torch_export():
     traced = fxmerge.analyze(fxmerge.trace(model, x))
     exported = fxmerge.analyze(fxmerge.trace(torch.export.export(model, (x,)), x))
     assert exported.L == traced.L == 14 and not exported.left_out
+
+
+def test_a_merged_1d_network_saves_loads_exports_and_compiles(tmp_path):
+    """Deploying works whatever the rank: safetensors round trip, ONNX (onnxruntime), and
+    the torch.compile pre-pass giving the merged network's output."""
+    model, x = TCN1d(widths=(16, 32)).eval(), torch.randn(1, 40, 48)
+    gm = fxmerge.trace(model, x)
+    space = fxmerge.analyze(gm)
+    plan = fxmerge.Plan.random(space, 1)
+    merged = fxmerge.transform(gm, plan, space)
+    with torch.no_grad():
+        want = merged(x)
+        fxmerge.save(merged, tmp_path / "m.safetensors")
+        back = fxmerge.load(tmp_path / "m.safetensors", model=TCN1d(widths=(16, 32)).eval())
+        assert torch.equal(back(x), want)
+        compiled = torch.compile(model, backend=fxmerge.backend(plan, then="eager"))
+        assert torch.allclose(compiled(x), want, atol=1e-5)
+    ort = pytest.importorskip("onnxruntime")
+    fxmerge.export_onnx(merged, x, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert abs(out - want.numpy()).max() < 1e-4
+
+
+def test_a_weight_normed_conv_stays_trainable_as_weight_norm_in_the_pruned_network():
+    """`parametrizations.weight_norm` convs are searched as they are: where the plan keeps
+    a conv, the pruned network trains its magnitude and direction, not a folded weight."""
+    model, x = VocoderStack(mels=8, channels=8).eval(), torch.randn(2, 8, 16)
+    gm = fxmerge.trace(model, x)
+    space = fxmerge.analyze(gm)
+    pruned = fxmerge.prune(gm, fxmerge.Plan.identity(space), space).train()
+    conv = pruned.get_submodule("pre")
+    assert {n for n, _ in conv.named_parameters()} == {
+        "bias", "parametrizations.weight.original0", "parametrizations.weight.original1"}
+    pruned(x).square().sum().backward()
+    assert conv.parametrizations.weight.original0.grad.abs().sum() > 0
