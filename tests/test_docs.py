@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -22,6 +24,7 @@ def test_the_readme_is_for_users_and_names_only_files_that_exist():
         assert not missing, (doc, missing)
 
 
+@pytest.mark.slow
 def test_the_readmes_signals_example_runs(capsys):
     """The README's 1-D example, as written: compress a Conv1d network, merge it."""
     readme = (ROOT / "README.md").read_text()

@@ -164,9 +164,9 @@ ZOO = {
     "tcn1d": (TCN1d, (1, 40, 101)),
     "vocoder": (VocoderStack, (1, 80, 32)),
     "r3d_18": (VIDEO.r3d_18, (1, 3, 8, 32, 32)),
-    "monai_basic_unet": (_monai_basic_unet, (1, 1, 32, 32, 32)),
 }
 SLOW_ZOO = {
+    "monai_basic_unet": (_monai_basic_unet, (1, 1, 32, 32, 32)),
     "mc3_18": (VIDEO.mc3_18, (1, 3, 8, 32, 32)),
     "monai_unet": (_monai_unet, (1, 1, 32, 32, 32)),
 }
