@@ -244,3 +244,28 @@ def test_a_weight_normed_conv_stays_trainable_as_weight_norm_in_the_pruned_netwo
         "bias", "parametrizations.weight.original0", "parametrizations.weight.original1"}
     pruned(x).square().sum().backward()
     assert conv.parametrizations.weight.original0.grad.abs().sum() > 0
+
+
+class FunctionalPReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv3d(2, 4, 3, padding=1), nn.Conv3d(4, 4, 3, padding=1)
+        self.slope = nn.Parameter(torch.full((4,), 0.2))
+
+    def forward(self, x):
+        return self.b(nn.functional.prelu(self.a(x), self.slope))
+
+
+@pytest.mark.parametrize("form", ["symbolic_trace", "export"])
+def test_a_functional_prelu_is_an_activation_module(form):
+    """`F.prelu` (what torch.export leaves of `nn.PReLU`, MONAI's default) becomes a PReLU
+    module: removable between convs, not a barrier."""
+    model, x = FunctionalPReLU().eval(), torch.randn(1, 2, 6, 6, 6)
+    gm = fxmerge.trace(torch.export.export(model, (x,)) if form == "export" else model, x)
+    assert any(isinstance(m, nn.PReLU) and m.num_parameters == 4 for m in gm.modules())
+    space = fxmerge.analyze(gm)
+    assert (0, 2) in space.blocks
+    plan = fxmerge.Plan.random(space, 0)
+    with torch.no_grad():
+        assert torch.allclose(fxmerge.transform(gm, plan, space)(x),
+                              fxmerge.prune(gm, plan, space).eval()(x), atol=1e-5)

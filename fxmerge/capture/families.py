@@ -391,6 +391,25 @@ def _canonical_swish(cz: Canonicaliser, node: fx.Node) -> bool:
     return False
 
 
+_PRELU = (F.prelu, torch.prelu, aten.prelu.default, aten._prelu_kernel.default)
+
+
+def _canonical_prelu(cz: Canonicaliser, node: fx.Node) -> bool:
+    """`prelu(x, weight)` of a constant weight (one slope, or one per channel) is PReLU."""
+    x, w = cz.arguments(node, ["input", "weight"], [None, None])
+    try:
+        weight = cz.constant(w)
+    except ValueError:
+        return False
+    if weight is None or weight.dim() != 1:
+        return False
+    module = nn.PReLU(weight.numel())
+    module.weight = cz.parameter(weight)
+    cz.install_activation(node, module, x)
+    cz.erase_unused(w)
+    return True
+
+
 def _out_of_place(cz: Canonicaliser, node: fx.Node) -> bool:
     """An in-place activation module becomes an out-of-place copy: once prune bypasses the
     conv before it, its input can be a value something else reads too."""
@@ -416,7 +435,7 @@ register(OpFamily(
     "activation", NodeKind.ACTIVATION, lambda gm, n: activation_kind(gm, n) is not None,
     {**_functions(ACTIVATION_FUNCTIONS, _canonical_activation),
      **_functions(_HARDTANH, _canonical_hardtanh), **_functions(MUL_FUNCTIONS, _canonical_swish),
-     **_functions(tuple(ACTIVATION_MODULES), _out_of_place)},
+     **_functions(_PRELU, _canonical_prelu), **_functions(tuple(ACTIVATION_MODULES), _out_of_place)},
     None, _refuse_activation))
 
 
