@@ -269,3 +269,28 @@ def test_a_functional_prelu_is_an_activation_module(form):
     with torch.no_grad():
         assert torch.allclose(fxmerge.transform(gm, plan, space)(x),
                               fxmerge.prune(gm, plan, space).eval()(x), atol=1e-5)
+
+
+class RepBlock3d(nn.Module):
+    """RepVGG-style in 3-D: 3x3x3 + BN, 1x1x1 + BN and BN identity, summed, then ReLU."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv3d(c, c, 3, padding=1, bias=False), nn.BatchNorm3d(c))
+        self.b = nn.Sequential(nn.Conv3d(c, c, 1, bias=False), nn.BatchNorm3d(c))
+        self.i = nn.BatchNorm3d(c)
+
+    def forward(self, x):
+        return torch.relu(self.a(x) + self.b(x) + self.i(x))
+
+
+def test_3d_regions_with_an_identity_branch_move_their_padding_on_every_side():
+    """A region's branch without a conv reads a zero-padded input when the block's padding
+    moves: on all three sides in 3-D (it padded two)."""
+    model = randomize_batchnorm(nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(),
+                                              RepBlock3d(), RepBlock3d())).double()
+    x = torch.randn(1, 2, 7, 7, 7, dtype=torch.float64)
+    gm = fxmerge.trace(model, x)
+    space = fxmerge.analyze(gm)
+    assert len(space.regions) == 2 and any(e.j - e.i > 1 for e in space.entries)
+    assert _worst_error(gm, space, x, 6) <= 1e-10

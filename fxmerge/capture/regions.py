@@ -28,7 +28,7 @@ class Branch:
 
     reader: str
     conv: str | None = None
-    padding: tuple[int, int] = (0, 0)
+    padding: tuple[int, ...] = (0, 0)  # one per spatial side
 
 
 @dataclass(frozen=True)

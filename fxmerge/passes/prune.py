@@ -188,7 +188,7 @@ def _branch_padding(branch: Branch, delta: int) -> tuple[tuple[int, ...], tuple[
     (> 0) or zero-pad (< 0), per side, of the input it then reads: a conv pads as
     far as it can; a branch without one reads a padded input (docs/method.md §4b)."""
     if branch.conv is None:
-        return (0, 0), (-delta, -delta)
+        return (0,) * len(branch.padding), (-delta,) * len(branch.padding)
     pads = [p + delta for p in branch.padding]
     crop = tuple(max(0, -p) for p in pads)
     return tuple(p + c for p, c in zip(pads, crop)), crop
