@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .algebra import CONV_MODULES
 from .backends.runtimes import BACKENDS
+from .capture.ops import CONVS
 from .errors import ArgumentError, FxMergeError, ModelSpecError
 from .job import BudgetBasis
 from .models.hub import attribute, load_model
@@ -318,7 +318,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     pruned = prune(gm, plan)  # deterministic
     _load_state(pruned, load_tensors(args.weights), args.weights)
     merged = merge(pruned.eval())
-    n_convs = sum(isinstance(m, tuple(CONV_MODULES.values())) for m in merged.modules())
+    n_convs = sum(isinstance(m, CONVS) for m in merged.modules())
     print(f"merged {len(plan.blocks)} blocks: {n_convs} convs, "
           f"{len(merged.graph.nodes)} nodes (pruned had {len(pruned.graph.nodes)})")
     _deploy(args, merged)
@@ -332,10 +332,10 @@ def cmd_reparameterize(args: argparse.Namespace) -> int:
     gm = trace(_model(args).eval(), example_batch(args))
     collapsed = reparameterize(gm, exclude=args.exclude)
     print(diff(gm, collapsed))
-    n_convs = sum(isinstance(m, tuple(CONV_MODULES.values())) for m in collapsed.modules())
+    n_convs = sum(isinstance(m, CONVS) for m in collapsed.modules())
     print(f"collapsed {collapsed.meta['fxmerge_reparameterized']} regions of parallel "
           f"branches: {n_convs} convs (the model had "
-          f"{sum(isinstance(m, tuple(CONV_MODULES.values())) for m in gm.modules())})")
+          f"{sum(isinstance(m, CONVS) for m in gm.modules())})")
     _deploy(args, collapsed)
     return EXIT_OK
 

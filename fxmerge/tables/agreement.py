@@ -99,7 +99,6 @@ class CachedOutputs:
         self.batch = as_tuple(batch)
         self.order = list(gm.graph.nodes)
         self.nodes = {n.name: n for n in self.order}
-        self.position = {n.name: k for k, n in enumerate(self.order)}
         recorder = fx.Interpreter(gm, garbage_collect_values=False)  # keeps every value
         with torch.no_grad():
             self.output = recorder.run(*self.batch)
@@ -209,9 +208,12 @@ def agreement_importance(space: MergeSpace, gm: fx.GraphModule, batch: ExampleIn
         group = max(1, SUFFIX_BATCH // int(cache.batch[0].shape[0]))
         errors: dict[Key, float] = {}
         pending: dict[int, list[tuple[Key, Cut]]] = {}
+        held = 0  # bytes of the pending cuts' values
 
         def flush(index: int) -> None:
+            nonlocal held
             waiting = pending.pop(index)
+            held -= sum(_bytes(c) for _, c in waiting)
             outs = cache.outputs([c for _, c in waiting])
             for (key, _), out in zip(waiting, outs):
                 errors[key] = relative_squared_error(out, cache.output)
@@ -220,10 +222,10 @@ def agreement_importance(space: MergeSpace, gm: fx.GraphModule, batch: ExampleIn
         for key in iterate(ordered, "importance (output agreement)", "key", progress):
             cut = cache.cut(prune_graph(gm, space, jobs[key][0]))
             pending.setdefault(cut.index, []).append((key, cut))
+            held += _bytes(cut)
             if len(pending[cut.index]) >= group:
                 flush(cut.index)
-            if sum(_bytes(c) for waiting in pending.values() for _, c in waiting) \
-                    > PENDING_BYTES:
+            if held > PENDING_BYTES:
                 for index in list(pending):
                     flush(index)
         for index in list(pending):
