@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import random
 
 import pytest
 import torch
@@ -45,70 +46,122 @@ def test_signatures_are_deduplicated_on_mobilenet_v2():
     assert dw.groups == 144 and dw.activation == "relu6"
 
 
-def test_measure_latency_times_each_signature_in_two_passes(monkeypatch):
+class FakeMachine:
+    """Stands in for `prepare` and `clock` in the latency module: each layer "runs" in a
+    time set by its conv (its weight's size, in microseconds), times `factor(call)`, and
+    nothing is computed."""
+
+    def __init__(self, factor=lambda call: 1.0, stop_after=None):
+        self.factor, self.stop_after = factor, stop_after
+        self.calls, self.builds, self.last = 0, 0, None
+
+    def prepare(self, module, backend, x):
+        self.builds += 1
+        conv = module[0] if isinstance(module, torch.nn.Sequential) else module
+        return lambda x: setattr(self, "last", conv.weight.numel())
+
+    def clock(self, fn, device):
+        if self.calls == self.stop_after:
+            raise KeyboardInterrupt
+        fn()
+        self.calls += 1
+        return self.last / 1e3 * self.factor(self.calls)
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(latency_mod, "prepare", self.prepare)
+        monkeypatch.setattr(latency_mod, "clock", self.clock)
+        return self
+
+
+def test_measure_latency_times_each_distinct_layer_side_by_side(tmp_path):
     space = tiny_space()
-    calls = []
-    real = latency_mod.time_layer
-    monkeypatch.setattr(latency_mod, "time_layer",
-                        lambda sig, **kw: calls.append(sig) or real(sig, **kw))
-    table = fxmerge.measure_latency(space, warmup=1, repeat=2, check=False)
-    assert len(set(calls)) == table.settings.num_layers
-    assert all(2 <= calls.count(c) <= latency_mod.MAX_PASSES for c in set(calls))
+    cache = tmp_path / "lat.json"
+    table = fxmerge.measure_latency(space, warmup=1, repeat=5, check=False, cache=cache)
+    runs = json.loads(cache.read_text())["timings"]
+    assert len(runs) == table.settings.num_layers < space.num_entries
+    assert all(len(r) >= 5 for r in runs.values())  # tiny layers: every round, or more
     assert set(table.values) == set(space.entries)
     assert all(v > 0 for v in table.values.values())
     s = table.settings
-    assert (s.backend, s.device, s.repeat, s.statistic) == ("eager", "cpu", 2, "median")
-    calls.clear()
-    fxmerge.measure_latency(space, warmup=1, repeat=2, deduplicate=False, check=False)
-    assert len(calls) >= 2 * space.num_entries
+    assert (s.backend, s.device, s.repeat, s.statistic) == ("eager", "cpu", 5, "median")
+    fxmerge.measure_latency(space, warmup=1, repeat=2, deduplicate=False, check=False,
+                            cache=cache)
+    assert len(json.loads(cache.read_text())["timings"]) == len(
+        [e for e in space.entries if (e.k, e.dw) != fxmerge.space.IDENTITY])
 
 
-def test_a_layer_whose_passes_disagree_is_timed_until_two_agree(monkeypatch):
-    """A stall of the machine during one pass (5x) does not decide the entry: the layer is
-    timed again until two of its timings agree within 10%, and their mean is its value."""
+def test_a_stall_of_the_machine_reaches_every_layer_alike(monkeypatch):
+    """The machine runs 5x slower for a stretch of runs: timed side by side, each layer
+    gets a few of the stalled runs among many, and every entry keeps its true value (timed
+    one layer after another, the stall decided whole entries: once 5x between two tables)."""
     space = tiny_space()
-    stalled = latency_mod.entry_layer(space, space.entries[0])
-    seen: dict = {}
+    machine = FakeMachine(lambda call: 5.0 if 30 <= call < 45 else 1.0).install(monkeypatch)
+    table = fxmerge.measure_latency(space, warmup=1, repeat=20, check=False)
+    for e in space.entries:
+        if (e.k, e.dw) != fxmerge.space.IDENTITY:
+            layer = latency_mod.entry_layer(space, e).module(torch.device("cpu"), torch.float32)
+            conv = layer[0] if isinstance(layer, torch.nn.Sequential) else layer
+            assert table[e] == pytest.approx(conv.weight.numel() / 1e3)
+    assert machine.builds == table.settings.num_layers  # one group, built once
+    assert table.settings.retimed == table.settings.unsettled == 0
 
-    def timed(sig, **kw):
-        n = seen[sig] = seen.get(sig, 0) + 1
-        ms = ({1: 1.0, 2: 5.0, 3: 1.04}[n] if sig == stalled else 2.0)
-        return fxmerge.backends.timing.Timing(ms, ms, ms, 3)
 
-    monkeypatch.setattr(latency_mod, "time_layer", timed)
-    table = fxmerge.measure_latency(space, warmup=1, repeat=2, check=False)
-    assert seen[stalled] == 3 and all(n == 2 for sig, n in seen.items() if sig != stalled)
-    assert table[space.entries[0]] == pytest.approx(1.02)
-    assert table.settings.retimed == 1 and table.settings.unsettled == 0
+def test_a_layer_whose_median_is_uncertain_is_timed_again(monkeypatch):
+    space = tiny_space()
+    noisy = {"on": True}
+    machine = FakeMachine(lambda call: random.Random(call).uniform(0.5, 2.0)
+                          if noisy["on"] else 1.0)
+    machine.install(monkeypatch)
+    table = fxmerge.measure_latency(space, warmup=1, repeat=6, check=False)
+    assert table.settings.retimed == table.settings.num_layers  # every one too noisy
+    assert table.settings.unsettled == table.settings.num_layers
+    assert machine.builds == 2 * table.settings.num_layers
+    noisy["on"] = False
+    table = fxmerge.measure_latency(space, warmup=1, repeat=6, check=False)
+    assert table.settings.retimed == table.settings.unsettled == 0
+
+
+def test_groups_of_layers_are_linked_by_anchors_timed_in_each(monkeypatch):
+    """Over `GROUP_BYTES`, layers are built a group at a time, the smallest few (anchors)
+    in every group: the machine running 2x slower from some point on, during a later group,
+    is divided out, and every entry keeps its true value at one speed, the table's typical."""
+    space = tiny_space()
+    machine = FakeMachine(lambda call: 2.0 if call > 80 else 1.0).install(monkeypatch)
+    monkeypatch.setattr(latency_mod, "GROUP_BYTES", 1)  # one layer per group, with anchors
+    table = fxmerge.measure_latency(space, warmup=1, repeat=8, check=False)
+    n, anchors = table.settings.num_layers, latency_mod.ANCHORS
+    assert machine.builds == (n - anchors) * (anchors + 1)
+    speeds = set()
+    for e in space.entries:
+        if (e.k, e.dw) != fxmerge.space.IDENTITY:
+            layer = latency_mod.entry_layer(space, e).module(torch.device("cpu"), torch.float32)
+            conv = layer[0] if isinstance(layer, torch.nn.Sequential) else layer
+            speeds.add(round(table[e] / (conv.weight.numel() / 1e3), 9))
+    assert len(speeds) == 1 and speeds <= {1.0, 2.0}
 
 
 def test_interrupted_measurement_resumes_from_its_cache(monkeypatch, tmp_path):
     space = tiny_space()
     cache = tmp_path / "lat.json"
-    real, calls = latency_mod.time_layer, []
-
-    def flaky(sig, **kw):
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        calls.append(sig)
-        return real(sig, **kw)
-
-    monkeypatch.setattr(latency_mod, "time_layer", flaky)
+    FakeMachine(stop_after=40).install(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        fxmerge.measure_latency(space, warmup=1, repeat=2, cache=cache, check=False)
-    assert len(json.loads(cache.read_text())["timings"]) == 3
-    done = list(calls)
-    calls.clear()
-    monkeypatch.setattr(latency_mod, "time_layer",
-                        lambda sig, **kw: calls.append(sig) or real(sig, **kw))
-    table = fxmerge.measure_latency(space, warmup=1, repeat=2, cache=cache, check=False)
-    first_pass = calls[:table.settings.num_layers - len(done)]
-    assert not set(first_pass) & set(done)  # the first pass resumed where it stopped
-    assert len(set(calls)) == table.settings.num_layers
+        fxmerge.measure_latency(space, warmup=1, repeat=8, cache=cache, check=False)
+    saved = json.loads(cache.read_text())
+    assert 0 < sum(map(len, saved["timings"].values())) < sum(saved["targets"].values())
+    machine = FakeMachine().install(monkeypatch)
+    table = fxmerge.measure_latency(space, warmup=1, repeat=8, cache=cache, check=False)
+    done = json.loads(cache.read_text())
+    timed = sum(map(len, done["timings"].values())) - sum(map(len, saved["timings"].values()))
+    unfinished = table.settings.num_layers - sum(
+        len(r) == saved["targets"][k] for k, r in saved["timings"].items())
+    assert timed == machine.calls - unfinished  # each run timed once in all
+    assert all(done["timings"][k][:len(r)] == r for k, r in saved["timings"].items())
+    assert all(len(r) == done["targets"][k] == 8 for k, r in done["timings"].items())
+    assert len(done["timings"]) == table.settings.num_layers
     # other settings: the cache is not reused
-    calls.clear()
+    machine = FakeMachine().install(monkeypatch)
     fxmerge.measure_latency(space, warmup=1, repeat=3, cache=cache, check=False)
-    assert len(calls) >= 2 * table.settings.num_layers
+    assert machine.calls == (1 + 3) * table.settings.num_layers
 
 
 def test_table_is_refused_for_another_graph():
@@ -165,16 +218,10 @@ def test_a_table_timed_under_load_is_retimed_then_flagged(monkeypatch):
     is timed again, and when it stays wrong the warning and the record say so, and solve
     repeats the warning."""
     gm, space = tiny()
-    calls = []
-
-    def loaded(sig, **kw):
-        calls.append(sig)
-        return fxmerge.backends.timing.Timing(1000.0, 1000.0, 1000.0, 1)
-
-    monkeypatch.setattr(latency_mod, "time_layer", loaded)
+    machine = FakeMachine(lambda call: 1e6).install(monkeypatch)
     with pytest.warns(UserWarning, match=r"table sums to .*x the whole original network"):
         table = fxmerge.measure_latency(space, gm, warmup=1, repeat=2)
-    assert len(calls) == 2 * 2 * table.settings.num_layers  # the table timed twice (2 passes)
+    assert machine.builds == 2 * table.settings.num_layers  # the table timed twice
     assert table.settings.check is Check.FAILED
     again = fxmerge.LatencyTable.from_json(table.to_json())
     imp = fxmerge.ImportanceTable.from_values(space, {e: 1.0 for e in space.entries})
@@ -229,28 +276,29 @@ def test_time_against_reference_prepares_afresh_and_takes_medians(monkeypatch):
 
 
 def test_each_layer_is_timed_to_a_time_budget(monkeypatch):
-    """A slow layer gets a few runs, a fast one all of them: the table's cost follows the
+    """A slow layer gets a few runs, a fast one every round: the table's cost follows the
     convs that matter, not the huge merged kernels no budget would pick."""
-    clock = {"now": 0.0, "calls": 0}
-    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["now"])
+    layers = {name: latency_mod.LayerSpec((1, 2, 4, 4), 2, 1, 1, 0, 1, None)
+              for name in ("slow", "fast")}
+    cost = {"slow": 100.0, "fast": 0.1}  # ms per run
+    names, running = iter(layers), []
 
-    def layer(ms):
-        def run():
-            clock["now"] += ms / 1e3
-            clock["calls"] += 1
-        return run
+    def prepare(module, backend, x):
+        name = next(names)
+        return lambda x: running.append(name)
 
-    slow = timing.time_callable(layer(100.0), torch.device("cpu"), warmup=10, repeat=30,
-                                seconds=0.3)
-    assert slow.n == timing.MIN_TIMED_RUNS and slow.ms == pytest.approx(100.0)
-    assert clock["calls"] <= 1 + 1 + timing.MIN_TIMED_RUNS  # a first run, a warm-up, 3 timed
-    clock["calls"] = 0
-    fast = timing.time_callable(layer(0.1), torch.device("cpu"), warmup=10, repeat=30,
-                                seconds=0.3)
-    assert fast.n == 30 and clock["calls"] == 1 + 9 + 30
-    few = timing.time_callable(layer(0.1), torch.device("cpu"), warmup=0, repeat=2,
-                               seconds=0.3)
-    assert few.n == 2  # never more runs than asked
+    def clock(fn, device):
+        fn()
+        return cost[running[-1]]
+
+    monkeypatch.setattr(latency_mod, "prepare", prepare)
+    monkeypatch.setattr(latency_mod, "clock", clock)
+    samples, targets = {}, {}
+    latency_mod.time_layers(layers, samples, targets, backend="eager",
+                            device=torch.device("cpu"), dtype=torch.float32, warmup=10,
+                            repeat=30, seconds=0.3, desc="", progress=False, save=lambda: None)
+    assert len(samples["slow"]) == latency_mod.MIN_TIMED_RUNS and len(samples["fast"]) == 30
+    assert targets == {"slow": latency_mod.MIN_TIMED_RUNS, "fast": 30}
 
 
 def test_timed_layers_are_built_without_random_initialisation(monkeypatch):
@@ -268,3 +316,16 @@ def test_timed_layers_are_built_without_random_initialisation(monkeypatch):
     assert (conv.dilation, conv.groups, conv.padding) == ((4, 4), 8, (4, 4))
     assert module(torch.randn(1, 8, 12, 12)).shape == (1, 8, 12, 12)
     assert "k3 d4 s1 p4 g8 relu" in sig.label
+
+
+def test_the_speed_of_each_round_is_divided_out():
+    """Round 1 ran every layer 2x slower (the machine): steady runs take it out, and one
+    layer's own slow run (round 2) stays what it was."""
+    samples = {key: [latency_mod.Run(0, r, ms) for r, ms in enumerate(runs)]
+               for key, runs in {"a": [1.0, 2.0, 1.0, 1.0], "b": [3.0, 6.0, 9.0, 3.0],
+                                 "c": [5.0, 10.0, 5.0, 5.0]}.items()}
+    runs = latency_mod.steady(samples)
+    assert runs == {"a": [1.0, 1.0, 1.0, 1.0], "b": [3.0, 3.0, 9.0, 3.0],
+                    "c": [5.0, 5.0, 5.0, 5.0]}
+    assert latency_mod.uncertainty(runs["a"]) == 0.0
+    assert latency_mod.uncertainty([1.0, 2.0]) == float("inf")

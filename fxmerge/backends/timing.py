@@ -49,37 +49,28 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def clock(fn: Callable[[], Any], device: torch.device) -> float:
+    """One run of `fn()`, in milliseconds (CUDA events on a GPU, `perf_counter` on a CPU)."""
+    if device.type == "cuda":
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def _samples(fn: Callable[[], Any], device: torch.device, repeat: int) -> list[float]:
-    out = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return out
+    return [clock(fn, device) for _ in range(repeat)]
 
 
-MIN_TIMED_RUNS = 3
-
-
-def time_callable(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeat: int,
-                  seconds: float | None = None) -> Timing:
-    """`fn()` timed `repeat` times after `warmup` runs; with `seconds`, fewer of both where
-    they would not fit in about that time (a first run, timed, says how long a run takes),
-    but never fewer than `MIN_TIMED_RUNS` timed ones unless `repeat` asks for fewer."""
+def time_callable(fn: Callable[[], Any], device: torch.device, *, warmup: int,
+                  repeat: int) -> Timing:
+    """`fn()` timed `repeat` times after `warmup` runs."""
     with torch.inference_mode():
-        if seconds is not None:
-            first = _samples(fn, device, 1)[0] / 1e3
-            fit = int(seconds / max(first, 1e-9))
-            warmup = min(warmup - 1, fit // 4)
-            repeat = min(repeat, max(fit, MIN_TIMED_RUNS))
         for _ in range(max(warmup, 0)):
             fn()
         _synchronize(device)

@@ -14,10 +14,11 @@ import math
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
-from itertools import pairwise
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import fx, nn
@@ -27,6 +28,7 @@ from ..backends.runtimes import Backend, get_backend, plan_runner, prepare
 from ..backends.timing import (
     Timing,
     check_load,
+    clock,
     machine_description,
     time_callable,
     timing_inputs,
@@ -118,8 +120,8 @@ class LatencySettings(TableSettings):
     torch: str | None = None
     statistic: str = "median"
     spread: float | None = None  # median interquartile range / median over the layers
-    retimed: int | None = None  # layers timed more than twice (their passes disagreed)
-    unsettled: int | None = None  # layers whose timings never agreed within AGREE
+    retimed: int | None = None  # layers timed again (their median was uncertain)
+    unsettled: int | None = None  # layers whose median stayed uncertain (see SETTLE)
     check: Check | None = None  # None: not checked
     check_failure: str | None = None
     network_ms: float | None = None  # the whole original network, timed by the check
@@ -167,13 +169,155 @@ class LatencyTable(EntryTable):
         return total
 
 
-def time_layer(layer: LayerSpec, *, backend: str, device: torch.device,
-                   dtype: torch.dtype, warmup: int, repeat: int, seconds: float) -> Timing:
-    """One layer built, timed to a budget of `seconds` (see `time_callable`), and freed."""
+def _layer_bytes(layer: LayerSpec, dtype: torch.dtype) -> int:
+    """What a built layer holds: its weight, its input and its output."""
+    rank = len(layer.input_shape) - 2
+    batch, channels, *sides = layer.input_shape
+    weight = layer.out_channels * channels // layer.groups * layer.kernel ** rank
+    output = batch * layer.out_channels * math.prod(-(-s // layer.stride) for s in sides)
+    return (weight + math.prod(layer.input_shape) + output) * dtype.itemsize
+
+
+# Layers are timed side by side: every round runs each layer once, in turn, the order
+# reversed every other round, so the machine's drift (a shared VM's speed wanders by tens of
+# percent over seconds) reaches every layer alike instead of deciding the one it hits. A
+# layer slower than its share of `seconds` runs in fewer rounds, spread evenly over them
+# (at least `MIN_TIMED_RUNS`). What drift is left is divided out (`steady`): a round whose
+# layers all ran slower than their medians was a slow round. Layers are built GROUP_BYTES
+# at a time, each group timed in its own rounds; with several groups, the ANCHORS smallest
+# layers are timed in every group, so that `steady` can also divide out
+# the machine's speed in each group's stretch of time. A layer whose median is still
+# uncertain after the rounds (its standard error over SETTLE of it) is timed again for as
+# many rounds, among such layers (`retimed`; `unsettled` if it still is).
+MIN_TIMED_RUNS = 5
+GROUP_BYTES = 1 << 30
+ANCHORS = 5
+SETTLE = 0.03
+
+
+class Run(NamedTuple):
+    """One timed run of a layer: the group it was built in and the round, each numbered
+    across the table, and its milliseconds."""
+
+    group: int
+    round: int
+    ms: float
+
+
+def _factors(values: dict[str, list[float]], typical: dict[str, list[float]],
+             samples: dict[str, list[Run]], by: str) -> dict[int, float]:
+    """Per group or round (`by`): the median, over the layers run in it, of the median of
+    their `values` there over the median of their `typical` runs; 1 where fewer than 3
+    layers ran."""
+    median = {key: statistics.median(ms) for key, ms in typical.items()}
+    there: dict[int, dict[str, list[float]]] = {}
+    for key, s in samples.items():
+        for run, ms in zip(s, values[key]):
+            there.setdefault(getattr(run, by), {}).setdefault(key, []).append(ms)
+    return {at: statistics.median(statistics.median(ms) / median[key] for key, ms in t.items())
+            if len(t) >= 3 else 1.0 for at, t in there.items()}
+
+
+def steady(samples: dict[str, list[Run]], passes: int = 3) -> dict[str, list[float]]:
+    """Each layer's runs with the machine's speed divided out: first each group's (from the
+    layers timed in several groups), then each round's (a factor is the median, over the
+    layers run there, of their runs there over their medians, in `passes` refinements).
+    Milliseconds at the table's typical speed."""
+    raw = {key: [run.ms for run in s] for key, s in samples.items()}
+    linked = {key: s for key, s in samples.items() if len({run.group for run in s}) > 1}
+    if linked:
+        linked_raw = {key: raw[key] for key in linked}
+        group = _factors(linked_raw, linked_raw, linked, "group")
+        raw = {key: [run.ms / group.get(run.group, 1.0) for run in s]
+               for key, s in samples.items()}
+    runs = raw
+    for _ in range(passes):
+        factor = _factors(raw, runs, samples, "round")
+        runs = {key: [ms / factor[run.round] for run, ms in zip(s, raw[key])]
+                for key, s in samples.items()}
+    return runs
+
+
+def uncertainty(samples: list[float]) -> float:
+    """The standard error of the samples' median relative to it (normal approximation:
+    1.25 sigma / sqrt(n), sigma from the interquartile range); inf below 3 samples."""
+    if len(samples) < 3:
+        return math.inf
+    timing = Timing.of(samples)
+    return 1.2533 * timing.spread / 1.349 / math.sqrt(len(samples))
+
+
+def _groups(layers: dict[str, LayerSpec], dtype: torch.dtype) -> list[list[str]]:
+    """The layers in groups of at most GROUP_BYTES (a larger layer alone), each holding the
+    ANCHORS smallest where there are several."""
+    size = {key: _layer_bytes(layer, dtype) for key, layer in layers.items()}
+    anchors: list[str] = []
+    while True:
+        groups: list[list[str]] = [[]]
+        total = sum(size[key] for key in anchors)
+        for key in layers:
+            if key in anchors:
+                continue
+            if groups[-1] and total + size[key] > GROUP_BYTES:
+                groups.append([])
+                total = sum(size[key] for key in anchors)
+            groups[-1].append(key)
+            total += size[key]
+        if len(groups) == 1 or anchors:
+            return [anchors + g for g in groups]
+        anchors = sorted(layers, key=size.__getitem__)[:ANCHORS]
+
+
+def time_layers(layers: dict[str, LayerSpec], samples: dict[str, list[Run]],
+                targets: dict[str, int], *, backend: Backend, device: torch.device,
+                dtype: torch.dtype, warmup: int, repeat: int, seconds: float,
+                desc: str, progress: bool | None, save: Callable[[], None]) -> None:
+    """Time the layers side by side in `repeat` rounds per group (see above), appending
+    each run to `samples[key]` (groups and rounds numbered on from those there). A layer
+    runs until it has `targets[key]` runs; one without a target (or that has reached it)
+    gets as many more as fit in `seconds`, its target set so. `save()` is called after
+    every round (the cache)."""
+    groups = _groups(layers, dtype)
+    done = [run for s in samples.values() for run in s]
+    group = 1 + max((run.group for run in done), default=-1)
+    round_ = 1 + max((run.round for run in done), default=-1)
+    rounds = [(g, r) for g in range(len(groups)) for r in range(repeat)]
+    runs: dict[str, int] = {}  # how many of the `repeat` rounds each layer runs in
+    built: dict[str, Callable] = {}
+    with torch.inference_mode():
+        for n, (g, r) in enumerate(iterate(rounds, desc, "round", progress)):
+            if r == 0:
+                built.clear()  # the last group's layers are freed before the next is built
+                built.update({key: _build(layers[key], key, samples, targets, runs,
+                                          backend, device, dtype, warmup, repeat, seconds)
+                              for key in groups[g]})
+            for key in groups[g] if r % 2 == 0 else groups[g][::-1]:
+                if (r * runs[key]) // repeat != ((r + 1) * runs[key]) // repeat:
+                    samples[key].append(Run(group + g, round_ + n, clock(built[key], device)))
+            save()
+    built.clear()
+
+
+def _build(layer: LayerSpec, key: str, samples: dict[str, list[Run]],
+           targets: dict[str, int], runs: dict[str, int], backend: Backend,
+           device: torch.device, dtype: torch.dtype, warmup: int, repeat: int,
+           seconds: float) -> Callable:
+    """The layer built and run once; on its first build in this timing, warmed up and given
+    its number of runs (`runs`, and its target)."""
     module = layer.module(device, dtype).eval()
     x = torch.randn(layer.input_shape, device=device, dtype=dtype)
     fn = prepare(module, backend, x)
-    return time_callable(lambda: fn(x), device, warmup=warmup, repeat=repeat, seconds=seconds)
+    fn(x)  # the first call sets the layer up (kernels chosen, compiled)
+    if key not in runs:
+        first = clock(lambda: fn(x), device) / 1e3
+        fit = int(seconds / max(first, 1e-9))
+        for _ in range(min(warmup, fit // 4)):
+            fn(x)
+        have = len(samples.setdefault(key, []))
+        if targets.get(key, 0) <= have:
+            targets[key] = have + min(repeat, max(fit, MIN_TIMED_RUNS))
+        runs[key] = min(repeat, targets[key] - have)
+    return lambda: fn(x)
 
 
 # A whole network costs its searched convs (the table's sum) plus what the search leaves
@@ -181,24 +325,6 @@ def time_layer(layer: LayerSpec, *, backend: str, device: torch.device,
 # table whose sum is outside these bounds, as a fraction of the whole network timed on the
 # same backend, was timed under other conditions than the network (a loaded machine).
 PLAUSIBLE_TABLE_SHARE = (0.2, 3.0)
-# Each layer is timed in two passes over the table (the second in reverse order, on half the
-# time budget); a layer whose two timings differ by more than AGREE is timed again, in later
-# passes, until two of its timings agree (their mean is its value) or MAX_PASSES have run
-# (the median, counted as `unsettled`). One pass alone let a transient stall of the machine
-# decide an entry (once 5x off between two tables built back to back).
-AGREE = 0.10
-MAX_PASSES = 4
-
-
-def _settled(samples: list[float]) -> float | None:
-    """A layer's latency once two of its timings agree within `AGREE`: the mean of the
-    closest two; None before."""
-    ordered = sorted(samples)
-    gaps = [(b / a - 1, (a + b) / 2) for a, b in pairwise(ordered) if a > 0]
-    gap, mean = min(gaps, default=(math.inf, None))
-    return mean if gap <= AGREE else None
-
-
 def measure_latency(
     space: MergeSpace,
     gm: fx.GraphModule | None = None,
@@ -208,8 +334,8 @@ def measure_latency(
     batch_size: int | None = None,
     dtype: torch.dtype = torch.float32,
     warmup: int = 10,
-    repeat: int = 30,
-    seconds: float = 0.3,
+    repeat: int = 40,
+    seconds: float = 0.4,
     threads: int | None = None,
     cache: str | Path | None = None,
     deduplicate: bool = True,
@@ -220,12 +346,12 @@ def measure_latency(
 
     Each timing is the median of up to `repeat` runs after up to `warmup` runs, as many as
     fit in about `seconds` per layer (at least 3 timed runs; their spread is recorded), so
-    fast layers get many runs and slow ones, which no budget would pick, few. Every layer
-    is timed in two passes over the table and again where they disagree (`AGREE`,
-    `MAX_PASSES`), so no single stall of the machine decides an entry. Distinct conv
-    layers are timed once (`deduplicate=False` times every entry, to measure what that
-    saves). With `cache`, each timing is written to that JSON file as soon as it is known,
-    and a rerun with the same settings resumes where it stopped. With `check` (by default,
+    fast layers get many runs and slow ones, which no budget would pick, few. The layers
+    are timed side by side, one run each per round, so that the machine's drift reaches
+    them all alike, and those whose median is still uncertain are timed again (`SETTLE`).
+    Distinct conv layers are timed once (`deduplicate=False` times every entry, to measure
+    what that saves). With `cache`, the runs are written to that JSON file as they are
+    timed, and a rerun with the same settings resumes where it stopped. With `check` (by default,
     when `gm`, the graph `space` was analysed from, is given), the original
     network (BatchNorm folded) is timed whole on the same backend; a table whose sum is not a
     plausible share of it (`PLAUSIBLE_TABLE_SHARE`) is timed again, and if it still is not,
@@ -250,34 +376,32 @@ def measure_latency(
             torch=torch.__version__)
         layers = {e: entry_layer(space, e, batch_size) for e in space.entries
                   if (e.k, e.dw) != IDENTITY}
-        jobs = list(dict.fromkeys(layers.values())) if deduplicate else list(layers)
-        timings = _load_cache(cache, settings)
+        jobs = {_job_key(job, layers): layers[job] if isinstance(job, Entry) else job
+                for job in (dict.fromkeys(layers.values()) if deduplicate else layers)}
+        samples, targets = _load_cache(cache, settings)
         started = time.perf_counter()
+        timing = {"backend": backend, "device": device, "dtype": dtype, "warmup": warmup,
+                  "repeat": repeat, "seconds": seconds, "progress": progress,
+                  "save": lambda: _save_cache(cache, settings, samples, targets)}
         for attempt in (1, 2):
-            spreads: list[float] = []
-            for n in range(MAX_PASSES):  # each pass times what has not settled yet
-                todo = [job for job in jobs if len(timings.get(_job_key(job, layers), ())) <= n
-                        and (n < 2 or _settled(timings[_job_key(job, layers)]) is None)]
-                if not todo:
-                    break
-                name = "latency table" if n == 0 else f"latency table, pass {n + 1}"
-                for job in iterate(todo[::-1] if n % 2 else todo, name, "layer", progress):
-                    layer = layers[job] if isinstance(job, Entry) else job
-                    timing = time_layer(layer, backend=backend, device=device, dtype=dtype,
-                                        warmup=warmup, repeat=repeat,
-                                        seconds=seconds if n == 0 else seconds / 2)
-                    timings.setdefault(_job_key(job, layers), []).append(timing.ms)
-                    spreads.append(timing.spread)
-                    _save_cache(cache, settings, timings)
-            settled = {key: _settled(t) for key, t in timings.items()}
-            ms = {key: settled[key] or statistics.median(t) for key, t in timings.items()}
+            todo = {key: layer for key, layer in jobs.items()
+                    if len(samples.get(key, ())) < targets.get(key, 1)}
+            time_layers(todo, samples, targets, desc="latency table", **timing)
+            runs = steady(samples)
+            uncertain = {key: layer for key, layer in jobs.items()  # (few runs asked: none)
+                         if repeat >= MIN_TIMED_RUNS and uncertainty(runs[key]) > SETTLE}
+            if uncertain:
+                time_layers(uncertain, samples, targets, desc="latency table, again", **timing)
+                runs = steady(samples)
+            ms = {key: statistics.median(t) for key, t in runs.items()}
             values = {e: 0.0 for e in space.entries if e not in layers}  # removing a conv
             values.update({e: ms[_job_key(layer if deduplicate else e, layers)]
                            for e, layer in layers.items()})
-            settings = replace(settings, retimed=sum(len(t) > 2 for t in timings.values()),
-                               unsettled=sum(s is None for s in settled.values()))
-            if spreads:
-                settings = replace(settings, spread=round(statistics.median(spreads), 4))
+            settings = replace(
+                settings, retimed=len(uncertain),
+                unsettled=sum(uncertainty(runs[key]) > SETTLE for key in jobs),
+                spread=round(statistics.median(Timing.of(runs[key]).spread for key in jobs),
+                             4) if jobs else None)
             table = LatencyTable(values, space.signature, settings, space.input_shapes)
             if not check:
                 break
@@ -285,7 +409,7 @@ def measure_latency(
             if verdict is None or attempt == 2:
                 break
             log.warning("%s; timing the table again", verdict)
-            timings = {}
+            samples, targets = {}, {}
         if check and verdict is not None:
             table.settings = replace(table.settings, check=Check.FAILED, check_failure=verdict)
             warnings.warn(f"latency table: {verdict}; the machine was probably busy: time it "
@@ -322,24 +446,26 @@ def _job_key(job: LayerSpec | Entry, layers: dict) -> str:
 
 
 def _load_cache(cache: str | Path | None, settings: LatencySettings
-                ) -> dict[str, list[float]]:
-    """Each layer's timings so far (one per pass) from `cache`, if it has these settings."""
+                ) -> tuple[dict[str, list[Run]], dict[str, int]]:
+    """Each layer's timed runs so far and how many it is to get, from `cache`, if it has
+    these settings."""
     if cache is None or not Path(cache).is_file():
-        return {}
+        return {}, {}
     data = json.loads(Path(cache).read_text())
-    if data.get("settings") != settings.timing_conditions():
+    if data.get("settings") != settings.timing_conditions() or "targets" not in data:
         log.warning("latency cache %s has other settings; ignoring it", cache)
-        return {}
-    return {k: v if isinstance(v, list) else [v] for k, v in data["timings"].items()}
+        return {}, {}
+    return ({key: [Run(*run) for run in s] for key, s in data["timings"].items()},
+            data["targets"])
 
 
-def _save_cache(cache: str | Path | None, settings: LatencySettings, timings: dict) -> None:
+def _save_cache(cache: str | Path | None, settings: LatencySettings,
+                samples: dict[str, list[Run]], targets: dict[str, int]) -> None:
     if cache is None:
         return
     path = Path(cache)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"settings": settings.timing_conditions(), "timings": timings},
-                              indent=1))
+    tmp.write_text(json.dumps({"settings": settings.timing_conditions(), "timings": samples,
+                               "targets": targets}))
     tmp.replace(path)
-
