@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers import relative_error
 from torch import nn
+from torch.nn.utils import parametrize
 
 import fxmerge
 from fxmerge.capture.families import NodeKind, kind_of
@@ -58,6 +59,26 @@ def test_a_weight_computed_from_parameters_is_folded_into_a_plain_conv():
             assert relative_error(pruned(X), fxmerge.merge(pruned)(X)) <= 1e-5
 
 
+def test_a_standardised_conv_stays_trainable_where_the_plan_keeps_it():
+    """The weight keeps its computation, as a parametrization of the conv capture makes:
+    where a plan keeps the conv, the pruned network trains the raw weight and the gain, as
+    the model did, and the merged network folds them. The model's own parameters are not
+    the pruned network's."""
+    model = Standardised().eval()
+    gm = fxmerge.trace(model, X)
+    space = fxmerge.analyze(gm)
+    pruned = fxmerge.prune(gm, fxmerge.Plan.identity(space), space).train()
+    conv = next(m for m in pruned.modules() if parametrize.is_parametrized(m, "weight"))
+    trained = dict(conv.parametrizations.weight.named_parameters())
+    assert set(trained) == {"original", "0.g"}  # the raw weight and the gain
+    pruned(X).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.values())
+    assert not any(p is q for p in pruned.parameters() for q in model.parameters())
+    with torch.no_grad():
+        assert relative_error(model(X), pruned.eval()(X)) <= 1e-6
+        assert relative_error(pruned(X), fxmerge.merge(pruned)(X)) <= 1e-6
+
+
 def test_a_weight_computed_from_the_input_stays_a_barrier():
     gm = fxmerge.trace(InputDependent().eval(), X)
     space = fxmerge.analyze(gm)
@@ -92,3 +113,9 @@ def test_timm_nf_resnet_standardised_convs_are_searched_and_merge_exactly():
             gm, fxmerge.Plan.identity(space), space)(x)) <= 1e-5
         pruned = fxmerge.prune(gm, fxmerge.Plan.random(space, 0), space).eval()
         assert relative_error(pruned(x), fxmerge.merge(pruned)(x)) <= 1e-5
+    kept = fxmerge.prune(gm, fxmerge.Plan.identity(space), space)  # convs kept alone
+    standardised = [m for m in kept.modules() if parametrize.is_parametrized(m, "weight")]
+    assert len(standardised) == sum("StdConv" in type(m).__name__ for m in model.modules())
+    gains = [p for m in standardised for n, p in m.named_parameters() if n.endswith("gain")]
+    kept.train()(x).sum().backward()
+    assert len(gains) >= space.L and all(g.grad is not None for g in gains)

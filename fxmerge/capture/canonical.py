@@ -121,6 +121,39 @@ class Canonicaliser:
             raise ValueError(f"{node} is not a tensor")  # noqa: TRY004 (callers catch ValueError)
         return value.detach()
 
+    def weight_parametrization(self, arg: Any) -> tuple[nn.Parameter, fx.GraphModule] | None:
+        """`(raw, fn)` for a weight computed from module attributes alone, one of them the
+        raw weight (the one parameter of the result's shape): `fn(raw)` computes the weight,
+        holding the other attributes it reads (a gain, a scale) as its own. A conv given it
+        as a parametrization trains what the model trained. None for any other weight."""
+        if not isinstance(arg, fx.Node) or arg.op not in ("call_function", "call_method"):
+            return None
+        nodes = [n for n in self.gm.graph.nodes if n is arg or n in ops.ancestors(arg)]
+        if any(n.op not in ("get_attr", "call_function", "call_method") for n in nodes):
+            return None
+        leaves = {n: self.constant(n) for n in nodes if n.op == "get_attr"}
+        shape = self.computed(arg).shape
+        raws = [n for n, v in leaves.items() if isinstance(v, nn.Parameter) and v.shape == shape]
+        if len(raws) != 1 or not all(isinstance(v, torch.Tensor) for v in leaves.values()):
+            return None
+        root, graph = nn.Module(), fx.Graph()
+        env = {raws[0]: graph.placeholder("weight")}
+        for n in nodes:
+            if n in env:
+                continue
+            if n.op == "get_attr":
+                name = n.target.rpartition(".")[2]  # `gain`, or the whole path if taken
+                name = n.target.replace(".", "_") if hasattr(root, name) else name
+                if isinstance(leaves[n], nn.Parameter):
+                    root.register_parameter(name, leaves[n])
+                else:
+                    root.register_buffer(name, leaves[n])
+                env[n] = graph.get_attr(name)
+            else:
+                env[n] = graph.node_copy(n, env.__getitem__)
+        graph.output(env[arg])
+        return leaves[raws[0]], fx.GraphModule(root, graph)
+
     def erase_unused(self, arg: Any) -> None:
         """Erase `arg` and what it was computed from, where nothing else reads them (a
         weight's computation, once the weight is folded into a module)."""
@@ -167,7 +200,8 @@ class Canonicaliser:
             try:
                 holder = self.gm.get_submodule(name)
                 for child_name, child in holder.named_children():
-                    module.add_module(child_name, child)
+                    if not hasattr(module, child_name):  # (its own parametrizations win)
+                        module.add_module(child_name, child)
             except AttributeError:
                 pass
             self.gm.add_submodule(name, module)

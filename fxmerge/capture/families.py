@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from .. import algebra
 from . import ops
@@ -183,6 +184,14 @@ def _canonical_conv(cz: Canonicaliser, node: fx.Node) -> bool:
         conv.weight = cz.parameter(weight)
         if bias is not None:
             conv.bias = cz.parameter(bias)
+        computed = cz.weight_parametrization(w)
+        if computed is not None:  # the weight keeps its computation, a parametrization
+            raw, fn = computed
+            with torch.no_grad():
+                same = torch.equal(fn(raw), weight)
+            if same:
+                conv.weight = raw
+                parametrize.register_parametrization(conv, "weight", fn, unsafe=True)
     cz.install(node, conv, name, x)
     for arg in (w, b):  # a weight computed from parameters is folded: its computation goes
         cz.erase_unused(arg)

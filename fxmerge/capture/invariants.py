@@ -8,8 +8,11 @@ A canonical GraphModule, as `fxmerge.trace` makes it (and `prune` keeps it):
    conv call at least: that is what is checked);
 3. weights and BatchNorm statistics are module parameters and buffers, and forward inputs
    stay placeholders: a conv of constant weights is an `nn.Conv1d/2d/3d` call, never a functional
-   one; a weight computed from parameters alone (standardised, normalised) is folded into
-   that conv at capture (a conv whose weight depends on a forward input is a barrier);
+   one; a weight computed from parameters alone (standardised, normalised) is that conv's
+   weight: where the computation reads the module's attributes (symbolic_trace) it stays, as
+   a parametrization of the conv from the raw weight, so fine-tuning trains what the model
+   trained; otherwise it is folded (a conv whose weight depends on a forward input is a
+   barrier);
 4. its ops are in their families' canonical forms (`families`): `nn.Conv1d/2d/3d`, foldable
    `nn.BatchNorm1d/2d/3d`, activation modules (never their functional forms), `operator.add` of
    equal shapes, `F.pad`; identities (`nn.Identity`, dropout and drop path in eval mode,
