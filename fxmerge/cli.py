@@ -455,8 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="deployment batch (default: the input shape's)")
     p.add_argument("--warmup", type=int, default=table["warmup"],
                    help=f"untimed runs per layer, at most (default {table['warmup']})")
-    p.add_argument("--repeat", type=int, default=table["repeat"], help="timed runs per layer, "
-                   f"at most; the median is kept (default {table['repeat']})")
+    p.add_argument("--repeat", type=int, default=table["repeat"], help="rounds: every layer "
+                   "is timed once per round, side by side (a slow one in fewer, an uncertain "
+                   f"one again); the median is kept (default {table['repeat']})")
     p.add_argument("--seconds", type=float, default=table["seconds"], help="time each layer "
                    f"for about this long (fewer runs for slow layers; default "
                    f"{table['seconds']})")
