@@ -51,6 +51,17 @@ def test_timm_models_by_name_with_keywords(capsys):
     assert model.fc.out_features == 10
 
 
+def test_model_keywords_read_python_words_as_python_does():
+    """`weights=None` is None (it was the string 'None', which no builder takes), `True`
+    and `False` are booleans, JSON's `null`/`true` too; other bare words stay strings."""
+    model = fxmerge.models.load_model(
+        "torchvision:resnet18:weights=None,num_classes=10,zero_init_residual=True")
+    assert model.fc.out_features == 10
+    assert all(b.bn2.weight.abs().sum() == 0 for b in model.layer1)  # zero_init_residual
+    same = fxmerge.models.load_model("torchvision:resnet18:weights=null,num_classes=10")
+    assert same.fc.out_features == 10
+
+
 def test_random_weights_download_nothing(monkeypatch):
     """A segmentation builder's backbone would fetch ImageNet weights by default."""
     import torch.hub

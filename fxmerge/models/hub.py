@@ -26,12 +26,18 @@ def _refuse(spec: str, why: str) -> ModelSpecError:
     return ModelSpecError(f"model {spec!r}: {why} (accepted forms: {', '.join(SPEC_FORMS)})")
 
 
+PYTHON_WORDS = {"None": None, "True": True, "False": False}  # beside JSON's null, true, false
+
+
 def _keywords(spec: str, text: str) -> dict[str, Any]:
     kwargs = {}
     for item in filter(None, text.split(",")):
         key, eq, value = item.partition("=")
         if not eq or not key.isidentifier():
             raise _refuse(spec, f"keyword {item!r} is not key=value")
+        if value in PYTHON_WORDS:  # weights_backbone=None, as in Python
+            kwargs[key] = PYTHON_WORDS[value]
+            continue
         try:
             kwargs[key] = json.loads(value)
         except ValueError:
