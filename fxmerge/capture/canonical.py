@@ -121,19 +121,21 @@ class Canonicaliser:
             raise ValueError(f"{node} is not a tensor")  # noqa: TRY004 (callers catch ValueError)
         return value.detach()
 
-    def weight_parametrization(self, arg: Any) -> tuple[nn.Parameter, fx.GraphModule] | None:
+    def weight_parametrization(self, arg: Any, value: torch.Tensor
+                               ) -> tuple[nn.Parameter, fx.GraphModule] | None:
         """`(raw, fn)` for a weight computed from module attributes alone, one of them the
-        raw weight (the one parameter of the result's shape): `fn(raw)` computes the weight,
-        holding the other attributes it reads (a gain, a scale) as its own. A conv given it
-        as a parametrization trains what the model trained. None for any other weight."""
+        raw weight (the one parameter of `value`'s shape), where `fn(raw)` computes `value`
+        (the weight, as `constant` gave it) exactly, holding the other attributes it reads
+        (a gain, a scale) as its own. A conv given it as a parametrization trains what the
+        model trained. None for any other weight."""
         if not isinstance(arg, fx.Node) or arg.op not in ("call_function", "call_method"):
             return None
         nodes = [n for n in self.gm.graph.nodes if n is arg or n in ops.ancestors(arg)]
         if any(n.op not in ("get_attr", "call_function", "call_method") for n in nodes):
             return None
         leaves = {n: self.constant(n) for n in nodes if n.op == "get_attr"}
-        shape = self.computed(arg).shape
-        raws = [n for n, v in leaves.items() if isinstance(v, nn.Parameter) and v.shape == shape]
+        raws = [n for n, v in leaves.items()
+                if isinstance(v, nn.Parameter) and v.shape == value.shape]
         if len(raws) != 1 or not all(isinstance(v, torch.Tensor) for v in leaves.values()):
             return None
         root, graph = nn.Module(), fx.Graph()
@@ -152,7 +154,9 @@ class Canonicaliser:
             else:
                 env[n] = graph.node_copy(n, env.__getitem__)
         graph.output(env[arg])
-        return leaves[raws[0]], fx.GraphModule(root, graph)
+        raw, fn = leaves[raws[0]], fx.GraphModule(root, graph)
+        with torch.no_grad():
+            return (raw, fn) if torch.equal(fn(raw), value) else None
 
     def erase_unused(self, arg: Any) -> None:
         """Erase `arg` and what it was computed from, where nothing else reads them (a

@@ -184,16 +184,12 @@ def _canonical_conv(cz: Canonicaliser, node: fx.Node) -> bool:
         conv.weight = cz.parameter(weight)
         if bias is not None:
             conv.bias = cz.parameter(bias)
-        computed = cz.weight_parametrization(w)
+        computed = cz.weight_parametrization(w, weight)
         if computed is not None:  # the weight keeps its computation, a parametrization
-            raw, fn = computed
-            with torch.no_grad():
-                same = torch.equal(fn(raw), weight)
-            if same:
-                conv.weight = raw
-                parametrize.register_parametrization(conv, "weight", fn, unsafe=True)
+            conv.weight = computed[0]
+            parametrize.register_parametrization(conv, "weight", computed[1], unsafe=True)
     cz.install(node, conv, name, x)
-    for arg in (w, b):  # a weight computed from parameters is folded: its computation goes
+    for arg in (w, b):  # a computed weight's nodes go (folded, or kept in the conv)
         cz.erase_unused(arg)
     return True
 

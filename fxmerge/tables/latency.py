@@ -61,13 +61,15 @@ class LayerSpec:
     def label(self) -> str:
         """The layer in one line (what the timing cache is keyed by)."""
         dilation = f" d{self.dilation}" if self.dilation != 1 else ""
-        return (f"{'x'.join(map(str, self.input_shape))}->{self.out_channels} k{self.kernel}{dilation} "
-                f"s{self.stride} p{self.padding} g{self.groups} {self.activation or 'none'}")
+        return (f"{'x'.join(map(str, self.input_shape))}->{self.out_channels} "
+                f"k{self.kernel}{dilation} s{self.stride} p{self.padding} g{self.groups} "
+                f"{self.activation or 'none'}")
 
     def module(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
         """The layer (a conv of the input's spatial rank), its weights a constant: timed
         weights need no random initialisation."""
-        conv = CONV_MODULES[len(self.input_shape) - 2](self.input_shape[1], self.out_channels, self.kernel, self.stride,
+        conv_type = CONV_MODULES[len(self.input_shape) - 2]
+        conv = conv_type(self.input_shape[1], self.out_channels, self.kernel, self.stride,
                          self.padding, self.dilation, self.groups, device="meta", dtype=dtype)
         conv = conv.to_empty(device=device)
         with torch.no_grad():
@@ -247,25 +249,30 @@ def uncertainty(samples: list[float]) -> float:
     return 1.2533 * timing.spread / 1.349 / math.sqrt(len(samples))
 
 
+def _pack(keys: list[str], size: dict[str, int], held: int) -> list[list[str]]:
+    """`keys` in order, in groups of at most GROUP_BYTES with `held` bytes already in each
+    (a larger layer alone)."""
+    groups: list[list[str]] = [[]]
+    total = held
+    for key in keys:
+        if groups[-1] and total + size[key] > GROUP_BYTES:
+            groups.append([])
+            total = held
+        groups[-1].append(key)
+        total += size[key]
+    return groups
+
+
 def _groups(layers: dict[str, LayerSpec], dtype: torch.dtype) -> list[list[str]]:
-    """The layers in groups of at most GROUP_BYTES (a larger layer alone), each holding the
-    ANCHORS smallest where there are several."""
+    """The layers in groups of at most GROUP_BYTES, each holding the ANCHORS smallest
+    where there are several."""
     size = {key: _layer_bytes(layer, dtype) for key, layer in layers.items()}
-    anchors: list[str] = []
-    while True:
-        groups: list[list[str]] = [[]]
-        total = sum(size[key] for key in anchors)
-        for key in layers:
-            if key in anchors:
-                continue
-            if groups[-1] and total + size[key] > GROUP_BYTES:
-                groups.append([])
-                total = sum(size[key] for key in anchors)
-            groups[-1].append(key)
-            total += size[key]
-        if len(groups) == 1 or anchors:
-            return [anchors + g for g in groups]
-        anchors = sorted(layers, key=size.__getitem__)[:ANCHORS]
+    groups = _pack(list(layers), size, 0)
+    if len(groups) == 1:
+        return groups
+    anchors = sorted(layers, key=size.__getitem__)[:ANCHORS]
+    rest = [key for key in layers if key not in anchors]
+    return [anchors + g for g in _pack(rest, size, sum(size[key] for key in anchors))]
 
 
 def time_layers(layers: dict[str, LayerSpec], samples: dict[str, list[Run]],
@@ -345,7 +352,7 @@ def measure_latency(
     """Time every entry of `space` as its single merged layer; identity costs nothing.
 
     Each timing is the median of up to `repeat` runs after up to `warmup` runs, as many as
-    fit in about `seconds` per layer (at least 3 timed runs; their spread is recorded), so
+    fit in about `seconds` per layer (at least `MIN_TIMED_RUNS`; their spread is recorded), so
     fast layers get many runs and slow ones, which no budget would pick, few. The layers
     are timed side by side, one run each per round, so that the machine's drift reaches
     them all alike, and those whose median is still uncertain are timed again (`SETTLE`).
