@@ -1,9 +1,10 @@
 """Pure tensor maths for exact merging: affine convolutions, composed, folded and summed.
 
 An `AffineConv` is `y = convNd(x, weight, bias, stride, padding, dilation, groups) + sum_k
-A_k c_k` over 1, 2 or 3 spatial dimensions (the weight's rank says which; every side has the
-same kernel, stride, padding and dilation), kept in the native form of a convolution: grouped weights stay grouped and dilated
-kernels stay dilated, so a conv the plan leaves alone is never expanded, and a composition
+A_k c_k` over 1, 2 or 3 spatial dimensions (the weight's rank says which; kernel, stride,
+padding and dilation are per axis: R(2+1)D's `1x3x3` then `3x1x1` compose into a `3x3x3`),
+kept in the native form of a convolution: grouped weights stay grouped and dilated kernels
+stay dilated, so a conv the plan leaves alone is never expanded, and a composition
 is only as large as the maths requires (docs/method.md §4). The padding may be negative while
 a chain is being built (a crop). Conditioning terms are vectors `c_k` (a time embedding, one
 per sample) added over the whole map somewhere in the chain, carried through later convs as
@@ -25,18 +26,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MergeError
+from .sides import Sides, compact, label, per_axis
 
 
 @dataclass(frozen=True)
 class AffineConv:
-    weight: torch.Tensor  # (out, in / groups, k, ..., k): the taps, `dilation` apart
+    weight: torch.Tensor  # (out, in / groups, *kernel): the taps, `dilation` apart
     bias: torch.Tensor  # (out,)
-    stride: int = 1
-    padding: int = 0
+    stride: Sides = 1  # each of these three is one per axis once built (an int: every axis)
+    padding: Sides = 0
     groups: int = 1
-    dilation: int = 1
+    dilation: Sides = 1
     is_identity: bool = False  # exactly the identity (1x1, stride 1, no bias), maybe padded
     conditions: tuple[tuple[object, torch.Tensor], ...] = ()  # (key of c_k, A_k (out, dim))
+
+    def __post_init__(self) -> None:
+        for name in ("stride", "padding", "dilation"):
+            object.__setattr__(self, name, per_axis(getattr(self, name), self.rank))
 
     @property
     def rank(self) -> int:
@@ -44,14 +50,14 @@ class AffineConv:
         return self.weight.dim() - 2
 
     @property
-    def kernel(self) -> int:
-        """Taps per side (the native kernel size)."""
-        return self.weight.shape[-1]
+    def kernel(self) -> tuple[int, ...]:
+        """Taps per axis (the native kernel size)."""
+        return tuple(self.weight.shape[2:])
 
     @property
-    def extent(self) -> int:
-        """Pixels per side the kernel spans: `(kernel - 1) * dilation + 1`."""
-        return (self.kernel - 1) * self.dilation + 1
+    def extent(self) -> tuple[int, ...]:
+        """Pixels per axis the kernel spans: `(kernel - 1) * dilation + 1`."""
+        return tuple((k - 1) * d + 1 for k, d in zip(self.kernel, self.dilation))
 
     @property
     def in_channels(self) -> int:
@@ -62,12 +68,13 @@ class AffineConv:
         return self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply it (negative padding crops the input first)."""
-        if self.padding < 0:
-            c = -self.padding
-            x = x[(..., *(slice(c, n - c) for n in x.shape[-self.rank:]))]
+        """Apply it (a negative padding crops the input first)."""
+        crop = [max(-p, 0) for p in self.padding]
+        if any(crop):
+            x = x[(..., *(slice(c, n - c) for c, n in zip(crop, x.shape[-self.rank:])))]
         return CONV_FUNCTIONS[self.rank](x, self.weight, self.bias, self.stride,
-                                         max(self.padding, 0), self.dilation, self.groups)
+                                         [max(p, 0) for p in self.padding], self.dilation,
+                                         self.groups)
 
 
 CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}  # by spatial rank
@@ -77,6 +84,11 @@ CONV_MODULES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Co
 def _format_bytes(n: int) -> str:
     """`n` bytes for a person: MiB from 1 MiB up, else bytes."""
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def _label(values: Sequence[int]) -> str:
+    """Per-axis values for a message: `2`, or `1x2x2` where they differ."""
+    return label(compact(values))
 
 
 def _check_size(shape: tuple[int, ...], itemsize: int, max_bytes: int | None,
@@ -102,25 +114,26 @@ def _regroup(weight: torch.Tensor, groups: int, to: int) -> torch.Tensor:
     return dense.reshape(out_ch, n * in_per_group, *kernel)
 
 
-def _spread(weight: torch.Tensor, factor: int) -> torch.Tensor:
-    """Taps `factor` apart: zeros between them (a dilation written out). A 1x1 kernel has
-    no taps to spread, whatever `factor` is."""
-    if factor == 1 or weight.shape[-1] == 1:
+def _spread(weight: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
+    """Taps `factors` apart, one factor per axis: zeros between them (a dilation written
+    out). An axis of one tap has none to spread."""
+    factors = [f if k > 1 else 1 for f, k in zip(factors, weight.shape[2:])]
+    if all(f == 1 for f in factors):
         return weight
-    rank, k = weight.dim() - 2, weight.shape[-1]
-    out = weight.new_zeros(*weight.shape[:2], *[(k - 1) * factor + 1] * rank)
-    out[(..., *[slice(None, None, factor)] * rank)] = weight
+    out = weight.new_zeros(*weight.shape[:2],
+                           *[(k - 1) * f + 1 for k, f in zip(weight.shape[2:], factors)])
+    out[(..., *[slice(None, None, f) for f in factors])] = weight
     return out
 
 
-def _at(offset: Sequence[int], size: int) -> tuple:
-    """The index of a `size`-wide cube at `offset` in a kernel's last dimensions."""
-    return (..., *(slice(o, o + size) for o in offset))
+def _at(offset: Sequence[int], size: Sequence[int]) -> tuple:
+    """The index of a `size` box at `offset` in a kernel's last dimensions."""
+    return (..., *(slice(o, o + n) for o, n in zip(offset, size)))
 
 
-def _step(a: AffineConv) -> int:
-    """The pixels between taps, 0 for a 1x1 kernel (which fits any lattice)."""
-    return a.dilation if a.kernel > 1 else 0
+def _steps(a: AffineConv) -> tuple[int, ...]:
+    """The pixels between taps per axis, 0 on an axis of one tap (which fits any lattice)."""
+    return tuple(d if k > 1 else 0 for k, d in zip(a.kernel, a.dilation))
 
 
 def _grouped_matmul(m: torch.Tensor, groups: int, v: torch.Tensor) -> torch.Tensor:
@@ -133,40 +146,16 @@ def _grouped_matmul(m: torch.Tensor, groups: int, v: torch.Tensor) -> torch.Tens
     return prod.reshape(out_ch, *rest)
 
 
-def cube_form(kernel: Sequence[int], padding: Sequence[int], dilation: int
-              ) -> tuple[int, int] | None:
-    """`(k, padding)` of the cube conv (square in 2-D) a conv of these sides and paddings
-    is: the `k = max(kernel)` kernel holding it centred, zeros around it; None unless it is
-    centred on a cube grid (a `1x3` padded `(0, 1)` is a `3x3` padded 1: docs/method.md
-    §4b)."""
-    k = max(kernel)
-    if any((k - side) % 2 for side in kernel):
-        return None
-    pads = {p + dilation * (k - side) // 2 for side, p in zip(kernel, padding)}
-    return (k, pads.pop()) if len(pads) == 1 else None
-
-
 def from_conv(conv: nn.Module, dtype: torch.dtype = torch.float64,
               padding: Sequence[int] | None = None) -> AffineConv:
-    """The affine map of an `nn.Conv1d/2d/3d` (zero padding), in its own form: its groups,
-    dilation, stride and padding (or `padding`, one per side, negative where its input is
-    cropped first). A kernel centred on a cube grid (`1x3` padded `(0, 1)`) becomes the
-    cube kernel holding it, zeros around it."""
+    """The affine map of an `nn.Conv1d/2d/3d` (zero padding), in its own form: its kernel,
+    groups, dilation, stride and padding per axis (or `padding`, negative where its input is
+    cropped first)."""
     weight = conv.weight.detach().to(dtype)
     bias = (conv.bias.detach().to(dtype) if conv.bias is not None
             else weight.new_zeros(conv.out_channels))
-    sides, d = tuple(conv.kernel_size), conv.dilation[0]
     pads = tuple(conv.padding) if padding is None else tuple(padding)
-    cube = cube_form(sides, pads, d)
-    if cube is None:
-        raise MergeError(f"a {'x'.join(map(str, sides))} kernel padded {pads} is not centred "
-                         "on a cube grid")
-    k, padding = cube
-    if sides != (k,) * len(sides):
-        full = weight.new_zeros(*weight.shape[:2], *[k] * len(sides))
-        full[(..., *(slice((k - n) // 2, (k + n) // 2) for n in sides))] = weight
-        weight = full
-    return AffineConv(weight, bias, conv.stride[0], padding, conv.groups, d)
+    return AffineConv(weight, bias, tuple(conv.stride), pads, conv.groups, tuple(conv.dilation))
 
 
 def identity(channels: int, dtype: torch.dtype = torch.float64, rank: int = 2) -> AffineConv:
@@ -210,83 +199,94 @@ def compose(first: AffineConv, second: AffineConv, max_bytes: int | None = None
     padding of its own (the prune pass moves a block's padding to its first conv, which is
     what keeps this exact); a negative one, a crop, is a crop of `first`'s output.
 
-    The merged kernel spans `extent1 + (extent2 - 1) * s1` pixels: the second kernel's taps
-    sit `s1 * dilation2` apart, so a strided first conv composes exactly. Its taps lie on
-    the coarsest lattice holding both kernels' taps (the gcd of those two steps: a dilation
-    shared by both convs stays a dilation), and it has the groups both convs share (the gcd
-    of their groups; equal groups stay grouped, depthwise stays depthwise).
+    On each axis the merged kernel spans `extent1 + (extent2 - 1) * s1` pixels: the second
+    kernel's taps sit `s1 * dilation2` apart, so a strided first conv composes exactly. Its
+    taps lie on the coarsest lattice holding both kernels' taps (the gcd of those two steps:
+    a dilation shared by both convs stays a dilation), and it has the groups both convs
+    share (the gcd of their groups; equal groups stay grouped, depthwise stays depthwise).
     """
-    if second.padding < 0:  # the second conv crops its input: the first's output, cropped
-        first, second = crop_output(first, -second.padding), replace(second, padding=0)
-    if first.is_identity and (first.padding >= 0 or second.padding == 0):
+    if first.rank != second.rank:
+        raise MergeError(f"cannot compose a {first.rank}-D conv with a {second.rank}-D one")
+    if any(p < 0 for p in second.padding):  # the second conv crops its input: first's output
+        first = crop_output(first, [max(-p, 0) for p in second.padding])
+        second = replace(second, padding=[max(p, 0) for p in second.padding])
+    if first.is_identity and all(p1 >= 0 or p2 == 0
+                                 for p1, p2 in zip(first.padding, second.padding)):
         # zero-pad (or crop) then conv: a single padding
-        return replace(second, padding=second.padding + first.padding, is_identity=False)
-    if second.padding != 0:
+        return replace(second, padding=[p1 + p2 for p1, p2 in zip(first.padding,
+                                                                   second.padding)],
+                       is_identity=False)
+    if any(second.padding):
         raise MergeError(
-            f"cannot compose: the second conv pads by {second.padding}; move the padding of a "
+            f"cannot compose: the second conv pads by {_label(second.padding)}; move the padding of a "
             "block to its first conv (fxmerge.prune does) before merging")
     if first.out_channels != second.in_channels:
         raise MergeError(f"channel mismatch {first.out_channels} -> {second.in_channels}")
-    if first.rank != second.rank:
-        raise MergeError(f"cannot compose a {first.rank}-D conv with a {second.rank}-D one")
-    rank = first.rank
     s = first.stride
-    step = math.gcd(_step(first), s * _step(second)) or 1
+    step = [math.gcd(a, b * c) or 1 for a, b, c in zip(_steps(first), s, _steps(second))]
     groups = math.gcd(first.groups, second.groups)
-    size = (first.extent - 1 + (second.extent - 1) * s) // step + 1
-    k1 = (first.extent - 1) // step + 1  # the first kernel's taps on the merged lattice
+    size = [(e1 - 1 + (e2 - 1) * si) // st + 1
+            for e1, e2, si, st in zip(first.extent, second.extent, s, step)]
+    k1 = [(e1 - 1) // st + 1 for e1, st in zip(first.extent, step)]  # first's taps, merged
     in_per_group = first.in_channels // groups
     itemsize = first.weight.element_size()
-    _check_size((second.out_channels, in_per_group, *[size] * rank), itemsize, max_bytes,
+    _check_size((second.out_channels, in_per_group, *size), itemsize, max_bytes,
                 "the composed conv")
-    _check_size((first.out_channels, in_per_group, *[k1] * rank), itemsize, max_bytes,
+    _check_size((first.out_channels, in_per_group, *k1), itemsize, max_bytes,
                 "the first conv, re-grouped")
-    inner = _spread(_regroup(first.weight, first.groups, groups), first.dilation // step)
-    flat, pitch = inner.reshape(first.out_channels, -1), s * second.dilation // step
-    weight = inner.new_zeros(second.out_channels, in_per_group, *[size] * rank)
-    for u in itertools.product(range(second.kernel), repeat=rank):  # each tap of the second
+    inner = _spread(_regroup(first.weight, first.groups, groups),
+                    [d // st for d, st in zip(first.dilation, step)])
+    flat = inner.reshape(first.out_channels, -1)
+    pitch = [si * d2 // st for si, d2, st in zip(s, second.dilation, step)]
+    weight = inner.new_zeros(second.out_channels, in_per_group, *size)
+    for u in itertools.product(*map(range, second.kernel)):  # each tap of the second
         tap = _grouped_matmul(second.weight[(..., *u)], second.groups, flat)
-        weight[_at([pitch * t for t in u], k1)] += tap.reshape(-1, in_per_group, *[k1] * rank)
-    taps = second.weight.sum(dim=tuple(range(2, 2 + rank)))
+        weight[_at([p * t for p, t in zip(pitch, u)], k1)] += tap.reshape(-1, in_per_group,
+                                                                            *k1)
+    taps = second.weight.sum(dim=tuple(range(2, 2 + first.rank)))
     return AffineConv(
         weight, _grouped_matmul(taps, second.groups, first.bias) + second.bias,
-        first.stride * second.stride, first.padding, groups, step,
+        [a * b for a, b in zip(first.stride, second.stride)], first.padding, groups, step,
         conditions=tuple((k, _grouped_matmul(taps, second.groups, m))
                          for k, m in first.conditions))
 
 
-def crop_output(a: AffineConv, amount: int) -> AffineConv:
-    """`a(x)` with `amount` pixels removed on each side (negative `amount` pads with zeros,
-    which only the identity can absorb exactly)."""
-    if amount < 0 and not a.is_identity:
-        raise MergeError(
-            f"zero-padding the output of a non-identity conv by {-amount} is not a convolution")
-    return replace(a, padding=a.padding - amount * a.stride)
+def crop_output(a: AffineConv, amount: Sides | Sequence[int]) -> AffineConv:
+    """`a(x)` with `amount` pixels (per axis, or one for all) removed on each side; a
+    negative amount pads with zeros, which only the identity can absorb exactly."""
+    amount = per_axis(amount, a.rank)
+    if any(n < 0 for n in amount) and not a.is_identity:
+        raise MergeError(f"zero-padding the output of a non-identity conv by "
+                         f"{_label([-n for n in amount])} is not a convolution")
+    return replace(a, padding=[p - n * s for p, n, s in zip(a.padding, amount, a.stride)])
 
 
 def add(a: AffineConv, b: AffineConv, max_bytes: int | None = None) -> AffineConv:
     """`a(x) + b(x)` as one conv: both kernels placed on one grid, with the groups and tap
     lattice both share. This is how a skip connection (identity, or a folded 1x1
-    projection) is fused into a merged conv."""
+    projection) is fused into a merged conv, and how a region's branches become one."""
     if a.rank != b.rank:
         raise MergeError(f"cannot fuse an add of a {a.rank}-D and a {b.rank}-D path")
     if a.stride != b.stride:
-        raise MergeError(f"cannot fuse an add of stride {a.stride} and stride {b.stride} paths")
-    reach_a = a.extent - 1 - 2 * a.padding
-    reach_b = b.extent - 1 - 2 * b.padding
+        raise MergeError(f"cannot fuse an add of stride {_label(a.stride)} and stride "
+                         f"{_label(b.stride)} paths")
+    reach_a = [e - 1 - 2 * p for e, p in zip(a.extent, a.padding)]
+    reach_b = [e - 1 - 2 * p for e, p in zip(b.extent, b.padding)]
     if reach_a != reach_b:
         raise MergeError("cannot fuse an add whose two paths are not centred on one grid")
-    pad = max(a.padding, b.padding)
-    extent = reach_a + 2 * pad + 1
-    step = math.gcd(_step(a), _step(b), pad - a.padding, pad - b.padding) or 1
+    pad = [max(p, q) for p, q in zip(a.padding, b.padding)]
+    step = [math.gcd(sa, sb, p - pa, p - pb) or 1 for sa, sb, p, pa, pb
+            in zip(_steps(a), _steps(b), pad, a.padding, b.padding)]
     groups = math.gcd(a.groups, b.groups)
-    size = (extent - 1) // step + 1
-    shape = (a.out_channels, a.in_channels // groups, *[size] * a.rank)
+    size = [(r + 2 * p) // st + 1 for r, p, st in zip(reach_a, pad, step)]
+    shape = (a.out_channels, a.in_channels // groups, *size)
     _check_size(shape, a.weight.element_size(), max_bytes, "the fused add")
     weight = a.weight.new_zeros(shape)
     for part in (a, b):
-        w = _spread(_regroup(part.weight, part.groups, groups), part.dilation // step)
-        weight[_at([(pad - part.padding) // step] * a.rank, w.shape[-1])] += w
+        w = _spread(_regroup(part.weight, part.groups, groups),
+                    [d // st for d, st in zip(part.dilation, step)])
+        weight[_at([(p - pp) // st for p, pp, st in zip(pad, part.padding, step)],
+                   w.shape[2:])] += w
     return AffineConv(weight, a.bias + b.bias, a.stride, pad, groups, step,
                       conditions=a.conditions + b.conditions)
 
@@ -296,8 +296,8 @@ def to_conv(a: AffineConv, dtype: torch.dtype, device: torch.device | None = Non
     """An `nn.Conv1d/2d/3d` computing `a` without its conditioning terms (see
     `condition_conv`), with `a`'s groups and dilation; its weights are never initialised,
     only assigned."""
-    if a.padding < 0:
-        raise MergeError(f"merged conv would need negative padding {a.padding}")
+    if any(p < 0 for p in a.padding):
+        raise MergeError(f"merged conv would need negative padding {_label(a.padding)}")
     conv = CONV_MODULES[a.rank](a.in_channels, a.out_channels, a.kernel, a.stride, a.padding,
                      dilation=a.dilation, groups=a.groups, bias=True, device="meta")
     conv.weight = nn.Parameter(a.weight.to(dtype=dtype, device=device).contiguous())

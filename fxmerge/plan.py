@@ -12,6 +12,7 @@ from typing import Any
 from .capture import require_graph_module
 from .capture.families import NodeKind
 from .errors import ArgumentError, PlanError, SpaceError
+from .sides import Sides, compact, label
 from .space import (
     MAX_KERNEL_BYTES,
     MergeSpace,
@@ -26,7 +27,8 @@ PLAN_FORMAT = 2  # 2: `Block.activation` says whether an activation follows, add
 
 @dataclass(frozen=True)
 class Block:
-    """Convs `convs` (consecutive, by module name) merged into one `kernel`x`kernel` conv.
+    """Convs `convs` (consecutive, by module name) merged into one conv of `kernel` (its
+    extent per axis, `fxmerge.sides`).
 
     A block that keeps no conv is the identity (kernel 0; LayerOnly's removed layers).
     `activation`: whether an activation follows the block: the network's own, or, where the
@@ -36,12 +38,12 @@ class Block:
 
     convs: tuple[str, ...]
     kept: tuple[str, ...]
-    kernel: int
+    kernel: Sides
     depthwise: bool
     activation: bool = True
 
 
-def _kernel(space: MergeSpace, kept) -> tuple[int, bool]:
+def _kernel(space: MergeSpace, kept) -> tuple[Sides, bool]:
     """(kernel, depthwise) of a block keeping these convs; (0, False) for the identity."""
     if not kept:
         return 0, False
@@ -237,7 +239,7 @@ class Plan:
             raise PlanError(f"plan is in format {data.get('format', 1)!r:.20}, this fxmerge "
                             f"reads format {PLAN_FORMAT} (format 1 did not record the "
                             "activations it added): solve again")
-        blocks = tuple(Block(_names(b, "convs"), _names(b, "kept"), _typed(b, "kernel", int),
+        blocks = tuple(Block(_names(b, "convs"), _names(b, "kept"), _kernel_field(b),
                              _typed(b, "depthwise", bool),
                              _typed(b, "activation", bool))
                        for b in raw_blocks)
@@ -298,13 +300,25 @@ class Plan:
                          f"predicted {m.get('predicted_ratio', float('nan')):.1%})")
         for b in self.blocks:
             span = b.convs[0] if len(b.convs) == 1 else f"{b.convs[0]} .. {b.convs[-1]}"
-            merged = f"{b.kernel}x{b.kernel}{' dw' if b.depthwise else ''}" if b.kept else "identity"
+            k = f"{b.kernel}x{b.kernel}" if isinstance(b.kernel, int) else label(b.kernel)
+            merged = f"{k}{' dw' if b.depthwise else ''}" if b.kept else "identity"
             act = "" if b.activation else ", no activation after"
             lines.append(f"  {span:<50} keep {len(b.kept)}/{len(b.convs)} -> {merged}{act}")
         return "\n".join(lines)
 
 
 _MISSING = object()
+
+
+def _kernel_field(data: dict) -> Sides:
+    """A block's `kernel`: an int, or a list of one int per axis."""
+    value = _typed(data, "kernel", (int, list))
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise PlanError(f"plan field 'kernel' must be an int or a list of ints, "
+                            f"got {value!r:.40}")
+        return compact(value)
+    return value
 
 
 def _typed(data: dict, key: str, types: type | tuple[type, ...], default: Any = _MISSING):

@@ -251,7 +251,7 @@ def test_tables_refuse_a_graph_the_space_was_not_analysed_from(resnet):
 
 # each stage imports only stages before it (docs/architecture.md); `solve` is the DP and the
 # methods (their keys are what the tables score), `solve.measured` times whole networks
-LAYERS = ["errors progress", "algebra capture models recipes", "space", "plan", "solve",
+LAYERS = ["errors progress sides", "algebra capture models recipes", "space", "plan", "solve",
           "passes", "backends deploy", "tables", "solve.measured", "compress pipeline job", "demos",
           "cli"]
 

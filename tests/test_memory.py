@@ -77,12 +77,12 @@ def test_grouped_and_dilated_chains_compose_natively_and_exactly(chain):
     assert relative_error(ref, total(x)) <= 1e-10
     groups, dilation = layers[0]["groups"], layers[0]["dilation"]
     assert total.groups == groups  # never expanded to a dense kernel
-    assert total.extent == reach
+    assert total.extent == (reach, reach)
     if reach > 1:  # the taps stay `dilation` apart: the merged conv is dilated
-        assert total.dilation == dilation
-        assert total.kernel == (reach - 1) // dilation + 1
+        assert total.dilation == (dilation, dilation)
+        assert total.kernel == ((reach - 1) // dilation + 1,) * 2
     merged = algebra.to_conv(total, torch.float64)
-    assert (merged.groups, merged.dilation[0]) == (groups, total.dilation)
+    assert (merged.groups, merged.dilation) == (groups, total.dilation)
     assert relative_error(ref, merged(x)) <= 1e-10
 
 
@@ -90,7 +90,7 @@ def test_depthwise_chain_with_identity_skip_stays_depthwise():
     convs = [nn.Conv2d(6, 6, 3, groups=6, dilation=2, padding=p).double() for p in (4, 0)]
     chain = algebra.compose(*(algebra.from_conv(c) for c in convs))
     fused = algebra.add(chain, algebra.identity(6))
-    assert (fused.groups, fused.dilation, fused.kernel) == (6, 2, 5)
+    assert (fused.groups, fused.dilation, fused.kernel) == (6, (2, 2), (5, 5))
     x = torch.randn(1, 6, 12, 12, dtype=torch.float64)
     torch.testing.assert_close(fused(x), convs[1](convs[0](x)) + x)
 
@@ -101,7 +101,7 @@ def test_a_composition_past_the_bound_is_refused_before_it_is_made():
     with pytest.raises(MergeError, match=r"64x64x5x5 kernel of 819200 bytes, over the limit "
                                          r"of 294912 bytes"):
         algebra.compose(a, b, max_bytes=64 * 64 * 9 * 8)
-    assert algebra.compose(a, b, max_bytes=64 * 64 * 25 * 8).kernel == 5
+    assert algebra.compose(a, b, max_bytes=64 * 64 * 25 * 8).kernel == (5, 5)
 
 
 def dilated_net() -> nn.Sequential:

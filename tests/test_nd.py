@@ -20,18 +20,22 @@ SIDE = {1: 23, 3: 9}  # input side per rank: small enough for float64 3-D
 
 @st.composite
 def chains(draw):
-    """A chain of 1-3 convs of one rank (groups, dilation, stride, BN); the chain's padding
-    on its first conv."""
+    """A chain of 1-3 convs of one rank (groups, dilation, stride, BN; kernel, stride,
+    dilation and padding per axis, R(2+1)D-style); the chain's padding on its first conv."""
     rank = draw(st.sampled_from([1, 3]))
+
+    def sides(values):  # one for every axis, or one per axis
+        return draw(st.one_of(st.sampled_from(values),
+                              st.tuples(*[st.sampled_from(values)] * rank)))
+
     channels, layers = draw(st.sampled_from([2, 4])), []
     for idx in range(draw(st.integers(1, 3))):
         groups = draw(st.sampled_from([1, 2, channels]))
         out = channels * draw(st.sampled_from([1, 2])) if groups == channels else 4
         layers.append(dict(  # noqa: C408
             in_channels=channels, out_channels=out, groups=groups,
-            kernel_size=draw(st.sampled_from([1, 3])), stride=draw(st.integers(1, 2)),
-            dilation=draw(st.sampled_from([1, 2])),
-            padding=draw(st.integers(0, 2)) if idx == 0 else 0, bn=draw(st.booleans())))
+            kernel_size=sides([1, 3]), stride=sides([1, 2]), dilation=sides([1, 2]),
+            padding=sides([0, 1, 2]) if idx == 0 else 0, bn=draw(st.booleans())))
         channels = out
     return rank, layers, draw(st.integers(0, 2**31 - 1))
 
@@ -55,9 +59,9 @@ def test_a_composed_nd_chain_equals_the_chain(chain):
             modules.append(bn)
             step = algebra.fold_bn(step, bn)
         affine = step if affine is None else algebra.compose(affine, step)
-    side = max(SIDE[rank], affine.extent - 2 * affine.padding + affine.stride)
-    x = torch.randn(2, layers[0]["in_channels"], *[side] * rank, generator=gen,
-                    dtype=torch.float64)
+    side = [max(SIDE[rank], e - 2 * p + s)
+            for e, p, s in zip(affine.extent, affine.padding, affine.stride)]
+    x = torch.randn(2, layers[0]["in_channels"], *side, generator=gen, dtype=torch.float64)
     with torch.no_grad():
         want = nn.Sequential(*modules).eval()(x)
     got = algebra.to_conv(affine, torch.float64)(x)
@@ -294,3 +298,63 @@ def test_3d_regions_with_an_identity_branch_move_their_padding_on_every_side():
     space = fxmerge.analyze(gm)
     assert len(space.regions) == 2 and any(e.j - e.i > 1 for e in space.entries)
     assert _worst_error(gm, space, x, 6) <= 1e-10
+
+
+class Factorised(nn.Module):
+    """R(2+1)D's factorised 3-D convs: a `1x3x3` spatial conv then a `3x1x1` temporal one,
+    in a stem, a residual block and a stage strided per axis (`1x2x2`, then `2x1x1`)."""
+
+    def __init__(self, c: int = 6, mid: int = 8) -> None:
+        super().__init__()
+
+        def pair(cin, cmid, cout, stride=1, last_act=True):
+            return [nn.Conv3d(cin, cmid, (1, 3, 3), (1, stride, stride), (0, 1, 1)),
+                    nn.BatchNorm3d(cmid), nn.ReLU(),
+                    nn.Conv3d(cmid, cout, (3, 1, 1), (stride, 1, 1), (1, 0, 0)),
+                    nn.BatchNorm3d(cout), *([nn.ReLU()] if last_act else [])]
+
+        self.stem = nn.Sequential(*pair(3, c, c))
+        self.block = nn.Sequential(*pair(c, mid, c, last_act=False))
+        self.down = nn.Sequential(*pair(c, mid, mid, stride=2))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.down(torch.relu(self.block(x) + x))
+
+
+def test_factorised_convs_merge_per_axis_and_stay_native_alone():
+    """`1x3x3` and `3x1x1` convs (R(2+1)D) are searched with their kernel, stride and
+    padding per axis: a pair merges into a `3x3x3`; one conv alone keeps its own form, in
+    the identity plan and in the latency layer that times it; plans, spaces and tables
+    keep per-axis kernels through JSON."""
+    model = randomize_batchnorm(Factorised()).double()
+    x = torch.randn(2, 3, 5, 9, 9, dtype=torch.float64)
+    gm = fxmerge.trace(model, x)
+    space = fxmerge.analyze(gm, stride_rule="exact")
+    assert space.L == 6 and not space.left_out and space.skips
+    assert space.convs[0].kernel == (1, 3, 3) and space.convs[5].stride == (2, 1, 1)
+    assert fxmerge.Entry(0, 2, 3, False) in space.entries  # the stem's pair: 3x3x3
+    assert fxmerge.Entry(0, 1, (1, 3, 3), False) in space.entries
+    alone = fxmerge.entry_layer(space, fxmerge.Entry(0, 1, (1, 3, 3), False))
+    assert (alone.kernel, alone.padding, alone.stride) == ((1, 3, 3), (0, 1, 1), 1)
+    strided = next(e for e in space.entries if (e.i, e.j) == (4, 6))  # 1x2x2 then 2x1x1
+    layer = fxmerge.entry_layer(space, strided)
+    assert (layer.kernel, layer.stride) == (3, 2)
+    assert _worst_error(gm, space, x, 8) <= 1e-10
+    merged = fxmerge.transform(gm, fxmerge.Plan.identity(space), space)
+    native = [(m.kernel_size, m.stride, m.padding) for m in model.modules()
+              if isinstance(m, nn.Conv3d)]
+    assert [(m.kernel_size, m.stride, m.padding) for m in merged.modules()
+            if isinstance(m, nn.Conv3d)] == native
+    plan = fxmerge.Plan.random(space, 3)
+    assert fxmerge.Plan.from_json(plan.to_json()) == plan
+    assert fxmerge.MergeSpace.from_json(space.to_json()) == space
+    table = fxmerge.LatencyTable({e: 1.0 for e in space.entries}, space.signature)
+    assert fxmerge.LatencyTable.from_json(table.to_json()).values == table.values
+
+
+@pytest.mark.slow
+def test_r2plus1d_offers_factorised_blocks_and_merges_exactly():
+    """torchvision's R(2+1)D: every conv searched (3 were, before kernels per axis)."""
+    multi, worst = _zoo(VIDEO.r2plus1d_18(), torch.randn(1, 3, 8, 32, 32))
+    assert multi >= 30 and worst < 1e-10, (multi, worst)

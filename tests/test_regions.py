@@ -305,9 +305,13 @@ def test_regions_back_to_back_collapse_one_after_the_other():
         assert relative_error(model(x), collapsed(x)) <= 1e-10
 
 
-def test_a_kernel_off_a_square_grid_is_refused_by_name():
-    conv = nn.Conv2d(4, 4, (3, 1), padding=(2, 1), dilation=2)  # rows reach 0, columns -2
-    assert "not centred on a square grid" in ops.centred_refusal(conv)
-    with pytest.raises(fxmerge.MergeError, match=r"3x1 kernel padded \(2, 1\) is not centred"):
-        fxmerge.algebra.from_conv(conv)
-    assert ops.centred_refusal(nn.Conv2d(4, 4, (3, 1), padding=(2, 0), dilation=2)) is None
+def test_a_kernel_off_a_square_grid_is_read_in_its_own_form():
+    """Kernel, padding and dilation are per axis: a 3x1 padded (2, 1) (rows reach 0,
+    columns -2) is no cube, and needs none."""
+    conv = nn.Conv2d(4, 4, (3, 1), padding=(2, 1), dilation=2).double()
+    assert ops.conv_refusal(conv) is None
+    affine = fxmerge.algebra.from_conv(conv)
+    assert (affine.kernel, affine.padding, affine.dilation) == ((3, 1), (2, 1), (2, 2))
+    x = torch.randn(1, 4, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        assert relative_error(conv(x), affine(x)) <= 1e-12

@@ -209,23 +209,14 @@ def _static_padding_conv(cz: Canonicaliser, node: fx.Node) -> bool:
 
 
 def _read_conv(reader: AffineReader, node: fx.Node, strict: bool):
-    """Compose the conv onto what it reads; a crop of some sides alone before it (prune's,
-    before a 1xk branch of a region) is part of its padding."""
+    """Compose the conv onto what it reads."""
     module = ops.module_of(reader.gm, node)
-    x, padding = node.args[0], tuple(module.padding)
-    crop = ops.pad_amounts(x) if isinstance(x, fx.Node) else None
-    if crop is not None and len(set(crop)) > 1 and len(crop) == len(padding) \
-            and len(x.users) == 1:
-        x, padding = x.args[0], tuple(p + c for p, c in zip(padding, crop))
-    if ops.centred_refusal(module, padding) is not None:
+    if ops.conv_refusal(module) is not None:
         return reader.refuse(node, strict, "unknown or non-linear op inside a block")
     if ops.excluded(node.target, reader.exclude):
         return reader.refuse(node, strict, "the conv is excluded from merging")
-    inner = reader.read(x, strict=strict)
-    if inner is not None and x is not node.args[0]:
-        reader.affine[node.args[0]] = None  # the crop: read, as part of the conv
-    return inner and algebra.compose(inner, algebra.from_conv(module, padding=padding),
-                                     reader.max_bytes)
+    inner = reader.read(node.args[0], strict=strict)
+    return inner and algebra.compose(inner, algebra.from_conv(module), reader.max_bytes)
 
 
 def _refuse_functional_conv(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -486,10 +477,10 @@ register(OpFamily("condition", NodeKind.CONDITION,
 # ---- zero padding and crops ---------------------------------------------------------------
 def _read_pad(reader: AffineReader, node: fx.Node, strict: bool):
     inner = reader.read(node.args[0], strict=strict)
-    return inner and algebra.crop_output(inner, -ops.pad_amount(node))
+    return inner and algebra.crop_output(inner, [-n for n in ops.pad_amounts(node)])
 
 
-register(OpFamily("pad", NodeKind.PAD, lambda gm, n: ops.pad_amount(n) is not None,
+register(OpFamily("pad", NodeKind.PAD, lambda gm, n: ops.pad_amounts(n) is not None,
                   read=_read_pad))
 
 

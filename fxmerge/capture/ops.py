@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..algebra import CONV_MODULES, cube_form
+from ..algebra import CONV_MODULES
 
 _ADD = (operator.add, torch.add)
 
@@ -57,37 +57,15 @@ def is_conv(module: Any) -> bool:
 
 
 def conv_refusal(conv: nn.Module) -> str | None:
-    """Why fxmerge cannot search over this conv, or None when it can: a plain conv of
-    any spatial rank with the same kernel, stride, padding and dilation on every side."""
+    """Why fxmerge cannot search over this conv, or None when it can: a plain conv of any
+    spatial rank with integer zero padding (kernel, stride, padding and dilation may differ
+    between axes)."""
     if not is_conv(conv):
         return f"{type(conv).__name__} is not a plain nn.Conv1d/2d/3d"
     if isinstance(conv.padding, str):
         return f"string padding {conv.padding!r}"
     if conv.padding_mode != "zeros":
         return f"padding_mode {conv.padding_mode!r}"
-    for attr in ("kernel_size", "stride", "padding", "dilation"):
-        value = getattr(conv, attr)
-        if len(set(value)) > 1:
-            return f"non-square {attr} {tuple(value)}"
-    return None
-
-
-def centred_refusal(conv: nn.Module, padding: Sequence[int] | None = None) -> str | None:
-    """Why this conv cannot be one branch of a collapsed region, or None: as `conv_refusal`,
-    except that a non-square kernel is accepted when it is centred on the grid of a cube
-    one (`1x3` padded `(0, 1)` is a `3x3` padded 1 with zero rows: ACNet's branches).
-    `padding` (one per side) replaces the conv's own: where its input is cropped first."""
-    why = conv_refusal(conv)
-    if why is not None and not why.startswith(("non-square kernel_size",
-                                               "non-square padding")):
-        return why
-    for attr in ("stride", "dilation"):
-        value = getattr(conv, attr)
-        if len(set(value)) > 1:
-            return f"non-square {attr} {tuple(value)}"
-    padding = tuple(conv.padding) if padding is None else tuple(padding)
-    if cube_form(tuple(conv.kernel_size), padding, conv.dilation[0]) is None:
-        return f"kernel {tuple(conv.kernel_size)} padded {padding} is not centred on a square grid"
     return None
 
 
@@ -172,12 +150,6 @@ def pad_amounts(node: fx.Node) -> tuple[int, ...] | None:
     amounts = [int(pads[k]) for k in range(len(pads) - 2, -1, -2)]
     spatial = (rank(node.args[0]) or 0) - 2
     return tuple([0] * (spatial - len(amounts)) + amounts)
-
-
-def pad_amount(node: fx.Node) -> int | None:
-    """The amount of an `F.pad` node that pads (or crops) every spatial side alike."""
-    amounts = pad_amounts(node)
-    return amounts[0] if amounts is not None and len(set(amounts)) == 1 else None
 
 
 def only_user(node: fx.Node) -> fx.Node | None:

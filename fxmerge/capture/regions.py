@@ -40,7 +40,7 @@ class Region:
     output: str  # the root add
     nodes: tuple[str, ...]  # every node of the region, in graph order, the output last
     branches: tuple[Branch, ...]
-    padding: int  # the collapsed conv's padding: the largest of its branches'
+    padding: tuple[int, ...]  # the collapsed conv's, per axis: the largest of its branches'
 
 
 def _branch_conv(gm: fx.GraphModule, node: fx.Node, exclude: Iterable[str],
@@ -48,7 +48,7 @@ def _branch_conv(gm: fx.GraphModule, node: fx.Node, exclude: Iterable[str],
     """Whether `node` calls a conv that may be one branch of a region."""
     module = ops.module_of(gm, node)
     return (kind_of(gm, node) is NodeKind.CONV and sites[node.target] == 1 and len(node.users) == 1
-            and not ops.excluded(node.target, exclude) and ops.centred_refusal(module) is None)
+            and not ops.excluded(node.target, exclude) and ops.conv_refusal(module) is None)
 
 
 def _readings(gm: fx.GraphModule, t: fx.Node, exclude: Iterable[str], sites: dict[str, int]
@@ -69,11 +69,11 @@ def _readings(gm: fx.GraphModule, t: fx.Node, exclude: Iterable[str], sites: dic
     return out
 
 
-def _square(conv: nn.Module) -> tuple[int, int, int]:
-    """(kernel, padding, dilation) of the square (cube) conv a centred one is."""
-    k, padding = algebra.cube_form(tuple(conv.kernel_size), tuple(conv.padding),
-                                   conv.dilation[0])
-    return k, padding, conv.dilation[0]
+def _reach(conv: nn.Module) -> tuple[int, ...]:
+    """Per axis, how many more input pixels the conv's field spans than it pads: equal for
+    every branch when they are centred on one grid."""
+    return tuple((k - 1) * d - 2 * p
+                 for k, d, p in zip(conv.kernel_size, conv.dilation, conv.padding))
 
 
 def _region_at(gm: fx.GraphModule, root: fx.Node, exclude: Iterable[str],
@@ -99,9 +99,10 @@ def _region_at(gm: fx.GraphModule, root: fx.Node, exclude: Iterable[str],
     plain = sum(not chain for _, chain, _ in chosen)  # operands that are the input itself
     if not convs or len(set(interior)) != len(interior) or x in interior or plain > 1:
         return None
-    bare = {1} if len(convs) < len(chosen) else set()  # a branch without a conv: stride 1
-    strides = {c.stride[0] for c in convs} | bare
-    reaches = {(k - 1) * d - 2 * p for k, p, d in map(_square, convs)} | {r - 1 for r in bare}
+    rank = len(convs[0].kernel_size)
+    bare = {(1,) * rank} if len(convs) < len(chosen) else set()  # no conv: stride 1
+    strides = {tuple(c.stride) for c in convs} | bare
+    reaches = {_reach(c) for c in convs} | {(0,) * rank for _ in bare}
     if len(strides) != 1 or len(reaches) != 1:  # one stride, one grid
         return None
     branches = tuple(
@@ -113,7 +114,8 @@ def _region_at(gm: fx.GraphModule, root: fx.Node, exclude: Iterable[str],
     largest = max((c for _, _, c in chosen if c is not None),
                   key=lambda c: (gm.get_submodule(c.target).weight[0, 0].numel(), -order[c]))
     nodes = sorted(set(interior) | set(adds), key=order.__getitem__)
-    padding = max([_square(c)[1] for c in convs] + [0] * len(bare))
+    pads = [tuple(c.padding) for c in convs] + [(0,) * rank] * len(bare)
+    padding = tuple(map(max, zip(*pads)))
     return Region(largest.target, x.name, root.name, tuple(n.name for n in nodes), branches,
                   padding)
 

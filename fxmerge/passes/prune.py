@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from ..capture.regions import Branch
 from ..capture.trace import example_inputs, propagate_shapes
 from ..errors import PlanError
 from ..plan import Plan
+from ..sides import per_axis
 from ..space import MergeSpace, require_space_of
 from .base import MERGED_META, PLAN_META, FxMergePass
 
@@ -82,13 +84,17 @@ class PrunedGraph:
 Editable = fx.GraphModule | PrunedGraph  # what the edits below act on
 
 
-def block_borders(space: MergeSpace, i: int, j: int, kept: set[str]) -> dict[int, int]:
-    """Border width at each position of block `(i, j)` once its padding sits on its first
-    kept conv: the extra pixels each side that later convs of the block will consume."""
-    border = {j: 0}
+def block_borders(space: MergeSpace, i: int, j: int, kept: set[str]
+                  ) -> dict[int, tuple[int, ...]]:
+    """Border width per axis at each position of block `(i, j)` once its padding sits on
+    its first kept conv: the extra pixels each side that later convs of the block consume."""
+    rank = space.conv(j).rank
+    border = {j: (0,) * rank}
     for p in range(j, i, -1):
         c = space.conv(p)
-        border[p - 1] = border[p] * c.stride + c.padding if c.name in kept else border[p]
+        border[p - 1] = (tuple(b * s + q for b, s, q in zip(border[p], per_axis(c.stride, rank),
+                                                            per_axis(c.padding, rank)))
+                         if c.name in kept else border[p])
     return border
 
 
@@ -142,27 +148,29 @@ def resolve(space: MergeSpace, plan: Plan, validate: bool = True) -> Edits:
             continue
         border = block_borders(space, i, j, kept)
         first = space.conv(block.kept[0]).index
+        zero = (0,) * space.conv(first).rank
         for name in block.kept:
-            pad = border[first - 1] if space.conv(name).index == first else 0
+            pad = border[first - 1] if space.conv(name).index == first else zero
             region = space.region(name)
             if region is None:
-                if pad != space.conv(name).padding:
-                    paddings.append((name, (pad,) * space.conv(name).rank))
+                if pad != per_axis(space.conv(name).padding, len(pad)):
+                    paddings.append((name, pad))
                 continue
             for branch in region.branches:  # each branch's padding moves as the region's
-                pads, crop = _branch_padding(branch, pad - region.padding)
+                pads, crop = _branch_padding(branch, [p - q for p, q in zip(pad, region.padding)])
                 if branch.conv is not None and pads != tuple(branch.padding):
                     paddings.append((branch.conv, pads))
                 if any(crop):
                     input_pads.append(InputPad(region.input, branch.reader, False, crop))
-        physical = {p: (0 if p < first else border[p]) for p in border}
+        physical = {p: (zero if p < first else border[p]) for p in border}
         for skip in space.skips:
             if i <= skip.source and skip.target <= j:
-                crop = physical[skip.source] - skip.projection_stride * physical[skip.target]
-                if crop:
+                crop = tuple(a - skip.projection_stride * b
+                             for a, b in zip(physical[skip.source], physical[skip.target]))
+                if any(crop):
                     input_pads.append(InputPad(
                         skip.source_node, skip.projection or skip.add_node,
-                        skip.projection is not None, (crop,) * space.conv(i + 1).rank))
+                        skip.projection is not None, crop))
     added = plan.added_activations(space)
     template = next((c.activation_module for c in space.convs
                      if c.activation == space.added_activation), None) if added else None
@@ -183,13 +191,14 @@ def resolve(space: MergeSpace, plan: Plan, validate: bool = True) -> Edits:
                  len(removed))
 
 
-def _branch_padding(branch: Branch, delta: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """A region branch's conv padding once the region's changes by `delta`, and the crop
-    (> 0) or zero-pad (< 0), per side, of the input it then reads: a conv pads as
+def _branch_padding(branch: Branch, delta: Sequence[int]
+                    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A region branch's conv padding once the region's changes by `delta` (per axis), and
+    the crop (> 0) or zero-pad (< 0), per axis, of the input it then reads: a conv pads as
     far as it can; a branch without one reads a padded input (docs/method.md §4b)."""
     if branch.conv is None:
-        return (0,) * len(branch.padding), (-delta,) * len(branch.padding)
-    pads = [p + delta for p in branch.padding]
+        return (0,) * len(branch.padding), tuple(-d for d in delta)
+    pads = [p + d for p, d in zip(branch.padding, delta)]
     crop = tuple(max(0, -p) for p in pads)
     return tuple(p + c for p, c in zip(pads, crop)), crop
 

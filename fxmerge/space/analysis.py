@@ -19,6 +19,7 @@ from ..capture import capture_path, check_canonical, example_inputs, ops, requir
 from ..capture.families import NodeKind, activation_kind, kind_of, label_of, op_name
 from ..capture.regions import Region, collapse, find_regions
 from ..errors import ArgumentError, SpaceError, TraceError
+from ..sides import largest
 from .records import MAX_KERNEL_BYTES, Conv, GraphNode, Skip, StrideRule, Unit
 from .space import MergeSpace
 
@@ -79,7 +80,7 @@ def _strip_skip_branch(gm: fx.GraphModule, node: fx.Node, left_out: Mapping[str,
 
     def strip_pads() -> None:
         nonlocal cur
-        while ops.pad_amount(cur) is not None and len(cur.users) == 1:
+        while ops.pad_amounts(cur) is not None and len(cur.users) == 1:
             branch.append(cur)
             cur = cur.args[0]
 
@@ -91,8 +92,9 @@ def _strip_skip_branch(gm: fx.GraphModule, node: fx.Node, left_out: Mapping[str,
             return None
     if kind_of(gm, cur) is NodeKind.CONV and len(cur.users) == 1:
         conv = ops.module_of(gm, cur)
-        if not (_searchable(gm, cur, left_out) and conv.kernel_size[0] == 1
-                and conv.padding[0] == 0 and conv.groups == 1):
+        if not (_searchable(gm, cur, left_out) and set(conv.kernel_size) == {1}
+                and not any(conv.padding) and len(set(conv.stride)) == 1
+                and conv.groups == 1):
             return None
         branch.append(cur)
         cur = cur.args[0]
@@ -257,8 +259,8 @@ def analyze(
         convs.append(Conv(
             index=p, name=region.name if region else node.target, node=node.name,
             in_channels=m.in_channels, out_channels=m.out_channels,
-            kernel=m.kernel_size[0], stride=m.stride[0], padding=m.padding[0],
-            dilation=m.dilation[0], groups=m.groups, bias=m.bias is not None,
+            kernel=m.kernel_size, stride=m.stride, padding=m.padding,
+            dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
             norm=nodes[u.norm].target if u.norm else None,
             activation=activation_kind(gm, nodes[u.act]) if u.act else None,
             in_shape=ops.tensor_shape(nodes[u.input]), out_shape=ops.tensor_shape(node),
@@ -267,7 +269,7 @@ def analyze(
             score=float(m.weight.detach().abs().sum()),
         ))
     for c in convs:
-        if stride_rule is StrideRule.PAPER and c.stride > 1 and c.index < L:
+        if stride_rule is StrideRule.PAPER and largest(c.stride) > 1 and c.index < L:
             follower = convs[c.index]
             one_by_one = follower.kernel == 1 and c.index not in breaks
             breaks.add(c.index + 1 if one_by_one else c.index)
@@ -288,6 +290,6 @@ class _RegionConv:
 
     def __init__(self, affine) -> None:
         self.in_channels, self.out_channels = affine.in_channels, affine.out_channels
-        self.kernel_size, self.stride = (affine.kernel,), (affine.stride,)
-        self.padding, self.dilation = (affine.padding,), (affine.dilation,)
+        self.kernel_size, self.stride = affine.kernel, affine.stride
+        self.padding, self.dilation = affine.padding, affine.dilation
         self.groups, self.bias, self.weight = affine.groups, affine.bias, affine.weight

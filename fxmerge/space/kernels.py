@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
+from ..sides import compact, per_axis
 from .records import IDENTITY, Conv, Entry, KernelOption, MergedConv
 
 if TYPE_CHECKING:
@@ -19,35 +20,42 @@ if TYPE_CHECKING:
 
 
 class MergeState(NamedTuple):
-    """What a block's kept convs merge into so far."""
+    """What a block's kept convs merge into so far; per-axis fields are empty until a conv
+    is kept."""
 
-    extent: int = 1  # the merged kernel's side, in input pixels
-    stride: int = 1  # the kept convs' strides multiplied
+    extent: tuple[int, ...] = ()  # the merged kernel's span per axis, in input pixels
+    stride: tuple[int, ...] = ()  # the kept convs' strides multiplied, per axis
     depthwise: bool = True  # every kept conv is depthwise
     kept: bool = False  # some conv is kept
-    step: int = 0  # the taps' spacing: gcd of `dilation * stride` of the kept (0: none yet)
+    step: tuple[int, ...] = ()  # the taps' spacing per axis: gcd of the kept's
+    # `dilation * stride` (0: no tap yet)
     groups: int = 0  # gcd of the kept convs' groups (0: none yet; gcd(0, n) = n)
     over: bool = False  # merging it materialises more than `max_kernel_bytes`
 
     def keep(self, c: Conv) -> MergeState:
-        """Also keep conv `c`: its kernel, taps `dilation * stride` apart, widens the field;
-        strides multiply; the taps lie on the gcd of the steps (a 1x1 has none); groups are
-        the gcd of theirs; depthwise only if every conv is. Whether it goes over the bound
-        is `extend`'s to say."""
-        tap = c.dilation * self.stride if c.kernel > 1 else 0
-        return self._replace(extent=self.extent + (c.kernel - 1) * tap,
-                             stride=self.stride * c.stride,
-                             depthwise=self.depthwise and c.depthwise, kept=True,
-                             step=math.gcd(self.step, tap), groups=math.gcd(self.groups, c.groups))
+        """Also keep conv `c`: on each axis its kernel, taps `dilation * stride` apart,
+        widens the field; strides multiply; the taps lie on the gcd of the steps (an axis
+        of one tap has none); groups are the gcd of theirs; depthwise only if every conv
+        is. Whether it goes over the bound is `extend`'s to say."""
+        rank = c.rank
+        extent, stride = self.extent or (1,) * rank, self.stride or (1,) * rank
+        kernel, dilation = per_axis(c.kernel, rank), per_axis(c.dilation, rank)
+        tap = [d * s if k > 1 else 0 for k, d, s in zip(kernel, dilation, stride)]
+        return self._replace(
+            extent=tuple(e + (k - 1) * t for e, k, t in zip(extent, kernel, tap)),
+            stride=tuple(s * t for s, t in zip(stride, per_axis(c.stride, rank))),
+            depthwise=self.depthwise and c.depthwise, kept=True,
+            step=tuple(math.gcd(s, t) for s, t in zip(self.step or (0,) * rank, tap)),
+            groups=math.gcd(self.groups, c.groups))
 
     @property
-    def taps(self) -> int:
-        """Taps per side of the merged kernel."""
-        return (self.extent - 1) // self.step + 1 if self.step else 1
+    def taps(self) -> tuple[int, ...]:
+        """Taps per axis of the merged kernel."""
+        return tuple((e - 1) // s + 1 if s else 1 for e, s in zip(self.extent, self.step))
 
     @property
     def option(self) -> KernelOption:
-        return KernelOption(self.extent, self.depthwise)
+        return KernelOption(compact(self.extent), self.depthwise)
 
 
 EMPTY = MergeState()
@@ -61,7 +69,7 @@ def composition_bytes(space: MergeSpace, i: int, state: MergeState, c: Conv,
     if not state.kept:
         return 0
     in_per_group = space.convs[i].in_channels // new.groups
-    return max(c.in_channels, c.out_channels) * in_per_group * new.taps ** c.rank * 8
+    return max(c.in_channels, c.out_channels) * in_per_group * math.prod(new.taps) * 8
 
 
 def extend(space: MergeSpace, i: int, state: MergeState, c: Conv) -> MergeState:
@@ -106,9 +114,8 @@ def merged_conv(space: MergeSpace, i: int, j: int, state: MergeState) -> MergedC
     if any(i <= s.source and s.target <= j and s.projection for s in space.skips):
         groups = 1
     in_channels, out_channels = space.convs[i].in_channels, space.convs[j - 1].out_channels
-    return MergedConv(state.taps, state.step or 1, groups,
-                      out_channels * (in_channels // groups)
-                      * state.taps ** space.convs[i].rank * 8)
+    return MergedConv(compact(state.taps), compact([s or 1 for s in state.step]), groups,
+                      out_channels * (in_channels // groups) * math.prod(state.taps) * 8)
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,12 @@ class Blocks:
     merged: Mapping[Entry, MergedConv]  # each entry's merged conv (the largest way to it)
     over_bound: int  # kernel options left out for their size
     oversized: frozenset[tuple[int, int]]  # blocks the bound left without any option
+
+
+def _option_order(option: KernelOption) -> tuple:
+    """Kernel options in a fixed order (a kernel is an int or one per axis)."""
+    k = option.kernel
+    return (k,) if isinstance(k, int) else tuple(k), option.depthwise
 
 
 def _crosses_segment(space: MergeSpace, i: int, j: int) -> bool:
@@ -153,7 +166,7 @@ def enumerate_blocks(space: MergeSpace) -> Blocks:
             over_bound += len(over - set(merged))
             every.update({Entry(i, j, *o): conv for o, conv in merged.items()})
             if merged:
-                options[(i, j)] = tuple(sorted(merged))
+                options[(i, j)] = tuple(sorted(merged, key=_option_order))
             elif over:
                 oversized.add((i, j))
     for p in _removable_alone(space, options):

@@ -12,6 +12,7 @@ from enum import Enum
 from typing import NamedTuple
 
 from ..capture.families import NodeKind
+from ..sides import Sides, compact, largest
 
 MAX_KERNEL_BYTES = 2**29  # 512 MiB: the largest kernel a merge may materialise (§1)
 
@@ -27,16 +28,17 @@ class StrideRule(str, Enum):
 
 
 class Entry(NamedTuple):
-    """One table entry: block `(i, j)` merged into a `k`x`k` conv, depthwise or not."""
+    """One table entry: block `(i, j)` merged into a conv of kernel `k` (its extent per
+    axis, `Sides`), depthwise or not."""
 
     i: int
     j: int
-    k: int
+    k: Sides
     dw: bool
 
 
 class KernelOption(NamedTuple):
-    kernel: int
+    kernel: Sides
     depthwise: bool
 
 
@@ -44,11 +46,11 @@ IDENTITY = KernelOption(0, False)  # a block that keeps no conv: latency 0
 
 
 class MergedConv(NamedTuple):
-    """The conv an entry becomes, in native form: taps per side, their dilation, groups, and
+    """The conv an entry becomes, in native form: taps per axis, their dilation, groups, and
     the bytes of its float64 kernel (what the merge materialises)."""
 
-    kernel: int
-    dilation: int
+    kernel: Sides
+    dilation: Sides
     groups: int
     bytes: int
 
@@ -63,10 +65,10 @@ class Conv:
     node: str
     in_channels: int
     out_channels: int
-    kernel: int
-    stride: int
-    padding: int
-    dilation: int
+    kernel: Sides  # these four per axis (`fxmerge.sides`)
+    stride: Sides
+    padding: Sides
+    dilation: Sides
     groups: int
     bias: bool
     norm: str | None
@@ -76,6 +78,12 @@ class Conv:
     relocatable_norm: str | None = None  # a GroupNorm before the activation (DDPM)
     activation_module: str | None = None  # the module the activation node calls
     score: float = 0.0  # eq. 3's score: the l1 norm of the weight, at analysis
+
+    def __post_init__(self) -> None:
+        for name in ("kernel", "stride", "padding", "dilation"):
+            value = getattr(self, name)
+            if not isinstance(value, int):  # a module's tuple, a JSON list
+                object.__setattr__(self, name, compact(value))
 
     @property
     def depthwise(self) -> bool:
@@ -89,7 +97,7 @@ class Conv:
     @property
     def irreducible(self) -> bool:
         """Input and output shapes differ (or it strides), so it cannot become identity."""
-        return self.in_shape != self.out_shape or self.stride > 1
+        return self.in_shape != self.out_shape or largest(self.stride) > 1
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from ..capture.families import NodeKind
+from ..sides import label
 
 if TYPE_CHECKING:
     from .space import MergeSpace
@@ -52,7 +53,7 @@ def summary(space: MergeSpace) -> str:
             note.append("break")
         lines.append(
             f"{c.index:>4}  {c.name:<28} {c.in_channels:>5}->{c.out_channels:<5}"
-            f"{c.kernel:>2} {c.stride:>2} {c.groups:>4}  {c.activation or '-':<9} "
+            f"{label(c.kernel):>2} {label(c.stride):>2} {c.groups:>4}  {c.activation or '-':<9} "
             f"{'R' if c.irreducible else ' '} {', '.join(note)}"
         )
     for name, why in space.left_out.items():

@@ -90,8 +90,10 @@ class MergeSpace:
             values["nodes"] = [GraphNode(**{**n, "kind": NodeKind(n["kind"]),
                                             "inputs": tuple(n["inputs"])})
                                for n in data["nodes"]]
-            values["regions"] = [Region(**{**r, "nodes": tuple(r["nodes"]), "branches": tuple(
-                Branch(**{**b, "padding": tuple(b["padding"])}) for b in r["branches"])})
+            values["regions"] = [Region(**{
+                **r, "nodes": tuple(r["nodes"]), "padding": tuple(r["padding"]),
+                "branches": tuple(Branch(**{**b, "padding": tuple(b["padding"])})
+                                  for b in r["branches"])})
                 for r in data.get("regions", ())]
             return cls(**values)
         except (KeyError, TypeError, ValueError) as exc:

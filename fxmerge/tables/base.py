@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 from ..errors import ArgumentError, TableError
+from ..sides import compact
 from ..solve.depth import DepthKey
 from ..space import IDENTITY, Entry, MergeSpace
 
@@ -26,7 +27,7 @@ def _key_to_json(key: Key) -> Any:
 
 
 def _key_from_json(raw: Any) -> Key:
-    """A key from JSON: a conv name, `[i, j, k, dw]`, or a Depth key `{"block": [i, j],
+    """A key from JSON: a conv name, `[i, j, k, dw]` (`k` an int or one per axis), or a Depth key `{"block": [i, j],
     "start_activation": bool, "end_activation": bool}` (TableError for anything else)."""
     if isinstance(raw, str):
         return raw
@@ -40,11 +41,15 @@ def _key_from_json(raw: Any) -> Key:
             raise TableError(f"table key {raw!r:.60} is not a Depth key {{'block': [i, j], "
                              "'start_activation': bool, 'end_activation': bool}")
         return DepthKey(block[0], block[1], start, end)
-    ints = isinstance(raw, list) and len(raw) == 4 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in raw[:3])
-    if not ints or not isinstance(raw[3], (bool, int)) or min(raw[:3]) < 0:
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    k = raw[2] if isinstance(raw, list) and len(raw) == 4 else None
+    sides = isinstance(k, (list, tuple)) and bool(k) and all(map(count, k))  # one per axis
+    if k is None or not (count(raw[0]) and count(raw[1]) and (count(k) or sides)) \
+            or not isinstance(raw[3], (bool, int)):
         raise TableError(f"table key {raw!r:.40} is neither a conv name nor [i, j, k, dw]")
-    return Entry(raw[0], raw[1], raw[2], bool(raw[3]))
+    return Entry(raw[0], raw[1], compact(k) if sides else k, bool(raw[3]))
 
 
 MAX_VALUE = 1e9  # beyond this a value is a unit error or garbage, never a measurement

@@ -1,8 +1,9 @@
 """Latency tables: the measured cost of every candidate merged layer.
 
 Each entry `(i, j, k, dw)` is timed as the single conv it would become, in the form the
-merge gives it (channels, taps, dilation, groups, stride, padding `k // 2`, on the real input
-shape at position `i`: `MergeSpace.merged_conv`) followed by the network's activation at `j`.
+merge gives it (channels, taps, dilation, groups, stride, padding `k // 2`, each per axis, on
+the real input shape at position `i`: `MergeSpace.merged_conv`) followed by the network's
+activation at `j`.
 Entries that share a conv signature are timed once, each to a time budget.
 """
 
@@ -38,6 +39,7 @@ from ..capture.families import ACTIVATION_CLASSES
 from ..errors import TableError
 from ..plan import Plan
 from ..progress import progress as iterate
+from ..sides import Sides, compact, label, per_axis
 from ..space import IDENTITY, Entry, MergeSpace, require_space_of
 from .base import EntryTable, TableSettings
 
@@ -50,19 +52,20 @@ class LayerSpec:
 
     input_shape: tuple[int, ...]
     out_channels: int
-    kernel: int
-    stride: int
-    padding: int
+    kernel: Sides  # these four per axis (`fxmerge.sides`)
+    stride: Sides
+    padding: Sides
     groups: int
     activation: str | None
-    dilation: int = 1
+    dilation: Sides = 1
 
     @property
     def label(self) -> str:
         """The layer in one line (what the timing cache is keyed by)."""
-        dilation = f" d{self.dilation}" if self.dilation != 1 else ""
+        dilation = f" d{label(self.dilation)}" if self.dilation != 1 else ""
         return (f"{'x'.join(map(str, self.input_shape))}->{self.out_channels} "
-                f"k{self.kernel}{dilation} s{self.stride} p{self.padding} g{self.groups} "
+                f"k{label(self.kernel)}{dilation} s{label(self.stride)} "
+                f"p{label(self.padding)} g{self.groups} "
                 f"{self.activation or 'none'}")
 
     def module(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -87,12 +90,14 @@ def entry_layer(space: MergeSpace, entry: Entry, batch_size: int | None = None) 
     shape = list(space.input_shape(i))
     if batch_size is not None:
         shape[0] = batch_size
-    stride = 1
-    for c in space.convs[i:j]:
-        stride *= c.stride  # strided convs are irreducible, so always kept
+    rank = len(shape) - 2
+    stride = (1,) * rank
+    for c in space.convs[i:j]:  # strided convs are irreducible, so always kept
+        stride = tuple(s * t for s, t in zip(stride, per_axis(c.stride, rank)))
     merged = space.merged_conv(entry)
-    return LayerSpec(tuple(shape), space.conv(j).out_channels, merged.kernel, stride,
-                     k // 2, merged.groups, space.end_activation(i, j), merged.dilation)
+    return LayerSpec(tuple(shape), space.conv(j).out_channels, merged.kernel, compact(stride),
+                     compact([e // 2 for e in per_axis(k, rank)]), merged.groups,
+                     space.end_activation(i, j), merged.dilation)
 
 
 class Check(str, Enum):
@@ -175,8 +180,10 @@ def _layer_bytes(layer: LayerSpec, dtype: torch.dtype) -> int:
     """What a built layer holds: its weight, its input and its output."""
     rank = len(layer.input_shape) - 2
     batch, channels, *sides = layer.input_shape
-    weight = layer.out_channels * channels // layer.groups * layer.kernel ** rank
-    output = batch * layer.out_channels * math.prod(-(-s // layer.stride) for s in sides)
+    weight = (layer.out_channels * channels // layer.groups
+              * math.prod(per_axis(layer.kernel, rank)))
+    output = batch * layer.out_channels * math.prod(
+        -(-s // t) for s, t in zip(sides, per_axis(layer.stride, rank)))
     return (weight + math.prod(layer.input_shape) + output) * dtype.itemsize
 
 
