@@ -1,8 +1,9 @@
-"""Measured speed-ups of 1-D and 3-D networks: a video model (torchvision r3d_18), a 3-D
-U-Net on a 64x64x64 volume (MONAI BasicUNet with BatchNorm) and a Conv1d keyword-spotting
-TCN (`fxmerge.models.TCN1d`), eager CPU, batch 1, 2 threads.
+"""Measured speed-ups of 1-D and 3-D networks: video models (torchvision r3d_18, and
+r2plus1d_18's factorised 1x3x3 + 3x1x1 convs), a 3-D U-Net on a 64x64x64 volume (MONAI
+BasicUNet with BatchNorm) and a Conv1d keyword-spotting TCN (`fxmerge.models.TCN1d`), eager
+CPU, batch 1, 2 threads.
 
-    python benchmarks/bench_nd.py [--only r3d_18 ...] [--budgets 0.7 0.5]
+    python benchmarks/bench_nd.py [--only "r3d_18 (video)" ...] [--budgets 0.7 0.5] [--update]
 
 Per model: a latency table, the output-agreement importance (random weights and inputs:
 these runs measure speed, not accuracy), and for LayerMerge and Depth at each budget
@@ -15,11 +16,12 @@ checked against its pruned one (float32, max-abs error relative to the output's)
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
 import torchvision
-from common import calibrate_batchnorm, write
+from common import RESULTS, calibrate_batchnorm, write
 
 import fxmerge
 from fxmerge import NetworkTimer, agreement_importance, solve_measured
@@ -35,6 +37,7 @@ def _basic_unet():
 
 MODELS = {
     "r3d_18 (video)": (lambda: torchvision.models.video.r3d_18(), (1, 3, 8, 56, 56)),
+    "r2plus1d_18 (video)": (lambda: torchvision.models.video.r2plus1d_18(), (1, 3, 8, 56, 56)),
     "BasicUNet 3-D (volume)": (_basic_unet, (1, 1, 64, 64, 64)),
     "TCN1d (audio)": (TCN1d, (1, 40, 1000)),
 }
@@ -89,9 +92,15 @@ def main() -> None:
     parser.add_argument("--table-repeat", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--final-repeat", type=int, default=20)
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the models run in results/nd_speedup")
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = [r for name in args.only or MODELS for r in bench(name, args)]
+    if args.update:  # the models run replace theirs; the others stay as recorded
+        run = {r["model"] for r in rows}
+        old = json.loads((RESULTS / "nd_speedup.json").read_text())["rows"]
+        rows = [r for r in old if r["model"] not in run] + rows
     write("nd_speedup", {"backend": "eager CPU", "batch": 1, "threads": 2,
                          "weights": "random (BatchNorm statistics from 3 training passes)",
                          "importance": "output agreement on the input batch",
