@@ -1,7 +1,7 @@
-"""Measured speed-ups of 1-D and 3-D networks: video models (torchvision r3d_18, and
-r2plus1d_18's factorised 1x3x3 + 3x1x1 convs), a 3-D U-Net on a 64x64x64 volume (MONAI
-BasicUNet with BatchNorm) and a Conv1d keyword-spotting TCN (`fxmerge.models.TCN1d`), eager
-CPU, batch 1, 2 threads.
+"""Measured speed-ups of 1-D and 3-D networks: video models (torchvision r3d_18,
+r2plus1d_18's factorised 1x3x3 + 3x1x1 convs, mc3_18's 1x3x3 stages), a 3-D U-Net on a
+64x64x64 volume (MONAI BasicUNet with BatchNorm) and a Conv1d keyword-spotting TCN
+(`fxmerge.models.TCN1d`), eager CPU, batch 1, 2 threads.
 
     python benchmarks/bench_nd.py [--only "r3d_18 (video)" ...] [--budgets 0.7 0.5] [--update]
 
@@ -38,6 +38,7 @@ def _basic_unet():
 MODELS = {
     "r3d_18 (video)": (lambda: torchvision.models.video.r3d_18(), (1, 3, 8, 56, 56)),
     "r2plus1d_18 (video)": (lambda: torchvision.models.video.r2plus1d_18(), (1, 3, 8, 56, 56)),
+    "mc3_18 (video)": (lambda: torchvision.models.video.mc3_18(), (1, 3, 8, 56, 56)),
     "BasicUNet 3-D (volume)": (_basic_unet, (1, 1, 64, 64, 64)),
     "TCN1d (audio)": (TCN1d, (1, 40, 1000)),
 }
@@ -100,7 +101,8 @@ def main() -> None:
     if args.update:  # the models run replace theirs; the others stay as recorded
         run = {r["model"] for r in rows}
         old = json.loads((RESULTS / "nd_speedup.json").read_text())["rows"]
-        rows = [r for r in old if r["model"] not in run] + rows
+        rows = sorted([r for r in old if r["model"] not in run] + rows,
+                      key=lambda r: list(MODELS).index(r["model"]))
     write("nd_speedup", {"backend": "eager CPU", "batch": 1, "threads": 2,
                          "weights": "random (BatchNorm statistics from 3 training passes)",
                          "importance": "output agreement on the input batch",

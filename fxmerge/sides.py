@@ -26,11 +26,8 @@ def compact(values: Sequence[int]) -> Sides:
 
 
 def largest(value: Sides) -> int:
+    """The largest side."""
     return value if isinstance(value, int) else max(value)
-
-
-def smallest(value: Sides) -> int:
-    return value if isinstance(value, int) else min(value)
 
 
 def label(value: Sides) -> str:

@@ -36,7 +36,8 @@ def reach(space: MergeSpace) -> dict[str, Any]:
 
 def summary(space: MergeSpace) -> str:
     """A readable table of the searched convs and the size of the space."""
-    header = (f"{'pos':>4}  {'conv':<28} {'in->out':>11} {'k':>2} {'s':>2} {'g':>4}  "
+    wide = max([2] + [len(label(v)) for c in space.convs for v in (c.kernel, c.stride)])
+    header = (f"{'pos':>4}  {'conv':<28} {'in->out':>11} {'k':>{wide}} {'s':>{wide}} {'g':>4}  "
               f"{'act':<9} {'R':<1} note")
     lines = [header]
     starts = {s.source: s for s in space.skips}
@@ -53,7 +54,8 @@ def summary(space: MergeSpace) -> str:
             note.append("break")
         lines.append(
             f"{c.index:>4}  {c.name:<28} {c.in_channels:>5}->{c.out_channels:<5}"
-            f"{label(c.kernel):>2} {label(c.stride):>2} {c.groups:>4}  {c.activation or '-':<9} "
+            f"{label(c.kernel):>{wide}} {label(c.stride):>{wide}} {c.groups:>4}  "
+            f"{c.activation or '-':<9} "
             f"{'R' if c.irreducible else ' '} {', '.join(note)}"
         )
     for name, why in space.left_out.items():
