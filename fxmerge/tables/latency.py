@@ -31,6 +31,7 @@ from ..backends.timing import (
     check_load,
     clock,
     machine_description,
+    steady_memory,
     time_callable,
     timing_inputs,
     using_threads,
@@ -197,7 +198,8 @@ def _layer_bytes(layer: LayerSpec, dtype: torch.dtype) -> int:
 # layers are timed in every group, so that `steady` can also divide out
 # the machine's speed in each group's stretch of time. A layer whose median is still
 # uncertain after the rounds (its standard error over SETTLE of it) is timed again for as
-# many rounds, among such layers (`retimed`; `unsettled` if it still is).
+# many rounds, among such layers (`retimed`; `unsettled` if it still is). Memory is held
+# steady while timing (`steady_memory`: no page faults that come and go with the heap).
 MIN_TIMED_RUNS = 5
 GROUP_BYTES = 1 << 30
 ANCHORS = 5
@@ -298,7 +300,7 @@ def time_layers(layers: dict[str, LayerSpec], samples: dict[str, list[Run]],
     rounds = [(g, r) for g in range(len(groups)) for r in range(repeat)]
     runs: dict[str, int] = {}  # how many of the `repeat` rounds each layer runs in
     built: dict[str, Callable] = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), steady_memory():
         for n, (g, r) in enumerate(iterate(rounds, desc, "round", progress)):
             if r == 0:
                 built.clear()  # the last group's layers are freed before the next is built
