@@ -146,16 +146,14 @@ def _grouped_matmul(m: torch.Tensor, groups: int, v: torch.Tensor) -> torch.Tens
     return prod.reshape(out_ch, *rest)
 
 
-def from_conv(conv: nn.Module, dtype: torch.dtype = torch.float64,
-              padding: Sequence[int] | None = None) -> AffineConv:
+def from_conv(conv: nn.Module, dtype: torch.dtype = torch.float64) -> AffineConv:
     """The affine map of an `nn.Conv1d/2d/3d` (zero padding), in its own form: its kernel,
-    groups, dilation, stride and padding per axis (or `padding`, negative where its input is
-    cropped first)."""
+    groups, and its dilation, stride and padding per axis."""
     weight = conv.weight.detach().to(dtype)
     bias = (conv.bias.detach().to(dtype) if conv.bias is not None
             else weight.new_zeros(conv.out_channels))
-    pads = tuple(conv.padding) if padding is None else tuple(padding)
-    return AffineConv(weight, bias, tuple(conv.stride), pads, conv.groups, tuple(conv.dilation))
+    return AffineConv(weight, bias, tuple(conv.stride), tuple(conv.padding), conv.groups,
+                      tuple(conv.dilation))
 
 
 def identity(channels: int, dtype: torch.dtype = torch.float64, rank: int = 2) -> AffineConv:
