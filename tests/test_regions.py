@@ -2,6 +2,7 @@
 `reparameterize`, searched as one conv position by `analyze`, kept branched by `prune` and
 collapsed by `merge` (docs/method.md §4b)."""
 
+import json
 import operator
 
 import pytest
@@ -315,3 +316,13 @@ def test_a_kernel_off_a_square_grid_is_read_in_its_own_form():
     x = torch.randn(1, 4, 7, 7, dtype=torch.float64)
     with torch.no_grad():
         assert relative_error(conv(x), affine(x)) <= 1e-12
+
+
+def test_a_space_saved_with_one_padding_per_region_reads_back():
+    """Before paddings were per axis a region's was one int: such a saved space loads."""
+    model = Branched(4, 4, 1, [("conv", (3, 3), 1, True), ("conv", (1, 1), 1, False)], 0)
+    space = fxmerge.analyze(_traced(model, torch.randn(1, 4, 7, 7, dtype=torch.float64)))
+    data = json.loads(space.to_json())
+    assert data["regions"][0]["padding"] == [1, 1]
+    data["regions"][0]["padding"] = 1
+    assert fxmerge.MergeSpace.from_json(json.dumps(data)) == space

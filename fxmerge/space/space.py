@@ -16,6 +16,7 @@ from ..capture import require_graph_module
 from ..capture.families import NodeKind
 from ..capture.regions import Branch, Region
 from ..errors import ArgumentError, SpaceError
+from ..sides import per_axis
 from . import kernels, report
 from .records import (
     IDENTITY,
@@ -91,7 +92,8 @@ class MergeSpace:
                                             "inputs": tuple(n["inputs"])})
                                for n in data["nodes"]]
             values["regions"] = [Region(**{
-                **r, "nodes": tuple(r["nodes"]), "padding": tuple(r["padding"]),
+                **r, "nodes": tuple(r["nodes"]), "padding": per_axis(  # one int before
+                    r["padding"], len(r["branches"][0]["padding"])),
                 "branches": tuple(Branch(**{**b, "padding": tuple(b["padding"])})
                                   for b in r["branches"])})
                 for r in data.get("regions", ())]
