@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MergeError
-from .sides import Sides, compact, label, per_axis
+from .sides import Sides, label, per_axis
 
 
 @dataclass(frozen=True)
@@ -84,11 +84,6 @@ CONV_MODULES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Co
 def _format_bytes(n: int) -> str:
     """`n` bytes for a person: MiB from 1 MiB up, else bytes."""
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
-
-
-def _label(values: Sequence[int]) -> str:
-    """Per-axis values for a message: `2`, or `1x2x2` where they differ."""
-    return label(compact(values))
 
 
 def _check_size(shape: tuple[int, ...], itemsize: int, max_bytes: int | None,
@@ -216,8 +211,8 @@ def compose(first: AffineConv, second: AffineConv, max_bytes: int | None = None
                        is_identity=False)
     if any(second.padding):
         raise MergeError(
-            f"cannot compose: the second conv pads by {_label(second.padding)}; move the padding of a "
-            "block to its first conv (fxmerge.prune does) before merging")
+            f"cannot compose: the second conv pads by {label(second.padding)}; move the "
+            "padding of a block to its first conv (fxmerge.prune does) before merging")
     if first.out_channels != second.in_channels:
         raise MergeError(f"channel mismatch {first.out_channels} -> {second.in_channels}")
     s = first.stride
@@ -255,7 +250,7 @@ def crop_output(a: AffineConv, amount: Sides | Sequence[int]) -> AffineConv:
     amount = per_axis(amount, a.rank)
     if any(n < 0 for n in amount) and not a.is_identity:
         raise MergeError(f"zero-padding the output of a non-identity conv by "
-                         f"{_label([-n for n in amount])} is not a convolution")
+                         f"{label([-n for n in amount])} is not a convolution")
     return replace(a, padding=[p - n * s for p, n, s in zip(a.padding, amount, a.stride)])
 
 
@@ -266,8 +261,8 @@ def add(a: AffineConv, b: AffineConv, max_bytes: int | None = None) -> AffineCon
     if a.rank != b.rank:
         raise MergeError(f"cannot fuse an add of a {a.rank}-D and a {b.rank}-D path")
     if a.stride != b.stride:
-        raise MergeError(f"cannot fuse an add of stride {_label(a.stride)} and stride "
-                         f"{_label(b.stride)} paths")
+        raise MergeError(f"cannot fuse an add of stride {label(a.stride)} and stride "
+                         f"{label(b.stride)} paths")
     reach_a = [e - 1 - 2 * p for e, p in zip(a.extent, a.padding)]
     reach_b = [e - 1 - 2 * p for e, p in zip(b.extent, b.padding)]
     if reach_a != reach_b:
@@ -295,7 +290,7 @@ def to_conv(a: AffineConv, dtype: torch.dtype, device: torch.device | None = Non
     `condition_conv`), with `a`'s groups and dilation; its weights are never initialised,
     only assigned."""
     if any(p < 0 for p in a.padding):
-        raise MergeError(f"merged conv would need negative padding {_label(a.padding)}")
+        raise MergeError(f"merged conv would need negative padding {label(a.padding)}")
     conv = CONV_MODULES[a.rank](a.in_channels, a.out_channels, a.kernel, a.stride, a.padding,
                      dilation=a.dilation, groups=a.groups, bias=True, device="meta")
     conv.weight = nn.Parameter(a.weight.to(dtype=dtype, device=device).contiguous())

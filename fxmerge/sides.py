@@ -30,6 +30,7 @@ def largest(value: Sides) -> int:
     return value if isinstance(value, int) else max(value)
 
 
-def label(value: Sides) -> str:
+def label(value: Sides | Sequence[int]) -> str:
     """`3`, or `1x3x3` where the axes differ."""
+    value = value if isinstance(value, int) else compact(value)
     return str(value) if isinstance(value, int) else "x".join(map(str, value))

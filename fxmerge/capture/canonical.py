@@ -130,7 +130,8 @@ class Canonicaliser:
         model trained. None for any other weight."""
         if not isinstance(arg, fx.Node) or arg.op not in ("call_function", "call_method"):
             return None
-        nodes = [n for n in self.gm.graph.nodes if n is arg or n in ops.ancestors(arg)]
+        inputs = ops.ancestors(arg)
+        nodes = [n for n in self.gm.graph.nodes if n is arg or n in inputs]
         if any(n.op not in ("get_attr", "call_function", "call_method") for n in nodes):
             return None
         leaves = {n: self.constant(n) for n in nodes if n.op == "get_attr"}
@@ -163,7 +164,8 @@ class Canonicaliser:
         weight's computation, once the weight is folded into a module)."""
         if not isinstance(arg, fx.Node) or arg.op == "placeholder":
             return
-        nodes = [n for n in self.gm.graph.nodes if n is arg or n in ops.ancestors(arg)]
+        inputs = ops.ancestors(arg)
+        nodes = [n for n in self.gm.graph.nodes if n is arg or n in inputs]
         for n in reversed(nodes):
             if not n.users and n.op != "placeholder":
                 self.gm.graph.erase_node(n)

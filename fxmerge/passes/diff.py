@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from ..capture import ops, require_graph_module
-from ..sides import compact, label
+from ..sides import label
 
 
 def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -15,10 +15,10 @@ def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
         m = gm.get_submodule(node.target)
         if isinstance(m, ops.CONVS):
             g = f" g{m.groups}" if m.groups > 1 else ""
-            d = f" d{label(compact(m.dilation))}" if max(m.dilation) > 1 else ""
+            d = f" d{label(m.dilation)}" if max(m.dilation) > 1 else ""
             return (f"{node.target}: {type(m).__name__} {m.in_channels}->{m.out_channels} "
-                    f"{'x'.join(map(str, m.kernel_size))} s{label(compact(m.stride))} "
-                    f"p{m.padding if isinstance(m.padding, str) else label(compact(m.padding))}"
+                    f"{'x'.join(map(str, m.kernel_size))} s{label(m.stride)} "
+                    f"p{m.padding if isinstance(m.padding, str) else label(m.padding)}"
                     f"{d}{g}")
         return f"{node.target}: {type(m).__name__}"
     if node.op == "call_function":

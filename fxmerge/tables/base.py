@@ -27,8 +27,9 @@ def _key_to_json(key: Key) -> Any:
 
 
 def _key_from_json(raw: Any) -> Key:
-    """A key from JSON: a conv name, `[i, j, k, dw]` (`k` an int or one per axis), or a Depth key `{"block": [i, j],
-    "start_activation": bool, "end_activation": bool}` (TableError for anything else)."""
+    """A key from JSON: a conv name, `[i, j, k, dw]` (`k` an int or one per axis), or a
+    Depth key `{"block": [i, j], "start_activation": bool, "end_activation": bool}`
+    (TableError for anything else)."""
     if isinstance(raw, str):
         return raw
     if isinstance(raw, dict):
