@@ -79,6 +79,8 @@ def test_malformed_plan_files(text, match):
     ("kernel", 3.7, "'kernel' must be int"), ("kernel", "abc", "'kernel' must be int"),
     ("kernel", True, "'kernel' must be int"), ("activation", "no", "'activation' must be bool"),
     ("kept", "conv1", "'kept' must be list"), ("convs", [1, 2], "list of module names"),
+    ("kernel", [], "int or a list of ints"), ("kernel", [1, "3", 3], "int or a list of ints"),
+    ("kernel", [1, True, 3], "int or a list of ints"),
 ])
 def test_wrongly_typed_plan_blocks(resnet, field, value, match):
     data = _plan_dict(resnet[1])
@@ -129,6 +131,11 @@ def test_malformed_tables(resnet):
         ("", "invalid JSON"), ("null", "expected a latency table"),
         ('{"kind": "latency", "signature": "x"}', "'values' must be a list"),
         ('{"kind": "latency", "signature": "x", "values": [[[1, 2], 1.0]]}', "neither"),
+        ('{"kind": "latency", "signature": "x", "values": [[[1, 2, [], 0], 1.0]]}', "neither"),
+        ('{"kind": "latency", "signature": "x", "values": [[[1, 2, [1, -3, 3], 0], 1.0]]}',
+         "neither"),
+        ('{"kind": "latency", "signature": "x", "values": [[[1, 2, [1, "3"], 0], 1.0]]}',
+         "neither"),
         ('{"kind": "latency", "signature": "x", "values": [[[1, 2, 3, 0], 1.0, 2]]}',
          "'values' must be a list"),
         ('{"kind": "latency", "values": []}', "'signature' must be a string"),
