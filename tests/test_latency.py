@@ -1,4 +1,5 @@
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -108,6 +109,28 @@ def test_a_stall_of_the_machine_reaches_every_layer_alike(monkeypatch):
             assert table[e] == pytest.approx(conv.weight.numel() / 1e3)
     assert machine.builds == table.settings.num_layers  # one group, built once
     assert table.settings.retimed == table.settings.unsettled == 0
+
+
+def test_each_round_runs_the_layers_in_a_new_order(monkeypatch):
+    """A small layer's time depends on what ran before it (the cache it leaves), so no
+    layer keeps the same neighbours: the rounds' orders differ, beyond one order and its
+    reverse, and each layer follows several others."""
+    space = tiny_space()
+    machine = FakeMachine().install(monkeypatch)
+    order = []
+    clock = machine.clock
+    monkeypatch.setattr(latency_mod, "clock", lambda fn, device: (order.append(fn),
+                                                                   clock(fn, device))[1])
+    table = fxmerge.measure_latency(space, warmup=1, repeat=12, check=False)
+    n = table.settings.num_layers
+    order = [fn for fn in order if order.count(fn) > 1]  # not a build's first, untimed run
+    assert n >= 4 and len(order) == 12 * n  # every layer in every round
+    rounds = [tuple(order[r * n:(r + 1) * n]) for r in range(12)]
+    assert len(set(rounds)) > 2
+    follows = {}
+    for before, fn in itertools.pairwise(order):
+        follows.setdefault(fn, set()).add(before)
+    assert all(len(f) >= 3 for f in follows.values())
 
 
 def test_a_layer_whose_median_is_uncertain_is_timed_again(monkeypatch):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import statistics
 import time
 import warnings
@@ -177,24 +178,36 @@ class LatencyTable(EntryTable):
         return total
 
 
-def _layer_bytes(layer: LayerSpec, dtype: torch.dtype) -> int:
-    """What a built layer holds: its weight, its input and its output."""
+def _weight_bytes(layer: LayerSpec, dtype: torch.dtype) -> int:
     rank = len(layer.input_shape) - 2
-    batch, channels, *sides = layer.input_shape
-    weight = (layer.out_channels * channels // layer.groups
-              * math.prod(per_axis(layer.kernel, rank)))
-    output = batch * layer.out_channels * math.prod(
-        -(-s // t) for s, t in zip(sides, per_axis(layer.stride, rank)))
-    return (weight + math.prod(layer.input_shape) + output) * dtype.itemsize
+    return (layer.out_channels * layer.input_shape[1] // layer.groups
+            * math.prod(per_axis(layer.kernel, rank)) * dtype.itemsize)
 
 
-# Layers are timed side by side: every round runs each layer once, in turn, the order
-# reversed every other round, so the machine's drift (a shared VM's speed wanders by tens of
-# percent over seconds) reaches every layer alike instead of deciding the one it hits. A
+def _output_bytes(layer: LayerSpec, dtype: torch.dtype) -> int:
+    batch, _, *sides = layer.input_shape
+    stride = per_axis(layer.stride, len(sides))
+    return (batch * layer.out_channels * math.prod(-(-s // t) for s, t in zip(sides, stride))
+            * dtype.itemsize)
+
+
+def _group_bytes(group: list[LayerSpec], dtype: torch.dtype) -> int:
+    """What a group of built layers holds: their weights, one input per input shape (the
+    layers share it) and, while one runs, its output."""
+    inputs = {layer.input_shape for layer in group}
+    return (sum(_weight_bytes(layer, dtype) for layer in group)
+            + sum(math.prod(shape) for shape in inputs) * dtype.itemsize
+            + max((_output_bytes(layer, dtype) for layer in group), default=0))
+
+
+# Layers are timed side by side: every round runs each layer once, in a new random order
+# (seeded by the round), so the machine's drift (a shared VM's speed wanders by tens of
+# percent over seconds) reaches every layer alike instead of deciding the one it hits, and
+# no layer's median carries the cache its fixed neighbours leave (docs/method.md §2). A
 # layer slower than its share of `seconds` runs in fewer rounds, spread evenly over them
 # (at least `MIN_TIMED_RUNS`). What drift is left is divided out (`steady`): a round whose
 # layers all ran slower than their medians was a slow round. Layers are built GROUP_BYTES
-# at a time, each group timed in its own rounds; with several groups, the ANCHORS smallest
+# at a time (`_group_bytes`), each group timed in its own rounds; with several groups, the ANCHORS smallest
 # layers are timed in every group, so that `steady` can also divide out
 # the machine's speed in each group's stretch of time. A layer whose median is still
 # uncertain after the rounds (its standard error over SETTLE of it) is timed again for as
@@ -258,30 +271,28 @@ def uncertainty(samples: list[float]) -> float:
     return 1.2533 * timing.spread / 1.349 / math.sqrt(len(samples))
 
 
-def _pack(keys: list[str], size: dict[str, int], held: int) -> list[list[str]]:
-    """`keys` in order, in groups of at most GROUP_BYTES with `held` bytes already in each
-    (a larger layer alone)."""
+def _pack(keys: list[str], layers: dict[str, LayerSpec], dtype: torch.dtype,
+          held: list[str]) -> list[list[str]]:
+    """`keys` in order, in groups of at most GROUP_BYTES, each also holding `held` (a
+    larger layer alone)."""
     groups: list[list[str]] = [[]]
-    total = held
     for key in keys:
-        if groups[-1] and total + size[key] > GROUP_BYTES:
+        if groups[-1] and _group_bytes([layers[k] for k in held + groups[-1] + [key]],
+                                       dtype) > GROUP_BYTES:
             groups.append([])
-            total = held
         groups[-1].append(key)
-        total += size[key]
     return groups
 
 
 def _groups(layers: dict[str, LayerSpec], dtype: torch.dtype) -> list[list[str]]:
     """The layers in groups of at most GROUP_BYTES, each holding the ANCHORS smallest
     where there are several."""
-    size = {key: _layer_bytes(layer, dtype) for key, layer in layers.items()}
-    groups = _pack(list(layers), size, 0)
+    groups = _pack(list(layers), layers, dtype, [])
     if len(groups) == 1:
         return groups
-    anchors = sorted(layers, key=size.__getitem__)[:ANCHORS]
+    anchors = sorted(layers, key=lambda key: _group_bytes([layers[key]], dtype))[:ANCHORS]
     rest = [key for key in layers if key not in anchors]
-    return [anchors + g for g in _pack(rest, size, sum(size[key] for key in anchors))]
+    return [anchors + g for g in _pack(rest, layers, dtype, anchors)]
 
 
 def time_layers(layers: dict[str, LayerSpec], samples: dict[str, list[Run]],
@@ -304,24 +315,45 @@ def time_layers(layers: dict[str, LayerSpec], samples: dict[str, list[Run]],
         for n, (g, r) in enumerate(iterate(rounds, desc, "round", progress)):
             if r == 0:
                 built.clear()  # the last group's layers are freed before the next is built
-                built.update({key: _build(layers[key], key, samples, targets, runs,
-                                          backend, device, dtype, warmup, repeat, seconds)
+                inputs = {shape: torch.randn(shape, device=device, dtype=dtype)
+                          for shape in dict.fromkeys(layers[key].input_shape
+                                                     for key in groups[g])}
+                built.update({key: _build(layers[key], inputs[layers[key].input_shape], key,
+                                          samples, targets, runs, backend, device, dtype,
+                                          warmup, repeat, seconds)
                               for key in groups[g]})
-            for key in groups[g] if r % 2 == 0 else groups[g][::-1]:
+                del inputs
+            for key in random.Random(round_ + n).sample(groups[g], len(groups[g])):
                 if (r * runs[key]) // repeat != ((r + 1) * runs[key]) // repeat:
                     samples[key].append(Run(group + g, round_ + n, clock(built[key], device)))
             save()
     built.clear()
 
 
-def _build(layer: LayerSpec, key: str, samples: dict[str, list[Run]],
+def time_and_settle(layers: dict[str, LayerSpec], samples: dict[str, list[Run]],
+                    targets: dict[str, int], **timing) -> tuple[dict[str, list[float]], int]:
+    """Time the layers that lack runs (`time_layers`, same arguments), then again those
+    whose median is uncertain (`SETTLE`); each layer's runs with the machine's speed divided
+    out (`steady`), and how many were timed again."""
+    todo = {key: layer for key, layer in layers.items()
+            if len(samples.get(key, ())) < targets.get(key, 1)}
+    time_layers(todo, samples, targets, desc="latency table", **timing)
+    runs = steady(samples)
+    uncertain = {key: layer for key, layer in layers.items()  # (few runs asked: none)
+                 if timing["repeat"] >= MIN_TIMED_RUNS and uncertainty(runs[key]) > SETTLE}
+    if uncertain:
+        time_layers(uncertain, samples, targets, desc="latency table, again", **timing)
+        runs = steady(samples)
+    return runs, len(uncertain)
+
+
+def _build(layer: LayerSpec, x: torch.Tensor, key: str, samples: dict[str, list[Run]],
            targets: dict[str, int], runs: dict[str, int], backend: Backend,
            device: torch.device, dtype: torch.dtype, warmup: int, repeat: int,
            seconds: float) -> Callable:
-    """The layer built and run once; on its first build in this timing, warmed up and given
-    its number of runs (`runs`, and its target)."""
+    """The layer built (to run on `x`) and run once; on its first build in this timing,
+    warmed up and given its number of runs (`runs`, and its target)."""
     module = layer.module(device, dtype).eval()
-    x = torch.randn(layer.input_shape, device=device, dtype=dtype)
     fn = prepare(module, backend, x)
     fn(x)  # the first call sets the layer up (kernels chosen, compiled)
     if key not in runs:
@@ -350,7 +382,7 @@ def measure_latency(
     batch_size: int | None = None,
     dtype: torch.dtype = torch.float32,
     warmup: int = 10,
-    repeat: int = 40,
+    repeat: int = 100,
     seconds: float = 0.4,
     threads: int | None = None,
     cache: str | Path | None = None,
@@ -400,21 +432,13 @@ def measure_latency(
                   "repeat": repeat, "seconds": seconds, "progress": progress,
                   "save": lambda: _save_cache(cache, settings, samples, targets)}
         for attempt in (1, 2):
-            todo = {key: layer for key, layer in jobs.items()
-                    if len(samples.get(key, ())) < targets.get(key, 1)}
-            time_layers(todo, samples, targets, desc="latency table", **timing)
-            runs = steady(samples)
-            uncertain = {key: layer for key, layer in jobs.items()  # (few runs asked: none)
-                         if repeat >= MIN_TIMED_RUNS and uncertainty(runs[key]) > SETTLE}
-            if uncertain:
-                time_layers(uncertain, samples, targets, desc="latency table, again", **timing)
-                runs = steady(samples)
+            runs, retimed = time_and_settle(jobs, samples, targets, **timing)
             ms = {key: statistics.median(t) for key, t in runs.items()}
             values = {e: 0.0 for e in space.entries if e not in layers}  # removing a conv
             values.update({e: ms[_job_key(layer if deduplicate else e, layers)]
                            for e, layer in layers.items()})
             settings = replace(
-                settings, retimed=len(uncertain),
+                settings, retimed=retimed,
                 unsettled=sum(uncertainty(runs[key]) > SETTLE for key in jobs),
                 spread=round(statistics.median(Timing.of(runs[key]).spread for key in jobs),
                              4) if jobs else None)
