@@ -3,14 +3,17 @@ batch 8, eager, 2 threads): each table built twice in a row, each entry's ratio 
 the two, and the table's time.
 
     python benchmarks/bench_latency_stability.py [--label NAME] [--models ...]
-                                                 [--tables N | --same-time]
+                                                 [--tables N | --same-time | --stretches N]
 
 `--same-time` separates the table's own reproducibility from the machine's: every layer is
 built twice and both copies are timed in the same rounds of one table (the table's own
 procedure: rounds, groups, re-timing, `steady`), so the machine's speed is the same for
 both and each entry's ratio between its two copies is what the procedure itself scatters.
 `--tables N` builds N tables back to back and compares each with the next (a row per pair):
-how far entries move as the machine's speed changes (the median ratio).
+how far entries move as the machine's speed changes (the median ratio). `--stretches N`
+takes the table out of it: the layers (those under 15 ms) are built once and timed side by
+side (random order each round) for N stretches of 100 rounds, and each stretch's medians,
+each round's speed divided out, are compared with the next's.
 
 `--label` names the code measured (rows of other labels in the results are kept), so the
 same script measures fxmerge before and after a change (run it with each on PYTHONPATH).
@@ -24,6 +27,8 @@ import argparse
 import inspect
 import itertools
 import json
+import math
+import random
 import statistics
 import time
 
@@ -33,7 +38,7 @@ from common import RESULTS, write
 
 import fxmerge
 from fxmerge.backends.runtimes import Backend
-from fxmerge.backends.timing import using_threads
+from fxmerge.backends.timing import clock, steady_memory, using_threads
 from fxmerge.space import IDENTITY
 from fxmerge.tables import latency
 
@@ -46,6 +51,8 @@ def main() -> None:
     parser.add_argument("--label", default="current")
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--tables", type=int, default=2, help="tables back to back")
+    parser.add_argument("--stretches", type=int, default=0,
+                        help="time the same built layers for N stretches")
     parser.add_argument("--same-time", action="store_true",
                         help="two copies of every layer in one table's rounds")
     args = parser.parse_args()
@@ -58,8 +65,12 @@ def main() -> None:
         gm = fxmerge.trace(getattr(torchvision.models, name)().eval(),
                            torch.randn(8, 3, 224, 224))
         space = fxmerge.analyze(gm, exclude=MODELS[name])
-        tables, seconds = (same_time(space) if args.same_time
-                           else back_to_back(space, gm, args.tables))
+        if args.stretches:
+            tables, seconds = stretches(space, args.stretches)
+        elif args.same_time:
+            tables, seconds = same_time(space)
+        else:
+            tables, seconds = back_to_back(space, gm, args.tables)
         for n, (a, b) in enumerate(itertools.pairwise(tables)):
             code = args.label if len(tables) == 2 else f"{args.label} (tables {n}, {n + 1})"
             rows.append(compare(a, b, space) | {"code": code, "model": name,
@@ -69,7 +80,7 @@ def main() -> None:
                                 "tables": "two built back to back, per code and model "
                                           "(`same time`: two copies in one table's rounds)"},
           rows, ["code", "model", "entries", "worst_ratio", "median_ratio", "within_10pct",
-                 "worst_over_median", "within_10pct_of_median", "table_s"],
+                 "worst_over_median", "within_10pct_of_median", "table_s", "worst_entry"],
           "Two latency tables built back to back")
 
 
@@ -77,15 +88,18 @@ def compare(a: dict, b: dict, space: fxmerge.MergeSpace) -> dict:
     """Each entry's ratio between two tables: the worst, the median (the machine's drift
     between them, one scale for a whole table, which no plan depends on), the share within
     10%, and the same with the median divided out (what the solver sees)."""
-    ratios = [a[e] / b[e] for e in space.entries if a[e] > 0]
-    median = statistics.median(ratios)
-    relative = [r / median for r in ratios]
+    ratios = {e: a[e] / b[e] for e in space.entries if a[e] > 0}
+    median = statistics.median(ratios.values())
+    worst = max(ratios, key=lambda e: abs(math.log(ratios[e] / median)))
+    ratios, relative = list(ratios.values()), [r / median for r in ratios.values()]
     return {"entries": len(ratios), "worst_ratio": round(max(max(r, 1 / r) for r in ratios), 3),
             "median_ratio": round(median, 3),
             "within_10pct": round(sum(0.9 <= r <= 1.1 for r in ratios) / len(ratios), 3),
             "worst_over_median": round(max(max(r, 1 / r) for r in relative), 3),
             "within_10pct_of_median": round(sum(0.9 <= r <= 1.1 for r in relative)
-                                            / len(ratios), 3)}
+                                            / len(ratios), 3),
+            "worst_entry": f"{tuple(worst)}: {fxmerge.entry_layer(space, worst).label}, "
+                           f"{a[worst]:.3g} / {b[worst]:.3g} ms"}
 
 
 def back_to_back(space: fxmerge.MergeSpace, gm: torch.fx.GraphModule, count: int
@@ -118,6 +132,36 @@ def same_time(space: fxmerge.MergeSpace) -> tuple[list[dict], list[float]]:
     ms = {key: statistics.median(t) for key, t in runs.items()}
     return [{e: ms[f"{layer.label} #{n}"] for e, layer in layers.items()} | {
         e: 0.0 for e in space.entries if e not in layers} for n in (1, 2)], [seconds] * 2
+
+
+def stretches(space: fxmerge.MergeSpace, count: int, rounds: int = 100
+              ) -> tuple[list[dict], list[float]]:
+    """Each entry's milliseconds in each of `count` stretches of `rounds` rounds, the same
+    built layers throughout, and the seconds per stretch."""
+    layers = {e: fxmerge.entry_layer(space, e) for e in space.entries
+              if (e.k, e.dw) != IDENTITY}
+    cpu, built, inputs = torch.device("cpu"), {}, {}
+    with torch.inference_mode(), steady_memory(), using_threads(2):
+        for layer in dict.fromkeys(layers.values()):
+            x = inputs.setdefault(layer.input_shape, torch.randn(layer.input_shape))
+            module = layer.module(cpu, torch.float32).eval()
+            module(x)
+            if clock(lambda m=module, x=x: m(x), cpu) < 15:
+                built[layer.label] = lambda m=module, x=x: m(x)
+        samples = {key: [] for key in built}
+        started = time.perf_counter()
+        for r in range(count * rounds):
+            for key in random.Random(r).sample(list(built), len(built)):
+                samples[key].append(latency.Run(r // rounds, r, clock(built[key], cpu)))
+        seconds = (time.perf_counter() - started) / count
+    tables = []
+    for n in range(count):
+        runs = latency.steady({key: [run for run in s if run.group == n]
+                               for key, s in samples.items()})
+        ms = {key: statistics.median(t) for key, t in runs.items()}
+        tables.append({e: ms.get(layer.label, 0.0) for e, layer in layers.items()}
+                      | {e: 0.0 for e in space.entries if e not in layers})
+    return tables, [seconds] * count
 
 
 if __name__ == "__main__":
