@@ -5,15 +5,16 @@ the two, and the table's time.
     python benchmarks/bench_latency_stability.py [--label NAME] [--models ...]
                                                  [--tables N | --same-time | --stretches N]
 
-`--same-time` separates the table's own reproducibility from the machine's: every layer is
-built twice and both copies are timed in the same rounds of one table (the table's own
-procedure: rounds, groups, re-timing, `steady`), so the machine's speed is the same for
-both and each entry's ratio between its two copies is what the procedure itself scatters.
+`--same-time` separates the table's own reproducibility from the machine's: one table times
+every entry as its own layer (`deduplicate=False`), so the entries that share a layer are
+copies of it timed in the same rounds by the table's own procedure (rounds, groups,
+re-timing); the machine's speed is the same for both, and two copies' ratio is what the
+procedure itself scatters.
 `--tables N` builds N tables back to back and compares each with the next (a row per pair):
 how far entries move as the machine's speed changes (the median ratio). `--stretches N`
 takes the table out of it: the layers (those under 15 ms) are built once and timed side by
-side (random order each round) for N stretches of 100 rounds, and each stretch's medians,
-each round's speed divided out, are compared with the next's.
+side (random order each round, memory held steady) for N stretches of 100 rounds, and each
+stretch's medians are compared with the next's.
 
 `--label` names the code measured (rows of other labels in the results are kept), so the
 same script measures fxmerge before and after a change (run it with each on PYTHONPATH).
@@ -24,23 +25,19 @@ drift between the two tables, one scale for a whole table, which no plan depends
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
 import json
 import math
 import random
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torchvision
 from common import RESULTS, write
 
 import fxmerge
-from fxmerge.backends.runtimes import Backend
-from fxmerge.backends.timing import clock, steady_memory, using_threads
-from fxmerge.space import IDENTITY
-from fxmerge.tables import latency
 
 MODELS = {"mobilenet_v2": ["features.0.0", "features.18.0"], "resnet50": ["conv1"]}
 
@@ -113,54 +110,51 @@ def back_to_back(space: fxmerge.MergeSpace, gm: torch.fx.GraphModule, count: int
 
 
 def same_time(space: fxmerge.MergeSpace) -> tuple[list[dict], list[float]]:
-    """Each entry's milliseconds from the two copies of its layer, timed in the same rounds,
-    and the time the one table took."""
-    defaults = inspect.signature(fxmerge.measure_latency).parameters
-    layers = {e: fxmerge.entry_layer(space, e) for e in space.entries 
-              if (e.k, e.dw) != IDENTITY}
-    copies = {f"{layer.label} #{n}": layer for layer in dict.fromkeys(layers.values())
-              for n in (1, 2)}
-    samples, targets = {}, {}
+    """One table that times every entry as its own layer (`deduplicate=False`): entries
+    that share a layer are copies timed in the same rounds. For each layer of several
+    entries, its first two entries' milliseconds (every such entry gets that pair), and the
+    time the table took."""
     started = time.perf_counter()
-    with using_threads(2):
-        runs, _ = latency.time_and_settle(
-            copies, samples, targets, backend=Backend.EAGER,
-            device=torch.device("cpu"), dtype=torch.float32, progress=False,
-            save=lambda: None, **{name: defaults[name].default
-                                  for name in ("warmup", "repeat", "seconds")})
+    table = fxmerge.measure_latency(space, threads=2, deduplicate=False, progress=False)
     seconds = time.perf_counter() - started
-    ms = {key: statistics.median(t) for key, t in runs.items()}
-    return [{e: ms[f"{layer.label} #{n}"] for e, layer in layers.items()} | {
-        e: 0.0 for e in space.entries if e not in layers} for n in (1, 2)], [seconds] * 2
+    copies: dict[str, list[fxmerge.Entry]] = {}
+    for e in space.entries:
+        if table[e] > 0:
+            copies.setdefault(fxmerge.entry_layer(space, e).label, []).append(e)
+    pairs = {e: c[:2] for c in copies.values() if len(c) > 1 for e in c}
+    return [{e: table[pairs[e][n]] if e in pairs else 0.0 for e in space.entries}
+            for n in (0, 1)], [seconds] * 2
 
 
 def stretches(space: fxmerge.MergeSpace, count: int, rounds: int = 100
               ) -> tuple[list[dict], list[float]]:
-    """Each entry's milliseconds in each of `count` stretches of `rounds` rounds, the same
-    built layers throughout, and the seconds per stretch."""
+    """Each entry's median milliseconds in each of `count` stretches of `rounds` rounds,
+    the same built layers throughout, and the seconds per stretch."""
     layers = {e: fxmerge.entry_layer(space, e) for e in space.entries
-              if (e.k, e.dw) != IDENTITY}
-    cpu, built, inputs = torch.device("cpu"), {}, {}
-    with torch.inference_mode(), steady_memory(), using_threads(2):
+              if e.k != 0}  # identity entries cost nothing
+    built, inputs = {}, {}
+
+    def clock(fn: Callable[[], object]) -> float:
+        started = time.perf_counter()
+        fn()
+        return (time.perf_counter() - started) * 1e3
+
+    with torch.inference_mode(), fxmerge.steady_memory(), fxmerge.using_threads(2):
         for layer in dict.fromkeys(layers.values()):
             x = inputs.setdefault(layer.input_shape, torch.randn(layer.input_shape))
-            module = layer.module(cpu, torch.float32).eval()
+            module = layer.module(torch.device("cpu"), torch.float32).eval()
             module(x)
-            if clock(lambda m=module, x=x: m(x), cpu) < 15:
+            if clock(lambda m=module, x=x: m(x)) < 15:
                 built[layer.label] = lambda m=module, x=x: m(x)
-        samples = {key: [] for key in built}
+        runs = [{key: [] for key in built} for _ in range(count)]
         started = time.perf_counter()
         for r in range(count * rounds):
             for key in random.Random(r).sample(list(built), len(built)):
-                samples[key].append(latency.Run(r // rounds, r, clock(built[key], cpu)))
+                runs[r // rounds][key].append(clock(built[key]))
         seconds = (time.perf_counter() - started) / count
-    tables = []
-    for n in range(count):
-        runs = latency.steady({key: [run for run in s if run.group == n]
-                               for key, s in samples.items()})
-        ms = {key: statistics.median(t) for key, t in runs.items()}
-        tables.append({e: ms.get(layer.label, 0.0) for e, layer in layers.items()}
-                      | {e: 0.0 for e in space.entries if e not in layers})
+    tables = [{e: statistics.median(ms[layer.label]) if layer.label in ms else 0.0
+               for e, layer in layers.items()} | {e: 0.0 for e in space.entries
+                                                  if e not in layers} for ms in runs]
     return tables, [seconds] * count
 
 

@@ -3,7 +3,12 @@
 import logging
 
 from .backends import backend
-from .backends.timing import time_against_reference, time_interleaved, using_threads
+from .backends.timing import (
+    steady_memory,
+    time_against_reference,
+    time_interleaved,
+    using_threads,
+)
 from .capture import check_canonical, trace
 from .compress import CompressResult, compress
 from .deploy import export_onnx, load, save
@@ -97,6 +102,7 @@ __all__ = [
     "score_plan",
     "solve",
     "solve_measured",
+    "steady_memory",
     "time_against_reference",
     "time_interleaved",
     "trace",
