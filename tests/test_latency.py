@@ -133,6 +133,23 @@ def test_each_round_runs_the_layers_in_a_new_order(monkeypatch):
     assert all(len(f) >= 3 for f in follows.values())
 
 
+def test_layers_of_one_input_shape_share_one_input(monkeypatch):
+    """A group holds one input per input shape (and `_group_bytes` counts it once), so
+    MobileNetV2's table at batch 8 is one group of 741 MiB, not two of 1,466."""
+    space = tiny_space()
+    machine = FakeMachine().install(monkeypatch)
+    seen = {}
+
+    def prepare(module, backend, x):
+        seen.setdefault(tuple(x.shape), set()).add(x.data_ptr())
+        return machine.prepare(module, backend, x)
+
+    monkeypatch.setattr(latency_mod, "prepare", prepare)
+    table = fxmerge.measure_latency(space, warmup=1, repeat=3, check=False)
+    assert len(seen) < table.settings.num_layers  # layers that share a shape
+    assert all(len(inputs) == 1 for inputs in seen.values())
+
+
 def test_a_layer_whose_median_is_uncertain_is_timed_again(monkeypatch):
     space = tiny_space()
     noisy = {"on": True}

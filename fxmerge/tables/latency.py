@@ -207,8 +207,8 @@ def _group_bytes(group: list[LayerSpec], dtype: torch.dtype) -> int:
 # layer slower than its share of `seconds` runs in fewer rounds, spread evenly over them
 # (at least `MIN_TIMED_RUNS`). What drift is left is divided out (`steady`): a round whose
 # layers all ran slower than their medians was a slow round. Layers are built GROUP_BYTES
-# at a time (`_group_bytes`), each group timed in its own rounds; with several groups, the ANCHORS smallest
-# layers are timed in every group, so that `steady` can also divide out
+# at a time (`_group_bytes`), each group timed in its own rounds; with several groups, the
+# ANCHORS smallest layers are timed in every group, so that `steady` can also divide out
 # the machine's speed in each group's stretch of time. A layer whose median is still
 # uncertain after the rounds (its standard error over SETTLE of it) is timed again for as
 # many rounds, among such layers (`retimed`; `unsettled` if it still is). Memory is held
@@ -330,7 +330,7 @@ def time_layers(layers: dict[str, LayerSpec], samples: dict[str, list[Run]],
     built.clear()
 
 
-def time_and_settle(layers: dict[str, LayerSpec], samples: dict[str, list[Run]],
+def _time_and_settle(layers: dict[str, LayerSpec], samples: dict[str, list[Run]],
                     targets: dict[str, int], **timing) -> tuple[dict[str, list[float]], int]:
     """Time the layers that lack runs (`time_layers`, same arguments), then again those
     whose median is uncertain (`SETTLE`); each layer's runs with the machine's speed divided
@@ -432,7 +432,7 @@ def measure_latency(
                   "repeat": repeat, "seconds": seconds, "progress": progress,
                   "save": lambda: _save_cache(cache, settings, samples, targets)}
         for attempt in (1, 2):
-            runs, retimed = time_and_settle(jobs, samples, targets, **timing)
+            runs, retimed = _time_and_settle(jobs, samples, targets, **timing)
             ms = {key: statistics.median(t) for key, t in runs.items()}
             values = {e: 0.0 for e in space.entries if e not in layers}  # removing a conv
             values.update({e: ms[_job_key(layer if deduplicate else e, layers)]
