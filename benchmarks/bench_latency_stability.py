@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--stretches", type=int, default=0,
                         help="time the same built layers for N stretches")
     parser.add_argument("--same-time", action="store_true",
-                        help="two copies of every layer in one table's rounds")
+                        help="one table, entries that share a layer timed as its copies")
     args = parser.parse_args()
     torch.set_num_threads(2)
     path = RESULTS / "latency_stability.json"
@@ -75,7 +75,8 @@ def main() -> None:
             print(rows[-1], flush=True)
     write("latency_stability", {"input": "8x3x224x224", "backend": "eager", "threads": 2,
                                 "tables": "two built back to back, per code and model "
-                                          "(`same time`: two copies in one table's rounds)"},
+                                          "(or as the code's `--tables`, `--same-time`, "
+                                          "`--stretches` say)"},
           rows, ["code", "model", "entries", "worst_ratio", "median_ratio", "within_10pct",
                  "worst_over_median", "within_10pct_of_median", "table_s", "worst_entry"],
           "Two latency tables built back to back")
@@ -85,10 +86,11 @@ def compare(a: dict, b: dict, space: fxmerge.MergeSpace) -> dict:
     """Each entry's ratio between two tables: the worst, the median (the machine's drift
     between them, one scale for a whole table, which no plan depends on), the share within
     10%, and the same with the median divided out (what the solver sees)."""
-    ratios = {e: a[e] / b[e] for e in space.entries if a[e] > 0}
-    median = statistics.median(ratios.values())
-    worst = max(ratios, key=lambda e: abs(math.log(ratios[e] / median)))
-    ratios, relative = list(ratios.values()), [r / median for r in ratios.values()]
+    by_entry = {e: a[e] / b[e] for e in space.entries if a[e] > 0}
+    ratios = list(by_entry.values())
+    median = statistics.median(ratios)
+    worst = max(by_entry, key=lambda e: abs(math.log(by_entry[e] / median)))
+    relative = [r / median for r in ratios]
     return {"entries": len(ratios), "worst_ratio": round(max(max(r, 1 / r) for r in ratios), 3),
             "median_ratio": round(median, 3),
             "within_10pct": round(sum(0.9 <= r <= 1.1 for r in ratios) / len(ratios), 3),

@@ -118,9 +118,12 @@ def test_each_round_runs_the_layers_in_a_new_order(monkeypatch):
     space = tiny_space()
     machine = FakeMachine().install(monkeypatch)
     order = []
-    clock = machine.clock
-    monkeypatch.setattr(latency_mod, "clock", lambda fn, device: (order.append(fn),
-                                                                   clock(fn, device))[1])
+
+    def clock(fn, device):
+        order.append(fn)
+        return machine.clock(fn, device)
+
+    monkeypatch.setattr(latency_mod, "clock", clock)
     table = fxmerge.measure_latency(space, warmup=1, repeat=12, check=False)
     n = table.settings.num_layers
     order = [fn for fn in order if order.count(fn) > 1]  # not a build's first, untimed run

@@ -330,23 +330,6 @@ def time_layers(layers: dict[str, LayerSpec], samples: dict[str, list[Run]],
     built.clear()
 
 
-def _time_and_settle(layers: dict[str, LayerSpec], samples: dict[str, list[Run]],
-                    targets: dict[str, int], **timing) -> tuple[dict[str, list[float]], int]:
-    """Time the layers that lack runs (`time_layers`, same arguments), then again those
-    whose median is uncertain (`SETTLE`); each layer's runs with the machine's speed divided
-    out (`steady`), and how many were timed again."""
-    todo = {key: layer for key, layer in layers.items()
-            if len(samples.get(key, ())) < targets.get(key, 1)}
-    time_layers(todo, samples, targets, desc="latency table", **timing)
-    runs = steady(samples)
-    uncertain = {key: layer for key, layer in layers.items()  # (few runs asked: none)
-                 if timing["repeat"] >= MIN_TIMED_RUNS and uncertainty(runs[key]) > SETTLE}
-    if uncertain:
-        time_layers(uncertain, samples, targets, desc="latency table, again", **timing)
-        runs = steady(samples)
-    return runs, len(uncertain)
-
-
 def _build(layer: LayerSpec, x: torch.Tensor, key: str, samples: dict[str, list[Run]],
            targets: dict[str, int], runs: dict[str, int], backend: Backend,
            device: torch.device, dtype: torch.dtype, warmup: int, repeat: int,
@@ -432,13 +415,21 @@ def measure_latency(
                   "repeat": repeat, "seconds": seconds, "progress": progress,
                   "save": lambda: _save_cache(cache, settings, samples, targets)}
         for attempt in (1, 2):
-            runs, retimed = _time_and_settle(jobs, samples, targets, **timing)
+            todo = {key: layer for key, layer in jobs.items()
+                    if len(samples.get(key, ())) < targets.get(key, 1)}
+            time_layers(todo, samples, targets, desc="latency table", **timing)
+            runs = steady(samples)
+            uncertain = {key: layer for key, layer in jobs.items()  # (few runs asked: none)
+                         if repeat >= MIN_TIMED_RUNS and uncertainty(runs[key]) > SETTLE}
+            if uncertain:
+                time_layers(uncertain, samples, targets, desc="latency table, again", **timing)
+                runs = steady(samples)
             ms = {key: statistics.median(t) for key, t in runs.items()}
             values = {e: 0.0 for e in space.entries if e not in layers}  # removing a conv
             values.update({e: ms[_job_key(layer if deduplicate else e, layers)]
                            for e, layer in layers.items()})
             settings = replace(
-                settings, retimed=retimed,
+                settings, retimed=len(uncertain),
                 unsettled=sum(uncertainty(runs[key]) > SETTLE for key in jobs),
                 spread=round(statistics.median(Timing.of(runs[key]).spread for key in jobs),
                              4) if jobs else None)
