@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .capture import require_graph_module
-from .capture.families import NodeKind
+from .capture.registry import NodeKind
 from .errors import ArgumentError, PlanError, SpaceError
 from .sides import Sides, compact, label
 from .space import (

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import fxmerge
-from fxmerge.capture.families import NodeKind, kind_of
+from fxmerge.capture.registry import NodeKind, kind_of
 
 X = torch.randn(2, 4, 8, 8)
 

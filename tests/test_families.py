@@ -11,8 +11,8 @@ from torch import nn
 
 import fxmerge
 from fxmerge import algebra
-from fxmerge.capture import families
-from fxmerge.capture.families import KIND_META, NodeKind, OpFamily
+from fxmerge.capture import registry as families
+from fxmerge.capture.registry import KIND_META, NodeKind, OpFamily
 
 X = torch.randn(2, 4, 8, 8, dtype=torch.float64)
 

@@ -14,8 +14,8 @@ from torch import fx, nn
 
 import fxmerge
 from fxmerge.capture import ops
-from fxmerge.capture.families import NodeKind, kind_of
 from fxmerge.capture.regions import find_regions
+from fxmerge.capture.registry import NodeKind, kind_of
 from fxmerge.space import reach
 
 

@@ -18,8 +18,9 @@ from torch import fx
 
 from ..capture import ops, propagate_shapes, verify
 from ..capture.canonical import canonicalize
-from ..capture.families import CONV_FUNCTIONS
-from ..errors import ArgumentError, BackendError, FxMergeError, MergeError, PlanError, SpaceError
+from ..capture.families.conv import CONV_FUNCTIONS
+from ..capture.families.norm import refuse_training
+from ..errors import ArgumentError, BackendError, FxMergeError, PlanError, SpaceError
 from ..passes import transform
 from ..plan import Plan
 from ..space import analyze
@@ -87,7 +88,7 @@ def apply_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan
     """Canonicalise one graph dynamo captured (checked against it on the example inputs) and
     apply the part of `plan` whose convs it holds (a graph break splits a model into several
     graphs); a graph with no searched conv is returned canonical and unchanged."""
-    _refuse_training_mode(gm)
+    refuse_training(gm)
     canonical = canonicalize(copy.deepcopy(gm), example_inputs)
     got = propagate_shapes(canonical, example_inputs)
     verify(gm, canonical, example_inputs, got, "the graph torch.compile captured")
@@ -109,26 +110,6 @@ def apply_plan(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: Plan
     log.info("fxmerge backend: %d of the plan's %d blocks in this graph", len(part.blocks),
              len(plan.blocks))
     return transform(canonical, part, space)
-
-
-def _refuse_training_mode(gm: fx.GraphModule) -> None:
-    """`MergeError` when the captured graph normalises in training mode (batch statistics,
-    running-stat updates): merging folds BatchNorm statistics, which needs eval mode."""
-    for n in gm.graph.nodes:
-        training = None
-        if n.op == "call_module":
-            m = gm.get_submodule(n.target)
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                training = m.training
-        elif n.op == "call_function" and n.target is torch.nn.functional.batch_norm:
-            training = n.kwargs.get("training", n.args[5] if len(n.args) > 5 else False)
-        elif n.op == "call_function" and "batch_norm" in str(n.target) and \
-                "functional" in str(n.target):
-            training = True  # aten's functional batch norm updates running statistics
-        if training:
-            raise MergeError(f"node '{n.name}' normalises in training mode: call model.eval() "
-                             "before torch.compile with the fxmerge backend (merging folds "
-                             "BatchNorm statistics)")
 
 
 class _Refusal:

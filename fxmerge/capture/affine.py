@@ -1,5 +1,5 @@
 """Read a part of a canonical graph as one affine map of a value: each node by its op
-family's reading (`families.OpFamily.read`: convs composed, BatchNorms and per-channel
+family's reading (`registry.OpFamily.read`: convs composed, BatchNorms and per-channel
 scales folded, adds summed, pads and crops absorbed; `fxmerge.algebra` does the maths).
 The merge pass reads each block this way, the re-parameterisation pass each region of
 parallel branches."""
@@ -11,7 +11,7 @@ from torch import fx
 
 from .. import algebra
 from ..errors import MergeError
-from . import families
+from . import registry
 
 
 class AffineReader:
@@ -53,7 +53,7 @@ class AffineReader:
     def _step(self, node: fx.Node, strict: bool) -> algebra.AffineConv | None:
         if node.op == "placeholder" or not node.all_input_nodes:
             return self.refuse(node, strict, "not computed from the block's input")
-        family = families.family_of(self.gm, node)
+        family = registry.family_of(self.gm, node)
         if family is None or family.read is None:
             return self.refuse(node, strict, "unknown or non-linear op inside a block")
         return family.read(self, node, strict)

@@ -1,4 +1,4 @@
-"""Map every graph form onto the canonical forms of the op families (`families`).
+"""Map every graph form onto the canonical forms of the op families (`capture.families`).
 
 `symbolic_trace` gives `call_module` convs and norms, but traces through the zoos' own layers
 (timm's `BatchNormAct2d` becomes `F.batch_norm` + `Identity` + activation). `torch.compile`
@@ -11,7 +11,7 @@ Here each conv and foldable norm whose weights are constants of the graph become
 activation modules (`x * sigmoid(x)` is SiLU); identities (`nn.Identity`, dropout and drop
 path in eval mode, `x / 1.0`) disappear; `a + b` becomes `operator.add` where that is what it
 computes. A weight that is a forward input stays an input, and its conv a barrier. Each
-rewrite is its family's (`families.OpFamily.rewrites`); this module runs them and offers
+rewrite is its family's (`registry.OpFamily.rewrites`); this module runs them and offers
 them the graph's constants and names.
 """
 
@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from . import families, ops
+from ..errors import TraceError
+from . import ops, registry
 
 _SHAPE_READS = {getattr, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
                 operator.ge, operator.and_, len, "size", "dim"}
@@ -73,6 +74,12 @@ def _is_parameter_input(node: fx.Node) -> bool:
     return static and ("_parameters_" in node.name or "_buffers_" in node.name)
 
 
+class NotConstant(Exception):
+    """A rewrite's argument is not a constant of the graph: the node is not that family's
+    to rewrite (private to capture; a user's own error in a weight computation is not
+    caught as this)."""
+
+
 class Canonicaliser:
     """Rewrites one graph in place; the families' rewrites use its helpers."""
 
@@ -97,13 +104,14 @@ class Canonicaliser:
             return self.inputs[arg.name]
         if isinstance(arg, fx.Node) and arg.op in ("call_function", "call_method"):
             return self.computed(arg)
-        raise ValueError(f"{arg} is not a constant of the graph")
+        raise NotConstant(f"{arg} is not a constant of the graph")
 
     def computed(self, node: fx.Node) -> torch.Tensor:
         """The value of `node` when it is computed from constants of the graph alone (a
         weight standardised or normalised from parameters: weight norm, timm's
-        `ScaledStdConv2d`, `F.conv2d(x, f(self.w))`), evaluated once; `ValueError` when
-        anything it reads is a forward input or a module call."""
+        `ScaledStdConv2d`, `F.conv2d(x, f(self.w))`), evaluated once; `NotConstant` when
+        anything it reads is a forward input or a module call, `TraceError` when the
+        computation itself fails."""
         order = [n for n in self.gm.graph.nodes if n is node or n in ops.ancestors(node)]
         env: dict[fx.Node, Any] = {}
         with torch.no_grad():
@@ -112,13 +120,18 @@ class Canonicaliser:
                     env[n] = self.constant(n)
                 elif n.op in ("call_function", "call_method"):
                     args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
-                    env[n] = (n.target(*args, **kwargs) if n.op == "call_function"
-                              else getattr(args[0], n.target)(*args[1:], **kwargs))
+                    try:
+                        env[n] = (n.target(*args, **kwargs) if n.op == "call_function"
+                                  else getattr(args[0], n.target)(*args[1:], **kwargs))
+                    except Exception as exc:
+                        raise TraceError(f"node {n.name!r}: computing the weight {node.name!r} "
+                                         f"from the model's constants failed ({type(exc).__name__}"
+                                         f": {exc})") from exc
                 else:
-                    raise ValueError(f"{node} reads {n}, not a constant of the graph")
+                    raise NotConstant(f"{node} reads {n}, not a constant of the graph")
         value = env[node]
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{node} is not a tensor")  # noqa: TRY004 (callers catch ValueError)
+            raise NotConstant(f"{node} is not a tensor")
         return value.detach()
 
     def weight_parametrization(self, arg: Any, value: torch.Tensor
@@ -244,7 +257,7 @@ class Canonicaliser:
 
     def run(self) -> fx.GraphModule:
         """Rewrite every node into its family's canonical form (`families`)."""
-        table = families.rewrites()
+        table = registry.rewrites()
         for node in list(self.gm.graph.nodes):
             if node.op == "call_module":
                 target = type(self.gm.get_submodule(node.target))
@@ -253,7 +266,7 @@ class Canonicaliser:
             else:
                 continue
             key_ok = (node.op == "call_method") == isinstance(target, str)
-            candidates = table.get(families.ANY, []) + (table.get(target, []) if key_ok else [])
+            candidates = table.get(registry.ANY, []) + (table.get(target, []) if key_ok else [])
             for rewrite in candidates:
                 if rewrite(self, node):
                     break

@@ -16,7 +16,7 @@ A canonical GraphModule, as `fxmerge.trace` makes it (and `prune` keeps it):
 4. its ops are in their families' canonical forms (`families`): `nn.Conv1d/2d/3d`, foldable
    `nn.BatchNorm1d/2d/3d`, activation modules (never their functional forms), `operator.add` of
    equal shapes, `F.pad`; identities (`nn.Identity`, dropout and drop path in eval mode,
-   `x / 1`) are gone; each node's family is tagged in `node.meta[families.KIND_META]`.
+   `x / 1`) are gone; each node's family is tagged in `node.meta[registry.KIND_META]`.
    Anything else is a barrier;
 5. a searched conv has one call site and no hooks (others stay out of the search, with the
    reason in `MergeSpace.summary()`).
@@ -30,17 +30,17 @@ from __future__ import annotations
 from torch import fx
 
 from ..errors import ArgumentError, TraceError
-from . import families
-from .families import NodeKind
+from . import registry
+from .registry import NodeKind
 from .trace import INPUTS_META
 
 
 def _refusal(gm: fx.GraphModule, node: fx.Node, shapes: bool) -> str | None:
     """Why `node` breaks an invariant, or None: each family's own (`OpFamily.refuse`), and
     a shape on every conv."""
-    if shapes and families.kind_of(gm, node) is NodeKind.CONV and "tensor_meta" not in node.meta:
+    if shapes and registry.kind_of(gm, node) is NodeKind.CONV and "tensor_meta" not in node.meta:
         return "it has no recorded shape"
-    for family in families.FAMILIES.values():
+    for family in registry.FAMILIES.values():
         why = family.refuse(gm, node) if family.refuse else None
         if why is not None:
             return why

@@ -16,7 +16,13 @@ from torch import fx, nn
 
 from ..algebra import CONV_MODULES
 
-_ADD = (operator.add, torch.add)
+aten = torch.ops.aten
+# the targets of the add and multiply op families, every graph form (tensor methods aside):
+# `PLAIN_ADD` is what a canonical graph's adds are (the add family rewrites the others)
+PLAIN_ADD = (operator.add, torch.add)
+ADD_FUNCTIONS = (*PLAIN_ADD, operator.iadd, aten.add.Tensor, aten.add_.Tensor)
+IN_PLACE_ADD = (operator.iadd, aten.add_.Tensor)
+MUL_FUNCTIONS = (operator.mul, torch.mul, aten.mul.Tensor)
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -95,7 +101,7 @@ def _shape(node: object) -> tuple[int, ...] | None:
 
 def is_add(node: fx.Node) -> bool:
     """A plain `a + b` of two graph values of one shape (no alpha, no broadcasting)."""
-    if node.op == "call_function" and node.target in _ADD:
+    if node.op == "call_function" and node.target in PLAIN_ADD:
         plain = len(node.args) == 2 and not node.kwargs and all(
             isinstance(a, fx.Node) for a in node.args)
     elif node.op == "call_method" and node.target == "add":
@@ -110,7 +116,7 @@ def conditioning_add(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """`(main, condition)` for `main + condition` where the condition is one vector per
     sample (or one for all), broadcast over the map: `(B|1, C, 1, 1)` onto `(B, C, H, W)`
     (and alike in 1-D and 3-D)."""
-    if node.op != "call_function" or node.target not in _ADD or node.kwargs \
+    if node.op != "call_function" or node.target not in PLAIN_ADD or node.kwargs \
             or len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
         return None
     for main, cond in (node.args, node.args[::-1]):

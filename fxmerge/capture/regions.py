@@ -18,7 +18,7 @@ from torch import fx, nn
 from .. import algebra
 from . import ops
 from .affine import AffineReader
-from .families import NodeKind, data_input, kind_of
+from .registry import NodeKind, data_input, kind_of
 
 
 @dataclass(frozen=True)

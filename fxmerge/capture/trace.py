@@ -14,7 +14,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils._pytree import tree_leaves
 
 from ..errors import ArgumentError, TraceError
-from . import families
+from . import families, registry  # noqa: F401  (importing `families` registers them)
 from .canonical import canonicalize
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class _ShapeRecorder(fx.Interpreter):
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> Any:
     """Record `tensor_meta` on every node of `gm`, in place, running it in eval mode (its
-    training flag is restored), then each node's op family (`families.tag`: some families
+    training flag is restored), then each node's op family (`registry.tag`: some families
     are known by their shapes), and keep the inputs for later passes; return the output."""
     inputs = as_tuple(example_inputs)
     was_training = gm.training
@@ -62,7 +62,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> Any:
     finally:
         gm.train(was_training)
     gm.meta[INPUTS_META] = tuple(_concrete(t) for t in inputs)
-    families.tag(gm)
+    registry.tag(gm)
     return output
 
 

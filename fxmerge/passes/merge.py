@@ -20,7 +20,8 @@ from torch.utils._pytree import tree_leaves
 from .. import algebra
 from ..capture import check_canonical, ops, require_graph_module
 from ..capture.affine import AffineReader
-from ..capture.families import KIND_META, NodeKind, kind_of, tag
+from ..capture.families.norm import refuse_training
+from ..capture.registry import KIND_META, NodeKind, kind_of, tag
 from ..capture.trace import example_inputs
 from ..errors import MergeError
 from ..plan import Plan
@@ -136,10 +137,7 @@ class MergePass(FxMergePass):
         if graph_module.meta.get(MERGED_META):
             return
         self.plan_of(graph_module)
-        for name, m in graph_module.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-                raise MergeError(f"BatchNorm '{name}' is in training mode: call .eval() on the "
-                                 "pruned model before merging")
+        refuse_training(graph_module)
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         if graph_module.meta.get(MERGED_META):

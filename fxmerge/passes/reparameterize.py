@@ -14,14 +14,15 @@ import logging
 from collections.abc import Iterable
 
 import torch
-from torch import fx, nn
+from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import algebra
 from ..capture import check_canonical, ops, require_graph_module
 from ..capture.affine import AffineReader
-from ..capture.families import KIND_META, NodeKind, kind_of, tag
+from ..capture.families.norm import refuse_training
 from ..capture.regions import Region, find_regions
+from ..capture.registry import KIND_META, NodeKind, kind_of, tag
 from ..errors import MergeError
 from .base import REPARAMETERIZED_META, FxMergePass
 from .merge import check_equal
@@ -74,12 +75,7 @@ class ReparameterizePass(FxMergePass):
         check_canonical(graph_module)
         inside = {name for region in find_regions(graph_module, self.exclude)
                   for name in region.nodes}
-        for node in graph_module.graph.nodes:
-            if node.name in inside and node.op == "call_module":
-                module = graph_module.get_submodule(node.target)
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-                    raise MergeError(f"BatchNorm '{node.target}' is in training mode: call "
-                                     ".eval() on the model before re-parameterising it")
+        refuse_training(graph_module, [n for n in graph_module.graph.nodes if n.name in inside])
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         regions = find_regions(graph_module, self.exclude)

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from torch import Tensor, fx
 
 from ..capture import capture_path, check_canonical, example_inputs, ops, require_graph_module
-from ..capture.families import NodeKind, activation_kind, kind_of, label_of, op_name
+from ..capture.families.activation import activation_kind
 from ..capture.regions import Region, collapse, find_regions
+from ..capture.registry import NodeKind, kind_of, label_of, op_name
 from ..errors import ArgumentError, SpaceError, TraceError
 from ..sides import largest
 from .records import MAX_KERNEL_BYTES, Conv, GraphNode, Skip, StrideRule, Unit

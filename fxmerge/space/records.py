@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
 
-from ..capture.families import NodeKind
+from ..capture.registry import NodeKind
 from ..sides import Sides, compact, largest
 
 MAX_KERNEL_BYTES = 2**29  # 512 MiB: the largest kernel a merge may materialise (§1)

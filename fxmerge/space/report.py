@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from ..capture.families import NodeKind
+from ..capture.registry import NodeKind
 from ..sides import label
 
 if TYPE_CHECKING:

@@ -13,8 +13,8 @@ from typing import Any
 from torch import fx
 
 from ..capture import require_graph_module
-from ..capture.families import NodeKind
 from ..capture.regions import Branch, Region
+from ..capture.registry import NodeKind
 from ..errors import ArgumentError, SpaceError
 from ..sides import per_axis
 from . import kernels, report

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from torch import fx, nn
 
-from ..capture.families import NodeKind
+from ..capture.registry import NodeKind
 from ..capture.trace import ensure_shapes, example_inputs
 from ..errors import TableError
 from ..plan import Plan

@@ -37,7 +37,7 @@ from ..backends.timing import (
     timing_inputs,
     using_threads,
 )
-from ..capture.families import ACTIVATION_CLASSES
+from ..capture.families.activation import ACTIVATION_CLASSES
 from ..errors import TableError
 from ..plan import Plan
 from ..progress import progress as iterate
