@@ -23,6 +23,16 @@ from .errors import (
     TableError,
     TraceError,
 )
+from .estimate import (
+    NetworkTimer,
+    OutputAgreement,
+    agreement_importance,
+    entry_layer,
+    estimate_importance,
+    measure_latency,
+    score_plan,
+    solve_measured,
+)
 from .job import BudgetBasis, Job
 from .passes import (
     GraphDiff,
@@ -36,13 +46,22 @@ from .passes import (
     transform,
 )
 from .plan import Block, Plan
-from .solve import METHODS, Frontier, Method, fastest_latency, frontier, get_method, solve
-from .solve.depth import DepthKey, depth_keys
-from .solve.measured import NetworkTimer, solve_measured
-from .space import Conv, Entry, KernelOption, MergeSpace, Skip, StrideRule, analyze
-from .tables.agreement import OutputAgreement, agreement_importance
-from .tables.importance import ImportanceTable, estimate_importance, importance_keys, score_plan
-from .tables.latency import LatencyTable, entry_layer, measure_latency
+from .solve import (
+    METHODS,
+    Frontier,
+    Method,
+    MethodName,
+    Probe,
+    fastest_latency,
+    frontier,
+    get_method,
+    importance_keys,
+    probes,
+    solve,
+)
+from .solve.depth import depth_keys
+from .space import Conv, DepthKey, Entry, KernelOption, MergeSpace, Skip, StrideRule, analyze
+from .tables import ImportanceTable, KeyKind, LatencyTable, register_key_kind
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -63,15 +82,18 @@ __all__ = [
     "InfeasibleBudget",
     "Job",
     "KernelOption",
+    "KeyKind",
     "LatencyTable",
     "MergeError",
     "MergePass",
     "MergeSpace",
     "Method",
+    "MethodName",
     "NetworkTimer",
     "OutputAgreement",
     "Plan",
     "PlanError",
+    "Probe",
     "PrunePass",
     "ReparameterizePass",
     "Skip",
@@ -96,7 +118,9 @@ __all__ = [
     "load",
     "measure_latency",
     "merge",
+    "probes",
     "prune",
+    "register_key_kind",
     "reparameterize",
     "save",
     "score_plan",

@@ -18,13 +18,12 @@ import torch
 from .backends.runtimes import BACKENDS
 from .capture.ops import CONVS
 from .errors import ArgumentError, FxMergeError, ModelSpecError
+from .estimate import NetworkTimer, measure_latency
 from .job import BudgetBasis
 from .models.hub import attribute, load_model
 from .pipeline import ImportanceMode, JobSettings
 from .solve import METHODS
-from .solve.measured import NetworkTimer
 from .space import MAX_KERNEL_BYTES, StrideRule
-from .tables.latency import measure_latency
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2  # argparse also exits with 2 on bad usage
 
@@ -229,9 +228,8 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 
 def cmd_importance(args: argparse.Namespace) -> int:
-    from .tables.agreement import agreement_importance
+    from .estimate import agreement_importance, estimate_importance
     from .tables.base import key_name
-    from .tables.importance import estimate_importance
 
     if not args.evaluate and (args.finetune or args.cache):
         raise ArgumentError("--finetune and --cache need --evaluate (the output-agreement "
@@ -261,8 +259,7 @@ def cmd_importance(args: argparse.Namespace) -> int:
 
 
 def _tables(args: argparse.Namespace):
-    from .tables.importance import ImportanceTable
-    from .tables.latency import LatencyTable
+    from .tables import ImportanceTable, LatencyTable
 
     return (LatencyTable.from_json(Path(args.latency).read_text()),
             ImportanceTable.from_json(Path(args.importance).read_text()))

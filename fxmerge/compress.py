@@ -16,8 +16,7 @@ from .passes import merge
 from .plan import Plan
 from .solve import get_method
 from .space import MergeSpace, StrideRule
-from .tables.importance import ImportanceTable
-from .tables.latency import LatencyTable
+from .tables import ImportanceTable, LatencyTable
 
 
 @dataclass

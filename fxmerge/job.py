@@ -32,15 +32,18 @@ from .capture import ExampleInputs, trace
 from .capture.trace import INPUTS_META
 from .deploy import export_onnx, save
 from .errors import ArgumentError, FxMergeError, InfeasibleBudget
+from .estimate import (
+    NetworkTimer,
+    agreement_importance,
+    estimate_importance,
+    measure_latency,
+    solve_measured,
+)
 from .passes import merge, prune
 from .plan import Plan
 from .solve import fastest_latency, get_method, solve
-from .solve.measured import NetworkTimer, solve_measured
 from .space import MergeSpace, analyze
-from .tables.agreement import agreement_importance
-from .tables.base import Key
-from .tables.importance import ImportanceTable, estimate_importance
-from .tables.latency import LatencyTable, measure_latency
+from .tables import ImportanceTable, Key, LatencyTable
 
 log = logging.getLogger(__name__)
 AUTO = "auto"  # a method choice: LayerMerge and Depth both tried, the more accurate kept

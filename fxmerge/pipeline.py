@@ -29,7 +29,7 @@ from .job import AUTO, AUTO_METHODS, BudgetBasis, Job, basis_of
 from .plan import Plan
 from .recipes import ClassificationRecipe, ImportanceProtocol
 from .solve import METHODS, frontier, get_method
-from .tables.importance import ImportanceTable
+from .tables import ImportanceTable
 
 log = logging.getLogger(__name__)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as most models expect

@@ -9,6 +9,7 @@ import torch
 from helpers import randomize_batchnorm, relative_error
 
 import fxmerge
+from fxmerge.estimate import agreement_importance
 from fxmerge.models import DemoMobileNetV2
 from fxmerge.solve.depth import (
     activation_choices,
@@ -16,9 +17,9 @@ from fxmerge.solve.depth import (
     depth_choices,
     depth_key,
     depth_keys,
+    depth_plan,
 )
-from fxmerge.tables.agreement import agreement_importance
-from fxmerge.tables.importance import block_plan, depth_plan
+from fxmerge.solve.layermerge import block_plan
 
 X = torch.randn(2, 1, 16, 16)
 

@@ -12,8 +12,7 @@ from helpers import randomize_batchnorm
 from models import small_net
 
 import fxmerge
-from fxmerge.tables.agreement import OutputAgreement
-from fxmerge.tables.importance import estimate_importance
+from fxmerge.estimate import OutputAgreement, estimate_importance
 
 distributed = pytest.importorskip("distributed")
 import cloudpickle  # comes with distributed

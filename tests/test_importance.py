@@ -10,12 +10,13 @@ from models import small_net
 from torch import nn
 
 import fxmerge
+from fxmerge.estimate import OutputAgreement, agreement_importance, estimate_importance
+from fxmerge.estimate.agreement import CachedOutputs
 from fxmerge.models.demo import DemoMobileNetV2
 from fxmerge.passes.prune import prune_graph
 from fxmerge.solve.depth import depth_keys
+from fxmerge.solve.layermerge import block_plan
 from fxmerge.space import kernel_of
-from fxmerge.tables.agreement import CachedOutputs, OutputAgreement, agreement_importance
-from fxmerge.tables.importance import block_plan, estimate_importance
 
 SPEC = [("conv", 8, 3, 1, True, False), ("res", [("c", 3, False), ("c", 3, False)]),
         ("conv", 8, 3, 1, True, True), ("conv", 8, 1, 2, True, False)]

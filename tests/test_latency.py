@@ -15,8 +15,8 @@ from models import small_net
 import fxmerge
 from fxmerge.backends import timing
 from fxmerge.backends.timing import Timing, time_against_reference, time_interleaved
+from fxmerge.tables import Check
 from fxmerge.tables import latency as latency_mod
-from fxmerge.tables.latency import Check
 
 MBV2_EXCLUDE = ["features.0.0", "features.18.0"]
 

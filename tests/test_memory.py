@@ -18,9 +18,8 @@ from torch import nn
 
 import fxmerge
 from fxmerge import MergeError, algebra
-from fxmerge.solve.layermerge import choose_convs
-from fxmerge.space import merge_peak_bytes
-from fxmerge.tables.latency import entry_layer
+from fxmerge.estimate import entry_layer
+from fxmerge.space import choose_convs, merge_peak_bytes
 
 
 def conv_attrs(gm):

@@ -10,9 +10,9 @@ from models import TinyUNet, small_net
 from torch import nn
 
 import fxmerge
+from fxmerge.estimate import entry_layer
+from fxmerge.estimate.agreement import CachedOutputs
 from fxmerge.passes.prune import prune_graph
-from fxmerge.tables.agreement import CachedOutputs
-from fxmerge.tables.latency import entry_layer
 
 MBV2_EXCLUDE = ("features.0.0", "features.18.0")
 CASES = {

@@ -258,7 +258,7 @@ def test_an_add_of_zero_is_no_op():
 
 
 def test_a_region_entry_resets_every_branch_before_its_fine_tune():
-    from fxmerge.tables.importance import reset_modules
+    from fxmerge.solve.layermerge import reset_modules
 
     model = Branched(4, 4, 1, [("conv", (3, 3), 1, True), ("conv", (1, 1), 1, False),
                                ("bn",)], 0)

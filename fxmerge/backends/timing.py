@@ -4,21 +4,25 @@ timed on. What a network runs on is `runtimes.prepare`'s."""
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import platform
+import random
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from ..capture.trace import ExampleInputs, as_tuple, example_inputs
 from ..errors import ArgumentError
+from ..progress import progress as iterate
+from .runtimes import Backend, prepare
 
 PREPARATIONS = 3  # fresh preparations per whole-network timing (docs/method.md §3b)
 
@@ -221,3 +225,174 @@ def check_load(what: str) -> float | None:
                       "busier than its cores, so these timings are unreliable; time on an "
                       "idle machine", BusyMachineWarning, stacklevel=3)
     return round(load, 2)
+
+
+# ---- layers timed side by side (the latency table's harness) ---------------------------
+class TimedLayer(Protocol):
+    """What `time_layers` times: a layer built on demand, with what it holds in memory."""
+
+    input_shape: tuple[int, ...]
+
+    def module(self, device: torch.device, dtype: torch.dtype) -> nn.Module: ...
+    def weight_bytes(self, dtype: torch.dtype) -> int: ...
+    def output_bytes(self, dtype: torch.dtype) -> int: ...
+
+
+def _group_bytes(group: list[TimedLayer], dtype: torch.dtype) -> int:
+    """What a group of built layers holds: their weights, one input per input shape (the
+    layers share it) and, while one runs, its output."""
+    inputs = {layer.input_shape for layer in group}
+    return (sum(layer.weight_bytes(dtype) for layer in group)
+            + sum(math.prod(shape) for shape in inputs) * dtype.itemsize
+            + max((layer.output_bytes(dtype) for layer in group), default=0))
+
+
+# Layers are timed side by side: every round runs each layer once, in a new random order
+# (seeded by the round), so the machine's drift (a shared VM's speed wanders by tens of
+# percent over seconds) reaches every layer alike instead of deciding the one it hits, and
+# no layer's median carries the cache its fixed neighbours leave (docs/method.md §2). A
+# layer slower than its share of `seconds` runs in fewer rounds, spread evenly over them
+# (at least `MIN_TIMED_RUNS`). What drift is left is divided out (`steady`): a round whose
+# layers all ran slower than their medians was a slow round. Layers are built GROUP_BYTES
+# at a time (`_group_bytes`), each group timed in its own rounds; with several groups, the
+# ANCHORS smallest layers are timed in every group, so that `steady` can also divide out
+# the machine's speed in each group's stretch of time. A layer whose median is still
+# uncertain after the rounds (its standard error over SETTLE of it) is timed again for as
+# many rounds, among such layers (`retimed`; `unsettled` if it still is). Memory is held
+# steady while timing (`steady_memory`: no page faults that come and go with the heap).
+MIN_TIMED_RUNS = 5
+GROUP_BYTES = 1 << 30
+ANCHORS = 5
+SETTLE = 0.03
+
+
+class Run(NamedTuple):
+    """One timed run of a layer: the group it was built in and the round, each numbered
+    across the table, and its milliseconds."""
+
+    group: int
+    round: int
+    ms: float
+
+
+def _factors(values: dict[str, list[float]], typical: dict[str, list[float]],
+             samples: dict[str, list[Run]], by: str) -> dict[int, float]:
+    """Per group or round (`by`): the median, over the layers run in it, of the median of
+    their `values` there over the median of their `typical` runs; 1 where fewer than 3
+    layers ran."""
+    median = {key: statistics.median(ms) for key, ms in typical.items()}
+    there: dict[int, dict[str, list[float]]] = {}
+    for key, s in samples.items():
+        for run, ms in zip(s, values[key]):
+            there.setdefault(getattr(run, by), {}).setdefault(key, []).append(ms)
+    return {at: statistics.median(statistics.median(ms) / median[key] for key, ms in t.items())
+            if len(t) >= 3 else 1.0 for at, t in there.items()}
+
+
+def steady(samples: dict[str, list[Run]], passes: int = 3) -> dict[str, list[float]]:
+    """Each layer's runs with the machine's speed divided out: first each group's (from the
+    layers timed in several groups), then each round's (a factor is the median, over the
+    layers run there, of their runs there over their medians, in `passes` refinements).
+    Milliseconds at the table's typical speed."""
+    raw = {key: [run.ms for run in s] for key, s in samples.items()}
+    linked = {key: s for key, s in samples.items() if len({run.group for run in s}) > 1}
+    if linked:
+        linked_raw = {key: raw[key] for key in linked}
+        group = _factors(linked_raw, linked_raw, linked, "group")
+        raw = {key: [run.ms / group.get(run.group, 1.0) for run in s]
+               for key, s in samples.items()}
+    runs = raw
+    for _ in range(passes):
+        factor = _factors(raw, runs, samples, "round")
+        runs = {key: [ms / factor[run.round] for run, ms in zip(s, raw[key])]
+                for key, s in samples.items()}
+    return runs
+
+
+def uncertainty(samples: list[float]) -> float:
+    """The standard error of the samples' median relative to it (normal approximation:
+    1.25 sigma / sqrt(n), sigma from the interquartile range); inf below 3 samples."""
+    if len(samples) < 3:
+        return math.inf
+    timing = Timing.of(samples)
+    return 1.2533 * timing.spread / 1.349 / math.sqrt(len(samples))
+
+
+def _pack(keys: list[str], layers: Mapping[str, TimedLayer], dtype: torch.dtype,
+          held: list[str]) -> list[list[str]]:
+    """`keys` in order, in groups of at most GROUP_BYTES, each also holding `held` (a
+    larger layer alone)."""
+    groups: list[list[str]] = [[]]
+    for key in keys:
+        if groups[-1] and _group_bytes([layers[k] for k in held + groups[-1] + [key]],
+                                       dtype) > GROUP_BYTES:
+            groups.append([])
+        groups[-1].append(key)
+    return groups
+
+
+def _groups(layers: Mapping[str, TimedLayer], dtype: torch.dtype) -> list[list[str]]:
+    """The layers in groups of at most GROUP_BYTES, each holding the ANCHORS smallest
+    where there are several."""
+    groups = _pack(list(layers), layers, dtype, [])
+    if len(groups) == 1:
+        return groups
+    anchors = sorted(layers, key=lambda key: _group_bytes([layers[key]], dtype))[:ANCHORS]
+    rest = [key for key in layers if key not in anchors]
+    return [anchors + g for g in _pack(rest, layers, dtype, anchors)]
+
+
+def time_layers(layers: Mapping[str, TimedLayer], samples: dict[str, list[Run]],
+                targets: dict[str, int], *, backend: Backend, device: torch.device,
+                dtype: torch.dtype, warmup: int, repeat: int, seconds: float,
+                desc: str, progress: bool | None, save: Callable[[], None]) -> None:
+    """Time the layers side by side in `repeat` rounds per group (see above), appending
+    each run to `samples[key]` (groups and rounds numbered on from those there). A layer
+    runs until it has `targets[key]` runs; one without a target (or that has reached it)
+    gets as many more as fit in `seconds`, its target set so. `save()` is called after
+    every round (the cache)."""
+    groups = _groups(layers, dtype)
+    done = [run for s in samples.values() for run in s]
+    group = 1 + max((run.group for run in done), default=-1)
+    round_ = 1 + max((run.round for run in done), default=-1)
+    rounds = [(g, r) for g in range(len(groups)) for r in range(repeat)]
+    runs: dict[str, int] = {}  # how many of the `repeat` rounds each layer runs in
+    built: dict[str, Callable] = {}
+    with torch.inference_mode(), steady_memory():
+        for n, (g, r) in enumerate(iterate(rounds, desc, "round", progress)):
+            if r == 0:
+                built.clear()  # the last group's layers are freed before the next is built
+                inputs = {shape: torch.randn(shape, device=device, dtype=dtype)
+                          for shape in dict.fromkeys(layers[key].input_shape
+                                                     for key in groups[g])}
+                built.update({key: _build(layers[key], inputs[layers[key].input_shape], key,
+                                          samples, targets, runs, backend, device, dtype,
+                                          warmup, repeat, seconds)
+                              for key in groups[g]})
+                del inputs
+            for key in random.Random(round_ + n).sample(groups[g], len(groups[g])):
+                if (r * runs[key]) // repeat != ((r + 1) * runs[key]) // repeat:
+                    samples[key].append(Run(group + g, round_ + n, clock(built[key], device)))
+            save()
+    built.clear()
+
+
+def _build(layer: TimedLayer, x: torch.Tensor, key: str, samples: dict[str, list[Run]],
+           targets: dict[str, int], runs: dict[str, int], backend: Backend,
+           device: torch.device, dtype: torch.dtype, warmup: int, repeat: int,
+           seconds: float) -> Callable:
+    """The layer built (to run on `x`) and run once; on its first build in this timing,
+    warmed up and given its number of runs (`runs`, and its target)."""
+    module = layer.module(device, dtype).eval()
+    fn = prepare(module, backend, x)
+    fn(x)  # the first call sets the layer up (kernels chosen, compiled)
+    if key not in runs:
+        first = clock(lambda: fn(x), device) / 1e3
+        fit = int(seconds / max(first, 1e-9))
+        for _ in range(min(warmup, fit // 4)):
+            fn(x)
+        have = len(samples.setdefault(key, []))
+        if targets.get(key, 0) <= have:
+            targets[key] = have + min(repeat, max(fit, MIN_TIMED_RUNS))
+        runs[key] = min(repeat, targets[key] - have)
+    return lambda: fn(x)

@@ -25,11 +25,10 @@ from ..models import DemoMobileNetV2
 from ..passes import transform
 from ..plan import Plan
 from ..recipes import ClassificationRecipe
-from ..solve import METHODS, frontier
+from ..solve import METHODS, frontier, importance_keys
 from ..solve.depth import depth_keys
 from ..space import Entry, MergeSpace
-from ..tables.importance import ImportanceTable, importance_keys
-from ..tables.latency import LatencyTable
+from ..tables import ImportanceTable, LatencyTable
 from .shared import (
     PREPARATIONS,
     Digits,

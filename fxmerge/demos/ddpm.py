@@ -27,8 +27,7 @@ from ..models import DDPM_EXCLUDE, DDPMUNet
 from ..passes import transform
 from ..plan import Plan
 from ..recipes import ClassificationRecipe
-from ..solve import METHODS
-from ..tables.importance import importance_keys
+from ..solve import METHODS, importance_keys
 from .shared import (
     PREPARATIONS,
     accuracy,

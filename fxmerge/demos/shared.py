@@ -20,7 +20,7 @@ from ..errors import ArgumentError, InfeasibleBudget
 from ..job import Job
 from ..plan import Plan
 from ..solve import METHODS
-from ..tables.importance import ImportanceTable
+from ..tables import ImportanceTable
 
 
 @dataclass

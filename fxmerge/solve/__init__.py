@@ -7,21 +7,17 @@ import logging
 import math
 import numbers
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import ArgumentError, InfeasibleBudget, TableError
 from ..plan import Plan
 from ..space import MergeSpace
+from ..tables import ImportanceTable, Key, LatencyTable
 from . import depth, layermerge, layeronly
 from .dp import DPResult, Edge, min_latency, run_dp
-from .method import Method
-
-if TYPE_CHECKING:
-    from ..tables.importance import ImportanceTable
-    from ..tables.latency import LatencyTable
+from .method import Method, MethodName, Probe
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +46,35 @@ def _check_levels(levels: object) -> None:
         raise ArgumentError(f"levels must be a positive integer, got {levels!r}")
 
 
-def get_method(name: str) -> Method:
-    """The registered method called `name` (`ValueError` listing the names otherwise)."""
-    if name not in METHODS:
+def get_method(name: str | MethodName) -> Method:
+    """The registered method called `name` (`ArgumentError` listing the names otherwise)."""
+    if str(name) not in METHODS:
         raise ArgumentError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
-    return METHODS[name]
+    return METHODS[str(name)]
+
+
+def importance_keys(space: MergeSpace, methods: Iterable[str | MethodName] | None = None
+                    ) -> list[Key]:
+    """The importance keys `methods` read (default: every registered method), each once,
+    in the methods' order: what an importance table for them must hold."""
+    names = list(METHODS) if methods is None else list(methods)
+    return list(dict.fromkeys(k for m in names for k in get_method(m).importance_keys(space)))
+
+
+def probes(space: MergeSpace, keys: Iterable[Key] | None = None) -> dict[Key, Probe]:
+    """The network each key scores (default: every registered method's keys), from the
+    first method that declares the key; `TableError` for a key no method reads."""
+    keys = importance_keys(space) if keys is None else list(keys)
+    left, out = set(keys), {}
+    for method in METHODS.values():
+        mine = [k for k in method.importance_keys(space) if k in left]
+        if mine:
+            out.update(method.probes(space, mine))
+            left -= set(mine)
+    if left:
+        raise TableError(f"importance key {next(k for k in keys if k in left)!r} is not one "
+                         "of this space's")
+    return {k: out[k] for k in keys}
 
 
 def _to_plan(space: MergeSpace, method: str, path: list[Edge],
@@ -74,7 +94,7 @@ def solve(
     *,
     budget: float | None = None,
     budget_ms: float | None = None,
-    method: str = "layermerge",
+    method: str | MethodName = MethodName.LAYERMERGE,
     levels: int | None = None,
     conv_scores: Mapping[str, float] | None = None,
 ) -> Plan:
@@ -89,6 +109,7 @@ def solve(
     """
     if (budget is None) == (budget_ms is None):
         raise ArgumentError("give exactly one of budget (a fraction) or budget_ms")
+    method = get_method(method).name
     original = latency.identity_latency(space)
     if latency.check_failure is not None:
         warnings.warn(f"solving on a latency table that failed its check against the whole "
@@ -122,13 +143,13 @@ def solve(
 
 
 def fastest_latency(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable,
-                    method: str = "layermerge") -> float:
+                    method: str | MethodName = MethodName.LAYERMERGE) -> float:
     """The smallest table latency any `method` plan reaches."""
     return min_latency(get_method(method).edges(space, latency, importance))
 
 
 def fastest_plan(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable,
-                 method: str = "layermerge") -> Plan | None:
+                 method: str | MethodName = MethodName.LAYERMERGE) -> Plan | None:
     """The best `method` plan at its smallest table latency, marked `over_budget` in
     `extra` (what a failed solve hands back); None if the DP cannot resolve it."""
     floor = fastest_latency(space, latency, importance, method)
@@ -209,10 +230,11 @@ class Frontier:
 
 
 def frontier(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable, *,
-             method: str = "layermerge", levels: int = 1000,
+             method: str | MethodName = MethodName.LAYERMERGE, levels: int = 1000,
              conv_scores: Mapping[str, float] | None = None) -> Frontier:
     """The whole importance-vs-latency frontier (budgets 0..100% of the original)."""
     _check_levels(levels)
+    method = get_method(method).name
     original = latency.identity_latency(space)
     if original <= 0:
         raise TableError("the original network's table latency is not positive")
@@ -221,5 +243,5 @@ def frontier(space: MergeSpace, latency: LatencyTable, importance: ImportanceTab
                     conv_scores)
 
 
-__all__ = ["METHODS", "Frontier", "Method", "fastest_latency", "fastest_plan", "frontier",
-           "get_method", "solve"]
+__all__ = ["METHODS", "Frontier", "Method", "MethodName", "Probe", "fastest_latency",
+           "fastest_plan", "frontier", "get_method", "importance_keys", "probes", "solve"]

@@ -16,33 +16,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
-from typing import TYPE_CHECKING
 
-from ..space import Entry, MergeSpace
+from ..plan import Plan
+from ..space import DepthKey, Entry, MergeSpace
+from ..tables import ImportanceTable, Key, LatencyTable
+from . import layermerge
 from .dp import Edge
-from .method import Method
-
-if TYPE_CHECKING:
-    from ..tables.base import Key
-    from ..tables.importance import ImportanceTable
-    from ..tables.latency import LatencyTable
+from .method import Method, Probe
 
 UNIT_MS = 0.05
-
-
-@dataclass(frozen=True)
-class DepthKey:
-    """Depth's importance key for a block whose ends it may change: block `(i, j)` merged
-    whole, with an activation after position `i` (`start`) and after `j` (`end`) or not.
-    (A dataclass, not a tuple, so that it never equals an `Entry`.)"""
-
-    i: int
-    j: int
-    start: bool
-    end: bool
 
 
 def activation_options(space: MergeSpace, p: int) -> tuple[bool, ...]:
@@ -124,6 +108,24 @@ def importance_keys(space: MergeSpace) -> list[Key]:
     full = [e for (i, j), e in space.full_entries.items() if j - i > 1]
     return [*full, *depth_keys(space)]
 
+def depth_plan(space: MergeSpace, key: DepthKey) -> Plan:
+    """Only block `(key.i, key.j)` changed, merged whole, its end activations as the key
+    says (Depth's importance where its ends may change)."""
+    positions = sorted([*layermerge.singletons(space, range(key.i + 1, key.j + 1)), (key.i, key.j)])
+    return Plan.from_positions(space, positions, {c.name for c in space.convs},
+                           activation={key.i: key.start, key.j: key.end},
+                           method=f"importance:depth {key.i}-{key.j} "
+                                  f"activations {int(key.start)}{int(key.end)}")
+
+
+def probes(space: MergeSpace, keys: list[Key]) -> dict[Key, Probe]:
+    """Each key's network: a full entry's is LayerMerge's (every conv kept), a `DepthKey`'s
+    its block merged whole with the ends it says."""
+    entries = [k for k in keys if isinstance(k, Entry)]
+    out: dict[Key, Probe] = dict(layermerge.probes(space, entries))
+    out.update({k: Probe(depth_plan(space, k), (), k.j) for k in keys if isinstance(k, DepthKey)})
+    return out
+
 
 def edges(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable) -> list[Edge]:
     """An edge per block and choice of its end activations (`depth_choices`),
@@ -162,4 +164,4 @@ def blocks(space: MergeSpace, path: list[Edge], scores: Mapping[str, float]):
     return positions, {c.name for c in space.convs}, activation
 
 
-METHOD = Method("depth", importance_keys, edges, blocks, UNIT_MS)
+METHOD = Method("depth", importance_keys, probes, edges, blocks, UNIT_MS)

@@ -3,62 +3,70 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
 
-from ..errors import PlanError
-from ..space import IDENTITY, KernelOption, MergeSpace
-from ..space.kernels import MergeState, extend
+from ..capture.registry import NodeKind
+from ..plan import Plan
+from ..space import IDENTITY, Entry, MergeSpace, best_subsets, choose_convs
+from ..tables import ImportanceTable, LatencyTable
 from .dp import Edge
-from .method import Method
-
-if TYPE_CHECKING:
-    from ..tables.importance import ImportanceTable
-    from ..tables.latency import LatencyTable
-
-
-Chosen = dict[KernelOption, tuple[float, tuple[str, ...]]]  # option -> (score, kept convs)
-
-
-def best_subsets(space: MergeSpace, i: int, scores: Mapping[str, float] | None = None
-                 ) -> Iterator[Chosen]:
-    """Eq. 3 for the blocks starting at `i`, by their end `j = i + 1, i + 2, ...`: for each
-    kernel option the block can give, its highest-scoring kept-conv subset that contains
-    every irreducible conv and merges within `max_kernel_bytes` (`space.conv_scores`
-    unless given). One pass: a block's subsets extend the shorter block's."""
-    scores = space.conv_scores if scores is None else scores
-    best: dict[MergeState, tuple[float, tuple[str, ...]]] = {MergeState(): (0.0, ())}
-    for c in space.convs[i:]:
-        nxt: dict[MergeState, tuple[float, tuple[str, ...]]] = {}
-        for state, (score, kept) in best.items():
-            options = [(extend(space, i, state, c), (score + scores[c.name], kept + (c.name,)))]
-            if not c.irreducible:
-                options.append((state, (score, kept)))
-            for key, value in options:
-                if not key.over and (key not in nxt or value[0] > nxt[key][0]):
-                    nxt[key] = value
-        best = nxt
-        chosen: Chosen = {}
-        for state, value in best.items():
-            if state.kept and (state.option not in chosen or value > chosen[state.option]):
-                chosen[state.option] = value
-        yield chosen
-
-
-def choose_convs(space: MergeSpace, i: int, j: int, k: int, dw: bool,
-                 scores: Mapping[str, float] | None = None) -> tuple[str, ...]:
-    """Eq. 3 for entry `(i, j, k, dw)` (`best_subsets`): the kept convs; () for identity."""
-    if (k, dw) == IDENTITY:
-        return ()
-    chosen = next(itertools.islice(best_subsets(space, i, scores), j - i - 1, None), {})
-    if (k, dw) not in chosen:
-        raise PlanError(f"no kept-conv subset of block ({i}, {j}) gives kernel {k}, dw={dw}")
-    return chosen[KernelOption(k, dw)][1]
+from .method import Method, Probe
 
 
 def importance_keys(space: MergeSpace) -> list:
     """Every entry: each is an edge."""
     return list(space.entries)
+
+def singletons(space: MergeSpace, skip: range) -> list[tuple[int, int]]:
+    """Every one-conv block but those ending in `skip`."""
+    return [(p - 1, p) for p in range(1, space.L + 1) if p not in skip]
+
+
+def block_plan(space: MergeSpace, entry: Entry, scores: dict[str, float],
+               chosen: tuple[str, ...] | None = None) -> Plan:
+    """Only block `entry` changed: inner activations removed, convs kept by eq. 3 (`chosen`
+    when the caller has it)."""
+    i, j, k, dw = entry
+    positions = sorted([*singletons(space, range(i + 1, j + 1)), (i, j)])
+    kept = {c.name for c in space.convs} - {c.name for c in space.convs[i:j]}
+    kept |= set(choose_convs(space, i, j, k, dw, scores) if chosen is None else chosen)
+    return Plan.from_positions(space, positions, kept, method=f"importance:{tuple(entry)}")
+
+
+def reset_modules(space: MergeSpace, entry: Entry) -> tuple[str, ...]:
+    """The conv (and its norm; a region's every branch) of a single-conv entry that keeps
+    the conv: the authors re-initialise them before the short fine-tune, so that the entry
+    measures how much the task needs that layer rather than scoring "no change"."""
+    i, j, k, _ = entry
+    if j != i + 1 or k == 0:
+        return ()
+    conv = space.convs[i]
+    region = space.region(conv.name)
+    if region is None:
+        layers = (conv.name,)
+    else:  # every branch's conv and norm
+        nodes = {n.name: n for n in space.nodes}
+        layers = tuple(nodes[n].target for n in region.nodes
+                       if nodes[n].kind in (NodeKind.CONV, NodeKind.NORM))
+    return (*layers, conv.norm) if conv.norm else layers
+
+
+def probes(space: MergeSpace, keys: list[Entry]) -> dict[Entry, Probe]:
+    """Each entry's network: only its block changed, the convs eq. 3 keeps (one pass of
+    `best_subsets` per block start), its single conv re-initialised where it keeps one."""
+    scores = space.conv_scores
+    eq3: dict[int, list] = {}  # by block start: best_subsets, by block end
+    for key in keys:
+        if key.j - key.i > len(eq3.get(key.i, ())):
+            eq3[key.i] = list(itertools.islice(best_subsets(space, key.i, scores),
+                                               key.j - key.i))
+    out = {}
+    for key in keys:
+        option = (key.k, key.dw)
+        chosen = () if option == IDENTITY else eq3[key.i][key.j - key.i - 1][option][1]
+        out[key] = Probe(block_plan(space, key, scores, chosen), reset_modules(space, key),
+                         key.j)
+    return out
 
 
 def edges(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable) -> list[Edge]:
@@ -77,4 +85,4 @@ def blocks(space: MergeSpace, path: list[Edge], scores: Mapping[str, float]):
     return positions, kept, {}
 
 
-METHOD = Method("layermerge", importance_keys, edges, blocks)
+METHOD = Method("layermerge", importance_keys, probes, edges, blocks)

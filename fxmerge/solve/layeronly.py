@@ -10,20 +10,29 @@ Irreducible convs are always kept (worth 1, a constant).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
+from ..plan import Plan
 from ..space import MergeSpace
+from ..tables import ImportanceTable, LatencyTable
+from . import layermerge
 from .dp import Edge
-from .method import Method
-
-if TYPE_CHECKING:
-    from ..tables.importance import ImportanceTable
-    from ..tables.latency import LatencyTable
+from .method import Method, Probe
 
 
 def importance_keys(space: MergeSpace) -> list[str]:
     """The per-conv importance LayerOnly needs: one per reducible conv."""
     return [c.name for c in space.convs if not c.irreducible]
+
+def removal_plan(space: MergeSpace, conv: str) -> Plan:
+    """Only `conv` removed (LayerOnly's per-conv importance)."""
+    kept = {c.name for c in space.convs} - {conv}
+    return Plan.from_positions(space, layermerge.singletons(space, range(0)), kept,
+                           method=f"importance:remove {conv}")
+
+
+def probes(space: MergeSpace, keys: list[str]) -> dict[str, Probe]:
+    """Each conv's network: only that conv removed."""
+    return {name: Probe(removal_plan(space, name), (), space.conv(name).index) for name in keys}
 
 
 def edges(space: MergeSpace, latency: LatencyTable, importance: ImportanceTable) -> list[Edge]:
@@ -46,4 +55,4 @@ def blocks(space: MergeSpace, path: list[Edge], scores: Mapping[str, float]):
     return positions, kept, {}
 
 
-METHOD = Method("layeronly", importance_keys, edges, blocks)
+METHOD = Method("layeronly", importance_keys, probes, edges, blocks)

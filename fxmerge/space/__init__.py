@@ -7,11 +7,12 @@ merge into: the named search state and the enumeration of legal blocks), `space`
 """
 
 from .analysis import analyze, left_out_convs
-from .kernels import MergeState, kernel_of, merge_peak_bytes
+from .kernels import Chosen, MergeState, best_subsets, choose_convs, kernel_of, merge_peak_bytes
 from .records import (
     IDENTITY,
     MAX_KERNEL_BYTES,
     Conv,
+    DepthKey,
     Entry,
     GraphNode,
     KernelOption,
@@ -23,7 +24,7 @@ from .records import (
 from .report import reach, summary
 from .space import MergeSpace, require_space_of
 
-__all__ = ["IDENTITY", "MAX_KERNEL_BYTES", "Conv", "Entry", "GraphNode", "KernelOption",
-           "MergeSpace", "MergeState", "MergedConv", "Skip", "StrideRule", "Unit", "analyze",
-           "kernel_of", "left_out_convs", "merge_peak_bytes", "reach", "require_space_of",
-           "summary"]
+__all__ = ["IDENTITY", "MAX_KERNEL_BYTES", "Chosen", "Conv", "DepthKey", "Entry", "GraphNode",
+           "KernelOption", "MergeSpace", "MergeState", "MergedConv", "Skip", "StrideRule", "Unit",
+           "analyze", "best_subsets", "choose_convs", "kernel_of", "left_out_convs",
+           "merge_peak_bytes", "reach", "require_space_of", "summary"]

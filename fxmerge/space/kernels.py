@@ -7,16 +7,15 @@ irreducible convs and any of the others, within the space's `max_kernel_bytes`.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
+from ..errors import PlanError
 from ..sides import compact, per_axis
-from .records import IDENTITY, Conv, Entry, KernelOption, MergedConv
-
-if TYPE_CHECKING:
-    from .space import MergeSpace
+from .records import IDENTITY, Conv, Entry, KernelOption, MergedConv, SpaceView
 
 
 class MergeState(NamedTuple):
@@ -61,7 +60,7 @@ class MergeState(NamedTuple):
 EMPTY = MergeState()
 
 
-def composition_bytes(space: MergeSpace, i: int, state: MergeState, c: Conv,
+def composition_bytes(space: SpaceView, i: int, state: MergeState, c: Conv,
                       new: MergeState) -> int:
     """The most a merge of block `(i, ...)` materialises when it composes conv `c` onto the
     convs merged into `state`, giving `new` (0 when `c` comes first): the new kernel, or the
@@ -72,14 +71,14 @@ def composition_bytes(space: MergeSpace, i: int, state: MergeState, c: Conv,
     return max(c.in_channels, c.out_channels) * in_per_group * math.prod(new.taps) * 8
 
 
-def extend(space: MergeSpace, i: int, state: MergeState, c: Conv) -> MergeState:
+def extend(space: SpaceView, i: int, state: MergeState, c: Conv) -> MergeState:
     """`state.keep(c)`, marked `over` once block `(i, ...)`'s merge exceeds the bound."""
     new = state.keep(c)
     over = state.over or composition_bytes(space, i, state, c, new) > space.max_kernel_bytes
     return new._replace(over=over)
 
 
-def kernel_of(space: MergeSpace, kept: Iterable[int]) -> KernelOption:
+def kernel_of(space: SpaceView, kept: Iterable[int]) -> KernelOption:
     """Merged (kernel, depthwise) of the convs with these indices, in order."""
     state = EMPTY
     for idx in sorted(kept):
@@ -87,7 +86,7 @@ def kernel_of(space: MergeSpace, kept: Iterable[int]) -> KernelOption:
     return state.option
 
 
-def merge_peak_bytes(space: MergeSpace, i: int, kept: Iterable[int]) -> int:
+def merge_peak_bytes(space: SpaceView, i: int, kept: Iterable[int]) -> int:
     """The most merging these convs (indices) of a block starting at `i` materialises."""
     state, peak = EMPTY, 0
     for idx in sorted(kept):
@@ -98,7 +97,7 @@ def merge_peak_bytes(space: MergeSpace, i: int, kept: Iterable[int]) -> int:
     return peak
 
 
-def reachable_states(space: MergeSpace, i: int, j: int) -> set[MergeState]:
+def reachable_states(space: SpaceView, i: int, j: int) -> set[MergeState]:
     """Every state reachable keeping block `(i, j)`'s irreducible convs and any others."""
     states = {EMPTY}
     for c in space.convs[i:j]:
@@ -107,7 +106,7 @@ def reachable_states(space: MergeSpace, i: int, j: int) -> set[MergeState]:
     return states
 
 
-def merged_conv(space: MergeSpace, i: int, j: int, state: MergeState) -> MergedConv:
+def merged_conv(space: SpaceView, i: int, j: int, state: MergeState) -> MergedConv:
     """The native conv block `(i, j)` becomes from `state`: its taps, their dilation, its
     groups (1 where it fuses a projection shortcut) and kernel bytes."""
     groups = state.groups
@@ -134,12 +133,12 @@ def _option_order(option: KernelOption) -> tuple:
     return (k,) if isinstance(k, int) else tuple(k), option.depthwise
 
 
-def _crosses_segment(space: MergeSpace, i: int, j: int) -> bool:
+def _crosses_segment(space: SpaceView, i: int, j: int) -> bool:
     return any((i < s.source < j < s.target) or (s.source < i < s.target < j)
                for s in space.skips)
 
 
-def enumerate_blocks(space: MergeSpace) -> Blocks:
+def enumerate_blocks(space: SpaceView) -> Blocks:
     """Every legal block `(i, j)`: no break inside, no residual segment crossed; its
     options are the kernels its reachable states give within the bound."""
     options: dict[tuple[int, int], tuple[KernelOption, ...]] = {}
@@ -174,7 +173,7 @@ def enumerate_blocks(space: MergeSpace) -> Blocks:
     return Blocks(options, every, over_bound, frozenset(oversized))
 
 
-def _removable_alone(space: MergeSpace, options: Mapping[tuple[int, int], object]
+def _removable_alone(space: SpaceView, options: Mapping[tuple[int, int], object]
                      ) -> list[int]:
     """Reducible convs that only a block of their own can hold, outside every residual
     segment (the 3x3 conv after an upsample): removing them is an entry of its own, since
@@ -183,3 +182,43 @@ def _removable_alone(space: MergeSpace, options: Mapping[tuple[int, int], object
             if not c.irreducible
             and [b for b in options if b[0] < c.index <= b[1]] == [(c.index - 1, c.index)]
             and not any(s.source < c.index <= s.target for s in space.skips)]
+
+
+# ---- eq. 3: which convs a block keeps for each kernel it can give ----------------------
+Chosen = dict[KernelOption, tuple[float, tuple[str, ...]]]  # option -> (score, kept convs)
+
+
+def best_subsets(space: SpaceView, i: int, scores: Mapping[str, float] | None = None
+                 ) -> Iterator[Chosen]:
+    """Eq. 3 for the blocks starting at `i`, by their end `j = i + 1, i + 2, ...`: for each
+    kernel option the block can give, its highest-scoring kept-conv subset that contains
+    every irreducible conv and merges within `max_kernel_bytes` (`space.conv_scores`
+    unless given). One pass: a block's subsets extend the shorter block's."""
+    scores = space.conv_scores if scores is None else scores
+    best: dict[MergeState, tuple[float, tuple[str, ...]]] = {MergeState(): (0.0, ())}
+    for c in space.convs[i:]:
+        nxt: dict[MergeState, tuple[float, tuple[str, ...]]] = {}
+        for state, (score, kept) in best.items():
+            options = [(extend(space, i, state, c), (score + scores[c.name], kept + (c.name,)))]
+            if not c.irreducible:
+                options.append((state, (score, kept)))
+            for key, value in options:
+                if not key.over and (key not in nxt or value[0] > nxt[key][0]):
+                    nxt[key] = value
+        best = nxt
+        chosen: Chosen = {}
+        for state, value in best.items():
+            if state.kept and (state.option not in chosen or value > chosen[state.option]):
+                chosen[state.option] = value
+        yield chosen
+
+
+def choose_convs(space: SpaceView, i: int, j: int, k: int, dw: bool,
+                 scores: Mapping[str, float] | None = None) -> tuple[str, ...]:
+    """Eq. 3 for entry `(i, j, k, dw)` (`best_subsets`): the kept convs; () for identity."""
+    if (k, dw) == IDENTITY:
+        return ()
+    chosen = next(itertools.islice(best_subsets(space, i, scores), j - i - 1, None), {})
+    if (k, dw) not in chosen:
+        raise PlanError(f"no kept-conv subset of block ({i}, {j}) gives kernel {k}, dw={dw}")
+    return chosen[KernelOption(k, dw)][1]

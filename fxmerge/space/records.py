@@ -7,9 +7,10 @@ position `p` is "after conv p" (after its norm, its skip-add and its activation)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from ..capture.registry import NodeKind
 from ..sides import Sides, compact, largest
@@ -35,6 +36,18 @@ class Entry(NamedTuple):
     j: int
     k: Sides
     dw: bool
+
+
+@dataclass(frozen=True)
+class DepthKey:
+    """Depth's importance key for a block whose ends it may change: block `(i, j)` merged
+    whole, with an activation after position `i` (`start`) and after `j` (`end`) or not.
+    (A dataclass, not a tuple, so that it never equals an `Entry`.)"""
+
+    i: int
+    j: int
+    start: bool
+    end: bool
 
 
 class KernelOption(NamedTuple):
@@ -153,3 +166,35 @@ class Unit:
     @property
     def output(self) -> str:
         return self.act or self.pre_activation
+
+
+class SpaceView(Protocol):
+    """What the kernel search and the reports read of a `MergeSpace` (they sit below it)."""
+
+    convs: tuple[Conv, ...]
+    skips: tuple[Skip, ...]
+    breaks: frozenset[int]
+    nodes: tuple[GraphNode, ...]
+    regions: tuple
+    left_out: Mapping[str, str]
+    stride_rule: StrideRule
+    add_activations: bool | None
+    max_kernel_bytes: int
+    capture: str
+
+    @property
+    def L(self) -> int: ...
+    @property
+    def conv_scores(self) -> Mapping[str, float]: ...
+    @property
+    def irreducible(self) -> frozenset[int]: ...
+    @property
+    def barriers(self) -> tuple[str, ...]: ...
+    @property
+    def num_blocks(self) -> int: ...
+    @property
+    def num_entries(self) -> int: ...
+    @property
+    def over_bound(self) -> int: ...
+    @property
+    def added_activation(self) -> str | None: ...

@@ -4,16 +4,14 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..capture.registry import NodeKind
 from ..sides import label
-
-if TYPE_CHECKING:
-    from .space import MergeSpace
+from .records import SpaceView
 
 
-def reach(space: MergeSpace) -> dict[str, Any]:
+def reach(space: SpaceView) -> dict[str, Any]:
     """Searched convs and activations against the graph's, convs left out with why, and the
     barrier nodes counted by their family's label."""
     projections = {s.projection for s in space.skips if s.projection}
@@ -34,7 +32,7 @@ def reach(space: MergeSpace) -> dict[str, Any]:
     }
 
 
-def summary(space: MergeSpace) -> str:
+def summary(space: SpaceView) -> str:
     """A readable table of the searched convs and the size of the space."""
     wide = max([2] + [len(label(v)) for c in space.convs for v in (c.kernel, c.stride)])
     header = (f"{'pos':>4}  {'conv':<28} {'in->out':>11} {'k':>{wide}} {'s':>{wide}} {'g':>4}  "

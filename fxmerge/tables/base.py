@@ -1,56 +1,96 @@
-"""What latency and importance tables share: values per key, settings, JSON, validation."""
+"""What latency and importance tables share: values per key, settings, JSON, validation.
+
+A table holds plain data. Its keys are whatever the methods score (`solve.Method`): the
+space's entries, Depth's keys, conv names; each kind of key is registered here once with
+its JSON form (`register_key_kind`), so a method with a key of its own adds its kind
+without editing the tables."""
 
 from __future__ import annotations
 
 import json
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 from ..errors import ArgumentError, TableError
 from ..sides import compact
-from ..solve.depth import DepthKey
-from ..space import IDENTITY, Entry, MergeSpace
+from ..space import IDENTITY, DepthKey, Entry, MergeSpace
 
-# an entry (i, j, k, dw); a conv name (LayerOnly's per-conv importance); or a block with
-# chosen end activations (Depth's importance)
-Key = Entry | str | DepthKey
+Key = Hashable  # an `Entry`, a `DepthKey`, a conv name, or a registered method's own kind
 
 
-def _key_to_json(key: Key) -> Any:
-    if isinstance(key, DepthKey):
-        return {"block": [key.i, key.j], "start_activation": key.start,
-                "end_activation": key.end}
-    return key if isinstance(key, str) else list(key)
+@dataclass(frozen=True)
+class KeyKind:
+    """One kind of table key: its type, whether a JSON value is of this kind (`accepts`),
+    and the JSON form both ways (`decode` raises `TableError` for a malformed value)."""
+
+    type: type
+    accepts: Callable[[Any], bool]
+    encode: Callable[[Any], Any]
+    decode: Callable[[Any], Any]
 
 
-def _key_from_json(raw: Any) -> Key:
-    """A key from JSON: a conv name, `[i, j, k, dw]` (`k` an int or one per axis), or a
-    Depth key `{"block": [i, j], "start_activation": bool, "end_activation": bool}`
-    (TableError for anything else)."""
-    if isinstance(raw, str):
-        return raw
-    if isinstance(raw, dict):
-        block, start, end = (raw.get(k) for k in ("block", "start_activation",
-                                                   "end_activation"))
-        if (set(raw) != {"block", "start_activation", "end_activation"}
-                or not isinstance(block, list) or len(block) != 2
-                or not all(type(v) is int and v >= 0 for v in block)
-                or not isinstance(start, bool) or not isinstance(end, bool)):
-            raise TableError(f"table key {raw!r:.60} is not a Depth key {{'block': [i, j], "
-                             "'start_activation': bool, 'end_activation': bool}")
-        return DepthKey(block[0], block[1], start, end)
-    def count(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+KEY_KINDS: dict[type, KeyKind] = {}
 
-    k = raw[2] if isinstance(raw, list) and len(raw) == 4 else None
-    sides = isinstance(k, (list, tuple)) and bool(k) and all(map(count, k))  # one per axis
-    if k is None or not (count(raw[0]) and count(raw[1]) and (count(k) or sides)) \
+
+def register_key_kind(kind: KeyKind) -> KeyKind:
+    """Add a kind of table key (a method's own); kinds are tried in order when read."""
+    KEY_KINDS[kind.type] = kind
+    return kind
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _entry_from_json(raw: Any) -> Entry:
+    """`[i, j, k, dw]`, `k` an int or one per axis."""
+    k = raw[2] if len(raw) == 4 else None
+    sides = isinstance(k, (list, tuple)) and bool(k) and all(map(_count, k))  # one per axis
+    if k is None or not (_count(raw[0]) and _count(raw[1]) and (_count(k) or sides)) \
             or not isinstance(raw[3], (bool, int)):
         raise TableError(f"table key {raw!r:.40} is neither a conv name nor [i, j, k, dw]")
     return Entry(raw[0], raw[1], compact(k) if sides else k, bool(raw[3]))
+
+
+def _depth_key_from_json(raw: dict) -> DepthKey:
+    block, start, end = (raw.get(k) for k in ("block", "start_activation", "end_activation"))
+    if (set(raw) != {"block", "start_activation", "end_activation"}
+            or not isinstance(block, list) or len(block) != 2
+            or not all(_count(v) for v in block)
+            or not isinstance(start, bool) or not isinstance(end, bool)):
+        raise TableError(f"table key {raw!r:.60} is not a Depth key {{'block': [i, j], "
+                         "'start_activation': bool, 'end_activation': bool}")
+    return DepthKey(block[0], block[1], start, end)
+
+
+# the space's own keys: conv names (LayerOnly's removal of one), entries, Depth's keys
+register_key_kind(KeyKind(str, lambda raw: isinstance(raw, str), lambda key: key, str))
+register_key_kind(KeyKind(Entry, lambda raw: isinstance(raw, (list, tuple)), list,
+                          lambda raw: _entry_from_json(list(raw))))
+register_key_kind(KeyKind(
+    DepthKey, lambda raw: isinstance(raw, dict) and "block" in raw,
+    lambda key: {"block": [key.i, key.j], "start_activation": key.start,
+                 "end_activation": key.end}, _depth_key_from_json))
+
+
+def key_to_json(key: Key) -> Any:
+    """A key's JSON form, by its registered kind."""
+    kind = KEY_KINDS.get(type(key))
+    if kind is None:
+        raise TableError(f"table key {key!r:.40} is of no registered kind "
+                         f"({', '.join(k.__name__ for k in KEY_KINDS)})")
+    return kind.encode(key)
+
+
+def key_from_json(raw: Any) -> Key:
+    """A key from its JSON form (TableError for anything no registered kind accepts)."""
+    for kind in KEY_KINDS.values():
+        if kind.accepts(raw):
+            return kind.decode(raw)
+    raise TableError(f"table key {raw!r:.40} is neither a conv name nor [i, j, k, dw]")
 
 
 MAX_VALUE = 1e9  # beyond this a value is a unit error or garbage, never a measurement
@@ -165,7 +205,7 @@ class EntryTable:
             "kind": self.kind, "signature": self.signature,
             "input_shapes": [list(shape) for shape in self.input_shapes],
             "settings": self.settings.to_dict(),
-            "values": [[_key_to_json(k), v] for k, v in self.values.items()],
+            "values": [[key_to_json(k), v] for k, v in self.values.items()],
         }, indent=indent)
 
     @classmethod
@@ -191,21 +231,22 @@ class EntryTable:
         if not isinstance(shapes, list) or not all(
                 isinstance(s, list) and all(type(d) is int for d in s) for s in shapes):
             raise TableError(f"{cls.kind} table: 'input_shapes' must be a list of shapes")
-        return cls({_key_from_json(k): v for k, v in rows}, signature,
+        return cls({key_from_json(k): v for k, v in rows}, signature,
                    cls.settings_type.from_dict(settings, f"{cls.kind} table"),
                    tuple(tuple(s) for s in shapes))
 
 
 def key_name(key: Key) -> Any:
     """How an error message names a key."""
-    return key if isinstance(key, (str, DepthKey)) else tuple(key)
+    return tuple(key) if isinstance(key, Entry) else key
 
 
 def _normalise(key: Any) -> Key:
-    if isinstance(key, (str, DepthKey)):
+    """A key as given by a user (an entry may come as a plain tuple)."""
+    if type(key) in KEY_KINDS:
         return key
     try:
-        return _key_from_json(list(key))
+        return key_from_json(list(key))
     except TypeError:
         raise TableError(f"table key {key!r:.40} is neither a conv name nor (i, j, k, dw)"
                          ) from None

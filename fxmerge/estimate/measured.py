@@ -31,10 +31,9 @@ from ..backends.timing import (
 from ..errors import ArgumentError, InfeasibleBudget
 from ..plan import Plan
 from ..progress import Progress
+from ..solve import fastest_latency, fastest_plan, solve
 from ..space import MergeSpace, require_space_of
-from ..tables.importance import ImportanceTable
-from ..tables.latency import LatencyTable
-from . import fastest_latency, fastest_plan, solve
+from ..tables import ImportanceTable, LatencyTable
 
 log = logging.getLogger(__name__)
 

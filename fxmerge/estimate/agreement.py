@@ -24,10 +24,9 @@ from ..capture.trace import ExampleInputs, as_tuple
 from ..errors import TableError
 from ..passes.prune import PrunedGraph, prune_graph
 from ..progress import progress as iterate
-from ..solve.depth import DepthKey
-from ..space import Entry, MergeSpace, require_space_of
-from .base import Key
-from .importance import ImportanceSettings, ImportanceTable, importance_jobs
+from ..solve import probes
+from ..space import MergeSpace, require_space_of
+from ..tables import ImportanceSettings, ImportanceTable, Key
 
 
 def relative_squared_error(out: Any, reference: Any) -> float:
@@ -180,14 +179,6 @@ class CachedOutputs:
         return self.outputs([self.cut(variant)])[0]
 
 
-def _end(space: MergeSpace, key: Key) -> int:
-    """The position where the change a key scores ends (keys ending together share a
-    suffix)."""
-    if isinstance(key, (Entry, DepthKey)):
-        return key.j
-    return space.conv(key).index
-
-
 PENDING_BYTES = 256 * 2**20  # cut values held while waiting for others of their suffix
 
 
@@ -204,7 +195,7 @@ def agreement_importance(space: MergeSpace, gm: fx.GraphModule, batch: ExampleIn
     gm.eval()
     try:
         cache = CachedOutputs(gm, batch)
-        jobs = importance_jobs(space, keys, reset_single=False)
+        jobs = probes(space, keys)
         group = max(1, SUFFIX_BATCH // int(cache.batch[0].shape[0]))
         errors: dict[Key, float] = {}
         pending: dict[int, list[tuple[Key, Cut]]] = {}
@@ -218,9 +209,9 @@ def agreement_importance(space: MergeSpace, gm: fx.GraphModule, batch: ExampleIn
             for (key, _), out in zip(waiting, outs):
                 errors[key] = relative_squared_error(out, cache.output)
 
-        ordered = sorted(jobs, key=lambda k: _end(space, k))
+        ordered = sorted(jobs, key=lambda k: jobs[k].end)  # keys ending together share a run
         for key in iterate(ordered, "importance (output agreement)", "key", progress):
-            cut = cache.cut(prune_graph(gm, space, jobs[key][0]))
+            cut = cache.cut(prune_graph(gm, space, jobs[key].plan))
             pending.setdefault(cut.index, []).append((key, cut))
             held += _bytes(cut)
             if len(pending[cut.index]) >= group:
