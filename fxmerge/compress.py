@@ -10,11 +10,11 @@ from typing import Any
 from torch import fx, nn
 
 from .capture import ExampleInputs
-from .errors import ArgumentError, InfeasibleBudget
-from .job import AUTO, AUTO_METHODS, BudgetBasis, Job, basis_of
+from .errors import ArgumentError
+from .job import AUTO, AUTO_METHODS, BudgetBasis, Candidate, Job, basis_of
 from .passes import merge
 from .plan import Plan
-from .solve import get_method
+from .solve import importance_keys
 from .space import MergeSpace, StrideRule
 from .tables import ImportanceTable, LatencyTable
 
@@ -28,8 +28,9 @@ class CompressResult:
     pruned: fx.GraphModule
     latency: LatencyTable
     importance: ImportanceTable
-    # method="auto": each method tried, with its plan, trained network and score
-    candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # method="auto": each method tried (its plan, trained and merged networks, score)
+    candidates: dict[str, Candidate] = field(default_factory=dict)
+    reason: str = ""  # why this plan's method was kept
 
     def merge(self) -> fx.GraphModule:
         """The merged network (one conv per block) of the pruned one, in eval mode. Call it
@@ -102,7 +103,7 @@ def compress(
         return _compress_auto(job, budget=budget, evaluate=importance, finetune=finetune,
                               train=train, basis=basis, levels=levels)
     job.reachable(budget, (method,))  # refused before any importance is measured
-    keys = get_method(method).importance_keys(job.space)  # only the keys `method` reads
+    keys = importance_keys(job.space, [method])  # only the keys `method` reads
     table = job.importance(keys, evaluate=importance if callable(importance) else None,
                            finetune=finetune)
     plan = job.solve(table, budget, method=method, basis=basis, levels=levels)
@@ -113,22 +114,14 @@ def _compress_auto(job: Job, *, budget: float, evaluate: Callable[[nn.Module], f
                    finetune: Callable[[nn.Module], nn.Module | None] | None,
                    train: Callable[[fx.GraphModule], fx.GraphModule], basis: BudgetBasis,
                    levels: int | None) -> CompressResult:
-    """`compress` with `method="auto"`: LayerMerge and Depth, the more accurate kept."""
+    """`compress` with `method="auto"`: LayerMerge and Depth, kept by `Job.choose`."""
     methods = job.reachable(budget, AUTO_METHODS)
-    keys = list(dict.fromkeys(k for m in methods for k in get_method(m).importance_keys(
-        job.space)))
-    table = job.importance(keys, evaluate=evaluate, finetune=finetune)
-    candidates: dict[str, dict[str, Any]] = {}
-    for method in methods:
-        try:
-            plan = job.solve(table, budget, method=method, basis=basis, levels=levels)
-        except InfeasibleBudget:
-            continue
-        trained = train(job.prune(plan))
-        candidates[method] = {"plan": plan, "pruned": trained, "score": evaluate(trained)}
-    if not candidates:
-        raise InfeasibleBudget(f"neither {' nor '.join(methods)} meets budget {budget:g}")
-    chosen = max(candidates, key=lambda m: candidates[m]["score"])
+    table = job.importance(importance_keys(job.space, methods), evaluate=evaluate,
+                           finetune=finetune)
+    candidates = job.candidates(table, budget, methods, evaluate=evaluate, basis=basis,
+                                levels=levels, timed=False,
+                                train=lambda net, checkpoint: train(net))
+    chosen, reason = job.choose(candidates)
     best = candidates[chosen]
-    return CompressResult(best["plan"], job.space, best["pruned"], job.latency, table,
-                          candidates)
+    return CompressResult(best.plan, job.space, best.pruned, job.latency, table, candidates,
+                          reason)

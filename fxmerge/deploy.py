@@ -12,7 +12,7 @@ from torch import fx, nn
 
 from .capture import example_inputs, require_graph_module, trace
 from .errors import ArgumentError
-from .models.hub import load_model
+from .models.hub import load_model, runs_code
 from .passes import reparameterize, transform
 from .passes.base import MERGED_META, PLAN_META, REPARAMETERIZED_META
 from .plan import Plan
@@ -77,11 +77,14 @@ def _example(spec: list[dict]) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
-def load(path: str | Path, model: nn.Module | None = None) -> fx.GraphModule:
-    """The network `save` wrote, rebuilt in eval mode: the model (from its recorded spec, or
-    `model`, an instance of the same architecture) is traced at the recorded input shapes,
-    pruned and merged by the recorded plan (or re-parameterised), and given the saved
-    weights."""
+def load(path: str | Path, model: nn.Module | None = None, *, trust_code: bool = False
+         ) -> fx.GraphModule:
+    """The network `save` wrote, rebuilt in eval mode: the model (`model`, an instance of
+    the same architecture, or the one its recorded spec names) is traced at the recorded
+    input shapes, pruned and merged by the recorded plan (or re-parameterised), and given
+    the saved weights. A recorded spec is built only from a registry (`torchvision:`,
+    `timm:`, `fxmerge:`); one that names a file (`FILE.py:NAME`) would run that file, so it
+    needs `model` or an explicit `trust_code=True`."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -100,6 +103,10 @@ def load(path: str | Path, model: nn.Module | None = None) -> fx.GraphModule:
     if model is None:
         if not metadata.get("model"):
             raise ArgumentError(f"{path} records no model spec: load(path, model=YourNet())")
+        if runs_code(metadata["model"]) and not trust_code:
+            raise ArgumentError(f"{path} names its model {metadata['model']!r}, a file "
+                                "fxmerge would have to run: pass the model, "
+                                "load(path, model=YourNet()), or trust_code=True")
         model = load_model(metadata["model"])
     gm = trace(model.eval(), _example(json.loads(metadata["inputs"])))
     if metadata.get("pass", "merge") == "reparameterize":

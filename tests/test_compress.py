@@ -79,9 +79,9 @@ def test_compress_auto_keeps_the_method_whose_trained_network_scores_better():
                               train=train, method="auto", exclude=DemoMobileNetV2.EXCLUDE,
                               budget_basis="table")
     assert set(result.candidates) == {"layermerge", "depth"} and len(trained) == 2
-    scores = {m: c["score"] for m, c in result.candidates.items()}
+    scores = {m: c.score for m, c in result.candidates.items()}
     assert result.plan.method == max(scores, key=scores.get)
-    assert result.pruned is result.candidates[result.plan.method]["pruned"]
+    assert result.pruned is result.candidates[result.plan.method].pruned
     with pytest.raises(fxmerge.ArgumentError, match="auto"):
         fxmerge.compress(model, x, budget=0.7, latency=latency, method="auto")
 

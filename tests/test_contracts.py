@@ -262,7 +262,7 @@ def _imports(root):
     out = {}
     for path in root.rglob("*.py"):
         parts = path.relative_to(root).with_suffix("").parts
-        package = parts[:-1] if parts[-1] == "__init__" else parts[:-1]
+        package = parts[:-1]
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         out[name] = set()
         for node in ast.walk(ast.parse(path.read_text())):

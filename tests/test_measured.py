@@ -9,9 +9,10 @@ import torch
 from models import small_net
 
 import fxmerge
+from fxmerge.estimate import measured
 from fxmerge.estimate.measured import Measurement, NetworkTimer, interpolate, solve_measured
 from fxmerge.models import DemoMobileNetV2
-from fxmerge.solve import fastest_latency, layeronly, measured
+from fxmerge.solve import fastest_latency, layeronly
 from fxmerge.solve.depth import depth_keys
 
 

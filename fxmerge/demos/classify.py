@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from ..job import AUTO_METHODS, Job
+from ..job import AUTO_METHODS, Job, choose
 from ..models import DemoMobileNetV2
 from ..passes import transform
 from ..plan import Plan
@@ -122,7 +122,7 @@ class Trained:
         return self.job.space
 
 
-def train_seed(config: DemoConfig, seed: int) -> Trained:
+def train_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> Trained:
     """Split the data and train the demo network with `seed`; trace and analyse it."""
     torch.manual_seed(seed)
     started = time.perf_counter()
@@ -136,7 +136,7 @@ def train_seed(config: DemoConfig, seed: int) -> Trained:
     job = Job(model, data.test[0][: config.latency_batch],
               analysis={"exclude": DemoMobileNetV2.EXCLUDE},
               latency={"warmup": 5, "repeat": config.latency_repeat},
-              timing={"repeat": config.compare_repeat // 2})
+              timing={"repeat": config.compare_repeat // 2}, progress=progress)
     recipe = ClassificationRecipe(train, val, lr=1e-3, importance_steps=config.importance_steps,
                                   kd_weight=config.kd_weight, seed=seed)
     return Trained(data, job, base_acc, recipe)
@@ -153,7 +153,6 @@ def finetune_importance(trained: Trained, config: DemoConfig,
     """The paper's importance table (every method's keys): brief fine-tune, validation
     accuracy."""
     evaluate, finetune = estimator(trained, config)
-    trained.job.progress = progress
     return trained.job.importance(importance_keys(trained.space), evaluate=evaluate,
                                   finetune=finetune, reset_single=config.reset_single)
 
@@ -171,11 +170,10 @@ def finetune_plan(trained: Trained, plan: Plan, config: DemoConfig, seed: int
 def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> SeedRun:
     """Split, train, measure both tables, solve, fine-tune, merge and time, with `seed`."""
     started = time.perf_counter()
-    trained = train_seed(config, seed)
+    trained = train_seed(config, seed, progress)
     data, job, base_acc = trained.data, trained.job, trained.base_acc
     gm, space = job.gm, job.space
     example = data.test[0][: config.latency_batch]
-    job.progress = progress
     latency = job.latency
     print(f"latency table: {space.num_entries} entries, {latency.settings.num_layers} "
           f"convs timed, batch {config.latency_batch}, {latency.settings.seconds:.0f} s")
@@ -224,20 +222,23 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
                    original_ms=round(measured["original"].ms, 4),
                    measured_ratio=round(merged.ratio, 4),
                    speedup=round(1 / merged.ratio, 3))
-    rows += auto_rows(rows)
+    rows += auto_rows(rows, resolution=100 / len(data.val[1]))
     print_table(rows, base_acc)
     return SeedRun(seed, rows, base_acc, space, latency, importance, costs)
 
 
-def auto_rows(rows: list[dict]) -> list[dict]:
-    """What `--method auto` keeps at each budget: of LayerMerge and Depth, the network more
-    accurate on the held-out split (val; the faster on a tie), reported on test."""
+def auto_rows(rows: list[dict], resolution: float) -> list[dict]:
+    """What `--method auto` keeps at each budget (`fxmerge.job.choose`): of LayerMerge and
+    Depth, the network more accurate on the held-out split (val, in %; within `resolution`,
+    one image, the faster), reported on test."""
     out = []
     for budget in dict.fromkeys(r["budget"] for r in rows):
-        both = [r for r in rows if r["budget"] == budget and r["method"] in AUTO_METHODS]
+        both = {r["method"]: r for r in rows if r["budget"] == budget
+                and r["method"] in AUTO_METHODS}
         if both:
-            best = max(both, key=lambda r: (r["holdout"], r["speedup"]))
-            out.append({**best, "method": "auto", "kept": best["method"]})
+            kept, _ = choose({m: r["holdout"] for m, r in both.items()},
+                             {m: r["speedup"] for m, r in both.items()}, resolution)
+            out.append({**both[kept], "method": "auto", "kept": kept})
     return out
 
 

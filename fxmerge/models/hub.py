@@ -101,6 +101,15 @@ def _factory(spec: str, pretrained: bool) -> tuple[Callable, dict[str, Any]]:
     raise _refuse(spec, f"unknown source {source!r}" if rest else "no SOURCE:NAME")
 
 
+REGISTRIES = ("torchvision", "timm", "fxmerge")  # spec sources that run no file of the user's
+
+
+def runs_code(spec: str) -> bool:
+    """Whether building `spec` imports and runs a file (`FILE.py:NAME`), not a registry's
+    model."""
+    return spec.partition(":")[0] not in REGISTRIES
+
+
 def load_model(spec: str, *, pretrained: bool = False) -> nn.Module:
     """The model `spec` names, with random weights unless `pretrained` (the library's own
     pretrained weights, downloaded by it). The random weights are seeded (the same spec gives

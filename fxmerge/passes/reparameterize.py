@@ -61,8 +61,8 @@ class ReparameterizePass(FxMergePass):
     """Collapse every region of parallel linear branches into one conv.
 
     requires: a canonical graph (`fxmerge.trace`), every BatchNorm of a region in eval mode.
-    call: a new graph, recorded as re-parameterised (`modified` False where there was no
-    region: the same graph). With `verify` (the default), it also checks that the result computes what the given
+    call: a new graph, recorded as re-parameterised; where there is no region, the graph
+    given, untouched (`modified` False). With `verify` (the default), it also checks that the result computes what the given
     graph does on its example inputs.
     ensures: no region is left."""
 
@@ -73,12 +73,13 @@ class ReparameterizePass(FxMergePass):
     def requires(self, graph_module: fx.GraphModule) -> None:
         require_graph_module(graph_module, "reparameterize")
         check_canonical(graph_module)
-        inside = {name for region in find_regions(graph_module, self.exclude)
-                  for name in region.nodes}
-        refuse_training(graph_module, [n for n in graph_module.graph.nodes if n.name in inside])
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        regions = find_regions(graph_module, self.exclude)
+        regions = find_regions(graph_module, self.exclude)  # once: the BatchNorm check too
+        if not regions:
+            return PassResult(graph_module, False)
+        inside = {name for region in regions for name in region.nodes}
+        refuse_training(graph_module, [n for n in graph_module.graph.nodes if n.name in inside])
         out = copy.deepcopy(graph_module)
         with torch.no_grad():
             nodes = {n.name: n for n in out.graph.nodes}
@@ -90,9 +91,9 @@ class ReparameterizePass(FxMergePass):
         tag(out)
         out.meta[REPARAMETERIZED_META] = graph_module.meta.get(REPARAMETERIZED_META, 0) + len(
             regions)
-        if self.verify and regions:
+        if self.verify:
             check_equal(graph_module, out, "re-parameterised", "given")
-        return PassResult(out, bool(regions))
+        return PassResult(out, True)
 
     def ensures(self, graph_module: fx.GraphModule) -> None:
         left = find_regions(graph_module, self.exclude)
@@ -109,5 +110,5 @@ def reparameterize(gm: fx.GraphModule, *, exclude: Iterable[str] = (), verify: b
     `verify` compares both networks on the graph's example inputs."""
     result = ReparameterizePass(exclude=exclude, verify=verify)(gm)
     log.info("re-parameterised: regions collapsed into one conv each (%d in all)",
-             result.graph_module.meta[REPARAMETERIZED_META])
+             result.graph_module.meta.get(REPARAMETERIZED_META, 0))
     return result.graph_module

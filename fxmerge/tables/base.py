@@ -102,6 +102,8 @@ class TableSettings:
     (fields left unset are not written)."""
 
     source: str = "measured"  # or "user values" (`from_values`)
+    # what made it, part by part (a `Job`'s fingerprints: graph, weights, data, settings)
+    made_from: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
