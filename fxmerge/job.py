@@ -194,13 +194,7 @@ class Job:
     @cached_property
     def weights(self) -> str:
         """The fingerprint of the captured model's weights and buffers."""
-        digest = hashlib.sha1()
-        for name, tensor in sorted(self.gm.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-                          if tensor.numel() else b"")
-        return digest.hexdigest()[:16]
+        return fingerprint(dict(sorted(self.gm.state_dict().items())))
 
     def made_from(self, settings: Mapping[str, Any], *parts: str) -> dict[str, str]:
         """What a result is made from: the graph, the named `parts` (`weights`, or inputs
@@ -484,7 +478,8 @@ def fingerprint(value: Any) -> str:
 
     def feed(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
-            digest.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                          .tobytes())
             return str((v.dtype, tuple(v.shape)))
         if isinstance(v, (list, tuple)):
             return [feed(x) for x in v]

@@ -321,3 +321,50 @@ def test_benchmarks_use_the_public_api_only():
                     and node.attr not in public["fxmerge"]:
                 wrong.append(f"{path.name}: fxmerge.{node.attr}")
     assert not wrong, wrong
+
+
+@dataclasses.dataclass(frozen=True)
+class WidthKey:
+    """A toy method's own kind of key: conv `name` kept at half its importance."""
+
+    name: str
+
+
+def test_a_new_method_with_its_own_keys_is_added_without_touching_the_tables(resnet):
+    """A toy method, registered from here: its keys (a kind of its own, with its JSON form),
+    the network each scores, its edges; estimated, saved, read back and solved."""
+    from fxmerge.solve import layeronly
+
+    gm, space = resnet
+    convs = [c.name for c in space.convs if not c.irreducible]
+
+    def keys(space):
+        return [WidthKey(name) for name in convs]
+
+    def probes(space, keys):
+        return {k: fxmerge.Probe(layeronly.removal_plan(space, k.name), (),
+                                 space.conv(k.name).index) for k in keys}
+
+    def edges(space, latency, importance):
+        return layeronly.edges(space, latency, fxmerge.ImportanceTable.from_values(
+            space, {k.name: importance[k] for k in keys(space)}, keys=convs))
+
+    toy = fxmerge.Method("toy", keys, probes, edges, layeronly.blocks)
+    kind = fxmerge.register_key_kind(fxmerge.KeyKind(
+        WidthKey, lambda raw: isinstance(raw, dict) and "width_of" in raw,
+        lambda k: {"width_of": k.name}, lambda raw: WidthKey(raw["width_of"])))
+    METHODS["toy"] = toy
+    try:
+        table = fxmerge.agreement_importance(space, gm, X, keys=fxmerge.importance_keys(
+            space, ["toy"]))
+        assert set(table.values) == set(keys(space))
+        again = fxmerge.ImportanceTable.from_json(table.to_json())
+        assert again.values == table.values
+        latency = fxmerge.LatencyTable.from_values(
+            space, {e: 1.0 + e.k for e in space.entries if e.k}
+            | {e: 0.0 for e in space.entries if not e.k})
+        plan = fxmerge.solve(space, latency, again, budget=0.8, method="toy")
+        assert plan.method == "toy" and plan.removed_convs
+    finally:
+        del METHODS["toy"]
+        fxmerge.tables.KEY_KINDS.pop(kind.type)

@@ -65,3 +65,27 @@ def test_onnx_export_runs_in_onnxruntime_equal_to_the_merged_network(merged, tmp
     got = torch.from_numpy(session.run(None, {"x0": x.numpy()})[0])
     with torch.no_grad():
         assert relative_error(merged(x), got) <= 1e-5
+
+
+def test_load_never_runs_a_file_the_saved_metadata_names(tmp_path):
+    """A `.py` planted beside a `.safetensors` whose metadata names it is not run, unless
+    the caller says so."""
+    (tmp_path / "net.py").write_text(
+        "import pathlib, torch\n"
+        f"pathlib.Path({str(tmp_path / 'ran')!r}).write_text('ran')\n"
+        "def Net():\n    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),\n"
+        "                               torch.nn.Conv2d(4, 4, 3))\n")
+    spec = f"{tmp_path / 'net.py'}:Net"
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3))
+    gm = fxmerge.trace(model.eval(), X)
+    merged = fxmerge.transform(gm, fxmerge.Plan.identity(fxmerge.analyze(gm)))
+    path = fxmerge.save(merged, tmp_path / "net.safetensors", model=spec)
+    with pytest.raises(fxmerge.ArgumentError, match="a file fxmerge would have to run"):
+        fxmerge.load(path)
+    assert not (tmp_path / "ran").exists()
+    loaded = fxmerge.load(path, model=model)  # the caller's model: nothing run either
+    assert not (tmp_path / "ran").exists()
+    trusted = fxmerge.load(path, trust_code=True)
+    assert (tmp_path / "ran").exists()
+    with torch.no_grad():
+        assert torch.allclose(loaded(X), merged(X)) and torch.allclose(trusted(X), merged(X))
