@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .capture import require_graph_module
+from .capture import check_canonical
 from .capture.registry import NodeKind
 from .errors import ArgumentError, PlanError, SpaceError
 from .sides import Sides, compact, label
@@ -148,7 +148,7 @@ class Plan:
     def space_of(self, gm) -> MergeSpace:
         """The space of `gm` analysed with this plan's settings: the one it was made on, if
         it was made for this graph (pass that space around instead, where you have it)."""
-        require_graph_module(gm, "Plan.space_of")  # (its ArgumentError is caught below)
+        check_canonical(gm)  # the graph's own mistake, said as everywhere (TraceError)
         try:
             return analyze(gm, stride_rule=self.stride_rule, exclude=self.exclude,
                            add_activations=self.add_activations,

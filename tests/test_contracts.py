@@ -92,8 +92,10 @@ def test_check_canonical_names_the_node_and_the_rule():
     propagate_shapes(raw, X)
     with pytest.raises(fxmerge.TraceError, match=r"node 'skip' .* identity left in the graph"):
         check_canonical(raw)
-    with pytest.raises(fxmerge.SpaceError, match="not canonical"):
-        fxmerge.analyze(raw)
+    for entry in (fxmerge.analyze, lambda g: fxmerge.prune(g, fxmerge.Plan.identity(
+            fxmerge.analyze(fxmerge.trace(FunctionalNet(), X))))):
+        with pytest.raises(fxmerge.TraceError, match="the graph is not canonical at node"):
+            entry(raw)  # one mistake, one error, one text: analyse or prune
     with pytest.raises(fxmerge.ArgumentError, match="needs a GraphModule"):
         check_canonical(FunctionalNet())
 

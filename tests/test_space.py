@@ -136,7 +136,7 @@ def test_bad_exclude_and_untraced_graph_are_refused():
     gm = fxmerge.trace(torchvision.models.resnet18(), X64)
     with pytest.raises(fxmerge.ArgumentError, match="not_a_conv"):
         fxmerge.analyze(gm, exclude=["not_a_conv"])
-    with pytest.raises(fxmerge.SpaceError, match="fxmerge.trace"):
+    with pytest.raises(fxmerge.TraceError, match="fxmerge.trace"):
         fxmerge.analyze(torch.fx.symbolic_trace(torchvision.models.resnet18()))
     with pytest.raises(fxmerge.ArgumentError, match="stride_rule"):
         fxmerge.analyze(gm, stride_rule="loose")

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 from torch import Tensor, fx
 
-from ..capture import capture_path, check_canonical, example_inputs, ops, require_graph_module
+from ..capture import capture_path, check_canonical, example_inputs, ops
 from ..capture.families.activation import activation_kind
 from ..capture.regions import Region, collapse, find_regions
 from ..capture.registry import NodeKind, kind_of, label_of, op_name
-from ..errors import ArgumentError, SpaceError, TraceError
+from ..errors import ArgumentError, SpaceError
 from ..sides import largest
 from .records import MAX_KERNEL_BYTES, Conv, GraphNode, Skip, StrideRule, Unit
 from .space import MergeSpace
@@ -167,11 +167,7 @@ def analyze(
     none). `max_kernel_bytes` bounds the merged kernels offered (their float64 size, what
     `merge` materialises): a larger composition is not an entry (a single conv always is).
     """
-    require_graph_module(gm, "analyze")
-    try:
-        check_canonical(gm)
-    except TraceError as exc:  # the graph, not the space, is what is wrong
-        raise SpaceError(str(exc)) from None
+    check_canonical(gm)  # a TraceError, as everywhere a graph is not canonical
     if stride_rule not in tuple(StrideRule):
         raise ArgumentError(f"stride_rule must be one of {', '.join(StrideRule)}, got "
                             f"{stride_rule!r}")
