@@ -53,11 +53,11 @@ def plan_delta(trained: Trained, plan: Plan, config: DemoConfig,
 
 
 def run_seed(config: DemoConfig, seed: int, budgets: list[float]) -> list[dict]:
-    trained = train_seed(config, seed)
+    trained = train_seed(config, seed, progress=False)
     space = trained.space
     cpu = measure_latency(space, trained.gm, warmup=5, repeat=config.latency_repeat,
                           progress=False)
-    importance = finetune_importance(trained, config, progress=False)
+    importance = finetune_importance(trained, config)
     rows = []
     for row, plan in solve_plans(space, cpu, importance, additive(space, importance), budgets):
         row["joint_delta"] = round(100 * plan_delta(trained, plan, config, importance), 2)

@@ -60,12 +60,12 @@ from fxmerge.demos import (
 
 
 def run_seed(config: DemoConfig, seed: int, budgets: list[float]) -> list[dict]:
-    trained = train_seed(config, seed)
+    trained = train_seed(config, seed, progress=False)
     space = trained.space
     cpu = measure_latency(space, trained.gm, warmup=5, repeat=config.latency_repeat,
                           progress=False)
     tick = time.perf_counter()
-    importance = finetune_importance(trained, config, progress=False)
+    importance = finetune_importance(trained, config)
     importance_s = round(time.perf_counter() - tick, 1)
     print(f"[seed {seed}] importance: {len(importance)} keys in {importance_s:.0f} s")
     deltas = additive(space, importance)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import sys
 import typing
@@ -15,15 +14,21 @@ from pathlib import Path
 
 import torch
 
-from .backends.runtimes import BACKENDS
 from .capture.ops import CONVS
 from .errors import ArgumentError, FxMergeError, ModelSpecError
-from .estimate import NetworkTimer, measure_latency
-from .job import BudgetBasis
+from .job import Job
 from .models.hub import attribute, load_model
-from .pipeline import ImportanceMode, JobSettings
-from .solve import METHODS
-from .space import MAX_KERNEL_BYTES, StrideRule
+from .pipeline import (
+    AnalysisSettings,
+    ImportanceMode,
+    ImportanceStageSettings,
+    JobSettings,
+    LatencyStageSettings,
+    SolveStageSettings,
+    summary_line,
+)
+from .plan import Plan
+from .solve import importance_keys
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2  # argparse also exits with 2 on bad usage
 
@@ -91,7 +96,7 @@ def add_settings(p: argparse.ArgumentParser, settings: type) -> None:
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         required = f.default is dataclasses.MISSING
         shown = f.default.value if isinstance(f.default, Enum) else f.default
-        help_text = meta["help"] + ("" if required or f.default is None
+        help_text = meta["help"] + ("" if required or f.default in (None, ())
                                     else f" (default: {shown})")
         if types[f.name] is bool:
             p.add_argument(flag, action="store_true", help=help_text)
@@ -99,10 +104,11 @@ def add_settings(p: argparse.ArgumentParser, settings: type) -> None:
         kind = next((t for t in typing.get_args(types[f.name]) if t is not type(None)),
                     types[f.name])
         choices = meta.get("choices")
-        p.add_argument(flag, type=str if choices else kind, required=required,
+        extra = {"nargs": meta["nargs"]} if "nargs" in meta else {}
+        p.add_argument(flag, type=str if choices or extra else kind, required=required,
                        default=None if required else f.default, help=help_text,
                        choices=[str(c) for c in choices] if choices else None,
-                       metavar=meta.get("metavar"))
+                       metavar=meta.get("metavar"), **extra)
 
 
 def settings_from(args: argparse.Namespace, settings: type) -> object:
@@ -110,14 +116,10 @@ def settings_from(args: argparse.Namespace, settings: type) -> object:
     return settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(settings)})
 
 
-def _defaults(function: typing.Callable) -> dict:
-    """A function's keyword defaults: the one place an option's default is written."""
-    return {name: param.default for name, param in inspect.signature(function).parameters.items()
-            if param.default is not inspect.Parameter.empty}
-
-
 def _add_model_args(p: argparse.ArgumentParser, pruned_weights: bool = False,
                     analysis: bool = True) -> None:
+    """The model and its inputs; `analysis`: every `AnalysisSettings` option, else
+    `--exclude` alone (a pass without a search; a plan's own settings)."""
     p.add_argument("model", help="torchvision:NAME[:k=v,...], timm:NAME[:k=v,...], "
                    "fxmerge:NAME (built-in nets) or path/to/file.py:FACTORY; random weights "
                    "unless --weights")
@@ -133,29 +135,22 @@ def _add_model_args(p: argparse.ArgumentParser, pruned_weights: bool = False,
     else:
         p.add_argument("--weights", help="a state_dict file (tensors only) to load, or "
                        "'pretrained' for the library's own weights (downloaded)")
-    p.add_argument("--exclude", nargs="*", default=[], metavar="CONV",
-                   help="module names or glob patterns of convs kept out of the search")
-    if not analysis:
-        return
-    p.add_argument("--stride-rule", choices=[str(r) for r in StrideRule], default="paper",
-                   help="paper: a strided conv ends its block unless one 1x1 conv follows "
-                   "(as the authors); exact: any kernel may follow it (default: paper)")
-    p.add_argument("--add-activations", choices=["auto", "on", "off"], default="auto",
-                   help="an activation after merged blocks of several convs that end without "
-                   "one (auto: on, except in nets with GroupNorm before activations); a plan "
-                   "keeps the setting it was solved with")
-    p.add_argument("--max-kernel-mb", type=float, default=MAX_KERNEL_BYTES / 2**20,
-                   metavar="MIB", help="offer no merged kernel larger than this, in MiB of "
-                   f"float64 (default {MAX_KERNEL_BYTES / 2**20:.0f}): it bounds the memory "
-                   "merging takes")
+    if analysis:
+        add_settings(p, AnalysisSettings)
+    else:  # the one analysis option a pass without a search takes
+        field = next(f for f in dataclasses.fields(AnalysisSettings) if f.name == "exclude")
+        p.add_argument("--exclude", nargs="*", default=(), metavar="CONV",
+                       help=field.metadata["help"])
 
 
-def _space(args: argparse.Namespace):
-    from .capture import trace
-    from .space import analyze
-
-    gm = trace(_model(args).eval(), example_batch(args))
-    return gm, analyze(gm, **_analyze_options(args))
+def _job(args: argparse.Namespace, analysis: dict | None = None, **options) -> Job:
+    """The command's `Job`: the model `args` names, its example inputs, the analysis its
+    options (or a plan's, `analysis`) give, and `options` (latency, timing, tables...)."""
+    if analysis is None:
+        analysis = settings_from(args, AnalysisSettings).options() if hasattr(
+            args, "stride_rule") else {"exclude": tuple(args.exclude)}
+    return Job(_model(args).eval(), example_batch(args), analysis=analysis,
+               progress=_progress(args), **options)
 
 
 def _model(args: argparse.Namespace) -> torch.nn.Module:
@@ -166,12 +161,6 @@ def _model(args: argparse.Namespace) -> torch.nn.Module:
     if weights and weights != "pretrained":
         _load_state(model, load_tensors(weights), weights)
     return model
-
-
-def _analyze_options(args: argparse.Namespace) -> dict:
-    return {"stride_rule": args.stride_rule, "exclude": args.exclude,
-            "add_activations": {"auto": None, "on": True, "off": False}[args.add_activations],
-            "max_kernel_bytes": round(args.max_kernel_mb * 2**20)}
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
@@ -197,7 +186,7 @@ def _save(path: str | None, obj: object) -> None:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .space import reach
 
-    _, space = _space(args)
+    space = _job(args).space
     print(space.summary())
     _write(args.out, json.dumps({
         "signature": space.signature,
@@ -212,12 +201,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
-    gm, space = _space(args)
-    table = measure_latency(space, gm, backend=args.backend, device=args.device,
-                            batch_size=args.batch, warmup=args.warmup, repeat=args.repeat,
-                            seconds=args.seconds, threads=args.threads,
-                            cache=args.cache, deduplicate=not args.no_dedup,
-                            progress=_progress(args))
+    settings = settings_from(args, LatencyStageSettings)
+    job = _job(args, latency=settings.options())
+    table, space = job.latency, job.space
     s = table.settings
     print(f"{s.num_entries} entries from {s.num_layers} distinct convs, "
           f"{s.backend} on {s.device} ({s.machine}), batch {s.batch_size}, {s.threads} "
@@ -228,29 +214,27 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
 
 def cmd_importance(args: argparse.Namespace) -> int:
-    from .estimate import agreement_importance, estimate_importance
     from .tables.base import key_name
 
-    if not args.evaluate and (args.finetune or args.cache):
-        raise ArgumentError("--finetune and --cache need --evaluate (the output-agreement "
-                         "default neither fine-tunes nor caches: it takes seconds)")
-    gm, space = _space(args)
-    if args.evaluate:
-        finetune = attribute(args.finetune, "--finetune") if args.finetune else None
-        table = estimate_importance(space, gm, evaluate=attribute(args.evaluate, "--evaluate"),
-                                    finetune=finetune, cache=args.cache,
-                                    progress=_progress(args))
+    settings = settings_from(args, ImportanceStageSettings)
+    settings.check()
+    job = _job(args)
+    keys = importance_keys(job.space)
+    if settings.evaluate:
+        finetune = attribute(settings.finetune, "--finetune") if settings.finetune else None
+        table = job.importance(keys, evaluate=attribute(settings.evaluate, "--evaluate"),
+                               finetune=finetune, cache=settings.cache)
     else:
-        batch = example_batch(args, args.calibration_batch, args.calibration_size)
+        batch = example_batch(args, settings.calibration_batch, settings.calibration_size)
         try:
             with torch.no_grad():
-                gm.eval()
-                gm(*batch)
+                job.gm.eval()
+                job.gm(*batch)
         except Exception:  # noqa: BLE001  (a graph traced for one size only)
-            print(f"the model does not run at {args.calibration_size} pixels a side: "
+            print(f"the model does not run at {settings.calibration_size} pixels a side: "
                   "calibrating at the example input's size")
-            batch = example_batch(args, args.calibration_batch)
-        table = agreement_importance(space, gm, batch, progress=_progress(args))
+            batch = example_batch(args, settings.calibration_batch)
+        table = job.importance(keys, batch=batch)
     low = sorted(table.values.items(), key=lambda kv: kv[1])[:5]
     print(f"{len(table)} importance values ({table.settings.estimator}); lowest: "
           + ", ".join(f"{key_name(k)}={v:.3g}" for k, v in low))
@@ -258,63 +242,64 @@ def cmd_importance(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _tables(args: argparse.Namespace):
+def cmd_solve(args: argparse.Namespace) -> int:
+    from .solve import frontier
     from .tables import ImportanceTable, LatencyTable
 
-    return (LatencyTable.from_json(Path(args.latency).read_text()),
-            ImportanceTable.from_json(Path(args.importance).read_text()))
-
-
-def cmd_solve(args: argparse.Namespace) -> int:
-    from .job import Job
-    from .solve import frontier
-
-    latency, importance = _tables(args)
-    job = Job(_model(args).eval(), example_batch(args), analysis=_analyze_options(args),
-              latency=latency, importance=importance, threads=args.threads,
-              timing={"repeat": args.timing_repeat}, progress=_progress(args))
+    settings = settings_from(args, SolveStageSettings)
+    settings.check()
+    latency = LatencyTable.from_json(Path(settings.latency).read_text())
+    importance = ImportanceTable.from_json(Path(settings.importance).read_text())
+    job = _job(args, latency=latency, importance=importance, threads=settings.threads,
+               timing={"repeat": settings.timing_repeat})
     latency.check(job.space)
     original = latency.identity_latency(job.space)
-    floor = job.reach(args.method)
-    print(f"reach: the fastest {args.method} plan's table latency is {floor * original:.4g} "
-          f"ms, {floor:.1%} of the original's {original:.4g} ms")
-    plan = job.solve(importance, args.budget, method=args.method, basis=args.budget_basis,
-                     budget_ms=args.budget_ms, levels=args.levels, save_to=args.out)
+    floor = job.reach(settings.method)
+    print(f"reach: the fastest {settings.method} plan's table latency is "
+          f"{floor * original:.4g} ms, {floor:.1%} of the original's {original:.4g} ms")
+    plan = job.solve(importance, settings.budget, method=settings.method,
+                     basis=settings.budget_basis, budget_ms=settings.budget_ms,
+                     levels=settings.levels, save_to=args.out)
     print(plan.describe())
     if args.out:
         print(f"wrote {args.out}", file=sys.stderr)
-    if args.frontier or args.plot:
-        front = frontier(job.space, latency, importance, method=args.method,
-                         levels=args.levels or 1000)
-        _write(args.frontier, front.to_json())
-        if args.plot:
-            print(f"wrote {front.plot(args.plot)}", file=sys.stderr)
+    if settings.frontier or settings.plot:
+        front = frontier(job.space, latency, importance, method=settings.method,
+                         levels=settings.levels or 1000)
+        _write(settings.frontier, front.to_json())
+        if settings.plot:
+            print(f"wrote {front.plot(settings.plot)}", file=sys.stderr)
     return EXIT_OK
 
 
-def cmd_transform(args: argparse.Namespace) -> int:
-    from .passes import diff, merge, prune
-    from .plan import Plan
-
-    gm, _ = _space(args)
+def _plan_job(args: argparse.Namespace) -> tuple[Job, Plan]:
+    """The plan `--plan` holds, and the job over the model analysed with the plan's own
+    settings."""
     plan = Plan.from_json(Path(args.plan).read_text())
-    pruned = prune(gm, plan)
-    merged = merge(pruned.eval())
-    print(diff(gm, merged))
+    if args.exclude and tuple(sorted(args.exclude)) != tuple(sorted(plan.exclude)):
+        raise ArgumentError(f"--exclude {' '.join(args.exclude)}: the plan was solved with "
+                            f"--exclude {' '.join(plan.exclude) or '(none)'}; the plan's own "
+                            "analysis settings apply (leave --exclude out)")
+    return _job(args, plan=plan), plan
+
+
+def cmd_transform(args: argparse.Namespace) -> int:
+    from .passes import diff
+
+    job, plan = _plan_job(args)
+    pruned = job.prune(plan)
+    merged = job.merge(pruned)
+    print(diff(job.gm, merged))
     _save(args.pruned_out, pruned.state_dict())
     _deploy(args, merged)
     return EXIT_OK
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .passes import merge, prune
-    from .plan import Plan
-
-    gm, _ = _space(args)
-    plan = Plan.from_json(Path(args.plan).read_text())
-    pruned = prune(gm, plan)  # deterministic
+    job, plan = _plan_job(args)
+    pruned = job.prune(plan)  # deterministic
     _load_state(pruned, load_tensors(args.weights), args.weights)
-    merged = merge(pruned.eval())
+    merged = job.merge(pruned)
     n_convs = sum(isinstance(m, CONVS) for m in merged.modules())
     print(f"merged {len(plan.blocks)} blocks: {n_convs} convs, "
           f"{len(merged.graph.nodes)} nodes (pruned had {len(pruned.graph.nodes)})")
@@ -323,10 +308,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_reparameterize(args: argparse.Namespace) -> int:
-    from .capture import trace
     from .passes import diff, reparameterize
 
-    gm = trace(_model(args).eval(), example_batch(args))
+    gm = _job(args).gm
     collapsed = reparameterize(gm, exclude=args.exclude)
     print(diff(gm, collapsed))
     n_convs = sum(isinstance(m, CONVS) for m in collapsed.modules())
@@ -346,13 +330,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     settings.check()
     data = image_folder(args.data, settings)
     report = run_job(_model(args), data, args.out, settings, spec=args.model,
-                     analyze_options=_analyze_options(args), progress=_progress(args))
-    t, choice = report["timing"], report["choice"]
-    print(f"{choice['method']} at {settings.budget:.0%}: val accuracy "
-          f"{report['accuracy_original']:.2f}% -> {report['accuracy_compressed']:.2f}%, "
-          f"{t['speedup']:.2f}x faster ({t['original_ms']:.4g} -> {t['merged_ms']:.4g} ms, "
-          f"{t['backend']}, batch {t['batch']}, {t['threads']} threads); {choice['reason']}; "
-          f"report in {Path(args.out) / 'report.md'}")
+                     analyze_options=settings_from(args, AnalysisSettings).options(),
+                     progress=_progress(args))
+    print(summary_line(report, Path(args.out)))
     return EXIT_OK
 
 
@@ -385,20 +365,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ArgumentError(f"--seeds must be at least 1, got {args.seeds}")
     if args.task == "compress":  # `fxmerge compress` itself, on the digits as a folder
-        from .demos.shared import write_digits_folder
+        from .demos.compress import run_compress_demo
 
         if args.seeds != 1 or args.distorted:
             raise ArgumentError("--seeds and --distorted are for the classify task")
         out = out or Path("fxmerge-compress-demo")
-        data = write_digits_folder(out / "digits", size=32)
-        quick = ["--train-epochs", "2", "--epochs", "1", "--timing-repeat", "6"]
-        full = ["--train-epochs", "12", "--epochs", "4"]
-        argv = ["compress", "fxmerge:DemoMobileNetV2", "--data", str(data), "--grayscale",
-                "--size", "32", "--exclude", "stem.0", "head.0", "--budget", "0.55",
-                "--latency-batch", "64", "--out", str(out / "job"),
-                *(quick if args.quick else full)]
-        print("fxmerge " + " ".join(argv))
-        return main(argv)
+        report = run_compress_demo(out, quick=args.quick)
+        print(summary_line(report, out / "job"))
+        return EXIT_OK
     if args.task == "ddpm":
         from .demos.ddpm import DDPMDemoConfig, run_ddpm_demo
 
@@ -412,21 +386,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             config = replace(DemoConfig.quick(), distorted=args.distorted)
         else:
             config = DemoConfig.distorted_task() if args.distorted else DemoConfig()
-        config = replace(config, importance=args.importance)
+        config = replace(config, importance=ImportanceMode(args.importance))
         run_demo(out, config, seeds=args.seeds)
     return EXIT_OK
-
-
-def _add_method(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=list(METHODS), default="layermerge",
-                   help="layermerge (the paper's), or its baselines depth and layeronly "
-                   "(default: layermerge)")
-
-
-def _add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, metavar="N", help="time with N intra-op threads "
-                   "(default: torch's; a budget holds only at the thread count it was "
-                   "measured with, and many CPU servers run 1 per request)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -443,66 +405,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("latency", help="measure the latency table")
     _add_model_args(p)
     p.add_argument("--out", help="write the table as JSON")
-    table = _defaults(measure_latency)
-    p.add_argument("--backend", choices=BACKENDS, default=str(table["backend"]),
-                   help=f"what the layers are timed on (default: {table['backend']})")
-    p.add_argument("--device", default=table["device"],
-                   help=f"torch device to time on (default: {table['device']})")
-    _add_threads(p)
-    p.add_argument("--batch", type=int, help="deployment batch (default: the input shape's)")
-    p.add_argument("--warmup", type=int, default=table["warmup"],
-                   help=f"untimed runs per layer, at most (default {table['warmup']})")
-    p.add_argument("--repeat", type=int, default=table["repeat"], help="rounds: every layer "
-                   "is timed once per round, side by side (a slow one in fewer, an uncertain "
-                   f"one again); the median is kept (default {table['repeat']})")
-    p.add_argument("--seconds", type=float, default=table["seconds"], help="time each layer "
-                   f"for about this long (fewer runs for slow layers; default "
-                   f"{table['seconds']})")
-    p.add_argument("--cache", help="JSON file to resume an interrupted measurement from")
-    p.add_argument("--no-dedup", action="store_true", help="time every entry separately")
+    add_settings(p, LatencyStageSettings)
     p.set_defaults(func=cmd_latency)
 
     p = sub.add_parser("importance", help="estimate the importance table")
     _add_model_args(p)
     p.add_argument("--out", help="write the table as JSON")
-    p.add_argument("--evaluate", help="file.py:function scoring a model (higher is better); "
-                   "default: output agreement with the original on a random batch")
-    p.add_argument("--finetune", help="file.py:function fine-tuning a model briefly "
-                   "(with --evaluate)")
-    p.add_argument("--calibration-batch", type=int, default=1,
-                   help="batch of the output-agreement default")
-    p.add_argument("--calibration-size", type=int, default=64, metavar="PIXELS",
-                   help="its images' side, at most the input's (a CNN ranks the keys as at "
-                   "full size: Spearman 0.995 or more against 224, see docs/experiments.md)")
-    p.add_argument("--cache", help="JSON-lines file: finished entries; a rerun resumes "
-                   "(with --evaluate)")
+    add_settings(p, ImportanceStageSettings)
     p.set_defaults(func=cmd_importance)
 
     p = sub.add_parser("solve", help="pick the best plan under a latency budget")
     _add_model_args(p)
-    p.add_argument("--latency", required=True, help="latency table JSON")
-    p.add_argument("--importance", required=True, help="importance table JSON")
-    budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--budget", type=float, help="fraction of the original network's "
-                        "latency, measured on the latency table's backend, device and batch")
-    budget.add_argument("--budget-ms", type=float, help="absolute budget on the table (ms)")
-    p.add_argument("--budget-basis", choices=[str(b) for b in BudgetBasis], default="measured",
-                   help="measured: plans are timed whole against the original until one "
-                   "fits --budget; table: --budget is a fraction of the table's sum")
-    repeat = _defaults(NetworkTimer)["repeat"]
-    p.add_argument("--timing-repeat", type=int, default=repeat, help="interleaved rounds per "
-                   f"network timing (measured basis; default {repeat})")
-    _add_threads(p)
-    _add_method(p)
-    p.add_argument("--levels", type=int, help="budget levels of the DP (default 1000; "
-                   "Depth: 0.05 ms units)")
+    add_settings(p, SolveStageSettings)
     p.add_argument("--out", help="write the plan as JSON")
-    p.add_argument("--frontier", help="write the importance/latency frontier as JSON")
-    p.add_argument("--plot", help="save the frontier as a PNG (needs matplotlib)")
     p.set_defaults(func=cmd_solve)
 
     p = sub.add_parser("transform", help="apply a plan: prune and merge, print the diff")
-    _add_model_args(p)
+    _add_model_args(p, analysis=False)
     p.add_argument("--plan", required=True, help="plan JSON from `fxmerge solve`")
     p.add_argument("--out", help="write the merged network: NAME.onnx for ONNX, else "
                    "safetensors weights that fxmerge.load rebuilds it from (no pickle)")
@@ -512,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="merge fine-tuned pruned weights (from transform "
                        "--pruned-out) into one conv per block")
-    _add_model_args(p, pruned_weights=True)
+    _add_model_args(p, pruned_weights=True, analysis=False)
     p.add_argument("--plan", required=True, help="the plan JSON it was pruned with")
     p.add_argument("--out", help="write the merged network: NAME.onnx for ONNX, else "
                    "safetensors weights that fxmerge.load rebuilds it from (no pickle)")

@@ -39,6 +39,7 @@ from .capture.trace import INPUTS_META
 from .deploy import export_onnx, save
 from .errors import ArgumentError, FxMergeError, InfeasibleBudget
 from .estimate import (
+    NETWORK_REPEAT,
     NetworkTimer,
     agreement_importance,
     estimate_importance,
@@ -47,13 +48,24 @@ from .estimate import (
 )
 from .passes import merge, prune
 from .plan import Plan
-from .solve import fastest_latency, get_method, solve
+from .solve import MethodName, fastest_latency, get_method, solve
 from .space import MergeSpace, analyze
 from .tables import ImportanceTable, Key, LatencyTable
 
 log = logging.getLogger(__name__)
-AUTO = "auto"  # a method choice: LayerMerge and Depth both tried, the more accurate kept
-AUTO_METHODS = ("layermerge", "depth")
+
+
+class Strategy(str, Enum):
+    """A method choice besides the methods themselves."""
+
+    AUTO = "auto"  # `AUTO_METHODS` both tried, one kept by `choose`
+
+    def __str__(self) -> str:
+        return self.value
+
+
+AUTO = Strategy.AUTO
+AUTO_METHODS = (MethodName.LAYERMERGE, MethodName.DEPTH)
 
 
 class BudgetBasis(str, Enum):
@@ -125,7 +137,8 @@ class Job:
     backend, batch and threads also time whole networks). `timing`: `NetworkTimer`'s options
     (`repeat`). `inputs`: fingerprints of what the front end brings besides the model
     (`{"data": ..., "protocol": ...}`: its data's file list and sizes, its evaluate and
-    fine-tune settings), recorded with every result they shape. `quiet`: no stage lines on
+    fine-tune settings), recorded with every result they shape. `plan`: a plan to apply
+    (`prune`, `merge`), whose analysis settings the space is made with. `quiet`: no stage lines on
     stdout; `progress`: bars as `fxmerge.progress` shows them. The inputs are fixed once the
     job is made."""
 
@@ -134,10 +147,11 @@ class Job:
                  latency: LatencyTable | Mapping[str, Any] | None = None,
                  importance: ImportanceTable | None = None,
                  timing: Mapping[str, Any] | None = None, threads: int | None = None,
-                 inputs: Mapping[str, str] | None = None,
+                 inputs: Mapping[str, str] | None = None, plan: Plan | None = None,
                  quiet: bool = True, progress: bool | None = None) -> None:
         self.model, self.example = model, example
         self.inputs = dict(inputs or {})
+        self.plan = plan
         self.out = Path(out) if out is not None else None
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +168,7 @@ class Job:
         self.dropped: dict[str, str] = {}  # methods left out, and why
 
     FROZEN = frozenset({"model", "example", "out", "analysis", "latency_options", "timing",
-                        "inputs", "quiet", "progress"})
+                        "inputs", "plan", "quiet", "progress"})
 
     def __setattr__(self, name: str, value: Any) -> None:
         """The job's inputs are fixed once it is made (results are kept by what made them)."""
@@ -185,9 +199,11 @@ class Job:
 
     @cached_property
     def space(self) -> MergeSpace:
-        """space: the graph's merge space (written to space.json)."""
+        """space: the graph's merge space (written to space.json); a job given a `plan`
+        analyses with the plan's settings (`PlanError` where they do not fit the model)."""
         with self.stage("space"):
-            space = analyze(self.gm, **self.analysis)
+            space = (self.plan.space_of(self.gm) if self.plan is not None
+                     else analyze(self.gm, **self.analysis))
         self._write("space.json", space.to_json())
         return space
 
@@ -226,14 +242,16 @@ class Job:
         if self._given["latency"] is not None:
             self._given["latency"].check(self.space)
             return self._given["latency"]
-        made_from = self.made_from(self.latency_options)
+        options = dict(self.latency_options)
+        cache = options.pop("cache", None) or (self.out / "latency-cache.json" if self.out
+                                               else None)
+        made_from = self.made_from(options)
         table = self._read("latency.json", LatencyTable.from_json)
         if self._reuse("latency.json", table, made_from):
             return table
         with self.stage("latency table"):
-            cache = self.out / "latency-cache.json" if self.out else None
             table = measure_latency(self.space, self.gm, cache=cache, progress=self.progress,
-                                    **self.latency_options)
+                                    **options)
         table.settings = replace(table.settings, made_from=made_from)
         self._write("latency.json", table.to_json())
         return table
@@ -254,6 +272,7 @@ class Job:
         name = name or ("finetune" if evaluate is not None else "proxy")
         path = f"importance-{name}.json"
         batch = self.example if batch is None else batch
+        cache = options.pop("cache", None)  # the caller's own cache file, if any
         settings = {"estimator": name, **options,
                     **({"batch": fingerprint(batch)} if evaluate is None else {})}
         made_from = self.made_from(settings, "weights", "data", "protocol")
@@ -265,8 +284,8 @@ class Job:
                 table = agreement_importance(self.space, self.gm, batch, keys=keys,
                                              progress=self.progress, **options)
             else:  # finished keys are cached by what made them
-                cache = (self.out / f"importance-{name}-{fingerprint(made_from)}.jsonl"
-                         if self.out else None)
+                if cache is None and self.out is not None:
+                    cache = self.out / f"importance-{name}-{fingerprint(made_from)}.jsonl"
                 table = estimate_importance(self.space, self.gm, evaluate=evaluate,
                                             finetune=finetune, keys=keys, executor=executor,
                                             cache=cache, progress=self.progress, **options)
@@ -438,7 +457,7 @@ class Job:
         table's backend, batch and threads."""
         s = self.latency.settings
         inputs = at_batch(self.example, s.batch_size)
-        repeat = repeat or self.timing.get("repeat", 30)
+        repeat = repeat or self.timing.get("repeat", NETWORK_REPEAT)
         with self.stage("final timing"), using_threads(s.threads) as threads:
             t = time_against_reference(
                 lambda: {"original": plan_runner(self.gm, Plan.identity(self.space),
@@ -497,5 +516,5 @@ def _write_file(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-__all__ = ["AUTO", "AUTO_METHODS", "BudgetBasis", "Candidate", "Job", "basis_of", "choose",
-           "fingerprint"]
+__all__ = ["AUTO", "AUTO_METHODS", "BudgetBasis", "Candidate", "Job", "Strategy", "basis_of",
+           "choose", "fingerprint"]

@@ -145,14 +145,19 @@ class Plan:
             i = j
         return cls.from_positions(space, positions, kept, method=f"random:{seed}")
 
+    @property
+    def analysis(self) -> dict[str, Any]:
+        """The `analyze` options the plan's space was analysed with."""
+        return {"stride_rule": self.stride_rule, "exclude": self.exclude,
+                "add_activations": self.add_activations,
+                "max_kernel_bytes": self.max_kernel_bytes}
+
     def space_of(self, gm) -> MergeSpace:
         """The space of `gm` analysed with this plan's settings: the one it was made on, if
         it was made for this graph (pass that space around instead, where you have it)."""
         check_canonical(gm)  # the graph's own mistake, said as everywhere (TraceError)
         try:
-            return analyze(gm, stride_rule=self.stride_rule, exclude=self.exclude,
-                           add_activations=self.add_activations,
-                           max_kernel_bytes=self.max_kernel_bytes)
+            return analyze(gm, **self.analysis)
         except (SpaceError, ArgumentError) as exc:  # its settings do not fit this graph
             raise PlanError(f"plan was made for another graph: {exc}") from None
 

@@ -143,7 +143,7 @@ def test_the_cli_shows_a_bug_as_a_traceback(monkeypatch):
     def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug inside fxmerge")
 
-    monkeypatch.setattr(fxmerge.space, "analyze", bug)
+    monkeypatch.setattr(fxmerge.job, "analyze", bug)
     with pytest.raises(ZeroDivisionError):
         cli.main(["analyze", "torchvision:resnet18", "--input-shape", "1,3,32,32"])
 

@@ -23,6 +23,7 @@ from torch import fx, nn
 from ..job import AUTO_METHODS, Job, choose
 from ..models import DemoMobileNetV2
 from ..passes import transform
+from ..pipeline import ImportanceMode
 from ..plan import Plan
 from ..recipes import ClassificationRecipe
 from ..solve import METHODS, frontier, importance_keys
@@ -68,8 +69,8 @@ class DemoConfig:
     # LayerMerge plans solved on the proxy table too, fine-tuned and timed (a research
     # comparison, benchmarks/bench_proxy.py; off in the Quickstart)
     proxy_plans: bool = False
-    # "proxy" (output agreement: seconds) or "finetune" (the paper's estimator: minutes)
-    importance: str = "proxy"
+    # PROXY (output agreement: seconds) or FINETUNE (the paper's estimator: minutes)
+    importance: ImportanceMode = ImportanceMode.PROXY
 
     @classmethod
     def distorted_task(cls) -> DemoConfig:
@@ -148,8 +149,7 @@ def estimator(trained: Trained, config: DemoConfig) -> tuple[Callable, Callable]
     return trained.recipe.evaluate, trained.recipe.finetune
 
 
-def finetune_importance(trained: Trained, config: DemoConfig,
-                        progress: bool | None = None) -> ImportanceTable:
+def finetune_importance(trained: Trained, config: DemoConfig) -> ImportanceTable:
     """The paper's importance table (every method's keys): brief fine-tune, validation
     accuracy."""
     evaluate, finetune = estimator(trained, config)
@@ -184,9 +184,9 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
     costs = {"proxy_importance_s": round(proxy_s, 2), "proxy_keys": len(proxy)}
     what = (f"{space.num_entries} LayerMerge entries, {len(depth_keys(space))} Depth "
             "activation choices, the rest LayerOnly's")
-    if config.importance == "finetune":
+    if config.importance is ImportanceMode.FINETUNE:
         tick = time.perf_counter()
-        importance = finetune_importance(trained, config, progress)
+        importance = finetune_importance(trained, config)
         finetune_s = time.perf_counter() - tick
         rho = spearman(importance, proxy)
         costs.update(finetune_importance_s=round(finetune_s, 2),

@@ -6,8 +6,8 @@ output-agreement proxy), `solve_measured` and `NetworkTimer` (plans timed whole)
 from .agreement import OutputAgreement, agreement_importance
 from .importance import estimate_importance, score_plan
 from .latency import LayerSpec, entry_layer, measure_latency
-from .measured import Measurement, NetworkTimer, solve_measured
+from .measured import NETWORK_REPEAT, Measurement, NetworkTimer, solve_measured
 
-__all__ = ["LayerSpec", "Measurement", "NetworkTimer", "OutputAgreement", "agreement_importance",
+__all__ = ["NETWORK_REPEAT", "LayerSpec", "Measurement", "NetworkTimer", "OutputAgreement", "agreement_importance",
            "entry_layer", "estimate_importance", "measure_latency", "score_plan",
            "solve_measured"]

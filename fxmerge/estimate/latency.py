@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from ..algebra import CONV_MODULES
-from ..backends.runtimes import get_backend, plan_runner
+from ..backends.runtimes import Backend, get_backend, plan_runner
 from ..backends.timing import (
     MIN_TIMED_RUNS,
     SETTLE,
@@ -119,7 +119,7 @@ def measure_latency(
     space: MergeSpace,
     gm: fx.GraphModule | None = None,
     *,
-    backend: str = "eager",
+    backend: Backend | str = Backend.EAGER,
     device: str | torch.device = "cpu",
     batch_size: int | None = None,
     dtype: torch.dtype = torch.float32,

@@ -19,7 +19,7 @@ from itertools import pairwise
 import torch
 from torch import fx
 
-from ..backends.runtimes import get_backend, plan_runner
+from ..backends.runtimes import Backend, get_backend, plan_runner
 from ..backends.timing import (
     PREPARATIONS,
     check_load,
@@ -49,6 +49,9 @@ class Measurement:
     spread: float
 
 
+NETWORK_REPEAT = 30  # interleaved rounds per whole-network timing, by default
+
+
 class NetworkTimer:
     """Times the networks plans make of `gm` against its original, side by side, on one
     backend, device and batch (by default those its latency table was measured with);
@@ -61,9 +64,10 @@ class NetworkTimer:
     pairs' ratios (`preparations=1` where preparing is slow, as compiling can be).
     """
 
-    def __init__(self, gm: fx.GraphModule, space: MergeSpace, *, backend: str = "eager",
-                 device: str | torch.device = "cpu", batch_size: int | None = None,
-                 repeat: int = 30, warmup: int = 5, preparations: int = PREPARATIONS,
+    def __init__(self, gm: fx.GraphModule, space: MergeSpace, *,
+                 backend: Backend | str = Backend.EAGER, device: str | torch.device = "cpu",
+                 batch_size: int | None = None, repeat: int = NETWORK_REPEAT, warmup: int = 5,
+                 preparations: int = PREPARATIONS,
                  threads: int | None = None) -> None:
         if min(preparations, repeat) < 1:
             raise ArgumentError(f"repeat and preparations must be positive, got {repeat}, "

@@ -2,8 +2,17 @@
 (`data`), the job (`run`) and its report (`report`)."""
 
 from .data import ImageData, folder_fingerprint, holdout_split, image_folder
+from .report import render, summary_line
 from .run import run_job
-from .settings import ImportanceMode, JobSettings
+from .settings import (
+    AnalysisSettings,
+    ImportanceMode,
+    ImportanceStageSettings,
+    JobSettings,
+    LatencyStageSettings,
+    SolveStageSettings,
+)
 
-__all__ = ["ImageData", "ImportanceMode", "JobSettings", "folder_fingerprint", "holdout_split",
-           "image_folder", "run_job"]
+__all__ = ["AnalysisSettings", "ImageData", "ImportanceMode", "ImportanceStageSettings",
+           "JobSettings", "LatencyStageSettings", "SolveStageSettings", "folder_fingerprint",
+           "holdout_split", "image_folder", "render", "run_job", "summary_line"]

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..plan import Plan
+
+
+def summary_line(report: dict, out: Path) -> str:
+    """The job in one line: the choice, accuracy, speed-up and where the report is."""
+    t, choice = report["timing"], report["choice"]
+    return (f"{choice['method']} at {report['settings']['budget']:.0%}: val accuracy "
+            f"{report['accuracy_original']:.2f}% -> {report['accuracy_compressed']:.2f}%, "
+            f"{t['speedup']:.2f}x faster ({t['original_ms']:.4g} -> {t['merged_ms']:.4g} ms, "
+            f"{t['backend']}, batch {t['batch']}, {t['threads']} threads); "
+            f"{choice['reason']}; report in {out / 'report.md'}")
 
 
 def render(report: dict, plan: Plan) -> str:

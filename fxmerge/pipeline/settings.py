@@ -1,17 +1,31 @@
-"""`JobSettings`: what `fxmerge compress` does, one field per CLI option (its one default,
-help text and choices)."""
+"""The settings of every stage a command runs, one field per CLI option (its one default,
+help text and choices; `cli.add_settings` makes the options from them): `JobSettings` for
+`fxmerge compress`, `AnalysisSettings`, `LatencyStageSettings`, `ImportanceStageSettings`,
+`SolveStageSettings` for the stage commands. Options several commands share are declared
+once (`_threads`, `_backend`, `_budget_basis`, `_timing_repeat`)."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from ..backends.runtimes import Backend, get_backend
 from ..errors import ArgumentError
+from ..estimate import NETWORK_REPEAT, measure_latency
 from ..job import AUTO, AUTO_METHODS, BudgetBasis, basis_of
 from ..recipes import ImportanceProtocol
-from ..solve import METHODS, get_method
+from ..solve import METHODS, MethodName, get_method
+from ..space import MAX_KERNEL_BYTES, StrideRule
+
+
+def _defaults(function: Callable) -> dict[str, Any]:
+    """A function's keyword defaults: where an option's default is written once."""
+    return {name: p.default for name, p in inspect.signature(function).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
 
 HOLDOUT_FLOOR = 5  # held-out images per class at least (at most half of a class)
 
@@ -31,6 +45,129 @@ def _option(default: Any, help: str, choices: Any = None, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices, **extra})
 
 
+# ---- options several commands share: each declared here once ------------------------------
+def _threads() -> Any:
+    return _option(None, "time with N intra-op threads (default: torch's; a budget holds only "
+                   "at the thread count it was measured with, and many CPU servers run 1 per "
+                   "request)", metavar="N")
+
+
+def _backend() -> Any:
+    return _option(Backend.EAGER, "what latencies are measured on", choices=Backend)
+
+
+def _budget_basis() -> Any:
+    return _option(BudgetBasis.MEASURED, "measured: plans are timed whole against the "
+                   "original until one fits --budget; table: --budget is a fraction of the "
+                   "latency table's sum", choices=BudgetBasis)
+
+
+def _timing_repeat() -> Any:
+    return _option(NETWORK_REPEAT, "interleaved rounds per whole-network timing (measured "
+                   "basis, final timing)")
+
+
+_LATENCY = _defaults(measure_latency)
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """What `analyze` is told: the options of every command that analyses a model."""
+
+    exclude: tuple[str, ...] = _option((), "module names or glob patterns of convs kept out "
+                                       "of the search", nargs="*", metavar="CONV")
+    stride_rule: StrideRule = _option(  # noqa: RUF009
+        StrideRule.PAPER, "paper: a strided conv ends its block unless one 1x1 conv follows "
+        "(as the authors); exact: any kernel may follow it", choices=StrideRule)
+    add_activations: str = _option(
+        "auto", "an activation after merged blocks of several convs that end without one "
+        "(auto: on, except in nets with GroupNorm before activations); a plan keeps the "
+        "setting it was solved with", choices=("auto", "on", "off"))
+    max_kernel_mb: float = _option(
+        MAX_KERNEL_BYTES / 2**20, "offer no merged kernel larger than this, in MiB of float64: "
+        "it bounds the memory merging takes", metavar="MIB")
+
+    def options(self) -> dict[str, Any]:
+        """`analyze`'s keyword arguments."""
+        return {"stride_rule": StrideRule(self.stride_rule), "exclude": tuple(self.exclude),
+                "add_activations": {"auto": None, "on": True, "off": False}[
+                    self.add_activations],
+                "max_kernel_bytes": round(self.max_kernel_mb * 2**20)}
+
+
+@dataclass(frozen=True)
+class LatencyStageSettings:
+    """`fxmerge latency`: how the latency table is timed (`measure_latency`'s options)."""
+
+    backend: Backend = _backend()  # noqa: RUF009
+    device: str = _option(_LATENCY["device"], "torch device to time on")
+    threads: int | None = _threads()
+    batch: int | None = _option(None, "deployment batch (default: the input shape's)")
+    warmup: int = _option(_LATENCY["warmup"], "untimed runs per layer, at most")
+    repeat: int = _option(_LATENCY["repeat"], "rounds: every layer is timed once per round, "
+                          "side by side (a slow one in fewer, an uncertain one again); the "
+                          "median is kept")
+    seconds: float = _option(_LATENCY["seconds"], "time each layer for about this long (fewer "
+                             "runs for slow layers)")
+    cache: str | None = _option(None, "JSON file to resume an interrupted measurement from")
+    no_dedup: bool = _option(False, "time every entry separately")
+
+    def options(self) -> dict[str, Any]:
+        """`measure_latency`'s keyword arguments (what a `Job` is given as `latency`)."""
+        return {"backend": get_backend(self.backend), "device": self.device,
+                "batch_size": self.batch, "warmup": self.warmup, "repeat": self.repeat,
+                "seconds": self.seconds, "threads": self.threads, "cache": self.cache,
+                "deduplicate": not self.no_dedup}
+
+
+@dataclass(frozen=True)
+class ImportanceStageSettings:
+    """`fxmerge importance`: the paper's estimator with the user's functions, else the
+    output-agreement proxy on a random batch."""
+
+    evaluate: str | None = _option(None, "file.py:function scoring a model (higher is "
+                                   "better); default: output agreement with the original on "
+                                   "a random batch", metavar="FILE.py:NAME")
+    finetune: str | None = _option(None, "file.py:function fine-tuning a model briefly (with "
+                                   "--evaluate)", metavar="FILE.py:NAME")
+    calibration_batch: int = _option(1, "batch of the output-agreement default")
+    calibration_size: int = _option(64, "its images' side, at most the input's (a CNN ranks "
+                                    "the keys as at full size: Spearman 0.995 or more against "
+                                    "224, see docs/experiments.md)", metavar="PIXELS")
+    cache: str | None = _option(None, "JSON-lines file: finished entries; a rerun resumes "
+                                "(with --evaluate)")
+
+    def check(self) -> None:
+        if not self.evaluate and (self.finetune or self.cache):
+            raise ArgumentError("--finetune and --cache need --evaluate (the output-agreement "
+                                "default neither fine-tunes nor caches: it takes seconds)")
+
+
+@dataclass(frozen=True)
+class SolveStageSettings:
+    """`fxmerge solve`: the best plan under a budget, from saved tables."""
+
+    latency: str = field(metadata={"help": "latency table JSON"})
+    importance: str = field(metadata={"help": "importance table JSON"})
+    budget: float | None = _option(None, "fraction of the original network's latency, "
+                                   "measured on the latency table's backend, device and batch "
+                                   "(or --budget-ms)")
+    budget_ms: float | None = _option(None, "absolute budget on the table (ms)")
+    budget_basis: BudgetBasis = _budget_basis()  # noqa: RUF009
+    timing_repeat: int = _timing_repeat()
+    threads: int | None = _threads()
+    method: str = _option(MethodName.LAYERMERGE, "layermerge (the paper's), or its baselines "
+                          "depth and layeronly", choices=METHODS)
+    levels: int | None = _option(None, "budget levels of the DP (default 1000; Depth: "
+                                 "0.05 ms units)")
+    frontier: str | None = _option(None, "write the importance/latency frontier as JSON")
+    plot: str | None = _option(None, "save the frontier as a PNG (needs matplotlib)")
+
+    def check(self) -> None:
+        if (self.budget is None) == (self.budget_ms is None):
+            raise ArgumentError("give exactly one of --budget and --budget-ms")
+
+
 @dataclass(frozen=True)
 class JobSettings:
     """What `fxmerge compress` does; every field is the CLI option of the same name
@@ -44,10 +181,7 @@ class JobSettings:
     holdout: float = _option(0.1, "fraction of train/ held out (stratified, at least "
                              f"{HOLDOUT_FLOOR} images a class) to score importance and choose "
                              "plans on; val/ is read only for the report")
-    budget_basis: BudgetBasis = _option(  # noqa: RUF009
-        BudgetBasis.MEASURED, "measured: plans are timed whole against the original until one "
-        "fits --budget; table: --budget is a fraction of the latency table's sum",
-        choices=BudgetBasis)
+    budget_basis: BudgetBasis = _budget_basis()  # noqa: RUF009
     size: int = _option(224, "image side in pixels")
     grayscale: bool = _option(False, "one-channel images")
     batch: int = _option(64, "training and evaluation batch")
@@ -67,12 +201,9 @@ class JobSettings:
     kd_weight: float = _option(0.5, "weight of distillation from the original in the "
                                "fine-tune; 0 turns it off")
     kd_temperature: float = _option(4.0, "distillation temperature")
-    threads: int | None = _option(None, "time with N intra-op threads (default: torch's; a "
-                                  "budget holds only at the thread count it was measured "
-                                  "with)", metavar="N")
-    backend: Backend = _option(Backend.EAGER, "what latencies are measured on",  # noqa: RUF009
-                               choices=Backend)
-    timing_repeat: int = _option(30, "interleaved rounds per network timing")
+    threads: int | None = _threads()
+    backend: Backend = _backend()  # noqa: RUF009
+    timing_repeat: int = _timing_repeat()
     scheduler: str | None = _option(None, "a Dask scheduler to run the fine-tuned importance "
                                     "entries on (with --importance finetune)",
                                     metavar="ADDRESS")
