@@ -314,7 +314,7 @@ def cmd_reparameterize(args: argparse.Namespace) -> int:
     collapsed = reparameterize(gm, exclude=args.exclude)
     print(diff(gm, collapsed))
     n_convs = sum(isinstance(m, CONVS) for m in collapsed.modules())
-    print(f"collapsed {collapsed.meta.get('fxmerge_reparameterized', 0)} regions of parallel "
+    print(f"collapsed {collapsed.meta['fxmerge_reparameterized']} regions of parallel "
           f"branches: {n_convs} convs (the model had "
           f"{sum(isinstance(m, CONVS) for m in gm.modules())})")
     _deploy(args, collapsed)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .capture import check_canonical
+from .capture import check_canonical, require_graph_module
 from .capture.registry import NodeKind
 from .errors import ArgumentError, PlanError, SpaceError
 from .sides import Sides, compact, label
@@ -155,6 +155,7 @@ class Plan:
     def space_of(self, gm) -> MergeSpace:
         """The space of `gm` analysed with this plan's settings: the one it was made on, if
         it was made for this graph (pass that space around instead, where you have it)."""
+        require_graph_module(gm, "Plan.space_of")
         check_canonical(gm)  # the graph's own mistake, said as everywhere (TraceError)
         try:
             return analyze(gm, **self.analysis)

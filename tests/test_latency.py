@@ -14,9 +14,10 @@ from models import small_net
 
 import fxmerge
 from fxmerge.backends import timing
+from fxmerge.backends import timing as harness
 from fxmerge.backends.timing import Timing, time_against_reference, time_interleaved
+from fxmerge.estimate import latency as latency_mod
 from fxmerge.tables import Check
-from fxmerge.tables import latency as latency_mod
 
 MBV2_EXCLUDE = ["features.0.0", "features.18.0"]
 
@@ -52,9 +53,10 @@ def test_signatures_are_deduplicated_on_mobilenet_v2():
 
 
 class FakeMachine:
-    """Stands in for `prepare` and `clock` in the latency module: each layer "runs" in a
-    time set by its conv (its weight's size, in microseconds), times `factor(call)`, and
-    nothing is computed."""
+    """Stands in for `prepare` and `clock` in the layers' timing harness: each layer "runs"
+    in a time set by its conv (its weight's size, in microseconds), times `factor(call)`,
+    and nothing is computed; the whole network, timed by the table's check, runs for
+    real."""
 
     def __init__(self, factor=lambda call: 1.0, stop_after=None):
         self.factor, self.stop_after = factor, stop_after
@@ -73,8 +75,14 @@ class FakeMachine:
         return self.last / 1e3 * self.factor(self.calls)
 
     def install(self, monkeypatch):
-        monkeypatch.setattr(latency_mod, "prepare", self.prepare)
-        monkeypatch.setattr(latency_mod, "clock", self.clock)
+        real = harness.clock
+
+        def time_network(fn, device, *, warmup, repeat):
+            return harness.Timing.of([real(fn, device) for _ in range(repeat)])
+
+        monkeypatch.setattr(harness, "prepare", self.prepare)
+        monkeypatch.setattr(harness, "clock", self.clock)
+        monkeypatch.setattr(latency_mod, "time_callable", time_network)
         return self
 
 
@@ -123,7 +131,7 @@ def test_each_round_runs_the_layers_in_a_new_order(monkeypatch):
         order.append(fn)
         return machine.clock(fn, device)
 
-    monkeypatch.setattr(latency_mod, "clock", clock)
+    monkeypatch.setattr(harness, "clock", clock)
     table = fxmerge.measure_latency(space, warmup=1, repeat=12, check=False)
     n = table.settings.num_layers
     order = [fn for fn in order if order.count(fn) > 1]  # not a build's first, untimed run
@@ -147,7 +155,7 @@ def test_layers_of_one_input_shape_share_one_input(monkeypatch):
         seen.setdefault(tuple(x.shape), set()).add(x.data_ptr())
         return machine.prepare(module, backend, x)
 
-    monkeypatch.setattr(latency_mod, "prepare", prepare)
+    monkeypatch.setattr(harness, "prepare", prepare)
     table = fxmerge.measure_latency(space, warmup=1, repeat=3, check=False)
     assert len(seen) < table.settings.num_layers  # layers that share a shape
     assert all(len(inputs) == 1 for inputs in seen.values())
@@ -174,9 +182,9 @@ def test_groups_of_layers_are_linked_by_anchors_timed_in_each(monkeypatch):
     is divided out, and every entry keeps its true value at one speed, the table's typical."""
     space = tiny_space()
     machine = FakeMachine(lambda call: 2.0 if call > 80 else 1.0).install(monkeypatch)
-    monkeypatch.setattr(latency_mod, "GROUP_BYTES", 1)  # one layer per group, with anchors
+    monkeypatch.setattr(harness, "GROUP_BYTES", 1)  # one layer per group, with anchors
     table = fxmerge.measure_latency(space, warmup=1, repeat=8, check=False)
-    n, anchors = table.settings.num_layers, latency_mod.ANCHORS
+    n, anchors = table.settings.num_layers, harness.ANCHORS
     assert machine.builds == (n - anchors) * (anchors + 1)
     speeds = set()
     for e in space.entries:
@@ -338,14 +346,14 @@ def test_each_layer_is_timed_to_a_time_budget(monkeypatch):
         fn()
         return cost[running[-1]]
 
-    monkeypatch.setattr(latency_mod, "prepare", prepare)
-    monkeypatch.setattr(latency_mod, "clock", clock)
+    monkeypatch.setattr(harness, "prepare", prepare)
+    monkeypatch.setattr(harness, "clock", clock)
     samples, targets = {}, {}
-    latency_mod.time_layers(layers, samples, targets, backend="eager",
+    harness.time_layers(layers, samples, targets, backend="eager",
                             device=torch.device("cpu"), dtype=torch.float32, warmup=10,
                             repeat=30, seconds=0.3, desc="", progress=False, save=lambda: None)
-    assert len(samples["slow"]) == latency_mod.MIN_TIMED_RUNS and len(samples["fast"]) == 30
-    assert targets == {"slow": latency_mod.MIN_TIMED_RUNS, "fast": 30}
+    assert len(samples["slow"]) == harness.MIN_TIMED_RUNS and len(samples["fast"]) == 30
+    assert targets == {"slow": harness.MIN_TIMED_RUNS, "fast": 30}
 
 
 def test_timed_layers_are_built_without_random_initialisation(monkeypatch):
@@ -368,14 +376,14 @@ def test_timed_layers_are_built_without_random_initialisation(monkeypatch):
 def test_the_speed_of_each_round_is_divided_out():
     """Round 1 ran every layer 2x slower (the machine): steady runs take it out, and one
     layer's own slow run (round 2) stays what it was."""
-    samples = {key: [latency_mod.Run(0, r, ms) for r, ms in enumerate(runs)]
+    samples = {key: [harness.Run(0, r, ms) for r, ms in enumerate(runs)]
                for key, runs in {"a": [1.0, 2.0, 1.0, 1.0], "b": [3.0, 6.0, 9.0, 3.0],
                                  "c": [5.0, 10.0, 5.0, 5.0]}.items()}
-    runs = latency_mod.steady(samples)
+    runs = harness.steady(samples)
     assert runs == {"a": [1.0, 1.0, 1.0, 1.0], "b": [3.0, 3.0, 9.0, 3.0],
                     "c": [5.0, 5.0, 5.0, 5.0]}
-    assert latency_mod.uncertainty(runs["a"]) == 0.0
-    assert latency_mod.uncertainty([1.0, 2.0]) == float("inf")
+    assert harness.uncertainty(runs["a"]) == 0.0
+    assert harness.uncertainty([1.0, 2.0]) == float("inf")
 
 
 FAULTS = """

@@ -36,7 +36,7 @@ def test_compress_on_an_image_folder_end_to_end_and_resumed(digits, tmp_path, ca
     line = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     chosen = report["choice"]["method"]
-    assert f"{chosen} at 70%: val accuracy" in line and "held-out images" in line
+    assert f"{chosen} at 70%: val accuracy" in line and "on the held-out data" in line
     assert set(report["candidates"]) | set(report.get("dropped", {})) == {"layermerge", "depth"}
     assert report["accuracy_original"] > 50 and report["accuracy_compressed"] > 30
     assert report["plan"]["measured"]["ratio"] <= 0.7 and report["timing"]["speedup"] > 0

@@ -106,9 +106,17 @@ def reparameterize(gm: fx.GraphModule, *, exclude: Iterable[str] = (), verify: b
                    ) -> fx.GraphModule:
     """`gm` (from `fxmerge.trace`, in eval mode) with every region of parallel linear
     branches collapsed into one conv, as the re-parameterisation papers deploy their
-    networks; `gm` is not changed. Convs matching `exclude` (names or glob patterns) are in no region.
+    networks; `gm` is not changed (with no region the result shares its modules). Convs
+    matching `exclude` (names or glob patterns) are in no region.
     `verify` compares both networks on the graph's example inputs."""
     result = ReparameterizePass(exclude=exclude, verify=verify)(gm)
+    out = result.graph_module
+    if not result.modified:  # no region: the same modules, a copy of the graph, recorded
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(gm.graph, {}))
+        graph._codegen = gm.graph._codegen  # (the calling convention: pytree inputs)
+        out = fx.GraphModule(gm, graph)
+        out.meta.update({**gm.meta, REPARAMETERIZED_META: gm.meta.get(REPARAMETERIZED_META, 0)})
     log.info("re-parameterised: regions collapsed into one conv each (%d in all)",
-             result.graph_module.meta.get(REPARAMETERIZED_META, 0))
-    return result.graph_module
+             out.meta[REPARAMETERIZED_META])
+    return out

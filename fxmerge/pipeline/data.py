@@ -27,7 +27,7 @@ class ImageData:
     holdout: DataLoader
     val: DataLoader
     classes: list[str]
-    fingerprint: str = ""  # of the folder's files (`folder_fingerprint`)
+    fingerprint: str = ""  # of train/'s files (`folder_fingerprint`): val/ only reports
 
     def sizes(self) -> dict[str, int]:
         return {name: len(getattr(self, name).dataset) for name in ("fit", "holdout", "val")}
@@ -60,7 +60,7 @@ def image_folder(root: str | Path, settings: JobSettings) -> ImageData:
     return ImageData(DataLoader(Subset(train, fit), batch_size=settings.batch, shuffle=True),
                      DataLoader(Subset(train, held), batch_size=settings.batch),
                      DataLoader(val, batch_size=settings.batch), train.classes,
-                     folder_fingerprint(root))
+                     folder_fingerprint(root / "train"))  # what every result reads
 
 
 def holdout_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, fx
 
-from ..capture import capture_path, check_canonical, example_inputs, ops
+from ..capture import capture_path, check_canonical, example_inputs, ops, require_graph_module
 from ..capture.families.activation import activation_kind
 from ..capture.regions import Region, collapse, find_regions
 from ..capture.registry import NodeKind, kind_of, label_of, op_name
@@ -167,6 +167,7 @@ def analyze(
     none). `max_kernel_bytes` bounds the merged kernels offered (their float64 size, what
     `merge` materialises): a larger composition is not an entry (a single conv always is).
     """
+    require_graph_module(gm, "analyze")
     check_canonical(gm)  # a TraceError, as everywhere a graph is not canonical
     if stride_rule not in tuple(StrideRule):
         raise ArgumentError(f"stride_rule must be one of {', '.join(StrideRule)}, got "
