@@ -51,8 +51,8 @@ def test_compress_on_an_image_folder_end_to_end_and_resumed(digits, tmp_path, ca
     assert merged(x).shape == (3, 10)
     # a second run resumes: nothing is trained, measured or solved again
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()
-              if p.name in ("original-train.pt", "latency.json", "plan.json")
-              or p.name.startswith("finetune-")}
+              if p.name in ("latency.json", "plan.json")
+              or p.name.startswith(("finetune-", "original-train-"))}
     assert len(stamps) == 3 + len(report["candidates"])
     assert run("compress", *ARGS, "--data", digits, "--budget", 0.7, "--out", out) == 0
     assert {n: (out / n).stat().st_mtime_ns for n in stamps} == stamps
@@ -165,3 +165,36 @@ def test_an_unreachable_budget_is_refused_after_the_latency_table(digits, tmp_pa
     assert "below what the latency table allows" in err and "ask for --budget" in err
     assert (out / "latency.json").exists()
     assert not list(out.glob("importance-*")) and not list(out.glob("finetune-*"))
+
+
+@pytest.mark.slow
+def test_a_second_run_with_other_weights_makes_its_own_results(digits, tmp_path, capsys):
+    """The new user's try: the same job into one folder with --weights w1.pt, then w2.pt
+    (every weight scaled): importance, plans and fine-tunes are made again, and the summary
+    line's speed-up is the second run's own."""
+    torch.manual_seed(0)
+    model = DemoMobileNetV2()
+    torch.save(model.state_dict(), tmp_path / "w1.pt")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    torch.save(model.state_dict(), tmp_path / "w2.pt")
+    out = tmp_path / "job"
+    args = [a for a in ARGS if a != "--quiet"]
+    args[args.index("--train-epochs") + 1] = "1"
+    files = {}
+    for weights in ("w1.pt", "w2.pt"):
+        assert run("compress", *args, "--data", digits, "--budget", 0.7, "--out", out,
+                   "--method", "layermerge", "--weights", tmp_path / weights) == 0
+        printed = capsys.readouterr().out
+        files[weights] = {n: (out / n).read_text() for n in ("importance-proxy.json",
+                                                              "plan.json")}
+        report = json.loads((out / "report.json").read_text())
+        t = report["timing"]
+        assert f"{t['speedup']:.2f}x faster ({t['original_ms']:.4g} -> {t['merged_ms']:.4g} ms" \
+            in printed
+    assert "importance-proxy.json: made from another weights; making it again" in printed
+    for name in ("importance-proxy.json", "plan.json"):
+        assert files["w1.pt"][name] != files["w2.pt"][name], name
+    assert len(list(out.glob("finetune-*.pt"))) == 2  # one per weights
+    assert len(list(out.glob("original-train-*.pt"))) == 2

@@ -58,8 +58,10 @@ def run_job(model: nn.Module, data: ImageData, out: str | Path, settings: JobSet
     if settings.train_epochs > 0:
         trainer = ClassificationRecipe(data.fit, data.holdout, lr=3 * settings.lr,
                                        seed=settings.seed)
+        tag = fingerprint({"weights": model.state_dict(), "data": data.fingerprint,
+                           "protocol": protocol})  # resumed only from the same start
         model = trainer.train(model, epochs=settings.train_epochs,
-                              checkpoint=out / "original-train.pt", progress=progress)
+                              checkpoint=out / f"original-train-{tag}.pt", progress=progress)
     job = Job(model.eval(), example, out=out, analysis=analyze_options,
               quiet=progress is False, progress=progress, threads=settings.threads,
               timing={"repeat": settings.timing_repeat},
