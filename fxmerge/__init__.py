@@ -4,6 +4,7 @@ import logging
 
 from .backends import backend
 from .backends.timing import (
+    Allocator,
     steady_memory,
     time_against_reference,
     time_interleaved,
@@ -67,6 +68,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "METHODS",
+    "Allocator",
     "ArgumentError",
     "BackendError",
     "Block",

@@ -251,7 +251,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     latency = LatencyTable.from_json(Path(settings.latency).read_text())
     importance = ImportanceTable.from_json(Path(settings.importance).read_text())
     job = _job(args, latency=latency, importance=importance, threads=settings.threads,
-               timing={"repeat": settings.timing_repeat})
+               timing={"repeat": settings.timing_repeat, "allocator": settings.allocator})
     latency.check(job.space)
     original = latency.identity_latency(job.space)
     floor = job.reach(settings.method)

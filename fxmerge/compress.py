@@ -75,8 +75,11 @@ def compress(
     `budget` is a fraction of the original network's measured latency (BatchNorm folded) on
     the backend, device and batch of the latency table: plans are transformed and timed
     against the original until one measures within it (`solve_measured`; `timing`: keyword
-    arguments for its `NetworkTimer`, such as `repeat`). `budget_basis="table"` makes it a
-    fraction of the table's sum instead, with no network timed.
+    arguments for its `NetworkTimer`: `repeat`, and `allocator`, the memory handling you
+    deploy with, `"default"` for a plain process or `"held"` for jemalloc, tcmalloc or glibc
+    told to hold freed memory: networks are timed in a fresh process of that kind).
+    `budget_basis="table"` makes it a fraction of the table's sum instead, with no network
+    timed.
 
     `latency`: a `LatencyTable`, or keyword arguments for `measure_latency` (default: eager
     on the CPU at the example batch). `importance`: an `ImportanceTable`, or an

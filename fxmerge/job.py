@@ -15,7 +15,6 @@ made again, with one line saying which input changed.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -32,14 +31,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .backends.runtimes import Backend, get_backend, plan_runner, prepare
-from .backends.timing import at_batch, time_against_reference, using_threads
+from .backends.runtimes import Backend, get_backend
+from .backends.timing import Allocator
 from .capture import ExampleInputs, trace
 from .capture.trace import INPUTS_META
 from .deploy import export_onnx, save
 from .errors import ArgumentError, FxMergeError, InfeasibleBudget
 from .estimate import (
-    NETWORK_REPEAT,
     NetworkTimer,
     agreement_importance,
     estimate_importance,
@@ -454,19 +452,24 @@ class Job:
 
     def time(self, merged: fx.GraphModule, repeat: int | None = None) -> dict[str, Any]:
         """The original (BatchNorm folded) and `merged`, timed side by side on the latency
-        table's backend, batch and threads."""
-        s = self.latency.settings
-        inputs = at_batch(self.example, s.batch_size)
-        repeat = repeat or self.timing.get("repeat", NETWORK_REPEAT)
-        with self.stage("final timing"), using_threads(s.threads) as threads:
-            t = time_against_reference(
-                lambda: {"original": plan_runner(self.gm, Plan.identity(self.space),
-                                                 s.backend, inputs),
-                         "merged": prepare(copy.deepcopy(merged), s.backend, inputs)},
-                inputs, repeat=repeat, preparations=3)
-        return {"backend": str(s.backend), "batch": s.batch_size, "threads": threads,
-                "original_ms": round(t["original"].ms, 4), "merged_ms": round(t["merged"].ms, 4),
-                "ratio": round(t["merged"].ratio, 4), "speedup": round(1 / t["merged"].ratio, 3)}
+        table's backend, batch and threads, in the allocator the budget was measured for
+        (`timing["allocator"]`, by default a plain process's) and, for the report, in the
+        other one."""
+        s, timer = self.latency.settings, self.timer
+        with self.stage("final timing"):
+            t = timer.compare({"merged": merged}, repeat=repeat)
+            other = next(a for a in Allocator if a is not timer.allocator)
+            o = timer.compare({"merged": merged}, allocator=other, repeat=repeat) \
+                if timer.isolate else None
+        out = {"backend": str(s.backend), "batch": timer.settings["batch_size"],
+               "threads": timer.threads, "allocator": timer.settings["allocator"],
+               "original_ms": round(t["original"].ms, 4), "merged_ms": round(t["merged"].ms, 4),
+               "ratio": round(t["merged"].ratio, 4), "speedup": round(1 / t["merged"].ratio, 3)}
+        if o is not None:  # the same networks as another allocator runs them
+            out["other"] = {"allocator": str(other), "original_ms": round(o["original"].ms, 4),
+                            "merged_ms": round(o["merged"].ms, 4),
+                            "ratio": round(o["merged"].ratio, 4)}
+        return out
 
     # ---- the folder ------------------------------------------------------------------------
     def _read(self, name: str, load: Callable[[str], Any]) -> Any:

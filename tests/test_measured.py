@@ -37,6 +37,7 @@ class ClockModel(NetworkTimer):
         self.original_ms = outside + scale * lat.identity_latency(space)
         self.outside, self.scale, self.calls = outside, scale, 0
         self.threads, self.load_average = torch.get_num_threads(), None
+        self.allocator, self.isolate = fxmerge.Allocator.DEFAULT, True
 
     def measure(self, plan):
         if plan.blocks not in self.measurements:
@@ -103,12 +104,13 @@ def test_real_timer_times_each_plan_once_in_fresh_preparations(monkeypatch):
                      ("conv", 8, 3, 1, True, False)])
     gm = fxmerge.trace(net, torch.randn(1, 3, 32, 32))
     space = fxmerge.analyze(gm)
-    timer = NetworkTimer(gm, space, batch_size=4, repeat=3, warmup=1)
+    timer = NetworkTimer(gm, space, batch_size=4, repeat=3, warmup=1, isolate=False)
     assert timer.inputs[0].shape == (4, 3, 32, 32) and timer.settings["batch_size"] == 4
     prepared = []
     real_runner = measured.plan_runner
     monkeypatch.setattr(measured, "plan_runner",
-                        lambda gm, plan, *a: prepared.append(plan) or real_runner(gm, plan, *a))
+                        lambda gm, plan, *a, **k: prepared.append(plan)
+                        or real_runner(gm, plan, *a, **k))
     identity = fxmerge.Plan.identity(space)
     m = timer.measure(identity)
     assert m.ms > 0 and m.original_ms > 0 and 0.2 < m.ratio < 5
@@ -160,7 +162,7 @@ def test_threads_are_used_recorded_and_enforced(monkeypatch):
     gm, space, _, imp = demo_problem()
     before = torch.get_num_threads()
     seen = []
-    timer = NetworkTimer(gm, space, repeat=2, threads=1)
+    timer = NetworkTimer(gm, space, repeat=2, threads=1, isolate=False)
     monkeypatch.setattr(measured, "time_against_reference", lambda *a, **k: seen.append(
         torch.get_num_threads()) or pytest.skip())
     with pytest.raises(pytest.skip.Exception):

@@ -15,6 +15,7 @@ from ..capture.trace import ExampleInputs, as_tuple
 from ..errors import ArgumentError, BackendError
 from ..passes import transform
 from ..plan import Plan
+from ..space import MergeSpace
 
 
 class Backend(str, Enum):
@@ -97,8 +98,10 @@ def _onnxruntime_session(module: nn.Module, inputs: tuple) -> Callable:
 
 
 def plan_runner(gm: fx.GraphModule, plan: Plan, backend: str, inputs: tuple,
-                dtype: torch.dtype = torch.float32) -> Callable:
+                dtype: torch.dtype = torch.float32, space: MergeSpace | None = None
+                ) -> Callable:
     """The network `plan` makes of `gm` (merged, eval mode; the identity plan gives the
-    original with BatchNorm folded), on the inputs' device, prepared for `backend`."""
-    net = transform(gm, plan).to(device=inputs[0].device, dtype=dtype).eval()
+    original with BatchNorm folded), on the inputs' device, prepared for `backend` (`space`:
+    the one the plan was made on, where the caller has it)."""
+    net = transform(gm, plan, space).to(device=inputs[0].device, dtype=dtype).eval()
     return prepare(net, backend, inputs)

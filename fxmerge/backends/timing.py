@@ -12,8 +12,9 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -87,13 +88,44 @@ def _mallopt() -> Callable[[int, int], int] | None:
     return getattr(ctypes.CDLL(None), "mallopt", None)
 
 
+class Allocator(str, Enum):
+    """How the process a network is deployed in handles freed memory: what its timings
+    (and so a measured budget) assume."""
+
+    DEFAULT = "default"  # a plain process: glibc's own thresholds, adjusted as it runs
+    HELD = "held"  # freed memory kept for reuse, as jemalloc and tcmalloc do, or glibc with
+    # MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ at 1 GiB (`HELD_ENVIRONMENT`)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+HELD_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+def get_allocator(name: str | Allocator) -> Allocator:
+    """The allocator `name` names; `ArgumentError` listing them for anything else."""
+    try:
+        return Allocator(name)
+    except ValueError:
+        raise ArgumentError(f"unknown allocator {name!r} (one of: "
+                            f"{', '.join(a.value for a in Allocator)})") from None
+
+
+def hold_freed_memory() -> bool:
+    """Make malloc (glibc) keep freed memory for the rest of the process, as
+    `HELD_ENVIRONMENT` does from its start; False on another C library."""
+    mallopt = _mallopt()
+    for param, value in HELD.items() if mallopt else ():
+        mallopt(param, value)
+    return mallopt is not None
+
+
 @contextmanager
 def steady_memory() -> Iterator[None]:
     """Run the block with freed memory held by malloc (glibc), so that what is timed is
     the computation, not page faults that come and go with the heap's layout."""
-    mallopt = _mallopt()
-    for param, value in HELD.items() if mallopt else ():
-        mallopt(param, value)
+    mallopt = _mallopt() if hold_freed_memory() else None
     try:
         yield
     finally:
@@ -116,15 +148,16 @@ def time_callable(fn: Callable[[], Any], device: torch.device, *, warmup: int,
 
 
 def time_interleaved(nets: dict[str, Callable], x: ExampleInputs, *, repeat: int,
-                     warmup: int = 3) -> dict[str, Timing]:
+                     warmup: int = 3, hold: bool = True) -> dict[str, Timing]:
     """Each network on `x` (a tensor or a tuple of inputs), timed side by side: after
     `warmup` calls each, every round calls every network once, in turn, the order reversed
-    every other round, so drift, load and the place in the round hit them all alike."""
+    every other round, so drift, load and the place in the round hit them all alike.
+    `hold`: with freed memory held (`steady_memory`); else as the process is."""
     inputs = as_tuple(x)
     device = inputs[0].device
     samples: dict[str, list[float]] = {name: [] for name in nets}
     order = list(nets)
-    with torch.inference_mode(), steady_memory():
+    with torch.inference_mode(), steady_memory() if hold else nullcontext():
         for net in nets.values():
             for _ in range(warmup):
                 net(*inputs)
@@ -148,12 +181,13 @@ class Relative:
 
 def time_against_reference(make: Callable[[], dict[str, Callable]], x: ExampleInputs, *,
                            repeat: int, preparations: int, warmup: int = 3,
-                           reference: str = "original") -> dict[str, Relative]:
+                           reference: str = "original", hold: bool = True
+                           ) -> dict[str, Relative]:
     """`make()` prepares the networks afresh (a network prepared again can run several
     percent faster or slower on a CPU); each of `preparations` sets is timed side by side
     for `repeat / preparations` interleaved rounds (at least one)."""
     rounds = -(-repeat // preparations)
-    runs = [time_interleaved(make(), x, repeat=rounds, warmup=warmup)
+    runs = [time_interleaved(make(), x, repeat=rounds, warmup=warmup, hold=hold)
             for _ in range(preparations)]
     return {name: Relative(statistics.median(r[name].ms for r in runs),
                            statistics.median(r[name].ms / r[reference].ms for r in runs),

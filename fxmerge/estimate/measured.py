@@ -8,32 +8,46 @@ against the original, and re-solves at a corrected table budget (a secant step t
 measured points, bracketed) until the measured ratio lands in `[budget * (1 - tolerance),
 budget]`. Every plan one `NetworkTimer` has measured calibrates the next solve's first
 guess, and the model that predicts a plan's ratio from its table latency.
+
+Whole networks are timed the way the user will run them (`Allocator`): by default in a
+fresh worker process with the C library's own memory handling, as a plain `python` deploy
+has it (the latency table holds freed memory to stay repeatable, which makes networks whose
+activations come and go run faster than they will there); `Allocator.HELD` in one that
+holds freed memory, as jemalloc, tcmalloc or glibc's variables do.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
+import warnings
 from dataclasses import dataclass, replace
 from itertools import pairwise
+from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
-from ..backends.runtimes import Backend, get_backend, plan_runner
+from ..backends.runtimes import Backend, get_backend, plan_runner, prepare
 from ..backends.timing import (
     PREPARATIONS,
+    Allocator,
+    Relative,
     check_load,
+    get_allocator,
     machine_description,
     time_against_reference,
     timing_inputs,
     using_threads,
 )
+from ..capture.trace import example_inputs
 from ..errors import ArgumentError, InfeasibleBudget
 from ..plan import Plan
 from ..progress import Progress
 from ..solve import fastest_latency, fastest_plan, solve
 from ..space import MergeSpace, require_space_of
 from ..tables import ImportanceTable, LatencyTable
+from .worker import CannotRebuild, worker
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +65,6 @@ class Measurement:
 
 NETWORK_REPEAT = 30  # interleaved rounds per whole-network timing, by default
 
-
 class NetworkTimer:
     """Times the networks plans make of `gm` against its original, side by side, on one
     backend, device and batch (by default those its latency table was measured with);
@@ -67,8 +80,9 @@ class NetworkTimer:
     def __init__(self, gm: fx.GraphModule, space: MergeSpace, *,
                  backend: Backend | str = Backend.EAGER, device: str | torch.device = "cpu",
                  batch_size: int | None = None, repeat: int = NETWORK_REPEAT, warmup: int = 5,
-                 preparations: int = PREPARATIONS,
-                 threads: int | None = None) -> None:
+                 preparations: int = PREPARATIONS, threads: int | None = None,
+                 allocator: Allocator | str = Allocator.DEFAULT, isolate: bool = True
+                 ) -> None:
         if min(preparations, repeat) < 1:
             raise ArgumentError(f"repeat and preparations must be positive, got {repeat}, "
                              f"{preparations}")
@@ -81,6 +95,9 @@ class NetworkTimer:
         with using_threads(threads) as used:  # checked, and torch's number as the default
             self.threads = used
         self.identity = Plan.identity(space)
+        self.allocator = get_allocator(allocator)
+        # a worker process as `allocator` says (on a CPU), else here with memory held
+        self.isolate = isolate and self.device.type == "cpu"
         self.measurements: dict[tuple, Measurement] = {}
         self.load_average: float | None = None  # after the last measurement
 
@@ -99,6 +116,7 @@ class NetworkTimer:
                 "machine": machine_description(self.device),
                 "batch_size": self.inputs[0].shape[0] if self.inputs[0].dim() else 1,
                 "threads": self.threads, "load_average": self.load_average,
+                "allocator": str(self.allocator) if self.isolate else "this process, held",
                 "repeat": self.repeat,
                 "preparations": self.preparations,
                 "statistic": "median over fresh preparations of the ratio of medians of "
@@ -116,11 +134,35 @@ class NetworkTimer:
         return self.measurements[plan.blocks]
 
     def _time(self, plan: Plan) -> dict:
-        return time_against_reference(
-            lambda: {"original": plan_runner(self.gm, self.identity, self.backend, self.inputs),
-                     "plan": plan_runner(self.gm, plan, self.backend, self.inputs)},
-            self.inputs, repeat=self.repeat, preparations=self.preparations,
-            warmup=self.warmup)
+        return self.compare({"plan": plan})
+
+    def compare(self, networks: dict[str, Plan | nn.Module],
+                allocator: Allocator | str | None = None, repeat: int | None = None
+                ) -> dict[str, Relative]:
+        """Each of `networks` (a plan of the graph, or a module taking the same inputs)
+        timed side by side against the original (`"original"` in the result), in
+        `allocator`'s conditions (default: the timer's)."""
+        networks = {"original": self.identity, **networks}
+        timing = {"repeat": repeat or self.repeat, "preparations": self.preparations,
+                  "warmup": self.warmup}
+        allocator = self.allocator if allocator is None else get_allocator(allocator)
+        shipped = _ship(self.gm, networks) if self.isolate else None
+        if shipped is None:  # here, memory held (or what cannot be pickled: parametrizations)
+            return time_against_reference(
+                lambda: {name: plan_runner(self.gm, net, self.backend, self.inputs,
+                                           space=self.space) if isinstance(net, Plan)
+                         else prepare(net, self.backend, self.inputs)
+                         for name, net in networks.items()}, self.inputs, **timing)
+        graph, nets = shipped
+        try:
+            return worker(allocator).call(graph, example_inputs(self.gm), nets, self.inputs,
+                                          self.backend, self.threads, timing)
+        except CannotRebuild as exc:  # from now on timed here, and recorded so
+            warnings.warn(f"timing in this process, with freed memory held, not in a "
+                          f"{allocator} one: the timing process cannot rebuild the network "
+                          f"({exc})", stacklevel=2)
+            self.isolate = False
+            return self.compare(networks, allocator, repeat)
 
     def points(self, original_table_ms: float, exclude: tuple | None = None
                ) -> list[tuple[float, float]]:
@@ -129,6 +171,17 @@ class NetworkTimer:
         return sorted({(original_table_ms, 1.0),
                        *((m.table_ms, m.ratio) for blocks, m in self.measurements.items()
                          if blocks != exclude)})
+
+
+def _ship(gm: fx.GraphModule, networks: dict[str, Any]) -> tuple[bytes, dict] | None:
+    """The graph and the networks as bytes for a worker; None where one cannot be pickled
+    (a parametrized weight can only travel as a state_dict)."""
+    try:
+        return pickle.dumps(gm), {name: net if isinstance(net, Plan) else pickle.dumps(net)
+                                  for name, net in networks.items()}
+    except Exception as exc:  # noqa: BLE001 (whatever pickling refuses: timed here instead)
+        log.info("timing in this process: %s", exc)
+        return None
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float:

@@ -7,13 +7,22 @@ from pathlib import Path
 from ..plan import Plan
 
 
+def _conditions(t: dict) -> str:
+    """Where the timings were taken, and the same networks' ratio in the other conditions."""
+    other = t.get("other")
+    return (f"in a process with the {t['allocator']} allocator" + (
+        f" (with the {other['allocator']} one: {other['ratio']:.1%} of the original's "
+        f"{other['original_ms']:.4g} ms)" if other else ""))
+
+
 def summary_line(report: dict, out: Path) -> str:
     """The job in one line: the choice, accuracy, speed-up and where the report is."""
     t, choice = report["timing"], report["choice"]
     return (f"{choice['method']} at {report['settings']['budget']:.0%}: val accuracy "
             f"{report['accuracy_original']:.2f}% -> {report['accuracy_compressed']:.2f}%, "
             f"{t['speedup']:.2f}x faster ({t['original_ms']:.4g} -> {t['merged_ms']:.4g} ms, "
-            f"{t['backend']}, batch {t['batch']}, {t['threads']} threads); "
+            f"{t['backend']}, batch {t['batch']}, {t['threads']} threads, {t['allocator']} "
+            "allocator); "
             f"{choice['reason']}; report in {out / 'report.md'}")
 
 
@@ -31,7 +40,7 @@ def render(report: dict, plan: Plan) -> str:
         "",
         (f"{choice['method']} at a budget of {s['budget']:.0%} of the original's latency "
          f"({s['budget_basis']}), timed on {t['backend']} at batch {t['batch']} with "
-         f"{t['threads']} threads."),
+         f"{t['threads']} threads, {_conditions(t)}."),
         "",
         "| | original | compressed |",
         "|---|---|---|",

@@ -64,7 +64,7 @@ def run_job(model: nn.Module, data: ImageData, out: str | Path, settings: JobSet
                               checkpoint=out / f"original-train-{tag}.pt", progress=progress)
     job = Job(model.eval(), example, out=out, analysis=analyze_options,
               quiet=progress is False, progress=progress, threads=settings.threads,
-              timing={"repeat": settings.timing_repeat},
+              timing={"repeat": settings.timing_repeat, "allocator": settings.allocator},
               latency={"backend": settings.backend, "batch_size": settings.latency_batch},
               inputs={"data": data.fingerprint, "protocol": fingerprint(protocol)})
     space = job.space

@@ -13,6 +13,7 @@ from enum import Enum
 from typing import Any
 
 from ..backends.runtimes import Backend, get_backend
+from ..backends.timing import Allocator, get_allocator
 from ..errors import ArgumentError
 from ..estimate import NETWORK_REPEAT, measure_latency
 from ..job import AUTO, AUTO_METHODS, BudgetBasis, basis_of
@@ -60,6 +61,14 @@ def _budget_basis() -> Any:
     return _option(BudgetBasis.MEASURED, "measured: plans are timed whole against the "
                    "original until one fits --budget; table: --budget is a fraction of the "
                    "latency table's sum", choices=BudgetBasis)
+
+
+def _allocator() -> Any:
+    return _option(Allocator.DEFAULT, "how the process you deploy in handles freed memory: "
+                   "default (a plain process) or held (jemalloc, tcmalloc, or glibc's "
+                   "MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ at 1 GiB); networks are "
+                   "timed in a fresh process so, the budget holds there, and the report gives "
+                   "the other's figure too", choices=Allocator)
 
 
 def _timing_repeat() -> Any:
@@ -155,6 +164,7 @@ class SolveStageSettings:
     budget_ms: float | None = _option(None, "absolute budget on the table (ms)")
     budget_basis: BudgetBasis = _budget_basis()  # noqa: RUF009
     timing_repeat: int = _timing_repeat()
+    allocator: Allocator = _allocator()  # noqa: RUF009
     threads: int | None = _threads()
     method: str = _option(MethodName.LAYERMERGE, "layermerge (the paper's), or its baselines "
                           "depth and layeronly", choices=METHODS)
@@ -204,6 +214,7 @@ class JobSettings:
     threads: int | None = _threads()
     backend: Backend = _backend()  # noqa: RUF009
     timing_repeat: int = _timing_repeat()
+    allocator: Allocator = _allocator()  # noqa: RUF009
     scheduler: str | None = _option(None, "a Dask scheduler to run the fine-tuned importance "
                                     "entries on (with --importance finetune)",
                                     metavar="ADDRESS")
@@ -219,6 +230,7 @@ class JobSettings:
                                     f"{getattr(self, name)!r}") from None
         object.__setattr__(self, "backend", get_backend(self.backend))
         object.__setattr__(self, "budget_basis", basis_of(self.budget_basis))
+        object.__setattr__(self, "allocator", get_allocator(self.allocator))
 
     @property
     def methods(self) -> tuple[str, ...]:
