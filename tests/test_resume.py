@@ -12,7 +12,7 @@ from fxmerge.models import DemoMobileNetV2
 
 X = torch.randn(2, 1, 16, 16)
 BASE = {"weights": 1.0, "data": "folder-a", "batch": 0, "levels": None, "backend": "eager",
-        "budget": 0.7}
+        "budget": 0.7, "mode": "proxy"}
 
 
 def _model(scale: float) -> torch.nn.Module:
@@ -32,7 +32,11 @@ def _run(out, made: list, **change) -> fxmerge.Plan:
                       analysis={"exclude": DemoMobileNetV2.EXCLUDE},
                       latency={"backend": s["backend"]}, inputs={"data": s["data"]})
     batch = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(s["batch"]))
-    table = job.importance(fxmerge.importance_keys(job.space, ["layermerge"]), batch=batch)
+    keys = fxmerge.importance_keys(job.space, ["layermerge"])
+    if s["mode"] == "proxy":
+        table = job.importance(keys, batch=batch)
+    else:  # the paper's estimator (its scores are the fake's below)
+        table = job.importance(keys, evaluate=lambda net: 0.0)
     return job.solve(table, s["budget"], basis="table", levels=s["levels"])
 
 
@@ -58,6 +62,12 @@ def counted(monkeypatch):
     monkeypatch.setattr(job_module, "agreement_importance",
                         wrap("importance", job_module.agreement_importance))
     monkeypatch.setattr(job_module, "solve", wrap("plan", job_module.solve))
+
+    def estimated(space, gm, keys, **options):
+        made.append("importance")
+        return fxmerge.ImportanceTable.from_values(space, dict.fromkeys(keys, 0.5), keys=keys)
+
+    monkeypatch.setattr(job_module, "estimate_importance", estimated)
     return made
 
 
@@ -67,6 +77,7 @@ CASES = {
     "weights": ({"weights": 1.5}, {"importance", "plan"}),
     "data": ({"data": "folder-b"}, {"importance", "plan"}),
     "calibration batch": ({"batch": 1}, {"importance", "plan"}),
+    "importance mode": ({"mode": "finetune"}, {"importance", "plan"}),
     "levels": ({"levels": 500}, {"plan"}),
     "backend": ({"backend": "inductor"}, {"latency", "plan"}),
     "budget": ({"budget": 0.8}, {"plan"}),
