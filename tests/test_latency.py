@@ -315,7 +315,7 @@ def test_time_against_reference_prepares_afresh_and_takes_medians(monkeypatch):
     plan_ms = iter([5.0, 9.0, 6.0])  # the plan's median in each preparation
     original_ms = iter([10.0, 10.0, 20.0])
 
-    def fake(nets, x, *, repeat, warmup):
+    def fake(nets, x, *, repeat, warmup, hold):
         rounds.append(repeat)
         p, o = next(plan_ms), next(original_ms)
         return {"plan": Timing(p, p * 0.9, p * 1.1, repeat), "original": Timing(o, o, o, repeat)}
