@@ -285,11 +285,8 @@ def _group_bytes(group: list[TimedLayer], dtype: torch.dtype) -> int:
 # (seeded by the round), so the machine's drift (a shared VM's speed wanders by tens of
 # percent over seconds) reaches every layer alike instead of deciding the one it hits, and
 # no layer's median carries the cache its fixed neighbours leave (docs/method.md §2). A
-# layer slower than its share of `seconds` runs in fewer rounds (at least `MIN_TIMED_RUNS`),
-# spread evenly over the first SETTLE_ROUNDS when they fit there, else over all. From round
-# SETTLE_ROUNDS on, a group stops once every layer still running has its median known to
-# within SETTLE (`uncertainty`), rather than at a fixed count of rounds (at most `repeat`).
-# What drift is left is divided out (`steady`): a round whose
+# layer slower than its share of `seconds` runs in fewer rounds, spread evenly over them
+# (at least `MIN_TIMED_RUNS`). What drift is left is divided out (`steady`): a round whose
 # layers all ran slower than their medians was a slow round. Layers are built GROUP_BYTES
 # at a time (`_group_bytes`), each group timed in its own rounds; with several groups, the
 # ANCHORS smallest layers are timed in every group, so that `steady` can also divide out
@@ -298,7 +295,6 @@ def _group_bytes(group: list[TimedLayer], dtype: torch.dtype) -> int:
 # many rounds, among such layers (`retimed`; `unsettled` if it still is). Memory is held
 # steady while timing (`steady_memory`: no page faults that come and go with the heap).
 MIN_TIMED_RUNS = 5
-SETTLE_ROUNDS = 30  # rounds before a group may stop: every slow layer has had its runs
 GROUP_BYTES = 1 << 30
 ANCHORS = 5
 SETTLE = 0.03
@@ -396,12 +392,8 @@ def time_layers(layers: Mapping[str, TimedLayer], samples: dict[str, list[Run]],
     rounds = [(g, r) for g in range(len(groups)) for r in range(repeat)]
     runs: dict[str, int] = {}  # how many of the `repeat` rounds each layer runs in
     built: dict[str, Callable] = {}
-    start = {key: len(samples.get(key, ())) for key in layers}
-    settled = -1  # the group whose rounds stopped early
     with torch.inference_mode(), steady_memory():
         for n, (g, r) in enumerate(iterate(rounds, desc, "round", progress)):
-            if g == settled:
-                continue
             if r == 0:
                 built.clear()  # the last group's layers are freed before the next is built
                 inputs = {shape: torch.randn(shape, device=device, dtype=dtype)
@@ -413,29 +405,10 @@ def time_layers(layers: Mapping[str, TimedLayer], samples: dict[str, list[Run]],
                               for key in groups[g]})
                 del inputs
             for key in random.Random(round_ + n).sample(groups[g], len(groups[g])):
-                if _runs_in(r, runs[key], repeat):
+                if (r * runs[key]) // repeat != ((r + 1) * runs[key]) // repeat:
                     samples[key].append(Run(group + g, round_ + n, clock(built[key], device)))
-            if SETTLE_ROUNDS <= r + 1 < repeat and _known(groups[g], samples, start, runs):
-                settled = g  # every median known well enough: the group's rounds end
-                for key in groups[g]:
-                    targets[key] = len(samples[key])
             save()
     built.clear()
-
-
-def _runs_in(r: int, runs: int, repeat: int) -> bool:
-    """Whether a layer of `runs` runs runs in round `r`: spread evenly over the first
-    `SETTLE_ROUNDS` rounds when that holds them all (slow layers), else over all `repeat`."""
-    window = repeat if runs > SETTLE_ROUNDS else min(repeat, SETTLE_ROUNDS)
-    return r < window and (r * runs) // window != ((r + 1) * runs) // window
-
-
-def _known(keys: list[str], samples: dict[str, list[Run]], start: dict[str, int],
-           runs: dict[str, int]) -> bool:
-    """Whether every layer that runs past `SETTLE_ROUNDS` has its median known to within
-    `SETTLE` (its runs in this timing; see `uncertainty`)."""
-    return all(uncertainty([run.ms for run in samples[key][start[key]:]]) <= SETTLE
-               for key in keys if runs[key] > SETTLE_ROUNDS)
 
 
 def _build(layer: TimedLayer, x: torch.Tensor, key: str, samples: dict[str, list[Run]],
