@@ -78,8 +78,7 @@ def run_seed(config: DemoConfig, seed: int, budgets: list[float]) -> list[dict]:
         print(f"[seed {seed}] {name}: accuracy {row['accuracy']:.2f}%, "
               f"predicted Δ {row['predicted_delta']:+.1f} pt, {row['removed_convs']} convs "
               f"and {row['removed_activations']} activations removed")
-    measured = time_against_original(nets, trained.data.test[0][: config.latency_batch],
-                                     config.compare_repeat)
+    measured = time_against_original(trained.job, nets, config.compare_repeat)
     for row in rows:
         row["speedup"] = round(1 / measured[row.pop("net")].ratio, 3)
         row["base_accuracy"] = round(trained.base_acc, 2)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from ..backends.timing import PREPARATIONS
 from ..job import AUTO_METHODS, Job, choose
 from ..models import DemoMobileNetV2
 from ..passes import transform
@@ -31,7 +32,6 @@ from ..solve.depth import depth_keys
 from ..space import Entry, MergeSpace
 from ..tables import ImportanceTable, LatencyTable
 from .shared import (
-    PREPARATIONS,
     Digits,
     accuracy,
     feasible_plans,
@@ -173,7 +173,6 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
     trained = train_seed(config, seed, progress)
     data, job, base_acc = trained.data, trained.job, trained.base_acc
     gm, space = job.gm, job.space
-    example = data.test[0][: config.latency_batch]
     latency = job.latency
     print(f"latency table: {space.num_entries} entries, {latency.settings.num_layers} "
           f"convs timed, batch {config.latency_batch}, {latency.settings.seconds:.0f} s")
@@ -215,7 +214,7 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
                                       2),
                      "predicted_ratio": plan.measured["predicted_ratio"],
                      "solve_ratio": plan.measured["ratio"]})
-    measured = time_against_original(nets, example, config.compare_repeat)
+    measured = time_against_original(job, nets, config.compare_repeat)
     for row in rows:
         merged = measured[f"{row['method']}@{row['budget']}"]
         row.update(latency_ms=round(merged.ms, 4),
@@ -298,7 +297,8 @@ def write_results(out: Path, rows: list[dict], runs: list[SeedRun], config: Demo
             "batch": config.latency_batch, "threads": torch.get_num_threads(),
             "timing": f"{config.compare_repeat} interleaved rounds over {PREPARATIONS} fresh "
                       "copies of every network (3 warm-up calls each): median latency, and "
-                      "the median over copies of the ratio to the original",
+                      "the median over copies of the ratio to the original, in a fresh "
+                      "process with the default allocator (as the budgets were measured)",
             "seeds": len(runs), "original_accuracy": base[0] if len(base) == 1 else base,
             "original_accuracy_mean": statistics.fmean(base),
             "original_accuracy_std": statistics.pstdev(base), "config": asdict(config)}

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backends.timing import PREPARATIONS
 from ..job import Job
 from ..models import DDPM_EXCLUDE, DDPMUNet
 from ..passes import transform
@@ -29,7 +30,6 @@ from ..plan import Plan
 from ..recipes import ClassificationRecipe
 from ..solve import METHODS, importance_keys
 from .shared import (
-    PREPARATIONS,
     accuracy,
     feasible_plans,
     load_digits,
@@ -266,7 +266,7 @@ def run_ddpm_demo(out: Path | None = None, config: DDPMDemoConfig = DDPMDemoConf
                      "solve_ratio": plan.measured["ratio"]})
     print(f"fine-tuned and merged {len(rows)} networks ({clock()})")
 
-    measured = time_against_original(nets, (x, t), config.compare_repeat)
+    measured = time_against_original(job, nets, config.compare_repeat)
     samples = {name: diffusion.sample(net, config.samples, config.size)
                for name, net in nets.items()}
     frechet = {name: frechet_distance(classifier.features(s), real)
@@ -288,7 +288,8 @@ def run_ddpm_demo(out: Path | None = None, config: DDPMDemoConfig = DDPMDemoConf
                 "batch": config.latency_batch, "backend": "eager",
                 "timing": f"{config.compare_repeat} interleaved rounds over {PREPARATIONS} "
                           "fresh copies of every network (3 warm-up calls each): median "
-                          "latency, and the median over copies of the ratio to the original",
+                          "latency, and the median over copies of the ratio to the original, "
+                          "in a fresh process with the default allocator",
                 "loss": "held-out DDPM loss (noise MSE) on "
                           f"{config.eval_pairs} fixed triples", "frechet": "Frechet distance "
                           f"of {config.samples} samples to the test digits in the features "

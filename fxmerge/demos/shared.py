@@ -3,7 +3,6 @@ solve-or-skip loop over methods and budgets, and headless matplotlib."""
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 from collections.abc import Iterator, Sequence
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..backends.timing import PREPARATIONS, ExampleInputs, Relative, time_against_reference
+from ..backends.timing import Relative
 from ..errors import ArgumentError, InfeasibleBudget
 from ..job import Job
 from ..plan import Plan
@@ -163,9 +162,10 @@ def summarize(runs: Sequence[list[dict]], metrics: tuple[str, ...]) -> list[dict
     return out
 
 
-def time_against_original(nets: dict[str, nn.Module], inputs: ExampleInputs, repeat: int
+def time_against_original(job: Job, nets: dict[str, nn.Module], repeat: int
                           ) -> dict[str, Relative]:
-    """Every network of `nets` timed side by side with `nets["original"]` as NetworkTimer
-    times a plan: over `PREPARATIONS` sets of fresh copies, `repeat` rounds in all."""
-    return time_against_reference(lambda: {n: copy.deepcopy(m) for n, m in nets.items()},
-                                  inputs, repeat=repeat, preparations=PREPARATIONS)
+    """Every network of `nets` timed side by side with the original (BatchNorm folded,
+    `"original"`) as the job's timer times a plan: in a fresh process with the job's
+    allocator, over fresh preparations, `repeat` rounds in all."""
+    return job.timer.compare({n: m for n, m in nets.items() if n != "original"},
+                             repeat=repeat)
