@@ -23,7 +23,6 @@ import pickle
 import warnings
 from dataclasses import dataclass, replace
 from itertools import pairwise
-from typing import Any
 
 import torch
 from torch import fx, nn
@@ -98,6 +97,7 @@ class NetworkTimer:
         self.allocator = get_allocator(allocator)
         # a worker process as `allocator` says (on a CPU), else here with memory held
         self.isolate = isolate and self.device.type == "cpu"
+        self._graph: bytes | None = None  # the graph as the worker is sent it, made once
         self.measurements: dict[tuple, Measurement] = {}
         self.load_average: float | None = None  # after the last measurement
 
@@ -146,23 +146,33 @@ class NetworkTimer:
         timing = {"repeat": repeat or self.repeat, "preparations": self.preparations,
                   "warmup": self.warmup}
         allocator = self.allocator if allocator is None else get_allocator(allocator)
-        shipped = _ship(self.gm, networks) if self.isolate else None
-        if shipped is None:  # here, memory held (or what cannot be pickled: parametrizations)
-            return time_against_reference(
-                lambda: {name: plan_runner(self.gm, net, self.backend, self.inputs,
-                                           space=self.space) if isinstance(net, Plan)
-                         else prepare(net, self.backend, self.inputs)
-                         for name, net in networks.items()}, self.inputs, **timing)
-        graph, nets = shipped
-        try:
-            return worker(allocator).call(graph, example_inputs(self.gm), nets, self.inputs,
-                                          self.backend, self.threads, timing)
-        except CannotRebuild as exc:  # from now on timed here, and recorded so
-            warnings.warn(f"timing in this process, with freed memory held, not in a "
-                          f"{allocator} one: the timing process cannot rebuild the network "
-                          f"({exc})", stacklevel=2)
-            self.isolate = False
-            return self.compare(networks, allocator, repeat)
+        if self.isolate:
+            if self._graph is None:
+                self._graph = _ship(self.gm)
+            nets = {name: net if isinstance(net, Plan) else _ship(net)
+                    for name, net in networks.items()}
+            if self._graph is None or None in nets.values():
+                self._time_here(allocator, "a network cannot be pickled (a parametrized "
+                                "weight travels only as a state_dict)")
+            else:
+                try:
+                    return worker(allocator).call(self._graph, example_inputs(self.gm), nets,
+                                                  self.inputs, self.backend, self.threads,
+                                                  timing)
+                except CannotRebuild as exc:
+                    self._time_here(allocator, f"the timing process cannot rebuild the "
+                                    f"network ({exc})")
+        return time_against_reference(
+            lambda: {name: plan_runner(self.gm, net, self.backend, self.inputs,
+                                       space=self.space) if isinstance(net, Plan)
+                     else prepare(net, self.backend, self.inputs)
+                     for name, net in networks.items()}, self.inputs, **timing)
+
+    def _time_here(self, allocator: Allocator, why: str) -> None:
+        """From now on, time in this process with freed memory held (and record so)."""
+        warnings.warn(f"timing in this process, with freed memory held, not in a "
+                      f"{allocator} one: {why}", stacklevel=3)
+        self.isolate = False
 
     def points(self, original_table_ms: float, exclude: tuple | None = None
                ) -> list[tuple[float, float]]:
@@ -173,12 +183,11 @@ class NetworkTimer:
                          if blocks != exclude)})
 
 
-def _ship(gm: fx.GraphModule, networks: dict[str, Any]) -> tuple[bytes, dict] | None:
-    """The graph and the networks as bytes for a worker; None where one cannot be pickled
-    (a parametrized weight can only travel as a state_dict)."""
+def _ship(module: nn.Module) -> bytes | None:
+    """`module` as bytes for a timing worker; None where it cannot be pickled (a
+    parametrized weight can only travel as a state_dict)."""
     try:
-        return pickle.dumps(gm), {name: net if isinstance(net, Plan) else pickle.dumps(net)
-                                  for name, net in networks.items()}
+        return pickle.dumps(module)
     except Exception as exc:  # noqa: BLE001 (whatever pickling refuses: timed here instead)
         log.info("timing in this process: %s", exc)
         return None
