@@ -76,8 +76,9 @@ def compress(
     the backend, device and batch of the latency table: plans are transformed and timed
     against the original until one measures within it (`solve_measured`; `timing`: keyword
     arguments for its `NetworkTimer`: `repeat`, and `allocator`, the memory handling you
-    deploy with, `"default"` for a plain process or `"held"` for jemalloc, tcmalloc or glibc
-    told to hold freed memory: networks are timed in a fresh process of that kind).
+    deploy with, `"held"` (the default) for jemalloc, tcmalloc or glibc told to hold freed
+    memory, `"default"` for a plain glibc process: networks are timed in a fresh process of
+    that kind).
     `budget_basis="table"` makes it a fraction of the table's sum instead, with no network
     timed.
 

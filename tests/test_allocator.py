@@ -13,7 +13,7 @@ from torch import nn
 import fxmerge
 from fxmerge import Allocator
 from fxmerge.estimate.measured import NetworkTimer
-from fxmerge.estimate.worker import worker
+from fxmerge.estimate.worker import Worker
 
 LAYERS = [("conv", 8, 3, 1, True, False), ("conv", 8, 3, 1, True, False),
           ("conv", 8, 3, 1, True, False)]
@@ -39,10 +39,13 @@ def test_each_allocator_times_in_a_fresh_process_of_its_own(problem, monkeypatch
         timer = NetworkTimer(gm, space, batch_size=2, repeat=2, warmup=1, allocator=allocator)
         m = timer.measure(plan)
         assert m.ms > 0 and 0.05 < m.ratio < 20
-        assert timer.settings["allocator"] == str(allocator)
-        process = worker(allocator).process
-        assert process.pid != os.getpid() and process.poll() is None
-        env = _environment(process.pid)
+        assert timer.settings["allocator"] == str(allocator) and timer.isolate
+        process = Worker(allocator)
+        try:
+            assert process.process.pid != os.getpid()
+            env = _environment(process.process.pid)
+        finally:
+            process.close()
         if allocator is Allocator.HELD:
             assert env["MALLOC_MMAP_THRESHOLD_"] == env["MALLOC_TRIM_THRESHOLD_"] == str(1 << 30)
         else:  # a plain process: none of the caller's malloc settings
@@ -73,10 +76,10 @@ def test_a_network_the_process_cannot_rebuild_is_timed_here_and_said(problem):
 def test_the_final_timing_gives_both_allocators(problem):
     gm, space = problem
     job = fxmerge.Job(gm, torch.randn(2, 3, 32, 32), latency={"warmup": 1, "repeat": 3},
-                      timing={"repeat": 2, "allocator": "held"})
+                      timing={"repeat": 2, "allocator": "default"})
     merged = fxmerge.transform(gm, fxmerge.Plan.random(space, 1), space)
     t = job.time(merged)
-    assert t["allocator"] == "held" and t["other"]["allocator"] == "default"
+    assert t["allocator"] == "default" and t["other"]["allocator"] == "held"
     assert t["merged_ms"] > 0 and t["other"]["merged_ms"] > 0
     with pytest.raises(fxmerge.ArgumentError, match="unknown allocator 'tcmalloc'"):
         NetworkTimer(gm, space, allocator="tcmalloc")

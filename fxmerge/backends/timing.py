@@ -92,9 +92,9 @@ class Allocator(str, Enum):
     """How the process a network is deployed in handles freed memory: what its timings
     (and so a measured budget) assume."""
 
-    DEFAULT = "default"  # a plain process: glibc's own thresholds, adjusted as it runs
     HELD = "held"  # freed memory kept for reuse, as jemalloc and tcmalloc do, or glibc with
     # MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ at 1 GiB (`HELD_ENVIRONMENT`)
+    DEFAULT = "default"  # a plain process: glibc's own thresholds, adjusted as it runs
 
     def __str__(self) -> str:
         return self.value

@@ -298,7 +298,7 @@ def write_results(out: Path, rows: list[dict], runs: list[SeedRun], config: Demo
             "timing": f"{config.compare_repeat} interleaved rounds over {PREPARATIONS} fresh "
                       "copies of every network (3 warm-up calls each): median latency, and "
                       "the median over copies of the ratio to the original, in a fresh "
-                      "process with the default allocator (as the budgets were measured)",
+                      "process with the job's allocator (as the budgets were measured)",
             "seeds": len(runs), "original_accuracy": base[0] if len(base) == 1 else base,
             "original_accuracy_mean": statistics.fmean(base),
             "original_accuracy_std": statistics.pstdev(base), "config": asdict(config)}

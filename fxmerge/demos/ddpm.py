@@ -289,7 +289,7 @@ def run_ddpm_demo(out: Path | None = None, config: DDPMDemoConfig = DDPMDemoConf
                 "timing": f"{config.compare_repeat} interleaved rounds over {PREPARATIONS} "
                           "fresh copies of every network (3 warm-up calls each): median "
                           "latency, and the median over copies of the ratio to the original, "
-                          "in a fresh process with the default allocator",
+                          "in a fresh process with the job's allocator",
                 "loss": "held-out DDPM loss (noise MSE) on "
                           f"{config.eval_pairs} fixed triples", "frechet": "Frechet distance "
                           f"of {config.samples} samples to the test digits in the features "

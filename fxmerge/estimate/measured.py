@@ -46,7 +46,7 @@ from ..progress import Progress
 from ..solve import fastest_latency, fastest_plan, solve
 from ..space import MergeSpace, require_space_of
 from ..tables import ImportanceTable, LatencyTable
-from .worker import CannotRebuild, worker
+from .worker import CannotRebuild, time_in_fresh_process
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class NetworkTimer:
                  backend: Backend | str = Backend.EAGER, device: str | torch.device = "cpu",
                  batch_size: int | None = None, repeat: int = NETWORK_REPEAT, warmup: int = 5,
                  preparations: int = PREPARATIONS, threads: int | None = None,
-                 allocator: Allocator | str = Allocator.DEFAULT, isolate: bool = True
+                 allocator: Allocator | str = Allocator.HELD, isolate: bool = True
                  ) -> None:
         if min(preparations, repeat) < 1:
             raise ArgumentError(f"repeat and preparations must be positive, got {repeat}, "
@@ -156,9 +156,9 @@ class NetworkTimer:
                                 "weight travels only as a state_dict)")
             else:
                 try:
-                    return worker(allocator).call(self._graph, example_inputs(self.gm), nets,
-                                                  self.inputs, self.backend, self.threads,
-                                                  timing)
+                    return time_in_fresh_process(
+                        allocator, self._graph, example_inputs(self.gm), nets, self.inputs,
+                        self.backend, self.threads, timing)
                 except CannotRebuild as exc:
                     self._time_here(allocator, f"the timing process cannot rebuild the "
                                     f"network ({exc})")

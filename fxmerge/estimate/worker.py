@@ -16,14 +16,12 @@ import sys
 from typing import Any
 
 import torch
-from torch import fx
 
 from ..backends.runtimes import Backend, plan_runner, prepare
 from ..backends.timing import HELD_ENVIRONMENT, Allocator, Relative, time_against_reference
 from ..capture.trace import ensure_shapes
 from ..errors import BackendError
 from ..plan import Plan
-from ..space import MergeSpace
 
 _HEADER = struct.Struct("<Q")
 
@@ -47,7 +45,8 @@ def _receive(stream: Any) -> Any:
 
 
 class Worker:
-    """One timing process in `allocator`'s conditions."""
+    """One timing process in `allocator`'s conditions (its own, from start to end: glibc
+    adjusts its default thresholds as a process runs, so each timing starts afresh)."""
 
     def __init__(self, allocator: Allocator) -> None:
         env = {k: v for k, v in os.environ.items() if k not in HELD_ENVIRONMENT}
@@ -71,36 +70,40 @@ class Worker:
             raise value
         return value
 
+    def close(self) -> None:
+        self.process.stdin.close()
+        if self.process.wait(timeout=60) is None:
+            self.process.kill()
 
-_WORKERS: dict[Allocator, Worker] = {}
+
+_RUNNING: set[Worker] = set()
 
 
-def worker(allocator: Allocator) -> Worker:
-    """The timing process for `allocator`, started once and kept for this process's life."""
-    if allocator not in _WORKERS or _WORKERS[allocator].process.poll() is not None:
-        _WORKERS[allocator] = Worker(allocator)
-    return _WORKERS[allocator]
+def time_in_fresh_process(allocator: Allocator, *args: Any) -> dict[str, Relative]:
+    """`time_networks(*args)` in a process started for it, in `allocator`'s conditions."""
+    w = Worker(allocator)
+    _RUNNING.add(w)
+    try:
+        return w.call(*args)
+    finally:
+        w.close()
+        _RUNNING.discard(w)
 
 
 @atexit.register
 def _stop() -> None:
-    for w in _WORKERS.values():
+    for w in _RUNNING:
         w.process.kill()
 
 
-_GRAPHS: dict[bytes, tuple[fx.GraphModule, MergeSpace]] = {}  # in a worker: the graph
-# it was sent, rebuilt (pickling renames nodes, so it is analysed here), and its space
 
 
 def time_networks(graph: bytes, example: tuple, networks: dict[str, Any], inputs: tuple,
                   backend: Backend, threads: int, timing: dict) -> dict[str, Relative]:
     """In a worker: the networks (a `Plan` of the graph, or a pickled module) timed side by
     side against `"original"`, as this process's allocator runs them."""
-    if graph not in _GRAPHS:
-        _GRAPHS.clear()
-        gm = ensure_shapes(_rebuild(graph), example)
-        _GRAPHS[graph] = gm, networks["original"].space_of(gm)
-    gm, space = _GRAPHS[graph]
+    gm = ensure_shapes(_rebuild(graph), example)  # (pickling renames nodes: analysed here)
+    space = networks["original"].space_of(gm)
     modules = {name: _rebuild(net) for name, net in networks.items() if isinstance(net, bytes)}
 
     def make() -> dict[str, Any]:

@@ -64,11 +64,12 @@ def _budget_basis() -> Any:
 
 
 def _allocator() -> Any:
-    return _option(Allocator.DEFAULT, "how the process you deploy in handles freed memory: "
-                   "default (a plain process) or held (jemalloc, tcmalloc, or glibc's "
-                   "MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ at 1 GiB); networks are "
-                   "timed in a fresh process so, the budget holds there, and the report gives "
-                   "the other's figure too", choices=Allocator)
+    return _option(Allocator.HELD, "how the process you deploy in handles freed memory: "
+                   "held (jemalloc, tcmalloc, or glibc's MALLOC_MMAP_THRESHOLD_ and "
+                   "MALLOC_TRIM_THRESHOLD_ at 1 GiB) or default (a plain glibc process, whose "
+                   "timings of large activations are bimodal: docs/method.md §3b); networks "
+                   "are timed in a fresh process so, the budget holds there, and the report "
+                   "gives the other's figure too", choices=Allocator)
 
 
 def _timing_repeat() -> Any:
