@@ -46,3 +46,13 @@ class ArgumentError(FxMergeError, ValueError, TypeError):
 class ModelSpecError(ArgumentError):
     """A model named on the command line or to `fxmerge.models.load_model` cannot be
     found or built (the command line exits with 2, a usage error)."""
+
+
+def one_of(kind: type, value: object, name: str):
+    """The member of the enum `kind` that `value` names; `ArgumentError` naming `name` and
+    every member for anything else."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ArgumentError(f"{name} must be one of {', '.join(m.value for m in kind)}, got "
+                            f"{value!r}") from None

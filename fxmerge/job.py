@@ -36,7 +36,7 @@ from .backends.timing import Allocator
 from .capture import ExampleInputs, trace
 from .capture.trace import INPUTS_META
 from .deploy import export_onnx, save
-from .errors import ArgumentError, FxMergeError, InfeasibleBudget
+from .errors import ArgumentError, FxMergeError, InfeasibleBudget, one_of
 from .estimate import (
     NetworkTimer,
     agreement_importance,
@@ -78,11 +78,7 @@ class BudgetBasis(str, Enum):
 
 def basis_of(value: str | BudgetBasis) -> BudgetBasis:
     """The basis `value` names; `ArgumentError` for anything else."""
-    try:
-        return BudgetBasis(value)
-    except ValueError:
-        raise ArgumentError(f"budget_basis must be one of {', '.join(BudgetBasis)}, got "
-                            f"{value!r}") from None
+    return one_of(BudgetBasis, value, "budget_basis")
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from .errors import ArgumentError
+from .errors import ArgumentError, one_of
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -84,11 +84,7 @@ class ClassificationRecipe:
         if not 0 <= self.kd_weight <= 1 or self.kd_temperature <= 0:
             raise ArgumentError(f"kd_weight must be in [0, 1] and kd_temperature positive, "
                                 f"got {self.kd_weight}, {self.kd_temperature}")
-        try:
-            self.protocol = ImportanceProtocol(self.protocol)
-        except ValueError:
-            raise ArgumentError(f"protocol must be one of {', '.join(ImportanceProtocol)}, "
-                                f"got {self.protocol!r}") from None
+        self.protocol = one_of(ImportanceProtocol, self.protocol, "protocol")
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in _forever(self.train_data):

@@ -81,5 +81,6 @@ def test_the_final_timing_gives_both_allocators(problem):
     t = job.time(merged)
     assert t["allocator"] == "default" and t["other"]["allocator"] == "held"
     assert t["merged_ms"] > 0 and t["other"]["merged_ms"] > 0
-    with pytest.raises(fxmerge.ArgumentError, match="unknown allocator 'tcmalloc'"):
+    with pytest.raises(fxmerge.ArgumentError,
+                       match="allocator must be one of held, default, got 'tcmalloc'"):
         NetworkTimer(gm, space, allocator="tcmalloc")

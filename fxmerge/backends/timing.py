@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 
 from ..capture.trace import ExampleInputs, as_tuple, example_inputs
-from ..errors import ArgumentError
+from ..errors import ArgumentError, one_of
 from ..progress import progress as iterate
 from .runtimes import Backend, prepare
 
@@ -105,11 +105,7 @@ HELD_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHO
 
 def get_allocator(name: str | Allocator) -> Allocator:
     """The allocator `name` names; `ArgumentError` listing them for anything else."""
-    try:
-        return Allocator(name)
-    except ValueError:
-        raise ArgumentError(f"unknown allocator {name!r} (one of: "
-                            f"{', '.join(a.value for a in Allocator)})") from None
+    return one_of(Allocator, name, "allocator")
 
 
 def hold_freed_memory() -> bool:

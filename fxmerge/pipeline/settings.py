@@ -14,7 +14,7 @@ from typing import Any
 
 from ..backends.runtimes import Backend, get_backend
 from ..backends.timing import Allocator, get_allocator
-from ..errors import ArgumentError
+from ..errors import ArgumentError, one_of
 from ..estimate import NETWORK_REPEAT, measure_latency
 from ..job import AUTO, AUTO_METHODS, BudgetBasis, basis_of
 from ..recipes import ImportanceProtocol
@@ -224,11 +224,7 @@ class JobSettings:
     def __post_init__(self) -> None:
         for name, kind in (("importance", ImportanceMode),
                            ("importance_protocol", ImportanceProtocol)):
-            try:
-                object.__setattr__(self, name, kind(getattr(self, name)))
-            except ValueError:
-                raise ArgumentError(f"{name} must be one of {', '.join(kind)}, got "
-                                    f"{getattr(self, name)!r}") from None
+            object.__setattr__(self, name, one_of(kind, getattr(self, name), name))
         object.__setattr__(self, "backend", get_backend(self.backend))
         object.__setattr__(self, "budget_basis", basis_of(self.budget_basis))
         object.__setattr__(self, "allocator", get_allocator(self.allocator))
