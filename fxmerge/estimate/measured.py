@@ -9,11 +9,11 @@ measured points, bracketed) until the measured ratio lands in `[budget * (1 - to
 budget]`. Every plan one `NetworkTimer` has measured calibrates the next solve's first
 guess, and the model that predicts a plan's ratio from its table latency.
 
-Whole networks are timed the way the user will run them (`Allocator`): by default in a
-fresh worker process with the C library's own memory handling, as a plain `python` deploy
-has it (the latency table holds freed memory to stay repeatable, which makes networks whose
-activations come and go run faster than they will there); `Allocator.HELD` in one that
-holds freed memory, as jemalloc, tcmalloc or glibc's variables do.
+Whole networks are timed the way the user will run them (`Allocator`): in a process
+started for each timing, none of the caller's malloc settings in it; by default one that
+holds freed memory, as jemalloc, tcmalloc or glibc's variables do (`Allocator.HELD`), or a
+plain glibc process (`Allocator.DEFAULT`, whose timings of large activations are bimodal:
+docs/method.md §3b).
 """
 
 from __future__ import annotations
@@ -125,16 +125,12 @@ class NetworkTimer:
     def measure(self, plan: Plan) -> Measurement:
         """`plan`'s network and the original, timed side by side (once per plan)."""
         if plan.blocks not in self.measurements:
-            with using_threads(self.threads):
-                t = self._time(plan)
+            t = self.compare({"plan": plan})
             self.measurements[plan.blocks] = Measurement(
                 plan.predicted_latency_ms, t["plan"].ms, t["original"].ms, t["plan"].ratio,
                 max(t["plan"].spread, t["original"].spread))
             self.load_average = check_load("network timing")
         return self.measurements[plan.blocks]
-
-    def _time(self, plan: Plan) -> dict:
-        return self.compare({"plan": plan})
 
     def compare(self, networks: dict[str, Plan | nn.Module],
                 allocator: Allocator | str | None = None, repeat: int | None = None
@@ -162,11 +158,12 @@ class NetworkTimer:
                 except CannotRebuild as exc:
                     self._time_here(allocator, f"the timing process cannot rebuild the "
                                     f"network ({exc})")
-        return time_against_reference(
-            lambda: {name: plan_runner(self.gm, net, self.backend, self.inputs,
-                                       space=self.space) if isinstance(net, Plan)
-                     else prepare(net, self.backend, self.inputs)
-                     for name, net in networks.items()}, self.inputs, **timing)
+        with using_threads(self.threads):  # (a worker sets its own)
+            return time_against_reference(
+                lambda: {name: plan_runner(self.gm, net, self.backend, self.inputs,
+                                           space=self.space) if isinstance(net, Plan)
+                         else prepare(net, self.backend, self.inputs)
+                         for name, net in networks.items()}, self.inputs, **timing)
 
     def _time_here(self, allocator: Allocator, why: str) -> None:
         """From now on, time in this process with freed memory held (and record so)."""

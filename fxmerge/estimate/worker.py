@@ -1,4 +1,4 @@
-"""The processes whole networks are timed in, one per `Allocator`: a fresh interpreter
+"""The processes whole networks are timed in, one per timing: a fresh interpreter
 (running `fxmerge.estimate.worker.main`), started with the environment a deploy in those
 conditions has (a plain one; or glibc told to hold freed memory), so that none of this
 process's malloc settings (the latency table's `steady_memory`) reach the timings. Requests
