@@ -3,6 +3,7 @@ the user names (a plain one by default), never in the caller's, whose malloc the
 table tuned."""
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,11 @@ def problem():
 
 
 def _environment(pid: int) -> dict[str, str]:
+    """The environment process `pid` was started with, once it runs the worker's code."""
+    for _ in range(100):  # (until its exec has happened)
+        if b"fxmerge.estimate.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            break
+        time.sleep(0.05)
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
