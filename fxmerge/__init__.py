@@ -34,6 +34,7 @@ from .estimate import (
     score_plan,
     solve_measured,
 )
+from .inside import apply, merge
 from .job import BudgetBasis, Job
 from .passes import (
     GraphDiff,
@@ -41,7 +42,6 @@ from .passes import (
     PrunePass,
     ReparameterizePass,
     diff,
-    merge,
     prune,
     reparameterize,
     transform,
@@ -105,6 +105,7 @@ __all__ = [
     "TraceError",
     "agreement_importance",
     "analyze",
+    "apply",
     "backend",
     "check_canonical",
     "compress",

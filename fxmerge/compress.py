@@ -3,16 +3,20 @@ network to fine-tune (a front end over `fxmerge.job.Job`)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import fx, nn
 
+from .backends.timing import time_interleaved, using_threads
 from .capture import ExampleInputs
-from .errors import ArgumentError
+from .capture.submodules import SubmoduleSpec, bundle_name
+from .errors import ArgumentError, InfeasibleBudget
+from .inside import Inside, capture_inside, merge, prune_inside, put_back, with_submodules
 from .job import AUTO, AUTO_METHODS, BudgetBasis, Candidate, Job, basis_of
-from .passes import merge
+from .passes.split import split
 from .plan import Plan
 from .solve import importance_keys
 from .space import MergeSpace, StrideRule
@@ -31,11 +35,16 @@ class CompressResult:
     # method="auto": each method tried (its plan, trained and merged networks, score)
     candidates: dict[str, Candidate] = field(default_factory=dict)
     reason: str = ""  # why this plan's method was kept
+    # `submodule=`: a copy of the user's model with the pruned submodules in place, to
+    # fine-tune as the model is trained, and the searched submodules' share of its time
+    model: nn.Module | None = None
+    share: float | None = None
 
-    def merge(self) -> fx.GraphModule:
-        """The merged network (one conv per block) of the pruned one, in eval mode. Call it
-        after fine-tuning `pruned`; it puts `pruned` in eval mode."""
-        return merge(self.pruned.eval())
+    def merge(self) -> nn.Module:
+        """The merged network (one conv per block, eval mode) of the pruned one, or with
+        `submodule=` the user's model with every pruned submodule merged. Call it after
+        fine-tuning."""
+        return merge(self.model if self.model is not None else self.pruned.eval())
 
     def report(self) -> str:
         """Measured and predicted latency, importance, and each block's convs and kernel."""
@@ -48,6 +57,10 @@ class CompressResult:
                 f"{p.predicted_importance:.4g}; {len(p.removed_convs)} convs and "
                 f"{len(p.removed_activations(self.space))} activations removed, "
                 f"{len(p.added_activations(self.space))} added, {len(p.blocks)} blocks")
+        if self.share is not None:
+            whole = 1 - self.share * (1 - p.predicted_latency_ms / original)
+            head += (f"\nsubmodules {', '.join(p.submodules)}: {self.share:.0%} of the "
+                     f"model's time; the model at about {whole:.0%} of its time")
         return head + "\n" + p.describe()
 
 
@@ -68,6 +81,7 @@ def compress(
     budget_basis: str | BudgetBasis = BudgetBasis.MEASURED,
     timing: Mapping[str, Any] | None = None,
     threads: int | None = None,
+    submodule: SubmoduleSpec | None = None,
 ) -> CompressResult:
     """Trace, analyse, build the tables, solve at `budget` and prune. `model` is not
     changed.
@@ -94,8 +108,25 @@ def compress(
     accurate is kept (its trained network is `result.pruned`; `result.candidates` has both).
     A budget the latency table shows no plan can reach is refused before any importance is
     measured (with `auto`, such a method is dropped).
+
+    `submodule`: compress inside `model`: only these submodules (a name, several names, or
+    a predicate `(name, module) -> bool`) are captured, together, on the inputs they
+    receive when `model` runs on `example_inputs`; `budget` is a fraction of the whole
+    model's time (the submodules' share of it measured side by side); `result.model` is a
+    copy of `model`, of its class, with the pruned submodules in place, to fine-tune as
+    the model is trained, and `fxmerge.merge(result.model)` merges them.
     """
     basis = basis_of(budget_basis)
+    if submodule is not None:
+        if method == AUTO:
+            raise ArgumentError('method="auto" with submodule= is not supported yet: compress '
+                                "with each method and keep the better one")
+        return _compress_inside(model, example_inputs, submodule, budget=budget,
+                                method=method, latency=latency, importance=importance,
+                                finetune=finetune, basis=basis, levels=levels, timing=timing,
+                                threads=threads, analysis={
+                                    "stride_rule": stride_rule, "exclude": exclude,
+                                    "add_activations": add_activations})
     if method == AUTO and (not callable(importance) or train is None):
         raise ArgumentError('method="auto" picks the more accurate network: give '
                             "importance=evaluate (scored on held-out data) and train=")
@@ -129,3 +160,70 @@ def _compress_auto(job: Job, *, budget: float, evaluate: Callable[[nn.Module], f
     best = candidates[chosen]
     return CompressResult(best.plan, job.space, best.pruned, job.latency, table, candidates,
                           reason)
+
+
+def _compress_inside(model: nn.Module, example_inputs: ExampleInputs, submodule: SubmoduleSpec,
+                     *, budget: float, method: str, latency: LatencyTable | Mapping | None,
+                     importance: ImportanceTable | Callable | None,
+                     finetune: Callable | None, basis: BudgetBasis, levels: int | None,
+                     timing: Mapping[str, Any] | None, threads: int | None,
+                     analysis: dict) -> CompressResult:
+    """`compress` with `submodule=`: the submodules captured together, searched under the
+    whole model's budget, and put back in a copy of the model."""
+    inside = capture_inside(model, example_inputs, submodule)
+    share = submodules_share(inside, example_inputs, threads)
+    own = 1 - (1 - budget) / share  # the submodules' budget for the model's `budget`
+    if own <= 0:
+        raise InfeasibleBudget(
+            f"budget {budget:.0%}: the submodules take {share:.0%} of the model's time, so "
+            f"removing all of them leaves {1 - share:.0%}; pick more submodules or a larger "
+            "budget")
+    job = Job(inside.gm, inside.inputs, threads=threads, latency=latency, timing=timing,
+              importance=importance if isinstance(importance, ImportanceTable) else None,
+              analysis=analysis)
+    floor = 1 - share * (1 - job.reach(method))  # the fastest plan, of the model's time
+    if floor > budget:
+        raise InfeasibleBudget(
+            f"budget {budget:g} is below what the latency table allows: the submodules take "
+            f"{share:.0%} of the model's time and {method}'s fastest plan leaves the model at "
+            f"{floor:.0%}; ask for budget {math.ceil(floor * 100 + 1) / 100:g} or more, or "
+            "pick more submodules")
+    keys = importance_keys(job.space, [method])
+    evaluate = finetune_ = None
+    if callable(importance):
+        def evaluate(net: nn.Module) -> float:
+            return importance(_as_model(inside, net, job.space))
+    if finetune is not None:
+        def finetune_(net: nn.Module) -> nn.Module:
+            model = _as_model(inside, net, job.space)
+            return finetune(model) or model
+    table = job.importance(keys, evaluate=evaluate, finetune=finetune_)
+    plan = with_submodules(job.solve(table, own, method=method, basis=basis, levels=levels),
+                           inside)
+    plan = replace(plan, extra={**plan.extra, "model_budget": budget, "share": round(share, 4)})
+    return CompressResult(plan, job.space, job.prune(plan), job.latency, table,
+                          model=prune_inside(inside, plan, job.space), share=share)
+
+
+def _as_model(inside: Inside, net: nn.Module, space: MergeSpace) -> nn.Module:
+    """The user's model around `net`: a bundle graph (the original, or a probe's pruned
+    network) split and put back; a model already (what the user's finetune returned) as
+    it is."""
+    if isinstance(net, fx.GraphModule) and not isinstance(net, type(inside.model)):
+        return put_back(inside, split(net, [bundle_name(n) + "." for n in inside.bundle.names],
+                                      inside.bundle.arity, inside.bundle.outputs))
+    return net
+
+
+def submodules_share(inside: Inside, example_inputs: ExampleInputs, threads: int | None,
+                     repeat: int = 30) -> float:
+    """The captured submodules' share of the model's time, timed side by side (the model
+    on `example_inputs`, the submodules on what they receive there), at most 1."""
+    from .capture.trace import as_tuple
+
+    x = as_tuple(example_inputs)
+    nets = {"model": lambda *_: inside.model(*x), "submodules": lambda *_: inside.bundle(
+        *inside.inputs)}
+    with using_threads(threads):
+        t = time_interleaved(nets, x, repeat=repeat)
+    return min(1.0, t["submodules"].ms / t["model"].ms)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from .capture import example_inputs, require_graph_module, trace
+from .capture import example_inputs, input_specs, inputs_of, require_graph_module, trace
 from .errors import ArgumentError
 from .models.hub import load_model, runs_code
 from .passes import reparameterize, transform
@@ -29,11 +29,6 @@ def _tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
             if isinstance(value, torch.Tensor):
                 tensors[n.target] = value
     return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-
-
-def _inputs_spec(gm: fx.GraphModule) -> list[dict]:
-    return [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
-            for x in example_inputs(gm)]
 
 
 def save(merged: fx.GraphModule, path: str | Path, *, model: str | None = None,
@@ -59,22 +54,12 @@ def save(merged: fx.GraphModule, path: str | Path, *, model: str | None = None,
                             "fxmerge.transform) or a re-parameterised one "
                             "(fxmerge.reparameterize)")
     metadata = {"format": FORMAT, **rebuild,
-                "inputs": json.dumps(_inputs_spec(merged)), "model": model or "",
+                "inputs": json.dumps(input_specs(example_inputs(merged))), "model": model or "",
                 "torch": torch.__version__}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(_tensors(merged), str(path), metadata=metadata)
     return path
-
-
-def _example(spec: list[dict]) -> tuple[torch.Tensor, ...]:
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for s in spec:
-        dtype = getattr(torch, s["dtype"])
-        out.append(torch.randn(s["shape"], generator=gen, dtype=dtype) if dtype.is_floating_point
-                   else torch.zeros(s["shape"], dtype=dtype))
-    return tuple(out)
 
 
 def load(path: str | Path, model: nn.Module | None = None, *, trust_code: bool = False
@@ -108,7 +93,7 @@ def load(path: str | Path, model: nn.Module | None = None, *, trust_code: bool =
                                 "fxmerge would have to run: pass the model, "
                                 "load(path, model=YourNet()), or trust_code=True")
         model = load_model(metadata["model"])
-    gm = trace(model.eval(), _example(json.loads(metadata["inputs"])))
+    gm = trace(model.eval(), inputs_of(json.loads(metadata["inputs"])))
     if metadata.get("pass", "merge") == "reparameterize":
         merged = reparameterize(gm, verify=False)
     else:

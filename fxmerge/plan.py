@@ -75,6 +75,9 @@ class Plan:
     extra: dict = field(default_factory=dict)
     measured: dict = field(default_factory=dict)  # `solve_measured`: the network as timed
     input_shapes: tuple[tuple[int, ...], ...] = ()  # the space's, batch aside
+    # a plan for submodules of a model (`compress(..., submodule=)`): each one's name, in
+    # the order they were captured together, with its inputs ({"shape", "dtype"} each)
+    submodules: dict[str, list[dict]] = field(default_factory=dict)
 
     # ---- derived views --------------------------------------------------------------
     @property
@@ -266,7 +269,8 @@ class Plan:
                 extra=_typed(data, "extra", dict, default={}),
                 measured=_typed(data, "measured", dict, default={}),
                 input_shapes=tuple(tuple(shape) for shape in
-                                   _typed(data, "input_shapes", list, default=[])))
+                                   _typed(data, "input_shapes", list, default=[])),
+                submodules=_submodules(data))
         except (TypeError, ValueError) as exc:
             raise PlanError(f"not a fxmerge plan: {exc}") from None
 
@@ -338,6 +342,18 @@ def _typed(data: dict, key: str, types: type | tuple[type, ...], default: Any = 
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
         raise PlanError(f"plan field {key!r} must be {wanted}, got {value!r:.40}")
+    return value
+
+
+def _submodules(data: dict) -> dict[str, list[dict]]:
+    """`data["submodules"]`: submodule names, each with a list of {"shape", "dtype"}."""
+    value = _typed(data, "submodules", dict, default={})
+    for name, specs in value.items():
+        if not isinstance(specs, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("shape"), list)
+                and isinstance(s.get("dtype"), str) for s in specs):
+            raise PlanError(f"plan field 'submodules': {name!r} must list its inputs as "
+                            '{"shape": [...], "dtype": "..."}')
     return value
 
 

@@ -254,7 +254,7 @@ def test_tables_refuse_a_graph_the_space_was_not_analysed_from(resnet):
 # each stage imports only stages before it (docs/architecture.md), type-hint and deferred
 # imports included: the tables are data the methods read; the estimators measure them
 LAYERS = ["errors progress sides", "algebra models recipes", "capture", "space", "plan",
-          "passes", "backends deploy", "tables", "solve", "estimate", "job", "compress pipeline",
+          "passes", "backends deploy inside", "tables", "solve", "estimate", "job", "compress pipeline",
           "demos", "cli"]
 
 

@@ -12,10 +12,12 @@ from .trace import (
     capture_path,
     ensure_shapes,
     example_inputs,
+    input_specs,
+    inputs_of,
     propagate_shapes,
     trace,
     verify,
 )
 
 __all__ = ["ExampleInputs", "capture_path", "check_canonical", "ensure_shapes",
-           "example_inputs", "propagate_shapes", "require_graph_module", "trace", "verify"]
+           "example_inputs", "input_specs", "inputs_of", "propagate_shapes", "require_graph_module", "trace", "verify"]

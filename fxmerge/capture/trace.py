@@ -4,6 +4,7 @@ shape on every node, checked against the model on the example inputs."""
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -82,6 +83,26 @@ def example_inputs(gm: fx.GraphModule) -> tuple:
     if INPUTS_META not in gm.meta:
         raise TraceError("this graph has no example inputs: trace it with fxmerge.trace")
     return gm.meta[INPUTS_META]
+
+
+def input_specs(inputs: Sequence[torch.Tensor]) -> list[dict]:
+    """Each input's shape and dtype, as plain data ({"shape": [...], "dtype": "float32"})."""
+    return [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
+            for x in inputs]
+
+
+def inputs_of(specs: Sequence[dict]) -> tuple[torch.Tensor, ...]:
+    """Inputs of the shapes and dtypes `specs` name (`input_specs`): seeded normal floats,
+    zeros of other dtypes."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for s in specs:
+        dtype = getattr(torch, s["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ArgumentError(f"input dtype {s['dtype']!r} is not a torch dtype")
+        out.append(torch.randn(s["shape"], generator=gen, dtype=dtype) if dtype.is_floating_point
+                   else torch.zeros(s["shape"], dtype=dtype))
+    return tuple(out)
 
 
 def ensure_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
@@ -169,8 +190,22 @@ def capture_by(model: torch.nn.Module, inputs: tuple, what: str, how: str) -> fx
         except Exception as exc:
             raise TraceError(f"{what} failed on the example inputs: {exc}") from exc
         # (the copy is a plain GraphModule: an exported program's module refuses .eval())
-        gm = copy_model(torch.export.export(model, inputs, strict=False).module())
+        gm = copy_model(torch.export.export(model, inputs, strict=False,
+                                            dynamic_shapes=_any_size(model, inputs)).module())
     return _canonical(gm, reference, inputs, what, how)
+
+
+def _any_size(model: torch.nn.Module, inputs: tuple) -> tuple:
+    """torch.export's dynamic shapes for `inputs`: the batch and every spatial size left
+    free where the model allows (`Dim.AUTO`; a size the model fixes stays fixed), so the
+    captured graph runs at any batch and image size, as a symbolic trace does."""
+    auto = torch.export.Dim.AUTO
+    specs = tuple({d: auto for d in range(x.dim()) if d != 1 or x.dim() < 3}
+                  if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+    params = list(inspect.signature(model.forward).parameters.values())
+    if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        return (specs,)  # forward(*inputs): one argument
+    return specs
 
 
 def _canonical(gm: fx.GraphModule, reference: Callable, inputs: tuple, what: str, how: str

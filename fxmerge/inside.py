@@ -1,0 +1,171 @@
+"""fxmerge inside the user's model: submodules captured together (`capture_inside`), the
+pruned ones put back in a copy of the model (`prune_inside`), merged in place at the end
+(`merge_model`), and a saved plan applied to a freshly built model (`apply`). The model
+keeps its class, its other modules and attributes; each submodule put back is a
+GraphModule that keeps the plain attributes its parent reads off it (ultralytics' `f`, `i`,
+`type`, `np`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import fx, nn
+
+from .capture import ensure_shapes, input_specs, inputs_of, propagate_shapes, trace
+from .capture.submodules import Bundle, SubmoduleSpec, bundle_name, record_inputs, select
+from .capture.trace import ExampleInputs, copy_model
+from .errors import ArgumentError, PlanError, TraceError
+from .passes import merge as merge_graph
+from .passes import prune
+from .passes.split import split
+from .plan import Plan
+from .space import MergeSpace
+
+MARK = "fxmerge"  # the attribute of a submodule put back: {"submodule": name, "inputs": [...]}
+
+
+@dataclass
+class Inside:
+    """Submodules of a copy of the user's model captured together: the copy, the bundle
+    that calls them, its inputs (every submodule's, in order) and its canonical graph."""
+
+    model: nn.Module
+    bundle: Bundle
+    inputs: tuple[torch.Tensor, ...]
+    gm: fx.GraphModule
+
+    @property
+    def submodules(self) -> dict[str, list[dict]]:
+        """Each submodule's name with its inputs' shapes and dtypes (what `Plan` records)."""
+        out, at = {}, 0
+        for name, n in zip(self.bundle.names, self.bundle.arity):
+            out[name] = input_specs(self.inputs[at:at + n])
+            at += n
+        return out
+
+
+def capture_inside(model: nn.Module, inputs: ExampleInputs | None, spec: SubmoduleSpec,
+                   recorded: Mapping[str, Sequence[dict]] | None = None) -> Inside:
+    """A copy of `model` with the submodules `spec` picks captured together, on the inputs
+    they receive when the model runs on `inputs` (or, for a saved plan, random ones of
+    the shapes `recorded` names). `model` is not changed."""
+    copy = copy_model(model)
+    names = select(copy, spec)
+    if recorded is not None:
+        seen = {name: inputs_of(recorded[name]) for name in names}
+    else:
+        seen = record_inputs(copy, inputs, names)
+    flat = tuple(t for name in names for t in seen[name])
+    bundle = Bundle(copy, names, [len(seen[name]) for name in names])
+    bundle.eval()
+    bundle.record_outputs(flat)
+    # captured at a batch of two at least: torch.export fixes any dimension of size 1
+    gm = trace(bundle, tuple(torch.cat([x, x]) if x.dim() and x.shape[0] == 1 else x
+                             for x in flat))
+    try:  # then shapes (and the example the tables are made at) at the model's own batch
+        propagate_shapes(gm, flat)
+    except TraceError as exc:
+        raise TraceError(f"the submodules' graph does not run at the example's batch: {exc}"
+                         ) from None
+    return Inside(copy, bundle, flat, gm)
+
+
+def prune_inside(inside: Inside, plan: Plan, space: MergeSpace | None = None) -> nn.Module:
+    """The user's model (the copy `inside` holds, copied again) with each submodule
+    replaced by its part of the plan's pruned graph, to fine-tune; the plan records the
+    submodules it was made for."""
+    pruned = prune(inside.gm, plan, space)
+    return put_back(inside, split(pruned, [bundle_name(n) + "." for n in inside.bundle.names],
+                                  inside.bundle.arity, inside.bundle.outputs))
+
+
+def put_back(inside: Inside, parts: Sequence[fx.GraphModule]) -> nn.Module:
+    """A copy of `inside.model` with its captured submodules replaced by `parts`, in order,
+    each keeping the plain attributes of the module it replaces and marked (`MARK`)."""
+    model = copy_model(inside.model)
+    specs = inside.submodules
+    for name, part in zip(inside.bundle.names, parts):
+        _replace(model, name, part, model.get_submodule(name))
+        keep(part, MARK, {"submodule": name, "inputs": specs[name]})
+    return model
+
+
+# a GraphModule's attributes that its deepcopy keeps (an EMA or a trainer copies models)
+PRESERVED = "_user_preserved_attributes"
+
+
+def keep(gm: fx.GraphModule, key: str, value: object) -> None:
+    """Set the attribute `key` of `gm` so that copies (`copy.deepcopy`) and pickles keep it."""
+    setattr(gm, key, value)
+    gm.meta.setdefault(PRESERVED, {})[key] = value
+
+
+def _replace(model: nn.Module, name: str, new: fx.GraphModule, old: nn.Module) -> None:
+    """Put `new` where `name` is in `model`, with the public plain attributes of `old`
+    (those a parent reads: ultralytics' `f`, `i`, `type`, `np`) it lacks."""
+    for key, value in vars(old).items():
+        if (not key.startswith("_") and key not in ("training", "meta") and key not in vars(new)
+                and not isinstance(getattr(type(new), key, None), property)):
+            keep(new, key, value)
+    new.train(old.training)
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def compressed(model: nn.Module) -> dict[str, fx.GraphModule]:
+    """The submodules of `model` that fxmerge put back, by name."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, fx.GraphModule) and isinstance(getattr(m, MARK, None), dict)}
+
+
+def merge_model(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode with every submodule fxmerge put back merged (one
+    conv per block, BatchNorm folded): the user's class again, ready to deploy.
+    `ArgumentError` for a model with none."""
+    parts = compressed(model)
+    if not parts:
+        raise ArgumentError(f"merge: {type(model).__name__} holds no submodule compressed by "
+                            "fxmerge (give a GraphModule, or the model compress(..., "
+                            "submodule=...) returned)")
+    out = copy_model(model).eval()
+    for name, part in compressed(out).items():
+        mark = getattr(part, MARK)
+        ensure_shapes(part, inputs_of(mark["inputs"]))  # lost where the model was pickled
+        merged = merge_graph(part.eval())
+        _replace(out, name, merged, part)
+        keep(merged, MARK, dict(mark, merged=True))
+    return out
+
+
+def apply(model: nn.Module, plan: Plan) -> nn.Module:
+    """A copy of a freshly built `model` pruned by `plan` (made by `compress(...,
+    submodule=...)`), so that its `load_state_dict` takes the weights of the network that
+    was fine-tuned (how Lightning and ultralytics reload a checkpoint)."""
+    if not plan.submodules:
+        raise PlanError("apply: the plan names no submodules (it was made for a whole graph: "
+                        "use fxmerge.transform or fxmerge.prune on the traced model)")
+    missing = [n for n in plan.submodules if n not in dict(model.named_modules())]
+    if missing:
+        raise PlanError(f"apply: {type(model).__name__} has no submodule {missing[0]!r}, which "
+                        "the plan was made for")
+    inside = capture_inside(model, None, list(plan.submodules), recorded=plan.submodules)
+    return prune_inside(inside, plan)
+
+
+def with_submodules(plan: Plan, inside: Inside) -> Plan:
+    """`plan` recording the submodules it was made for (what `apply` re-captures)."""
+    return replace(plan, submodules=inside.submodules)
+
+
+def merge(model: nn.Module, plan: Plan | None = None) -> nn.Module:
+    """`fxmerge.merge`: a pruned GraphModule merged (`passes.merge`: one conv per block, in
+    a new GraphModule), or a model holding submodules fxmerge put back merged in a copy of
+    it (`merge_model`: the user's class again)."""
+    if isinstance(model, fx.GraphModule) and not compressed(model):
+        return merge_graph(model, plan)
+    if isinstance(model, fx.GraphModule) and isinstance(getattr(model, MARK, None), dict):
+        ensure_shapes(model, inputs_of(getattr(model, MARK)["inputs"]))
+        return merge_graph(model.eval(), plan)
+    return merge_model(model)
