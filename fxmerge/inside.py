@@ -19,11 +19,10 @@ from .capture.trace import ExampleInputs, copy_model
 from .errors import ArgumentError, PlanError, TraceError
 from .passes import merge as merge_graph
 from .passes import prune
+from .passes.base import MERGED_META, PLAN_META
 from .passes.split import split
 from .plan import Plan
 from .space import MergeSpace
-
-MARK = "fxmerge"  # the attribute of a submodule put back: {"submodule": name, "inputs": [...]}
 
 
 @dataclass
@@ -81,61 +80,84 @@ def prune_inside(inside: Inside, plan: Plan, space: MergeSpace | None = None) ->
                                   inside.bundle.arity, inside.bundle.outputs))
 
 
+class Compressed(nn.Module):
+    """A submodule fxmerge compressed, where the model had it: its pruned (or merged)
+    GraphModule `net`, with what rebuilds it as plain attributes, which copies and pickles
+    keep (a GraphModule's metadata does not survive pickling): its name in the model, its
+    inputs' shapes and dtypes, its part of the plan (JSON), and whether it is merged. It
+    also keeps the plain attributes the parent read off the module it replaces
+    (ultralytics' `f`, `i`, `type`, `np`)."""
+
+    def __init__(self, net: fx.GraphModule, name: str, inputs: list[dict]) -> None:
+        super().__init__()
+        self.net = net
+        self.submodule, self.inputs = name, inputs
+        self.plan = net.meta[PLAN_META].to_json(indent=None)
+        self.merged = bool(net.meta.get(MERGED_META))
+
+    def forward(self, *args: object) -> object:
+        return self.net(*args)
+
+    def graph_module(self) -> fx.GraphModule:
+        """`net`, with its plan and shapes restored where a pickle dropped them, and its
+        activations out of place again (ultralytics' loader sets every `inplace` it finds)."""
+        self.net.meta.setdefault(PLAN_META, Plan.from_json(self.plan))
+        for m in self.net.modules():
+            if getattr(m, "inplace", False) is True:
+                m.inplace = False
+        return ensure_shapes(self.net, inputs_of(self.inputs))
+
+    def merge(self) -> Compressed:
+        """This submodule merged (one conv per block, BatchNorm folded), in eval mode."""
+        if self.merged:
+            return self
+        out = Compressed(merge_graph(self.graph_module().eval()), self.submodule, self.inputs)
+        _keep_attributes(out, self)
+        return out.eval()
+
+
 def put_back(inside: Inside, parts: Sequence[fx.GraphModule]) -> nn.Module:
     """A copy of `inside.model` with its captured submodules replaced by `parts`, in order,
-    each keeping the plain attributes of the module it replaces and marked (`MARK`)."""
+    each as a `Compressed` keeping the plain attributes of the module it replaces."""
     model = copy_model(inside.model)
     specs = inside.submodules
     for name, part in zip(inside.bundle.names, parts):
-        _replace(model, name, part, model.get_submodule(name))
-        keep(part, MARK, {"submodule": name, "inputs": specs[name]})
+        _replace(model, name, Compressed(part, name, specs[name]))
     return model
 
 
-# a GraphModule's attributes that its deepcopy keeps (an EMA or a trainer copies models)
-PRESERVED = "_user_preserved_attributes"
-
-
-def keep(gm: fx.GraphModule, key: str, value: object) -> None:
-    """Set the attribute `key` of `gm` so that copies (`copy.deepcopy`) and pickles keep it."""
-    setattr(gm, key, value)
-    gm.meta.setdefault(PRESERVED, {})[key] = value
-
-
-def _replace(model: nn.Module, name: str, new: fx.GraphModule, old: nn.Module) -> None:
-    """Put `new` where `name` is in `model`, with the public plain attributes of `old`
-    (those a parent reads: ultralytics' `f`, `i`, `type`, `np`) it lacks."""
+def _keep_attributes(new: nn.Module, old: nn.Module) -> None:
+    """Give `new` the public plain attributes of `old` (those a parent reads: ultralytics'
+    `f`, `i`, `type`, `np`) that it lacks, and its training mode."""
     for key, value in vars(old).items():
-        if (not key.startswith("_") and key not in ("training", "meta") and key not in vars(new)
-                and not isinstance(getattr(type(new), key, None), property)):
-            keep(new, key, value)
+        if not key.startswith("_") and key != "training" and key not in vars(new):
+            setattr(new, key, value)
     new.train(old.training)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where `name` is in `model`, keeping the replaced module's attributes."""
+    _keep_attributes(new, model.get_submodule(name))
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def compressed(model: nn.Module) -> dict[str, fx.GraphModule]:
+def compressed(model: nn.Module) -> dict[str, Compressed]:
     """The submodules of `model` that fxmerge put back, by name."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, fx.GraphModule) and isinstance(getattr(m, MARK, None), dict)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, Compressed)}
 
 
 def merge_model(model: nn.Module) -> nn.Module:
     """A copy of `model` in eval mode with every submodule fxmerge put back merged (one
     conv per block, BatchNorm folded): the user's class again, ready to deploy.
     `ArgumentError` for a model with none."""
-    parts = compressed(model)
-    if not parts:
+    if not compressed(model):
         raise ArgumentError(f"merge: {type(model).__name__} holds no submodule compressed by "
                             "fxmerge (give a GraphModule, or the model compress(..., "
                             "submodule=...) returned)")
     out = copy_model(model).eval()
     for name, part in compressed(out).items():
-        mark = getattr(part, MARK)
-        ensure_shapes(part, inputs_of(mark["inputs"]))  # lost where the model was pickled
-        merged = merge_graph(part.eval())
-        _replace(out, name, merged, part)
-        keep(merged, MARK, dict(mark, merged=True))
+        _replace(out, name, part.merge())
     return out
 
 
@@ -163,9 +185,8 @@ def merge(model: nn.Module, plan: Plan | None = None) -> nn.Module:
     """`fxmerge.merge`: a pruned GraphModule merged (`passes.merge`: one conv per block, in
     a new GraphModule), or a model holding submodules fxmerge put back merged in a copy of
     it (`merge_model`: the user's class again)."""
+    if isinstance(model, Compressed):
+        return model.merge()
     if isinstance(model, fx.GraphModule) and not compressed(model):
         return merge_graph(model, plan)
-    if isinstance(model, fx.GraphModule) and isinstance(getattr(model, MARK, None), dict):
-        ensure_shapes(model, inputs_of(getattr(model, MARK)["inputs"]))
-        return merge_graph(model.eval(), plan)
     return merge_model(model)

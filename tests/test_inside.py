@@ -14,7 +14,7 @@ from torch import nn
 
 import fxmerge
 from fxmerge import ArgumentError, Plan, TraceError
-from fxmerge.inside import compressed
+from fxmerge.inside import Compressed, compressed
 
 
 def unit(c_in: int, c_out: int, k: int = 3, stride: int = 1) -> nn.Sequential:
@@ -71,7 +71,8 @@ def test_the_users_model_comes_back_with_its_class_and_other_modules(segmenter_r
     out = result.model
     assert type(out) is Segmenter and out.classes == 3
     assert set(compressed(out)) == {"backbone"}
-    assert isinstance(out.backbone, torch.fx.GraphModule)
+    assert isinstance(out.backbone, Compressed)
+    assert isinstance(out.backbone.net, torch.fx.GraphModule)
     assert out.classifier is not model.classifier  # a copy ...
     assert torch.equal(out.classifier.weight, model.classifier.weight)  # ... of the same
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # unchanged
@@ -86,7 +87,7 @@ def test_merged_model_equals_pruned_model_at_any_batch_and_size(segmenter_result
     pruned = result.model.eval()
     merged = fxmerge.merge(pruned)
     assert type(merged) is Segmenter
-    assert all(m.meta.get("fxmerge_merged") for m in compressed(merged).values())
+    assert all(m.merged for m in compressed(merged).values())
     x = torch.randn(shape)
     with torch.no_grad():
         want, got = pruned(x), merged(x)
