@@ -253,9 +253,9 @@ def test_tables_refuse_a_graph_the_space_was_not_analysed_from(resnet):
 
 # each stage imports only stages before it (docs/architecture.md), type-hint and deferred
 # imports included: the tables are data the methods read; the estimators measure them
-LAYERS = ["errors progress sides", "algebra models recipes", "capture", "space", "plan",
-          "passes", "backends deploy inside", "tables", "solve", "estimate", "job", "compress pipeline",
-          "demos", "cli"]
+LAYERS = ["errors progress sides", "algebra models recipes datasets", "capture", "space", "plan",
+          "passes", "backends deploy inside", "tables", "solve", "estimate", "job",
+          "compress pipeline yolo", "demos", "cli"]
 
 
 def _imports(root):
