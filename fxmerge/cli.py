@@ -328,6 +328,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise ArgumentError("compress takes its input shape from the images (--size)")
     settings = settings_from(args, JobSettings)
     settings.check()
+    if args.model.startswith("ultralytics:"):  # a YOLO and its data.yaml
+        from .yolo import detection_summary, run_yolo_job
+
+        report = run_yolo_job(args.model.removeprefix("ultralytics:"), args.data, args.out,
+                              settings, progress=_progress(args))
+        print(detection_summary(report, Path(args.out)))
+        return EXIT_OK
     data = image_folder(args.data, settings)
     report = run_job(_model(args), data, args.out, settings, spec=args.model,
                      analyze_options=settings_from(args, AnalysisSettings).options(),
@@ -449,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "export, report.md")
     _add_model_args(p)
     p.add_argument("--data", required=True, help="an image folder: DIR/train/CLASS/*.png and "
-                   "DIR/val/CLASS/*.png")
+                   "DIR/val/CLASS/*.png; for MODEL ultralytics:WEIGHTS.pt (or a model .yaml), "
+                   "a detection data.yaml")
     p.add_argument("--out", required=True, help="folder for every stage's result and "
                    "report.md; a job run again with it resumes")
     add_settings(p, JobSettings)

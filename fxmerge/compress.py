@@ -3,6 +3,7 @@ network to fine-tune (a front end over `fxmerge.job.Job`)."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -10,11 +11,25 @@ from typing import Any
 
 from torch import fx, nn
 
-from .backends.timing import time_interleaved, using_threads
+from .backends.timing import (
+    PREPARATIONS,
+    time_against_reference,
+    time_interleaved,
+    using_threads,
+)
 from .capture import ExampleInputs
 from .capture.submodules import SubmoduleSpec, bundle_name
+from .capture.trace import as_tuple
 from .errors import ArgumentError, InfeasibleBudget
-from .inside import Inside, capture_inside, merge, prune_inside, put_back, with_submodules
+from .inside import (
+    Inside,
+    capture_inside,
+    merge,
+    merge_model,
+    prune_inside,
+    put_back,
+    with_submodules,
+)
 from .job import AUTO, AUTO_METHODS, BudgetBasis, Candidate, Job, basis_of
 from .passes.split import split
 from .plan import Plan
@@ -58,9 +73,11 @@ class CompressResult:
                 f"{len(p.removed_activations(self.space))} activations removed, "
                 f"{len(p.added_activations(self.space))} added, {len(p.blocks)} blocks")
         if self.share is not None:
-            whole = 1 - self.share * (1 - p.predicted_latency_ms / original)
-            head += (f"\nsubmodules {', '.join(p.submodules)}: {self.share:.0%} of the "
-                     f"model's time; the model at about {whole:.0%} of its time")
+            head += (f"\n{len(p.submodules)} submodules ({', '.join(list(p.submodules)[:4])}"
+                     f"{', ...' if len(p.submodules) > 4 else ''}), {self.share:.0%} of the "
+                     f"model's time: the model at {p.extra['model_ratio']:.1%} of its time "
+                     f"(budget {p.extra['model_budget']:.0%}; measured side by side, "
+                     "BatchNorm folded in both)")
         return head + "\n" + p.describe()
 
 
@@ -198,11 +215,36 @@ def _compress_inside(model: nn.Module, example_inputs: ExampleInputs, submodule:
             model = _as_model(inside, net, job.space)
             return finetune(model) or model
     table = job.importance(keys, evaluate=evaluate, finetune=finetune_)
-    plan = with_submodules(job.solve(table, own, method=method, basis=basis, levels=levels),
-                           inside)
-    plan = replace(plan, extra={**plan.extra, "model_budget": budget, "share": round(share, 4)})
+    x = as_tuple(example_inputs)
+    reference = merge_model(prune_inside(inside, Plan.identity(job.space), job.space))
+    for _ in range(MODEL_SOLVES):  # the submodules' budget narrowed until the model's holds
+        plan = job.solve(table, max(own, job.reach(method)), method=method, basis=basis,
+                         levels=levels)
+        model = prune_inside(inside, with_submodules(plan, inside), job.space)
+        ratio = model_ratio(reference, merge_model(model), x, threads)
+        if ratio <= budget or basis is BudgetBasis.TABLE or own <= job.reach(method):
+            break
+        own *= budget / ratio
+    plan = replace(with_submodules(plan, inside), extra={
+        **plan.extra, "model_budget": budget, "share": round(share, 4),
+        "model_ratio": round(ratio, 4)})
     return CompressResult(plan, job.space, job.prune(plan), job.latency, table,
                           model=prune_inside(inside, plan, job.space), share=share)
+
+
+MODEL_SOLVES = 3  # solves at most, each timing the whole model (`_compress_inside`)
+
+
+def model_ratio(reference: nn.Module, merged: nn.Module, x: tuple, threads: int | None,
+                repeat: int = 30) -> float:
+    """`merged`'s time over `reference`'s (the model with no submodule changed, BatchNorm
+    folded, through the same modules), side by side in this process."""
+    def make() -> dict[str, nn.Module]:
+        return {"original": copy.deepcopy(reference), "merged": copy.deepcopy(merged)}
+
+    with using_threads(threads):
+        return time_against_reference(make, x, repeat=repeat,
+                                      preparations=PREPARATIONS)["merged"].ratio
 
 
 def _as_model(inside: Inside, net: nn.Module, space: MergeSpace) -> nn.Module:
@@ -219,8 +261,6 @@ def submodules_share(inside: Inside, example_inputs: ExampleInputs, threads: int
                      repeat: int = 30) -> float:
     """The captured submodules' share of the model's time, timed side by side (the model
     on `example_inputs`, the submodules on what they receive there), at most 1."""
-    from .capture.trace import as_tuple
-
     x = as_tuple(example_inputs)
     nets = {"model": lambda *_: inside.model(*x), "submodules": lambda *_: inside.bundle(
         *inside.inputs)}

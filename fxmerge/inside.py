@@ -96,7 +96,7 @@ class Compressed(nn.Module):
         self.merged = bool(net.meta.get(MERGED_META))
 
     def forward(self, *args: object) -> object:
-        return self.net(*args)
+        return self.net.forward(*args)  # not through `net`'s own call: no second dispatch
 
     def graph_module(self) -> fx.GraphModule:
         """`net`, with its plan and shapes restored where a pickle dropped them, and its
@@ -111,9 +111,24 @@ class Compressed(nn.Module):
         """This submodule merged (one conv per block, BatchNorm folded), in eval mode."""
         if self.merged:
             return self
-        out = Compressed(merge_graph(self.graph_module().eval()), self.submodule, self.inputs)
+        merged = merge_graph(self.graph_module().eval())
+        _in_place_activations(merged)
+        out = Compressed(merged, self.submodule, self.inputs)
         _keep_attributes(out, self)
         return out.eval()
+
+
+def _in_place_activations(gm: fx.GraphModule) -> None:
+    """Run in place each activation module whose input nothing else reads (computed in the
+    graph, one user): a deployed network then allocates no tensor for them, as
+    ultralytics' own modules do once loaded."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not node.args:
+            continue
+        module, source = gm.get_submodule(node.target), node.args[0]
+        if (getattr(module, "inplace", None) is False and isinstance(source, fx.Node)
+                and source.op != "placeholder" and len(source.users) == 1):
+            module.inplace = True
 
 
 def put_back(inside: Inside, parts: Sequence[fx.GraphModule]) -> nn.Module:
