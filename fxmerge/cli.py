@@ -322,7 +322,7 @@ def cmd_reparameterize(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .pipeline import image_folder, run_job
+    from .pipeline import image_folder, is_segmentation_folder, run_job, segmentation_folder
 
     if args.input_shape:
         raise ArgumentError("compress takes its input shape from the images (--size)")
@@ -335,7 +335,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                               settings, progress=_progress(args))
         print(detection_summary(report, Path(args.out)))
         return EXIT_OK
-    data = image_folder(args.data, settings)
+    data = (segmentation_folder(args.data, settings) if is_segmentation_folder(args.data)
+            else image_folder(args.data, settings))
     report = run_job(_model(args), data, args.out, settings, spec=args.model,
                      analyze_options=settings_from(args, AnalysisSettings).options(),
                      progress=_progress(args))
@@ -456,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "export, report.md")
     _add_model_args(p)
     p.add_argument("--data", required=True, help="an image folder: DIR/train/CLASS/*.png and "
-                   "DIR/val/CLASS/*.png; for MODEL ultralytics:WEIGHTS.pt (or a model .yaml), "
-                   "a detection data.yaml")
+                   "DIR/val/CLASS/*.png; a segmentation folder: DIR/{train,val}/images/*.png "
+                   "and DIR/{train,val}/masks/*.png (scored by mean IoU); for MODEL "
+                   "ultralytics:WEIGHTS.pt (or a model .yaml), a detection data.yaml")
     p.add_argument("--out", required=True, help="folder for every stage's result and "
                    "report.md; a job run again with it resumes")
     add_settings(p, JobSettings)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 
@@ -90,6 +90,10 @@ class ClassificationRecipe:
         for x, y in _forever(self.train_data):
             yield x.to(self.device), y.to(self.device)
 
+    def score(self, model: nn.Module, data: Batches) -> float:
+        """What `evaluate` and `report` read: here top-1 accuracy, a fraction."""
+        return self.accuracy(model, data)
+
     def accuracy(self, model: nn.Module, data: Batches) -> float:
         """Top-1 accuracy of `model` on `data`, a fraction."""
         model = model.to(self.device).eval()
@@ -105,13 +109,13 @@ class ClassificationRecipe:
     def evaluate(self, model: nn.Module) -> float:
         """Top-1 accuracy on the scoring data, a fraction (the paper's importance is the
         exponential of its change, accuracy in percent / 100)."""
-        return self.accuracy(model, self.score_data)
+        return self.score(model, self.score_data)
 
     def report(self, model: nn.Module) -> float:
         """Top-1 accuracy on the reporting data, a fraction: for the report only."""
         if self.report_data is None:
             raise ArgumentError("this recipe has no report_data")
-        return self.accuracy(model, self.report_data)
+        return self.score(model, self.report_data)
 
     def finetune(self, model: nn.Module) -> nn.Module:
         """The importance estimator's brief fine-tune: `importance_steps` steps, or the
@@ -119,8 +123,8 @@ class ClassificationRecipe:
         if self.protocol is ImportanceProtocol.STEPS:
             return self.train(model, steps=self.importance_steps, progress=False)
         fraction, epochs = PROTOCOL_SUBSETS[self.protocol]
-        subset = ClassificationRecipe(**{**self.__dict__, "train_data": _subset(
-            self.train_data, fraction, self.seed or 0), "protocol": ImportanceProtocol.STEPS})
+        subset = replace(self, train_data=_subset(self.train_data, fraction, self.seed or 0),
+                         protocol=ImportanceProtocol.STEPS)
         return subset.train(model, epochs=epochs, progress=False)
 
     def train(self, model: nn.Module, *, epochs: float = 1.0, steps: int | None = None,
@@ -133,8 +137,7 @@ class ClassificationRecipe:
         total = steps if steps is not None else max(1, math.ceil(epochs * _length(
             self.train_data)))
         model = model.to(self.device)
-        opt = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+        opt, sched = self.optimizer(model, total)
         done = _resume(checkpoint, model, opt, sched, total)
         if teacher is not None and self.kd_weight > 0:
             teacher = teacher.to(self.device).eval()
@@ -150,6 +153,18 @@ class ClassificationRecipe:
         bar.close()
         return model.eval()
 
+    def optimizer(self, model: nn.Module, total: int) -> tuple:
+        """Adam, its learning rate decayed by a cosine over the run's `total` steps."""
+        opt = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+
+    def loss(self, out: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor
+             ) -> torch.Tensor:
+        """Cross-entropy on the labels, distilled from the teacher's logits when given."""
+        if teacher is None:
+            return F.cross_entropy(out, labels)
+        return distillation_loss(out, teacher, labels, self.kd_temperature, self.kd_weight)
+
     def _loop(self, model: nn.Module, teacher: nn.Module | None, opt, sched, done: int,
               total: int, per_epoch: int, checkpoint: str | Path | None, bar: Progress
               ) -> None:
@@ -157,13 +172,10 @@ class ClassificationRecipe:
         batches = self._batches()
         for step in range(done, total):
             x, y = next(batches)
-            out = model(x)
             if teacher is not None:
                 with torch.no_grad():
                     target = teacher(x)
-                loss = distillation_loss(out, target, y, self.kd_temperature, self.kd_weight)
-            else:
-                loss = F.cross_entropy(out, y)
+            loss = self.loss(model(x), target if teacher is not None else None, y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -171,6 +183,66 @@ class ClassificationRecipe:
             bar.update(note=f"loss {loss.item():.3f}")
             if checkpoint is not None and ((step + 1) % per_epoch == 0 or step + 1 == total):
                 _save_checkpoint(checkpoint, model, opt, sched, step + 1, total)
+
+
+@dataclass
+class SegmentationRecipe(ClassificationRecipe):
+    """Semantic segmentation from DataLoaders of (images, masks), as torchvision's reference
+    recipe trains it: cross-entropy over pixels ignoring `IGNORE` (255), the auxiliary
+    head's loss (an output dict's "aux") at `aux_weight`, SGD with momentum and a poly
+    learning rate; the score is the mean IoU over `classes`. Distillation from a teacher
+    is pixel-wise on the "out" logits. The loop, checkpoints and seeds are the
+    classification recipe's."""
+
+    classes: int = 2
+    lr: float = 0.02
+    weight_decay: float = 1e-4
+    aux_weight: float = 0.5
+
+    def optimizer(self, model: nn.Module, total: int) -> tuple:
+        """SGD (momentum 0.9), the learning rate times (1 - step / total) ** 0.9."""
+        opt = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9,
+                              weight_decay=self.weight_decay)
+        return opt, torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: (1 - min(step, total - 1) / total) ** 0.9)
+
+    def loss(self, out, teacher, labels: torch.Tensor) -> torch.Tensor:
+        outputs = out if isinstance(out, dict) else {"out": out}
+        loss = F.cross_entropy(outputs["out"], labels, ignore_index=IGNORE)
+        if "aux" in outputs and self.aux_weight:
+            loss = loss + self.aux_weight * F.cross_entropy(outputs["aux"], labels,
+                                                            ignore_index=IGNORE)
+        if teacher is not None and self.kd_weight > 0:
+            t = teacher["out"] if isinstance(teacher, dict) else teacher
+            c = t.shape[1]
+            soft = F.kl_div(
+                F.log_softmax(outputs["out"].movedim(1, -1).reshape(-1, c) / self.kd_temperature, 1),
+                F.log_softmax(t.movedim(1, -1).reshape(-1, c) / self.kd_temperature, 1),
+                log_target=True, reduction="batchmean") * self.kd_temperature ** 2
+            loss = (1 - self.kd_weight) * loss + self.kd_weight * soft
+        return loss
+
+    def score(self, model: nn.Module, data: Batches) -> float:
+        """The mean intersection over union of `model`'s pixel classes on `data`, over the
+        classes that occur in the masks or the predictions, a fraction."""
+        model = model.to(self.device).eval()
+        confusion = torch.zeros(self.classes, self.classes, dtype=torch.long)
+        with torch.no_grad():
+            for x, y in data:
+                out = model(x.to(self.device))
+                pred = (out["out"] if isinstance(out, dict) else out).argmax(1).cpu()
+                keep = y != IGNORE
+                confusion += torch.bincount(y[keep] * self.classes + pred[keep],
+                                            minlength=self.classes ** 2
+                                            ).reshape(self.classes, self.classes)
+        if confusion.sum() == 0:
+            raise ArgumentError("the scoring data is empty")
+        right = confusion.diag().double()
+        union = confusion.sum(0) + confusion.sum(1) - confusion.diag()
+        return (right[union > 0] / union[union > 0]).mean().item()
+
+
+IGNORE = 255  # the mask value of pixels no loss or score reads (torchvision's convention)
 
 
 def _subset(data: Batches, fraction: float, seed: int) -> DataLoader:

@@ -271,13 +271,24 @@ class Canonicaliser:
                 if rewrite(self, node):
                     break
         for node in reversed(list(self.gm.graph.nodes)):
-            if not node.users and (node.op == "get_attr" or node.target in _SHAPE_READS):
+            if not node.users and (node.op == "get_attr" or node.target in _SHAPE_READS
+                                   or node.target == _EXPORT_GUARDS):
                 self.gm.graph.erase_node(node)
             for key in _TRACER_VALUES:  # fake tensors of the tracer's mode; shapes are redone
                 node.meta.pop(key, None)
+        if hasattr(self.gm, _EXPORT_GUARDS):  # a local function: the graph would not pickle
+            delattr(self.gm, _EXPORT_GUARDS)
+        # unpickling re-traces the code with the tracer that made the graph; export's needs
+        # arguments it is not given there, fx's own does not
+        self.gm._tracer_cls, self.gm._tracer_extras = None, {}
         self.gm.graph.lint()
         self.gm.recompile()
         return self.gm
+
+
+# torch.export's check of the input shapes, a module holding a local function: dropped, so
+# that the graph pickles (a timing worker gets it); shapes are checked by each op anyway
+_EXPORT_GUARDS = "_guards_fn"
 
 
 def canonicalize(gm: fx.GraphModule, inputs: Sequence[Any] = ()) -> fx.GraphModule:

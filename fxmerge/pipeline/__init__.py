@@ -1,7 +1,14 @@
 """`fxmerge compress MODEL --data DIR`: the settings (`settings`), the image folder
 (`data`), the job (`run`) and its report (`report`)."""
 
-from .data import ImageData, folder_fingerprint, holdout_split, image_folder
+from .data import (
+    ImageData,
+    folder_fingerprint,
+    holdout_split,
+    image_folder,
+    is_segmentation_folder,
+    segmentation_folder,
+)
 from .report import render, summary_line
 from .run import run_job
 from .settings import (
@@ -15,4 +22,5 @@ from .settings import (
 
 __all__ = ["AnalysisSettings", "ImageData", "ImportanceMode", "ImportanceStageSettings",
            "JobSettings", "LatencyStageSettings", "SolveStageSettings", "folder_fingerprint",
-           "holdout_split", "image_folder", "render", "run_job", "summary_line"]
+           "holdout_split", "image_folder", "is_segmentation_folder", "render", "run_job",
+           "segmentation_folder", "summary_line"]

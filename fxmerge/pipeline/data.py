@@ -28,6 +28,7 @@ class ImageData:
     val: DataLoader
     classes: list[str]
     fingerprint: str = ""  # of train/'s files (`folder_fingerprint`): val/ only reports
+    task: str = "classify"  # or "segment": masks for labels, scored by mean IoU
 
     def sizes(self) -> dict[str, int]:
         return {name: len(getattr(self, name).dataset) for name in ("fit", "holdout", "val")}
@@ -83,13 +84,14 @@ IN_MEMORY_BYTES = 2**30  # image sets decoded once and kept when they fit in thi
 def _in_memory(images: Dataset) -> Dataset:
     """`images` decoded once into tensors when they fit in `IN_MEMORY_BYTES` (the
     importance estimator reads the data hundreds of times), else as they are."""
-    x, _ = images[0]
-    if len(images) * x.numel() * x.element_size() > IN_MEMORY_BYTES:
+    x, y = images[0]
+    if len(images) * (x.numel() * x.element_size() + torch.as_tensor(y).numel() * 8
+                      ) > IN_MEMORY_BYTES:
         return images
     pairs = [images[i] for i in range(len(images))]
     data = TensorDataset(torch.stack([p[0] for p in pairs]),
-                         torch.tensor([p[1] for p in pairs]))
-    data.classes = images.classes
+                         torch.stack([torch.as_tensor(p[1]) for p in pairs]))
+    data.classes = getattr(images, "classes", None)
     return data
 
 
@@ -100,3 +102,60 @@ def folder_fingerprint(root: str | Path) -> str:
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         digest.update(f"{path.relative_to(root)}:{path.stat().st_size}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def is_segmentation_folder(root: str | Path) -> bool:
+    """Whether `root` is a segmentation folder: train/images and train/masks."""
+    return (Path(root) / "train" / "images").is_dir() and (Path(root) / "train" / "masks"
+                                                          ).is_dir()
+
+
+class _Masks(Dataset):
+    """Images and masks of one split (`DIR/images/NAME`, `DIR/masks/NAME` as .png), resized
+    to `size` (masks by nearest neighbour), images normalised."""
+
+    def __init__(self, folder: Path, size: int) -> None:
+        self.images = sorted(p for p in (folder / "images").iterdir() if p.is_file())
+        missing = [p.name for p in self.images
+                   if not (folder / "masks" / p.with_suffix(".png").name).is_file()]
+        if not self.images or missing:
+            raise ArgumentError(f"--data {folder}: " + (f"no mask for {missing[0]} (masks/ "
+                                "holds one .png per image, of the same name)" if missing
+                                else "no images in images/"))
+        self.folder, self.size = folder, size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import numpy as np
+        from PIL import Image
+
+        path = self.images[i]
+        image = Image.open(path).convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+        mask = Image.open(self.folder / "masks" / path.with_suffix(".png").name)
+        mask = mask.resize((self.size, self.size), Image.NEAREST)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+        x = (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+        return x, torch.from_numpy(np.asarray(mask, dtype=np.int64))
+
+
+def segmentation_folder(root: str | Path, settings: JobSettings) -> ImageData:
+    """Loaders over `root/train` (split into fit and held-out parts) and `root/val` of a
+    segmentation folder (`images/*.png|jpg` and `masks/*.png`: a class per pixel, 255
+    ignored), at `size` x `size`; `classes` are the mask values seen, 0 to the largest."""
+    root = Path(root)
+    for part in ("train", "val"):
+        if not (root / part / "images").is_dir() or not (root / part / "masks").is_dir():
+            raise ArgumentError(f"--data {root}: no '{part}/images' and '{part}/masks' "
+                                "folders (a segmentation folder)")
+    train, val = (_in_memory(_Masks(root / p, settings.size)) for p in ("train", "val"))
+    fit, held = holdout_split([0] * len(train), settings.holdout, settings.seed)
+    values = torch.cat([train.tensors[1].unique(), val.tensors[1].unique()]) \
+        if isinstance(train, TensorDataset) else torch.tensor([1])
+    largest = int(values[values != 255].max()) if (values != 255).any() else 0
+    return ImageData(DataLoader(Subset(train, fit), batch_size=settings.batch, shuffle=True),
+                     DataLoader(Subset(train, held), batch_size=settings.batch),
+                     DataLoader(val, batch_size=settings.batch),
+                     [str(c) for c in range(largest + 1)], folder_fingerprint(root / "train"),
+                     task="segment")

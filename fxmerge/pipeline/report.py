@@ -16,9 +16,11 @@ def _conditions(t: dict) -> str:
 
 
 def summary_line(report: dict, out: Path) -> str:
-    """The job in one line: the choice, accuracy, speed-up and where the report is."""
+    """The job in one line: the choice, accuracy (or mean IoU), speed-up and where the
+    report is."""
     t, choice = report["timing"], report["choice"]
-    return (f"{choice['method']} at {report['settings']['budget']:.0%}: val accuracy "
+    return (f"{choice['method']} at {report['settings']['budget']:.0%}: val "
+            f"{report.get('metric', 'accuracy')} "
             f"{report['accuracy_original']:.2f}% -> {report['accuracy_compressed']:.2f}%, "
             f"{t['speedup']:.2f}x faster ({t['original_ms']:.4g} -> {t['merged_ms']:.4g} ms, "
             f"{t['backend']}, batch {t['batch']}, {t['threads']} threads, {t['allocator']} "
@@ -32,6 +34,7 @@ def render(report: dict, plan: Plan) -> str:
     distilled = (f"distilling from the original (weight {s['kd_weight']}, temperature "
                  f"{s['kd_temperature']})" if s["kd_weight"] > 0 else "without distillation")
     space, m, choice = report["space"], plan.measured, report["choice"]
+    metric = report.get("metric", "accuracy")
     rows = [f"| {name} | {c['holdout']:.2f} | {c['val']:.2f} | {c['timing']['speedup']:.2f}x "
             f"| {c['blocks']} | {c['removed_convs']} | {c['removed_activations']} | "
             f"{c['plan']} |" for name, c in report["candidates"].items()]
@@ -44,7 +47,7 @@ def render(report: dict, plan: Plan) -> str:
         "",
         "| | original | compressed |",
         "|---|---|---|",
-        (f"| accuracy (val, %) | {report['accuracy_original']:.2f} | "
+        (f"| {metric} (val, %) | {report['accuracy_original']:.2f} | "
          f"{report['accuracy_compressed']:.2f} |"),
         f"| latency (ms) | {t['original_ms']:.4g} | {t['merged_ms']:.4g} |",
         f"| speed-up | 1.00 | {t['speedup']:.2f}x |",
@@ -56,7 +59,7 @@ def render(report: dict, plan: Plan) -> str:
         "",
         f"**The choice.** {choice['reason']}.",
         "",
-        ("| method | held-out accuracy (%) | val accuracy (%) | speed-up | blocks | convs "
+        (f"| method | held-out {metric} (%) | val {metric} (%) | speed-up | blocks | convs "
          "removed | activations removed | plan |"),
         "|---|---|---|---|---|---|---|---|",
         *rows,

@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..backends.timing import at_batch
+from ..errors import ArgumentError
 from ..job import AUTO, Job, fingerprint
 from ..plan import Plan
-from ..recipes import ClassificationRecipe
+from ..recipes import ClassificationRecipe, SegmentationRecipe
 from ..solve import frontier, importance_keys
 from ..tables import ImportanceTable
 from .data import ImageData
@@ -47,17 +48,23 @@ def run_job(model: nn.Module, data: ImageData, out: str | Path, settings: JobSet
     out = Path(out)
     report: dict[str, Any] = {"settings": asdict(settings), "model": spec,
                               "images": data.sizes(), "classes": len(data.classes)}
-    recipe = ClassificationRecipe(data.fit, data.holdout, data.val, lr=settings.lr,
-                                  importance_steps=settings.importance_steps,
-                                  protocol=settings.importance_protocol,
-                                  kd_weight=settings.kd_weight,
-                                  kd_temperature=settings.kd_temperature, seed=settings.seed)
+    common = {"importance_steps": settings.importance_steps,
+              "protocol": settings.importance_protocol, "kd_weight": settings.kd_weight,
+              "kd_temperature": settings.kd_temperature, "seed": settings.seed}
+    if data.task == "segment":  # torchvision's recipe (SGD at its own rate), mean IoU
+        report["metric"] = "mIoU"
+        check_mask_classes(model, data)
+        recipe = SegmentationRecipe(data.fit, data.holdout, data.val, classes=_classes(model, data),
+                                    **common)
+    else:
+        recipe = ClassificationRecipe(data.fit, data.holdout, data.val, lr=settings.lr,
+                                      **common)
     torch.manual_seed(settings.seed)
     example = at_batch(next(iter(data.holdout))[0], settings.latency_batch)
     protocol = {k: v for k, v in asdict(settings).items() if k in PROTOCOL}
     if settings.train_epochs > 0:
-        trainer = ClassificationRecipe(data.fit, data.holdout, lr=3 * settings.lr,
-                                       seed=settings.seed)
+        trainer = replace(recipe, report_data=None, lr=3 * recipe.lr) \
+            if data.task == "classify" else recipe
         tag = fingerprint({"weights": model.state_dict(), "data": data.fingerprint,
                            "protocol": protocol})  # resumed only from the same start
         model = trainer.train(model, epochs=settings.train_epochs,
@@ -73,7 +80,8 @@ def run_job(model: nn.Module, data: ImageData, out: str | Path, settings: JobSet
     methods = job.reachable(settings.budget, settings.methods, "--budget")  # before any
     report["reach"] = {m: round(job.reach(m), 4) for m in settings.methods}  # training
     report["holdout_original"] = round(100 * recipe.evaluate(job.gm), 2)
-    _check_teacher(report, len(data.classes))
+    if data.task == "classify":
+        _check_teacher(report, len(data.classes))
     calibration = next(iter(DataLoader(data.fit.dataset, batch_size=32)))[0]  # fixed images
     importance = _importance(job, recipe, importance_keys(space, methods), settings,
                              calibration)
@@ -126,6 +134,23 @@ def run_job(model: nn.Module, data: ImageData, out: str | Path, settings: JobSet
 PROTOCOL = ("holdout", "size", "grayscale", "batch", "lr", "importance_protocol",
             "importance_steps", "seed", "train_epochs")
 FINETUNE = ("epochs", "kd_weight", "kd_temperature")
+
+
+def _classes(model: nn.Module, data: ImageData) -> int:
+    """How many classes `model` predicts per pixel (its output's channels)."""
+    x = next(iter(data.holdout))[0][:1]
+    with torch.no_grad():
+        out = model.eval()(x)
+    return (out["out"] if isinstance(out, dict) else out).shape[1]
+
+
+def check_mask_classes(model: nn.Module, data: ImageData) -> None:
+    """`ArgumentError` where the masks hold a class the model cannot predict."""
+    classes = _classes(model, data)
+    if len(data.classes) > classes:
+        raise ArgumentError(f"--data: the masks hold classes up to {len(data.classes) - 1}, "
+                            f"but the model predicts {classes} (0 to {classes - 1}; 255 is "
+                            "ignored): build it with as many classes as the masks")
 
 
 def _check_teacher(report: dict, classes: int) -> None:

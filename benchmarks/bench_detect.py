@@ -1,0 +1,187 @@
+"""YOLOv8n trained here from scratch on the synthetic shapes set, compressed by
+`fxmerge compress ultralytics:...` (the whole job: held-out choice, ultralytics' trainer,
+its validator), the compressed networks fine-tuned as long as the original was trained.
+mAP50-95 on val (never chosen on) of the original and of each method at a measured 80% of
+the model's time and at the lowest budget the latency table allows plus 5 points; speed-ups
+timed side by side, eager PyTorch and ONNX Runtime (batch 1, the training size, 2 threads).
+
+    python benchmarks/bench_detect.py [--epochs 20] [--seeds 0 1 2] [--out DIR]
+
+The first seed runs every configuration (`auto` where both methods can reach the budget:
+Depth's floor is the higher); the others repeat LayerMerge at 80%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import RESULTS, write
+
+from fxmerge.yolo import offline
+
+SIZE, BATCH = 128, 16
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    root = Path(args.out or tempfile.mkdtemp(prefix="fxmerge-detect-"))
+    offline(root / "ultralytics-settings")
+    from fxmerge.datasets import shapes_detection
+
+    data = shapes_detection(root / "shapes")
+    torch.set_num_threads(2)
+    rows, runs = [], []
+    for seed in args.seeds:
+        configs = [("layermerge", 0.8)]
+        if seed == args.seeds[0]:
+            floors = model_floors(root, data, seed, args.epochs)
+            configs = [("layermerge", 0.8), ("depth", 0.8),
+                       ("layermerge", round(floors["layermerge"] + 0.05, 2)),
+                       ("depth", round(floors["depth"] + 0.05, 2)),
+                       ("auto", round(floors["depth"] + 0.05, 2))]
+        for method, budget in configs:
+            run = one_job(root, data, seed, args.epochs, method, budget)
+            runs.append(run)
+            print(json.dumps(run), flush=True)
+    for (method, budget), group in _groups(runs).items():
+        done = [r for r in group if "val_map50_95" in r]
+        row = {"method": method, "budget": budget, "seeds": len(group)}
+        if not done:
+            row["note"] = group[0]["dropped"]
+            rows.append(row)
+            continue
+        row.update(_summary(done))
+        rows.append(row)
+    originals = {r["seed"]: r["original_val_map50_95"] for r in runs if "original_val_map50_95" in r}
+    rows.insert(0, {"method": "original", "seeds": len(originals),
+                    "val_map50_95": _mean_std(list(originals.values()))})
+    write("detect_yolov8n", {"task": "YOLOv8n from yolov8n.yaml on the synthetic shapes set "
+                             "(320 train images, 80 val; a third not square)",
+                             "size": SIZE, "epochs": f"original {args.epochs}, each fine-tune "
+                             f"{args.epochs}", "holdout": "10% of train (choice); val reports",
+                             "timing": "batch 1, 2 threads, side by side, eager (original "
+                             "fused by ultralytics) and ONNX Runtime"}, rows,
+          ["method", "budget", "seeds", "val_map50_95", "holdout_map50_95", "chosen",
+           "removed_convs", "removed_activations", "eager_ratio", "eager_speedup",
+           "ort_ratio", "ort_speedup", "note"],
+          "YOLOv8n compressed inside ultralytics (CPU)", runs=runs)
+
+
+def _groups(runs: list[dict]) -> dict:
+    out: dict = {}
+    for r in runs:
+        out.setdefault((r["method"], r["budget"]), []).append(r)
+    return out
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _summary(done: list[dict]) -> dict:
+    first = done[0]
+    return {"val_map50_95": _mean_std([r["val_map50_95"] for r in done]),
+            "holdout_map50_95": _mean_std([r["holdout_map50_95"] for r in done]),
+            "chosen": first["chosen"], "removed_convs": first["removed_convs"],
+            "removed_activations": first["removed_activations"],
+            "eager_ratio": _mean_std([r["eager_ratio"] for r in done]),
+            "eager_speedup": _mean_std([1 / r["eager_ratio"] for r in done]),
+            "ort_ratio": _mean_std([r["ort_ratio"] for r in done]),
+            "ort_speedup": _mean_std([1 / r["ort_ratio"] for r in done])}
+
+
+def _settings(seed: int, epochs: int, method: str, budget: float):
+    from fxmerge.pipeline.settings import JobSettings
+
+    return JobSettings(budget=budget, method=method, size=SIZE, batch=BATCH,
+                       epochs=epochs, train_epochs=epochs, threads=2, seed=seed)
+
+
+def model_floors(root: Path, data: Path, seed: int, epochs: int) -> dict[str, float]:
+    """Each method's fastest plan as a fraction of the whole model's time (the table's)."""
+    from ultralytics import YOLO
+
+    from fxmerge import Job
+    from fxmerge.compress import submodules_share
+    from fxmerge.inside import capture_inside
+    from fxmerge.yolo import searched
+
+    model = YOLO("yolov8n.yaml").model.eval()
+    x = torch.rand(1, 3, SIZE, SIZE)
+    inside = capture_inside(model, x, searched(model))
+    share = submodules_share(inside, x, threads=2)
+    job = Job(inside.gm, inside.inputs, threads=2)
+    return {m: 1 - share * (1 - job.reach(m)) for m in ("layermerge", "depth")}
+
+
+def one_job(root: Path, data: Path, seed: int, epochs: int, method: str, budget: float
+            ) -> dict:
+    from fxmerge import InfeasibleBudget
+    from fxmerge.yolo import run_yolo_job
+
+    out = root / f"seed{seed}"  # one folder a seed: the original is trained once
+    run = {"seed": seed, "method": method, "budget": budget}
+    started = time.perf_counter()
+    try:
+        report = run_yolo_job("yolov8n.yaml", data, out,
+                              _settings(seed, epochs, method, budget), progress=False)
+    except InfeasibleBudget as exc:
+        return {**run, "dropped": str(exc).splitlines()[0]}
+    chosen = report["choice"]["method"]
+    cand = report["candidates"][chosen]
+    original = next(out.glob("original-train-*.pt"))
+    ort = ort_ratio(original, out / "model.pt")
+    return {**run, "chosen": chosen, "seconds": round(time.perf_counter() - started),
+            "original_val_map50_95": report["original_val_map50_95"],
+            "val_map50_95": report["val_map50_95"],
+            "holdout_map50_95": cand["holdout_map50_95"],
+            "removed_convs": cand["removed_convs"],
+            "removed_activations": cand["removed_activations"],
+            "eager_ratio": cand["timing"]["ratio"], "ort_ratio": ort}
+
+
+def ort_ratio(original: Path, merged: Path, repeat: int = 200) -> float:
+    """The merged model's ONNX Runtime time over the original's (both exported by
+    ultralytics, batch 1), runs interleaved, 2 threads; the median of per-round ratios."""
+    import onnxruntime
+    from ultralytics import YOLO
+
+    sessions = []
+    for path in (original, merged):
+        onnx = YOLO(str(path)).export(format="onnx", imgsz=SIZE, simplify=False)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 2
+        sessions.append(onnxruntime.InferenceSession(onnx, options))
+    x = np.random.rand(1, 3, SIZE, SIZE).astype(np.float32)
+    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
+    for s, f in zip(sessions, feeds):
+        for _ in range(10):
+            s.run(None, f)
+    ratios = []
+    for i in range(repeat):
+        t = []
+        for s, f in (zip(sessions, feeds) if i % 2 == 0 else reversed(list(zip(sessions, feeds)))):
+            start = time.perf_counter()
+            s.run(None, f)
+            t.append(time.perf_counter() - start)
+        ratios.append(t[1] / t[0] if i % 2 == 0 else t[0] / t[1])
+    return round(statistics.median(ratios), 4)
+
+
+if __name__ == "__main__":
+    RESULTS.mkdir(exist_ok=True)
+    main()
