@@ -8,7 +8,8 @@ timed side by side, eager PyTorch and ONNX Runtime (batch 1, the training size, 
     python benchmarks/bench_detect.py [--epochs 20] [--seeds 0 1 2] [--out DIR]
 
 The first seed runs every configuration (`auto` where both methods can reach the budget:
-Depth's floor is the higher); the others repeat LayerMerge at 80%.
+Depth's floor is the higher); the others repeat LayerMerge at 80%. Where a method's floor
+plus 5 points cannot be met when measured, 3 and then 6 points more are tried.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from common import RESULTS, write
 
+from fxmerge.yolo import floors as yolo_floors
 from fxmerge.yolo import offline
 
 SIZE, BATCH = 128, 16
@@ -46,13 +48,18 @@ def main() -> None:
     for seed in args.seeds:
         configs = [("layermerge", 0.8)]
         if seed == args.seeds[0]:
-            floors = model_floors(root, data, seed, args.epochs)
+            from ultralytics import YOLO
+
+            floors = yolo_floors(YOLO("yolov8n.yaml").model.eval(), SIZE, threads=2)
             configs = [("layermerge", 0.8), ("depth", 0.8),
                        ("layermerge", round(floors["layermerge"] + 0.05, 2)),
                        ("depth", round(floors["depth"] + 0.05, 2)),
                        ("auto", round(floors["depth"] + 0.05, 2))]
         for method, budget in configs:
-            run = one_job(root, data, seed, args.epochs, method, budget)
+            for extra in (0.0, 0.03, 0.06):  # a floor the measured solve misses: 3 points up
+                run = one_job(root, data, seed, args.epochs, method, round(budget + extra, 2))
+                if "dropped" not in run or budget == 0.8:
+                    break
             runs.append(run)
             print(json.dumps(run), flush=True)
     for (method, budget), group in _groups(runs).items():
@@ -105,27 +112,10 @@ def _summary(done: list[dict]) -> dict:
 
 
 def _settings(seed: int, epochs: int, method: str, budget: float):
-    from fxmerge.pipeline.settings import JobSettings
+    from fxmerge.pipeline import JobSettings
 
     return JobSettings(budget=budget, method=method, size=SIZE, batch=BATCH,
                        epochs=epochs, train_epochs=epochs, threads=2, seed=seed)
-
-
-def model_floors(root: Path, data: Path, seed: int, epochs: int) -> dict[str, float]:
-    """Each method's fastest plan as a fraction of the whole model's time (the table's)."""
-    from ultralytics import YOLO
-
-    from fxmerge import Job
-    from fxmerge.compress import submodules_share
-    from fxmerge.inside import capture_inside
-    from fxmerge.yolo import searched
-
-    model = YOLO("yolov8n.yaml").model.eval()
-    x = torch.rand(1, 3, SIZE, SIZE)
-    inside = capture_inside(model, x, searched(model))
-    share = submodules_share(inside, x, threads=2)
-    job = Job(inside.gm, inside.inputs, threads=2)
-    return {m: 1 - share * (1 - job.reach(m)) for m in ("layermerge", "depth")}
 
 
 def one_job(root: Path, data: Path, seed: int, epochs: int, method: str, budget: float

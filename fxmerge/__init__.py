@@ -47,6 +47,7 @@ from .passes import (
     transform,
 )
 from .plan import Block, Plan
+from .recipes import agreement, distill
 from .solve import (
     METHODS,
     Frontier,
@@ -103,6 +104,7 @@ __all__ = [
     "StrideRule",
     "TableError",
     "TraceError",
+    "agreement",
     "agreement_importance",
     "analyze",
     "apply",
@@ -111,6 +113,7 @@ __all__ = [
     "compress",
     "depth_keys",
     "diff",
+    "distill",
     "entry_layer",
     "estimate_importance",
     "export_onnx",

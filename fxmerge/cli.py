@@ -322,7 +322,14 @@ def cmd_reparameterize(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .pipeline import image_folder, is_segmentation_folder, run_job, segmentation_folder
+    from .pipeline import (
+        image_folder,
+        is_segmentation_folder,
+        is_unlabeled_folder,
+        run_job,
+        segmentation_folder,
+        unlabeled_folder,
+    )
 
     if args.input_shape:
         raise ArgumentError("compress takes its input shape from the images (--size)")
@@ -335,8 +342,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
                               settings, progress=_progress(args))
         print(detection_summary(report, Path(args.out)))
         return EXIT_OK
-    data = (segmentation_folder(args.data, settings) if is_segmentation_folder(args.data)
-            else image_folder(args.data, settings))
+    if is_segmentation_folder(args.data):
+        data = segmentation_folder(args.data, settings)
+    elif is_unlabeled_folder(args.data):
+        data = unlabeled_folder(args.data, settings)
+    else:
+        data = image_folder(args.data, settings)
     report = run_job(_model(args), data, args.out, settings, spec=args.model,
                      analyze_options=settings_from(args, AnalysisSettings).options(),
                      progress=_progress(args))
@@ -380,6 +391,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out = out or Path("fxmerge-compress-demo")
         report = run_compress_demo(out, quick=args.quick)
         print(summary_line(report, out / "job"))
+        return EXIT_OK
+    if args.task in ("detect", "segment"):
+        from .demos.tasks import run_detect_demo, run_segment_demo
+
+        if args.seeds != 1 or args.distorted:
+            raise ArgumentError("--seeds and --distorted are for the classify task")
+        out = out or Path(f"fxmerge-{args.task}-demo")
+        if args.task == "detect":
+            from .yolo import detection_summary
+
+            report = run_detect_demo(out, quick=args.quick)
+            print(detection_summary(report, out / "job"))
+        else:
+            report = run_segment_demo(out, quick=args.quick)
+            print(summary_line(report, out / "job"))
         return EXIT_OK
     if args.task == "ddpm":
         from .demos.ddpm import DDPMDemoConfig, run_ddpm_demo
@@ -458,7 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", required=True, help="an image folder: DIR/train/CLASS/*.png and "
                    "DIR/val/CLASS/*.png; a segmentation folder: DIR/{train,val}/images/*.png "
-                   "and DIR/{train,val}/masks/*.png (scored by mean IoU); for MODEL "
+                   "and DIR/{train,val}/masks/*.png (scored by mean IoU); unlabeled images: "
+                   "DIR/{train,val}/*.png (fine-tuned by distillation, scored by output "
+                   "agreement with the original); for MODEL "
                    "ultralytics:WEIGHTS.pt (or a model .yaml), a detection data.yaml")
     p.add_argument("--out", required=True, help="folder for every stage's result and "
                    "report.md; a job run again with it resumes")
@@ -473,12 +501,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "from Python without one)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="end-to-end compression on bundled digits data")
-    p.add_argument("--task", choices=["classify", "ddpm", "compress"], default="classify",
+    p = sub.add_parser("demo", help="end-to-end compression on bundled or synthetic data")
+    p.add_argument("--task", choices=["classify", "ddpm", "compress", "detect", "segment"],
+                   default="classify",
                    help="classify: methods and budgets compared on a MobileNetV2-style "
                    "classifier (default); ddpm: a diffusion U-Net, scored by held-out loss "
                    "and a Frechet distance; compress: `fxmerge compress` on the digits "
-                   "written as an image folder")
+                   "written as an image folder; detect: a YOLOv8n (ultralytics) on "
+                   "synthetic shapes, in ultralytics' own trainer; segment: a "
+                   "DeepLabV3-MobileNetV3 on synthetic shapes and masks")
     p.add_argument("--out", help="folder for results.json, the tables and the plots")
     p.add_argument("--seeds", type=int, default=1, help="repeat the whole job over N seeds "
                    "(split, training, fine-tuning) and report mean ± std (classify)")

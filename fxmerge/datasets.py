@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+__all__ = ["SHAPES", "shapes_detection", "shapes_segmentation"]
+
 SHAPES = ("circle", "square", "triangle")
 SIZES = ((128, 128), (128, 96), (96, 128))  # (width, height); a third not square
 

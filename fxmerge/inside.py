@@ -202,6 +202,6 @@ def merge(model: nn.Module, plan: Plan | None = None) -> nn.Module:
     it (`merge_model`: the user's class again)."""
     if isinstance(model, Compressed):
         return model.merge()
-    if isinstance(model, fx.GraphModule) and not compressed(model):
+    if not compressed(model):  # a pruned graph (anything else is refused there)
         return merge_graph(model, plan)
     return merge_model(model)

@@ -9,10 +9,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader, Subset
 
 from .errors import ArgumentError, one_of
@@ -242,7 +244,97 @@ class SegmentationRecipe(ClassificationRecipe):
         return (right[union > 0] / union[union > 0]).mean().item()
 
 
+@dataclass
+class AgreementRecipe(ClassificationRecipe):
+    """No labels: the network is fine-tuned to compute what `teacher` (the original) does
+    on the training inputs (`distill`'s loss) and scored by its output `agreement` with
+    it; the labels the loaders carry are not read. Any model the capture reaches gets a
+    compressed, fine-tuned network this way, without a task trainer."""
+
+    teacher: nn.Module | None = None
+    kd_weight: float = 1.0
+
+    def score(self, model: nn.Module, data: Batches) -> float:
+        if self.teacher is None:
+            raise ArgumentError("AgreementRecipe: give the original as teacher=")
+        return agreement(model, self.teacher, (x for x, _ in data))
+
+    def loss(self, out, teacher, labels: torch.Tensor) -> torch.Tensor:
+        if teacher is None:
+            raise ArgumentError("AgreementRecipe trains by distillation: give a teacher")
+        return _distillation_error(out, teacher)
+
+
 IGNORE = 255  # the mask value of pixels no loss or score reads (torchvision's convention)
+
+
+def relative_squared_error(out: Any, reference: Any) -> float:
+    """Squared error of `out` relative to the squared size of `reference`, tensor by
+    tensor, averaged over the tensors they hold (a segmentation net's dict of outputs, a
+    detector's tuple, the parts of a model compressed together): each output counts alike,
+    whatever its scale (class logits beside feature maps)."""
+    pairs = [(a, b) for a, b in zip(tree_leaves(out), tree_leaves(reference))
+             if isinstance(b, torch.Tensor) and b.is_floating_point()]
+    if not pairs:
+        return 0.0
+    return sum(float((a - b).pow(2).sum()) / max(float(b.pow(2).sum()), 1e-12)
+               for a, b in pairs) / len(pairs)
+
+
+def agreement(model: nn.Module, original: nn.Module, batches: Iterable) -> float:
+    """How closely `model` computes what `original` does on unlabeled input `batches` (each
+    a tensor or a tuple of inputs): 1 minus the relative squared error of their outputs
+    (`relative_squared_error`), averaged over the batches; 1 is the same function."""
+    errors = []
+    model, original = model.eval(), original.eval()
+    with torch.no_grad():
+        for batch in batches:
+            errors.append(relative_squared_error(model(*_inputs(batch)),
+                                                 original(*_inputs(batch))))
+    if not errors:
+        raise ArgumentError("agreement: the batches are empty")
+    return 1 - sum(errors) / len(errors)
+
+
+def distill(model: nn.Module, original: nn.Module, batches: Iterable, *, epochs: float = 1.0,
+            lr: float = 1e-3, progress: bool | None = None) -> nn.Module:
+    """Fine-tune `model` (a compressed network) in place to compute what `original` does
+    on unlabeled input `batches` (a re-iterable of tensors or tuples of inputs: no labels,
+    any model): Adam with cosine decay, the loss each output tensor's squared error over
+    the original's mean square. Returns `model` in eval mode."""
+    data = list(batches) if not hasattr(batches, "__len__") else batches
+    total = max(1, math.ceil(epochs * len(data)))
+    original = original.eval()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    bar = Progress(total, "distill", "step", progress)
+    model.train()
+    step = 0
+    while step < total:
+        for batch in data:
+            if step == total:
+                break
+            with torch.no_grad():
+                want = original(*_inputs(batch))
+            loss = _distillation_error(model(*_inputs(batch)), want)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(note=f"loss {loss.item():.4f}")
+    bar.close()
+    return model.eval()
+
+
+def _distillation_error(out: Any, teacher: Any) -> torch.Tensor:
+    """Each floating-point output's squared error over the teacher's mean square, summed."""
+    return sum(F.mse_loss(a, b) / b.pow(2).mean().clamp_min(1e-12)
+               for a, b in zip(tree_leaves(out), tree_leaves(teacher)) if b.is_floating_point())
+
+
+def _inputs(batch: Any) -> tuple:
+    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
 
 def _subset(data: Batches, fraction: float, seed: int) -> DataLoader:

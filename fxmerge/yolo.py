@@ -21,12 +21,15 @@ import torch
 from torch import nn
 
 from .backends.timing import PREPARATIONS, time_against_reference, using_threads
-from .compress import compress
+from .compress import compress, submodules_share
 from .errors import ArgumentError, InfeasibleBudget
-from .inside import merge
-from .job import AUTO, AUTO_METHODS, choose, fingerprint
+from .inside import capture_inside, merge
+from .job import AUTO, AUTO_METHODS, Job, choose, fingerprint
 from .pipeline.settings import JobSettings
 from .tables import LatencyTable
+
+__all__ = ["check_data", "detection_summary", "floors", "holdout_split", "offline",
+           "run_yolo_job", "searched", "trainer_for"]
 
 
 def offline(config_dir: str | Path | None = None) -> Path:
@@ -83,6 +86,17 @@ def trainer_for(model: nn.Module) -> type:
             return model
 
     return InMemoryTrainer
+
+
+def floors(model: nn.Module, size: int, threads: int | None = None,
+           methods: tuple[str, ...] = ("layermerge", "depth")) -> dict[str, float]:
+    """Each method's fastest plan of the searched submodules, as a fraction of the whole
+    model's time at batch 1 and `size` (the latency table's; the submodules' share timed
+    side by side): the lowest budget `compress` can be asked for."""
+    inside = capture_inside(model, torch.rand(1, 3, size, size), searched(model))
+    share = submodules_share(inside, torch.rand(1, 3, size, size), threads)
+    job = Job(inside.gm, inside.inputs, threads=threads)
+    return {m: round(1 - share * (1 - job.reach(m)), 4) for m in methods}
 
 
 def check_data(path: str | Path) -> dict:

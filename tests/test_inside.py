@@ -62,7 +62,7 @@ def segmenter_result():
     torch.manual_seed(0)
     model = randomize_batchnorm(Segmenter()).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = _compress(model, torch.randn(2, 3, 32, 32), submodule="backbone")
+    result = _compress(model, torch.randn(2, 3, 32, 32), budget=0.85, submodule="backbone")
     return model, before, result
 
 

@@ -24,18 +24,10 @@ from ..capture.trace import ExampleInputs, as_tuple
 from ..errors import TableError
 from ..passes.prune import PrunedGraph, prune_graph
 from ..progress import progress as iterate
+from ..recipes import relative_squared_error
 from ..solve import probes
 from ..space import MergeSpace, require_space_of
 from ..tables import ImportanceSettings, ImportanceTable, Key
-
-
-def relative_squared_error(out: Any, reference: Any) -> float:
-    """Squared error of `out` relative to the squared size of `reference`, over every
-    tensor they hold (a segmentation net's dict of outputs, a detector's tuple)."""
-    pairs = list(zip(tree_leaves(out), tree_leaves(reference)))
-    error = sum(float((a - b).pow(2).sum()) for a, b in pairs)
-    size = sum(float(b.pow(2).sum()) for _, b in pairs)
-    return error / max(size, 1e-12)
 
 
 class OutputAgreement:

@@ -7,7 +7,9 @@ from .data import (
     holdout_split,
     image_folder,
     is_segmentation_folder,
+    is_unlabeled_folder,
     segmentation_folder,
+    unlabeled_folder,
 )
 from .report import render, summary_line
 from .run import run_job
@@ -22,5 +24,5 @@ from .settings import (
 
 __all__ = ["AnalysisSettings", "ImageData", "ImportanceMode", "ImportanceStageSettings",
            "JobSettings", "LatencyStageSettings", "SolveStageSettings", "folder_fingerprint",
-           "holdout_split", "image_folder", "is_segmentation_folder", "render", "run_job",
-           "segmentation_folder", "summary_line"]
+           "holdout_split", "image_folder", "is_segmentation_folder", "is_unlabeled_folder", "render",
+           "run_job", "segmentation_folder", "summary_line", "unlabeled_folder"]

@@ -28,7 +28,8 @@ class ImageData:
     val: DataLoader
     classes: list[str]
     fingerprint: str = ""  # of train/'s files (`folder_fingerprint`): val/ only reports
-    task: str = "classify"  # or "segment": masks for labels, scored by mean IoU
+    task: str = "classify"  # "segment": masks for labels, scored by mean IoU; "unlabeled":
+    # no labels, fine-tuned by distillation and scored by output agreement
 
     def sizes(self) -> dict[str, int]:
         return {name: len(getattr(self, name).dataset) for name in ("fit", "holdout", "val")}
@@ -159,3 +160,51 @@ def segmentation_folder(root: str | Path, settings: JobSettings) -> ImageData:
                      DataLoader(val, batch_size=settings.batch),
                      [str(c) for c in range(largest + 1)], folder_fingerprint(root / "train"),
                      task="segment")
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def is_unlabeled_folder(root: str | Path) -> bool:
+    """Whether `root/train` holds images directly (no class folders: no labels)."""
+    train = Path(root) / "train"
+    return train.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in train.iterdir())
+
+
+class _Unlabeled(Dataset):
+    """The images of a folder, resized to `size` and normalised, each with label 0."""
+
+    def __init__(self, folder: Path, size: int, grayscale: bool) -> None:
+        self.images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.images:
+            raise ArgumentError(f"--data {folder}: no images")
+        self.size, self.grayscale = size, grayscale
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+        from torchvision.transforms.functional import normalize, pil_to_tensor, resize
+
+        image = Image.open(self.images[i]).convert("L" if self.grayscale else "RGB")
+        x = resize(pil_to_tensor(image), [self.size, self.size], antialias=True).float() / 255
+        mean, std = ((0.5,), (0.5,)) if self.grayscale else (MEAN, STD)
+        return normalize(x, mean, std), 0
+
+
+def unlabeled_folder(root: str | Path, settings: JobSettings) -> ImageData:
+    """Loaders over the images of `root/train` (split into fit and held-out parts) and
+    `root/val` (images directly in each, no labels): what a distilled fine-tune and the
+    output agreement read."""
+    root = Path(root)
+    for part in ("train", "val"):
+        if not (root / part).is_dir():
+            raise ArgumentError(f"--data {root}: no '{part}' folder of images")
+    train, val = (_in_memory(_Unlabeled(root / p, settings.size, settings.grayscale))
+                  for p in ("train", "val"))
+    fit, held = holdout_split([0] * len(train), settings.holdout, settings.seed)
+    return ImageData(DataLoader(Subset(train, fit), batch_size=settings.batch, shuffle=True),
+                     DataLoader(Subset(train, held), batch_size=settings.batch),
+                     DataLoader(val, batch_size=settings.batch), [],
+                     folder_fingerprint(root / "train"), task="unlabeled")

@@ -25,7 +25,7 @@ from ..backends.timing import at_batch
 from ..errors import ArgumentError
 from ..job import AUTO, Job, fingerprint
 from ..plan import Plan
-from ..recipes import ClassificationRecipe, SegmentationRecipe
+from ..recipes import AgreementRecipe, ClassificationRecipe, SegmentationRecipe
 from ..solve import frontier, importance_keys
 from ..tables import ImportanceTable
 from .data import ImageData
@@ -56,6 +56,14 @@ def run_job(model: nn.Module, data: ImageData, out: str | Path, settings: JobSet
         check_mask_classes(model, data)
         recipe = SegmentationRecipe(data.fit, data.holdout, data.val, classes=_classes(model, data),
                                     **common)
+    elif data.task == "unlabeled":  # distilled from the original, scored by agreement
+        if settings.train_epochs > 0:
+            raise ArgumentError("--train-epochs trains the original on labels; these images "
+                                "have none (train/ holds images, not class folders)")
+        report["metric"] = "output agreement"
+        common["kd_weight"] = 1.0
+        recipe = AgreementRecipe(data.fit, data.holdout, data.val, lr=settings.lr,
+                                 teacher=model.eval(), **common)
     else:
         recipe = ClassificationRecipe(data.fit, data.holdout, data.val, lr=settings.lr,
                                       **common)

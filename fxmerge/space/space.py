@@ -225,9 +225,11 @@ class MergeSpace:
 
     def end_activation(self, i: int, j: int) -> str | None:
         """The activation after block `(i, j)` once merged: the network's at `j`, or, with
-        `add_activations`, the added one after a block of several convs that ends where the
-        network has none (docs/method.md §4)."""
-        if self.activation(j) is None and self.add_activations and j - i >= 2:
+        `add_activations`, the added one after a block of several convs that ends at a
+        normalised conv the network leaves linear (a projection; a conv with neither norm
+        nor activation is a prediction layer, and gets none: docs/method.md §4)."""
+        if (self.activation(j) is None and self.add_activations and j - i >= 2
+                and self.convs[j - 1].norm is not None):
             return self.added_activation
         return self.activation(j)
 
