@@ -21,9 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from common import RESULTS, write
+from common import RESULTS, ort_ratio, write
 
 from fxmerge.yolo import floors as yolo_floors
 from fxmerge.yolo import offline
@@ -37,13 +36,19 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--control", action="store_true",
+                        help="only add the control rows to the results: each seed's original "
+                        "trained on for as many epochs as a fine-tune (in --out of a run)")
     args = parser.parse_args()
     root = Path(args.out or tempfile.mkdtemp(prefix="fxmerge-detect-"))
     offline(root / "ultralytics-settings")
     from fxmerge.datasets import shapes_detection
 
-    data = shapes_detection(root / "shapes")
     torch.set_num_threads(2)
+    if args.control:
+        add_control(root, args.epochs)
+        return
+    data = shapes_detection(root / "shapes")
     rows, runs = [], []
     for seed in args.seeds:
         configs = [("layermerge", 0.8)]
@@ -79,11 +84,40 @@ def main() -> None:
                              "size": SIZE, "epochs": f"original {args.epochs}, each fine-tune "
                              f"{args.epochs}", "holdout": "10% of train (choice); val reports",
                              "timing": "batch 1, 2 threads, side by side, eager (original "
-                             "fused by ultralytics) and ONNX Runtime"}, rows,
-          ["method", "budget", "seeds", "val_map50_95", "holdout_map50_95", "chosen",
-           "removed_convs", "removed_activations", "eager_ratio", "eager_speedup",
-           "ort_ratio", "ort_speedup", "note"],
-          "YOLOv8n compressed inside ultralytics (CPU)", runs=runs)
+                             "fused by ultralytics) and ONNX Runtime"}, rows, COLUMNS, TITLE,
+          runs=runs)
+
+
+COLUMNS = ["method", "budget", "seeds", "val_map50_95", "holdout_map50_95", "chosen",
+           "removed_convs", "removed_activations", "eager_ratio", "eager_speedup", "ort_ratio",
+           "ort_speedup", "note"]
+TITLE = "YOLOv8n compressed inside ultralytics (CPU)"
+
+
+def add_control(root: Path, epochs: int) -> None:
+    """The control the compressed networks need: the original itself trained on for
+    `epochs` more on the same images (what the compressed networks got), its val mAP50-95
+    as a row of the results (the original alone was trained only `epochs`)."""
+    from ultralytics import YOLO
+
+    path = RESULTS / "detect_yolov8n.json"
+    results = json.loads(path.read_text())
+    maps = []
+    for folder in sorted(root.glob("seed*")):
+        seed = int(folder.name.removeprefix("seed"))
+        yolo = YOLO(str(next(folder.glob("original-train-*.pt"))))
+        yolo.train(data=str(folder / "data" / "fit.yaml"), epochs=epochs, imgsz=SIZE,
+                   batch=BATCH, workers=0, plots=False, device="cpu", amp=False, seed=seed,
+                   project=str(folder / "runs"), name="control", exist_ok=True,
+                   verbose=False)
+        maps.append(round(float(yolo.val(data=str(root / "shapes" / "data.yaml"), imgsz=SIZE,
+                                         batch=BATCH, workers=0, plots=False, device="cpu",
+                                         verbose=False).box.map), 4))
+    rows = [r for r in results["rows"] if not r["method"].startswith("original, trained")]
+    rows.insert(1, {"method": f"original, trained {epochs} epochs more (control)",
+                    "seeds": len(maps), "val_map50_95": _mean_std(maps)})
+    meta = {k: v for k, v in results["meta"].items() if k != "machine"}
+    write("detect_yolov8n", meta, rows, COLUMNS, TITLE, runs=results["runs"])
 
 
 def _groups(runs: list[dict]) -> dict:
@@ -134,7 +168,7 @@ def one_job(root: Path, data: Path, seed: int, epochs: int, method: str, budget:
     chosen = report["choice"]["method"]
     cand = report["candidates"][chosen]
     original = next(out.glob("original-train-*.pt"))
-    ort = ort_ratio(original, out / "model.pt")
+    ort = ort_time_ratio(original, out / "model.pt")
     return {**run, "chosen": chosen, "seconds": round(time.perf_counter() - started),
             "original_val_map50_95": report["original_val_map50_95"],
             "val_map50_95": report["val_map50_95"],
@@ -144,32 +178,14 @@ def one_job(root: Path, data: Path, seed: int, epochs: int, method: str, budget:
             "eager_ratio": cand["timing"]["ratio"], "ort_ratio": ort}
 
 
-def ort_ratio(original: Path, merged: Path, repeat: int = 200) -> float:
-    """The merged model's ONNX Runtime time over the original's (both exported by
-    ultralytics, batch 1), runs interleaved, 2 threads; the median of per-round ratios."""
-    import onnxruntime
+def ort_time_ratio(original: Path, merged: Path) -> float:
+    """The merged model's ONNX Runtime time over the original's, both exported by
+    ultralytics (batch 1, the training size)."""
     from ultralytics import YOLO
 
-    sessions = []
-    for path in (original, merged):
-        onnx = YOLO(str(path)).export(format="onnx", imgsz=SIZE, simplify=False)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = 2
-        sessions.append(onnxruntime.InferenceSession(onnx, options))
-    x = np.random.rand(1, 3, SIZE, SIZE).astype(np.float32)
-    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
-    for s, f in zip(sessions, feeds):
-        for _ in range(10):
-            s.run(None, f)
-    ratios = []
-    for i in range(repeat):
-        t = []
-        for s, f in (zip(sessions, feeds) if i % 2 == 0 else reversed(list(zip(sessions, feeds)))):
-            start = time.perf_counter()
-            s.run(None, f)
-            t.append(time.perf_counter() - start)
-        ratios.append(t[1] / t[0] if i % 2 == 0 else t[0] / t[1])
-    return round(statistics.median(ratios), 4)
+    files = [YOLO(str(p)).export(format="onnx", imgsz=SIZE, simplify=False)
+             for p in (original, merged)]
+    return ort_ratio(*files, shape=(1, 3, SIZE, SIZE))
 
 
 if __name__ == "__main__":

@@ -90,3 +90,34 @@ def synthetic_problem(factory, exclude):
             *fxmerge.get_method("layeronly").importance_keys(space)]
     imp = fxmerge.ImportanceTable.from_values(space, {k: rng.uniform(0.5, 1) for k in keys})
     return gm, space, lat, imp
+
+
+def ort_ratio(original: str, merged: str, shape: tuple[int, ...], repeat: int = 200,
+              threads: int = 2) -> float:
+    """The merged ONNX model's ONNX Runtime time over the original's on one random input of
+    `shape`, runs interleaved (the order swapped every round), `threads` intra-op threads;
+    the median of the per-round ratios."""
+    import time
+
+    import numpy as np
+    import onnxruntime
+
+    sessions = []
+    for path in (original, merged):
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        sessions.append(onnxruntime.InferenceSession(str(path), options))
+    x = np.random.rand(*shape).astype(np.float32)
+    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
+    for s, f in zip(sessions, feeds):
+        for _ in range(10):
+            s.run(None, f)
+    ratios = []
+    for i in range(repeat):
+        t = {}
+        for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+            start = time.perf_counter()
+            sessions[k].run(None, feeds[k])
+            t[k] = time.perf_counter() - start
+        ratios.append(t[1] / t[0])
+    return round(float(np.median(ratios)), 4)

@@ -396,4 +396,6 @@ def _resume(path: str | Path | None, model: nn.Module, opt, sched, total: int) -
     return int(state["step"])
 
 
-__all__ = ["ClassificationRecipe", "ImportanceProtocol", "distillation_loss"]
+__all__ = ["AgreementRecipe", "ClassificationRecipe", "ImportanceProtocol",
+           "SegmentationRecipe", "agreement", "distill", "distillation_loss",
+           "relative_squared_error"]

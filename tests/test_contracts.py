@@ -307,12 +307,14 @@ def test_benchmarks_use_the_public_api_only():
     import fxmerge.demos
     import fxmerge.models
     import fxmerge.pipeline
+    import fxmerge.recipes
     import fxmerge.yolo
 
     public = {name: set(module.__all__) for name, module in (
         ("fxmerge", fxmerge), ("fxmerge.models", fxmerge.models),
         ("fxmerge.demos", fxmerge.demos), ("fxmerge.pipeline", fxmerge.pipeline),
-        ("fxmerge.yolo", fxmerge.yolo), ("fxmerge.datasets", fxmerge.datasets))}
+        ("fxmerge.yolo", fxmerge.yolo), ("fxmerge.datasets", fxmerge.datasets),
+        ("fxmerge.recipes", fxmerge.recipes))}
     root = Path(__file__).parent.parent / "benchmarks"
     wrong = []
     for path in sorted(root.glob("*.py")):
