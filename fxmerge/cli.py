@@ -508,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "classifier (default); ddpm: a diffusion U-Net, scored by held-out loss "
                    "and a Frechet distance; compress: `fxmerge compress` on the digits "
                    "written as an image folder; detect: a YOLOv8n (ultralytics) on "
-                   "synthetic shapes, in ultralytics' own trainer; segment: a "
-                   "DeepLabV3-MobileNetV3 on synthetic shapes and masks")
+                   "synthetic shapes, in ultralytics' own trainer; segment: a U-Net "
+                   "(ResNet-18 encoder) on synthetic shapes and masks")
     p.add_argument("--out", help="folder for results.json, the tables and the plots")
     p.add_argument("--seeds", type=int, default=1, help="repeat the whole job over N seeds "
                    "(split, training, fine-tuning) and report mean ± std (classify)")

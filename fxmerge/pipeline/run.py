@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..backends.timing import at_batch
+from ..capture.trace import copy_model
 from ..errors import ArgumentError
 from ..job import AUTO, Job, fingerprint
 from ..plan import Plan
@@ -75,7 +76,7 @@ def run_job(model: nn.Module, data: ImageData, out: str | Path, settings: JobSet
             if data.task == "classify" else recipe
         tag = fingerprint({"weights": model.state_dict(), "data": data.fingerprint,
                            "protocol": protocol})  # resumed only from the same start
-        model = trainer.train(model, epochs=settings.train_epochs,
+        model = trainer.train(copy_model(model), epochs=settings.train_epochs,
                               checkpoint=out / f"original-train-{tag}.pt", progress=progress)
     job = Job(model.eval(), example, out=out, analysis=analyze_options,
               quiet=progress is False, progress=progress, threads=settings.threads,
