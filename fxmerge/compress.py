@@ -18,20 +18,19 @@ from .backends.timing import (
     using_threads,
 )
 from .capture import ExampleInputs
-from .capture.submodules import SubmoduleSpec, bundle_name
+from .capture.submodules import SubmoduleSpec
 from .capture.trace import as_tuple
 from .errors import ArgumentError, InfeasibleBudget
 from .inside import (
     Inside,
+    around,
     capture_inside,
     merge,
     merge_model,
     prune_inside,
-    put_back,
     with_submodules,
 )
 from .job import AUTO, AUTO_METHODS, BudgetBasis, Candidate, Job, basis_of
-from .passes.split import split
 from .plan import Plan
 from .solve import importance_keys
 from .space import MergeSpace, StrideRule
@@ -209,10 +208,10 @@ def _compress_inside(model: nn.Module, example_inputs: ExampleInputs, submodule:
     evaluate = finetune_ = None
     if callable(importance):
         def evaluate(net: nn.Module) -> float:
-            return importance(_as_model(inside, net, job.space))
+            return importance(_as_model(inside, net))
     if finetune is not None:
         def finetune_(net: nn.Module) -> nn.Module:
-            model = _as_model(inside, net, job.space)
+            model = _as_model(inside, net)
             return finetune(model) or model
     table = job.importance(keys, evaluate=evaluate, finetune=finetune_)
     x = as_tuple(example_inputs)
@@ -220,7 +219,8 @@ def _compress_inside(model: nn.Module, example_inputs: ExampleInputs, submodule:
     for _ in range(MODEL_SOLVES):  # the submodules' budget narrowed until the model's holds
         plan = job.solve(table, max(own, job.reach(method)), method=method, basis=basis,
                          levels=levels)
-        model = prune_inside(inside, with_submodules(plan, inside), job.space)
+        pruned = job.prune(with_submodules(plan, inside))
+        model = around(inside, pruned)
         ratio = model_ratio(reference, merge_model(model), x, threads)
         if ratio <= budget or basis is BudgetBasis.TABLE or own <= job.reach(method):
             break
@@ -228,8 +228,8 @@ def _compress_inside(model: nn.Module, example_inputs: ExampleInputs, submodule:
     plan = replace(with_submodules(plan, inside), extra={
         **plan.extra, "model_budget": budget, "share": round(share, 4),
         "model_ratio": round(ratio, 4)})
-    return CompressResult(plan, job.space, job.prune(plan), job.latency, table,
-                          model=prune_inside(inside, plan, job.space), share=share)
+    return CompressResult(plan, job.space, pruned, job.latency, table, model=model,
+                          share=share)
 
 
 MODEL_SOLVES = 3  # solves at most, each timing the whole model (`_compress_inside`)
@@ -247,13 +247,11 @@ def model_ratio(reference: nn.Module, merged: nn.Module, x: tuple, threads: int 
                                       preparations=PREPARATIONS)["merged"].ratio
 
 
-def _as_model(inside: Inside, net: nn.Module, space: MergeSpace) -> nn.Module:
-    """The user's model around `net`: a bundle graph (the original, or a probe's pruned
-    network) split and put back; a model already (what the user's finetune returned) as
-    it is."""
+def _as_model(inside: Inside, net: nn.Module) -> nn.Module:
+    """The user's model around `net`, a bundle graph (the original, or a probe's pruned
+    network); a model already (what the user's finetune returned) as it is."""
     if isinstance(net, fx.GraphModule) and not isinstance(net, type(inside.model)):
-        return put_back(inside, split(net, [bundle_name(n) + "." for n in inside.bundle.names],
-                                      inside.bundle.arity, inside.bundle.outputs))
+        return around(inside, net)
     return net
 
 

@@ -75,8 +75,13 @@ def prune_inside(inside: Inside, plan: Plan, space: MergeSpace | None = None) ->
     """The user's model (the copy `inside` holds, copied again) with each submodule
     replaced by its part of the plan's pruned graph, to fine-tune; the plan records the
     submodules it was made for."""
-    pruned = prune(inside.gm, plan, space)
-    return put_back(inside, split(pruned, [bundle_name(n) + "." for n in inside.bundle.names],
+    return around(inside, prune(inside.gm, plan, space))
+
+
+def around(inside: Inside, gm: fx.GraphModule) -> nn.Module:
+    """The user's model around a graph of `inside`'s bundle (captured, a probe's pruned
+    network, or the plan's): split into its parts and put back (`put_back`)."""
+    return put_back(inside, split(gm, [bundle_name(n) + "." for n in inside.bundle.names],
                                   inside.bundle.arity, inside.bundle.outputs))
 
 

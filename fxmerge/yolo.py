@@ -25,10 +25,11 @@ from .compress import compress, submodules_share
 from .errors import ArgumentError, InfeasibleBudget
 from .inside import capture_inside, merge
 from .job import AUTO, AUTO_METHODS, Job, choose, fingerprint
+from .pipeline.data import IMAGE_SUFFIXES
 from .pipeline.settings import JobSettings
 from .tables import LatencyTable
 
-__all__ = ["check_data", "detection_summary", "floors", "holdout_split", "offline",
+__all__ = ["check_data", "detection_summary", "floors", "holdout_yaml", "offline",
            "run_yolo_job", "searched", "trainer_for"]
 
 
@@ -129,7 +130,7 @@ def check_data(path: str | Path) -> dict:
     return {**data, "path": str(root.resolve())}
 
 
-def holdout_split(data: dict, fraction: float, seed: int, folder: Path) -> Path:
+def holdout_yaml(data: dict, fraction: float, seed: int, folder: Path) -> Path:
     """A data.yaml in `folder` whose `train` is the original train images less a held-out
     `fraction` and whose `val` is that held-out part (lists of image paths): fine-tunes
     train on the first, plans and methods are chosen on the second, the original `val`
@@ -156,9 +157,6 @@ def holdout_split(data: dict, fraction: float, seed: int, folder: Path) -> Path:
     return out
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
-
 def run_yolo_job(spec: str, data_yaml: str | Path, out: str | Path, settings: JobSettings,
                  progress: bool | None = None) -> dict[str, Any]:
     """`fxmerge compress ultralytics:WEIGHTS --data data.yaml`: the YOLO at `spec` (a
@@ -179,7 +177,7 @@ def run_yolo_job(spec: str, data_yaml: str | Path, out: str | Path, settings: Jo
     offline()
     from ultralytics import YOLO
 
-    fit = holdout_split(data, settings.holdout, settings.seed, out / "data")
+    fit = holdout_yaml(data, settings.holdout, settings.seed, out / "data")
     common = {"imgsz": settings.size, "batch": settings.batch, "workers": 0, "plots": False,
               "device": "cpu", "verbose": False}
     train = {**common, "amp": False, "seed": settings.seed, "exist_ok": True,

@@ -162,7 +162,7 @@ def segmentation_folder(root: str | Path, settings: JobSettings) -> ImageData:
                      task="segment")
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def is_unlabeled_folder(root: str | Path) -> bool:
