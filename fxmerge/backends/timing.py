@@ -263,37 +263,67 @@ class TimedLayer(Protocol):
 
     input_shape: tuple[int, ...]
 
-    def module(self, device: torch.device, dtype: torch.dtype) -> nn.Module: ...
+    def module(self, device: torch.device, dtype: torch.dtype,
+               weights: ConstantWeights | None = None) -> nn.Module: ...
     def weight_bytes(self, dtype: torch.dtype) -> int: ...
     def output_bytes(self, dtype: torch.dtype) -> int: ...
 
 
+# A timed layer's weights are a constant (their values do not change its time). Weights over
+# SHARED_BYTES, bigger than a CPU's cache, so read from memory on every run whoever wrote
+# them last, are views of one buffer the size of the largest: a ResNet-50 table's merged
+# 5x5 to 9x9 convs hold over 1 GiB apart, about 200 MiB shared.
+SHARED_BYTES = 32 << 20
+WEIGHT = 1e-3
+
+
+class ConstantWeights:
+    """Weights of one constant value for a group of timed layers, those over `SHARED_BYTES`
+    views of one buffer of `largest` elements (the group's largest weight)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, largest: int) -> None:
+        self.device, self.dtype, self.largest = device, dtype, largest
+        self.shared: torch.Tensor | None = None
+
+    def __call__(self, shape: Sequence[int]) -> torch.Tensor:
+        n = math.prod(shape)
+        if n * self.dtype.itemsize <= SHARED_BYTES:
+            return torch.full(tuple(shape), WEIGHT, device=self.device, dtype=self.dtype)
+        if self.shared is None:
+            self.shared = torch.full((self.largest,), WEIGHT, device=self.device,
+                                     dtype=self.dtype)
+        return self.shared[:n].view(tuple(shape))
+
+
 def _group_bytes(group: list[TimedLayer], dtype: torch.dtype) -> int:
-    """What a group of built layers holds: their weights, one input per input shape (the
-    layers share it) and, while one runs, its output."""
+    """What a group of built layers holds: their weights (those over SHARED_BYTES once, as
+    the largest), one input per input shape (the layers share it) and, while one runs, its
+    output."""
+    weights = [layer.weight_bytes(dtype) for layer in group]
     inputs = {layer.input_shape for layer in group}
-    return (sum(layer.weight_bytes(dtype) for layer in group)
+    return (sum(w for w in weights if w <= SHARED_BYTES)
+            + max((w for w in weights if w > SHARED_BYTES), default=0)
             + sum(math.prod(shape) for shape in inputs) * dtype.itemsize
             + max((layer.output_bytes(dtype) for layer in group), default=0))
 
 
 # Layers are timed side by side: every round runs each layer once, in a new random order
-# (seeded by the round), so the machine's drift (a shared VM's speed wanders by tens of
-# percent over seconds) reaches every layer alike instead of deciding the one it hits, and
-# no layer's median carries the cache its fixed neighbours leave (docs/method.md §2). A
-# layer slower than its share of `seconds` runs in fewer rounds, spread evenly over them
-# (at least `MIN_TIMED_RUNS`). What drift is left is divided out (`steady`): a round whose
-# layers all ran slower than their medians was a slow round. Layers are built GROUP_BYTES
-# at a time (`_group_bytes`), each group timed in its own rounds; with several groups, the
-# ANCHORS smallest layers are timed in every group, so that `steady` can also divide out
-# the machine's speed in each group's stretch of time. A layer whose median is still
-# uncertain after the rounds (its standard error over SETTLE of it) is timed again for as
-# many rounds, among such layers (`retimed`; `unsettled` if it still is). Memory is held
-# steady while timing (`steady_memory`: no page faults that come and go with the heap).
+# (seeded by the round), so that the machine's drift reaches every layer alike and no layer
+# keeps the cache its fixed neighbours leave (docs/method.md §2). A layer slower than its
+# share of `seconds` runs in fewer rounds, spread evenly over them (at least
+# `MIN_TIMED_RUNS`). A layer's time is the mean of its fastest tenth of runs (`fastest`):
+# on a shared machine, noise only ever slows a run (another tenant, a cache left cold, a
+# stretch of throttling), so the fast runs are the layer's own cost; they repeat from one
+# table to the next where the median moves with the load (benchmarks/results/
+# latency_stability.md). Layers are built GROUP_BYTES at a time (`_group_bytes`), each group
+# timed in its own rounds; with several groups, the ANCHORS smallest layers are timed in
+# every group, and `link_groups` divides out the machine's speed in each group's stretch of
+# time. Memory is held steady while timing (`steady_memory`: no page faults that come and
+# go with the heap).
 MIN_TIMED_RUNS = 5
 GROUP_BYTES = 1 << 30
 ANCHORS = 5
-SETTLE = 0.03
+FASTEST = 0.1
 
 
 class Run(NamedTuple):
@@ -305,47 +335,28 @@ class Run(NamedTuple):
     ms: float
 
 
-def _factors(values: dict[str, list[float]], typical: dict[str, list[float]],
-             samples: dict[str, list[Run]], by: str) -> dict[int, float]:
-    """Per group or round (`by`): the median, over the layers run in it, of the median of
-    their `values` there over the median of their `typical` runs; 1 where fewer than 3
-    layers ran."""
-    median = {key: statistics.median(ms) for key, ms in typical.items()}
-    there: dict[int, dict[str, list[float]]] = {}
-    for key, s in samples.items():
-        for run, ms in zip(s, values[key]):
-            there.setdefault(getattr(run, by), {}).setdefault(key, []).append(ms)
-    return {at: statistics.median(statistics.median(ms) / median[key] for key, ms in t.items())
-            if len(t) >= 3 else 1.0 for at, t in there.items()}
+def fastest(samples: Sequence[float]) -> float:
+    """The mean of the fastest `FASTEST` of the samples (at least one)."""
+    ordered = sorted(samples)
+    return statistics.fmean(ordered[:max(1, int(len(ordered) * FASTEST))])
 
 
-def steady(samples: dict[str, list[Run]], passes: int = 3) -> dict[str, list[float]]:
-    """Each layer's runs with the machine's speed divided out: first each group's (from the
-    layers timed in several groups), then each round's (a factor is the median, over the
-    layers run there, of their runs there over their medians, in `passes` refinements).
-    Milliseconds at the table's typical speed."""
-    raw = {key: [run.ms for run in s] for key, s in samples.items()}
-    linked = {key: s for key, s in samples.items() if len({run.group for run in s}) > 1}
-    if linked:
-        linked_raw = {key: raw[key] for key in linked}
-        group = _factors(linked_raw, linked_raw, linked, "group")
-        raw = {key: [run.ms / group.get(run.group, 1.0) for run in s]
-               for key, s in samples.items()}
-    runs = raw
-    for _ in range(passes):
-        factor = _factors(raw, runs, samples, "round")
-        runs = {key: [ms / factor[run.round] for run, ms in zip(s, raw[key])]
-                for key, s in samples.items()}
-    return runs
-
-
-def uncertainty(samples: list[float]) -> float:
-    """The standard error of the samples' median relative to it (normal approximation:
-    1.25 sigma / sqrt(n), sigma from the interquartile range); inf below 3 samples."""
-    if len(samples) < 3:
-        return math.inf
-    timing = Timing.of(samples)
-    return 1.2533 * timing.spread / 1.349 / math.sqrt(len(samples))
+def link_groups(samples: dict[str, list[Run]]) -> dict[str, list[float]]:
+    """Each layer's runs with each group's speed divided out: a group's factor is the
+    median, over the layers also timed in other groups (the anchors), of their `fastest`
+    there over their `fastest` overall. Milliseconds at the table's typical speed."""
+    factors: dict[int, list[float]] = {}
+    for s in samples.values():
+        groups = {run.group for run in s}
+        if len(groups) < 2:
+            continue
+        overall = fastest([run.ms for run in s])
+        for group in groups:
+            there = fastest([run.ms for run in s if run.group == group])
+            factors.setdefault(group, []).append(there / overall)
+    factor = {group: statistics.median(f) for group, f in factors.items()}
+    return {key: [run.ms / factor.get(run.group, 1.0) for run in s]
+            for key, s in samples.items()}
 
 
 def _pack(keys: list[str], layers: Mapping[str, TimedLayer], dtype: torch.dtype,
@@ -392,14 +403,16 @@ def time_layers(layers: Mapping[str, TimedLayer], samples: dict[str, list[Run]],
         for n, (g, r) in enumerate(iterate(rounds, desc, "round", progress)):
             if r == 0:
                 built.clear()  # the last group's layers are freed before the next is built
+                weights = ConstantWeights(device, dtype, max(
+                    layers[key].weight_bytes(dtype) // dtype.itemsize for key in groups[g]))
                 inputs = {shape: torch.randn(shape, device=device, dtype=dtype)
                           for shape in dict.fromkeys(layers[key].input_shape
                                                      for key in groups[g])}
-                built.update({key: _build(layers[key], inputs[layers[key].input_shape], key,
-                                          samples, targets, runs, backend, device, dtype,
-                                          warmup, repeat, seconds)
+                built.update({key: _build(layers[key], inputs[layers[key].input_shape],
+                                          weights, key, samples, targets, runs, backend,
+                                          device, dtype, warmup, repeat, seconds)
                               for key in groups[g]})
-                del inputs
+                del inputs, weights
             for key in random.Random(round_ + n).sample(groups[g], len(groups[g])):
                 if (r * runs[key]) // repeat != ((r + 1) * runs[key]) // repeat:
                     samples[key].append(Run(group + g, round_ + n, clock(built[key], device)))
@@ -407,13 +420,13 @@ def time_layers(layers: Mapping[str, TimedLayer], samples: dict[str, list[Run]],
     built.clear()
 
 
-def _build(layer: TimedLayer, x: torch.Tensor, key: str, samples: dict[str, list[Run]],
-           targets: dict[str, int], runs: dict[str, int], backend: Backend,
-           device: torch.device, dtype: torch.dtype, warmup: int, repeat: int,
-           seconds: float) -> Callable:
+def _build(layer: TimedLayer, x: torch.Tensor, weights: ConstantWeights, key: str,
+           samples: dict[str, list[Run]], targets: dict[str, int], runs: dict[str, int],
+           backend: Backend, device: torch.device, dtype: torch.dtype, warmup: int,
+           repeat: int, seconds: float) -> Callable:
     """The layer built (to run on `x`) and run once; on its first build in this timing,
     warmed up and given its number of runs (`runs`, and its target)."""
-    module = layer.module(device, dtype).eval()
+    module = layer.module(device, dtype, weights).eval()
     fn = prepare(module, backend, x)
     fn(x)  # the first call sets the layer up (kernels chosen, compiled)
     if key not in runs:

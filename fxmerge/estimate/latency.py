@@ -21,17 +21,16 @@ from torch import fx, nn
 from ..algebra import CONV_MODULES
 from ..backends.runtimes import Backend, get_backend, plan_runner
 from ..backends.timing import (
-    MIN_TIMED_RUNS,
-    SETTLE,
+    ConstantWeights,
     Run,
     Timing,
     check_load,
+    fastest,
+    link_groups,
     machine_description,
-    steady,
     time_callable,
     time_layers,
     timing_inputs,
-    uncertainty,
     using_threads,
 )
 from ..capture.families.activation import ACTIVATION_CLASSES
@@ -65,16 +64,17 @@ class LayerSpec:
                 f"p{label(self.padding)} g{self.groups} "
                 f"{self.activation or 'none'}")
 
-    def module(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        """The layer (a conv of the input's spatial rank), its weights a constant: timed
-        weights need no random initialisation."""
+    def module(self, device: torch.device, dtype: torch.dtype,
+               weights: ConstantWeights | None = None) -> nn.Module:
+        """The layer (a conv of the input's spatial rank), its weights a constant (timed
+        weights need no random initialisation), made by `weights` where given."""
         conv_type = CONV_MODULES[len(self.input_shape) - 2]
         conv = conv_type(self.input_shape[1], self.out_channels, self.kernel, self.stride,
                          self.padding, self.dilation, self.groups, device="meta", dtype=dtype)
-        conv = conv.to_empty(device=device)
-        with torch.no_grad():
-            conv.weight.fill_(1e-3)
-            conv.bias.zero_()
+        weights = weights or ConstantWeights(device, dtype, conv.weight.numel())
+        conv.weight = nn.Parameter(weights(conv.weight.shape), requires_grad=False)
+        conv.bias = nn.Parameter(torch.zeros(self.out_channels, device=device, dtype=dtype),
+                                 requires_grad=False)
         if self.activation is None:
             return conv
         return nn.Sequential(conv, ACTIVATION_CLASSES[self.activation]())
@@ -113,6 +113,7 @@ def entry_layer(space: MergeSpace, entry: Entry, batch_size: int | None = None) 
 # table whose sum is outside these bounds, as a fraction of the whole network timed on the
 # same backend, was timed under other conditions than the network (a loaded machine).
 PLAUSIBLE_TABLE_SHARE = (0.2, 3.0)
+STATISTIC = "mean of the fastest tenth"  # of each layer's runs (`fastest`)
 
 
 def measure_latency(
@@ -134,11 +135,11 @@ def measure_latency(
 ) -> LatencyTable:
     """Time every entry of `space` as its single merged layer; identity costs nothing.
 
-    Each timing is the median of up to `repeat` runs after up to `warmup` runs, as many as
-    fit in about `seconds` per layer (at least `MIN_TIMED_RUNS`; their spread is recorded), so
-    fast layers get many runs and slow ones, which no budget would pick, few. The layers
-    are timed side by side, one run each per round, so that the machine's drift reaches
-    them all alike, and those whose median is still uncertain are timed again (`SETTLE`).
+    Each timing is the mean of the fastest tenth of up to `repeat` runs after up to `warmup`
+    runs (`backends.timing.fastest`), as many as fit in about `seconds` per layer (at least
+    `MIN_TIMED_RUNS`; their spread is recorded), so fast layers get many runs and slow ones,
+    which no budget would pick, few. The layers are timed side by side, one run each per
+    round, in a new order each round (`time_layers`).
     Distinct conv layers are timed once (`deduplicate=False` times every entry, to measure
     what that saves). With `cache`, the runs are written to that JSON file as they are
     timed, and a rerun with the same settings resumes where it stopped. With `check` (by default,
@@ -163,7 +164,7 @@ def measure_latency(
             backend=backend, device=str(device), machine=machine_description(device),
             batch_size=batch, dtype=str(dtype), warmup=warmup, repeat=repeat,
             seconds_per_layer=seconds, threads=torch.get_num_threads(),
-            torch=torch.__version__)
+            torch=torch.__version__, statistic=STATISTIC)
         layers = {e: entry_layer(space, e, batch_size) for e in space.entries
                   if (e.k, e.dw) != IDENTITY}
         jobs = {_job_key(job, layers): layers[job] if isinstance(job, Entry) else job
@@ -177,21 +178,14 @@ def measure_latency(
             todo = {key: layer for key, layer in jobs.items()
                     if len(samples.get(key, ())) < targets.get(key, 1)}
             time_layers(todo, samples, targets, desc="latency table", **timing)
-            runs = steady(samples)
-            uncertain = {key: layer for key, layer in jobs.items()  # (few runs asked: none)
-                         if repeat >= MIN_TIMED_RUNS and uncertainty(runs[key]) > SETTLE}
-            if uncertain:
-                time_layers(uncertain, samples, targets, desc="latency table, again", **timing)
-                runs = steady(samples)
-            ms = {key: statistics.median(t) for key, t in runs.items()}
+            runs = link_groups(samples)
+            ms = {key: fastest(t) for key, t in runs.items()}
             values = {e: 0.0 for e in space.entries if e not in layers}  # removing a conv
             values.update({e: ms[_job_key(layer if deduplicate else e, layers)]
                            for e, layer in layers.items()})
             settings = replace(
-                settings, retimed=len(uncertain),
-                unsettled=sum(uncertainty(runs[key]) > SETTLE for key in jobs),
-                spread=round(statistics.median(Timing.of(runs[key]).spread for key in jobs),
-                             4) if jobs else None)
+                settings, spread=round(statistics.median(Timing.of(runs[key]).spread
+                                                         for key in jobs), 4) if jobs else None)
             table = LatencyTable(values, space.signature, settings, space.input_shapes)
             if not check:
                 break

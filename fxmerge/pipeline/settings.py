@@ -115,8 +115,8 @@ class LatencyStageSettings:
     batch: int | None = _option(None, "deployment batch (default: the input shape's)")
     warmup: int = _option(_LATENCY["warmup"], "untimed runs per layer, at most")
     repeat: int = _option(_LATENCY["repeat"], "rounds: every layer is timed once per round, "
-                          "side by side (a slow one in fewer, an uncertain one again); the "
-                          "median is kept")
+                          "side by side (a slow one in fewer); the mean of its fastest "
+                          "tenth is kept")
     seconds: float = _option(_LATENCY["seconds"], "time each layer for about this long (fewer "
                              "runs for slow layers)")
     cache: str | None = _option(None, "JSON file to resume an interrupted measurement from")

@@ -105,12 +105,16 @@ class TableSettings:
     # what made it, part by part (a `Job`'s fingerprints: graph, weights, data, settings)
     made_from: dict[str, str] | None = None
 
+    # settings an earlier fxmerge wrote that no longer mean anything: read and dropped
+    retired: ClassVar[frozenset[str]] = frozenset()
+
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], what: str = "table"):
         """Settings from JSON; a `TableError` names any field this kind of table has not."""
+        raw = {k: v for k, v in raw.items() if k not in cls.retired}
         unknown = sorted(set(raw) - {f.name for f in fields(cls)})
         if unknown:
             raise TableError(f"{what}: unknown setting(s) {', '.join(map(repr, unknown))} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from enum import Enum
+from typing import ClassVar
 
 from ..backends.runtimes import Backend, get_backend
 from ..errors import TableError
@@ -26,6 +27,8 @@ class Check(str, Enum):
 class LatencySettings(TableSettings):
     """How a latency table was timed, and what its check against the network found."""
 
+    retired: ClassVar[frozenset[str]] = frozenset({"retimed", "unsettled"})  # medians' re-timing
+
     backend: Backend = Backend.EAGER
     device: str = "cpu"
     machine: str | None = None
@@ -37,10 +40,8 @@ class LatencySettings(TableSettings):
     threads: int | None = None  # intra-op threads every layer was timed with
     load_average: float | None = None  # the machine's, after timing (see check_load)
     torch: str | None = None
-    statistic: str = "median"
+    statistic: str = "median"  # of each layer's runs (an earlier fxmerge's)
     spread: float | None = None  # median interquartile range / median over the layers
-    retimed: int | None = None  # layers timed again (their median was uncertain)
-    unsettled: int | None = None  # layers whose median stayed uncertain (see SETTLE)
     check: Check | None = None  # None: not checked
     check_failure: str | None = None
     network_ms: float | None = None  # the whole original network, timed by the check
