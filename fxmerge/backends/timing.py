@@ -81,11 +81,11 @@ HELD = {M_MMAP_THRESHOLD: 1 << 30, M_TRIM_THRESHOLD: 1 << 30}
 SETTLED = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20}
 
 
-def _mallopt() -> Callable[[int, int], int] | None:
-    """glibc's `mallopt`, or None on another C library."""
+def _glibc(function: str) -> Callable[..., int] | None:
+    """glibc's `function` (`mallopt`, `malloc_trim`), or None on another C library."""
     if platform.libc_ver()[0] != "glibc":
         return None
-    return getattr(ctypes.CDLL(None), "mallopt", None)
+    return getattr(ctypes.CDLL(None), function, None)
 
 
 class Allocator(str, Enum):
@@ -111,7 +111,7 @@ def get_allocator(name: str | Allocator) -> Allocator:
 def hold_freed_memory() -> bool:
     """Make malloc (glibc) keep freed memory for the rest of the process, as
     `HELD_ENVIRONMENT` does from its start; False on another C library."""
-    mallopt = _mallopt()
+    mallopt = _glibc("mallopt")
     for param, value in HELD.items() if mallopt else ():
         mallopt(param, value)
     return mallopt is not None
@@ -120,13 +120,17 @@ def hold_freed_memory() -> bool:
 @contextmanager
 def steady_memory() -> Iterator[None]:
     """Run the block with freed memory held by malloc (glibc), so that what is timed is
-    the computation, not page faults that come and go with the heap's layout."""
-    mallopt = _mallopt() if hold_freed_memory() else None
+    the computation, not page faults that come and go with the heap's layout; what it
+    held is given back to the system after."""
+    mallopt = _glibc("mallopt") if hold_freed_memory() else None
     try:
         yield
     finally:
         for param, value in SETTLED.items() if mallopt else ():
             mallopt(param, value)
+        trim = _glibc("malloc_trim") if mallopt else None
+        if trim:
+            trim(0)
 
 
 def _samples(fn: Callable[[], Any], device: torch.device, repeat: int) -> list[float]:

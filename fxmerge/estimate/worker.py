@@ -10,7 +10,6 @@ import atexit
 import copy
 import os
 import pickle
-import struct
 import subprocess
 import sys
 from typing import Any
@@ -23,8 +22,6 @@ from ..capture.trace import ensure_shapes
 from ..errors import BackendError
 from ..plan import Plan
 
-_HEADER = struct.Struct("<Q")
-
 
 class CannotRebuild(Exception):
     """The worker cannot rebuild a network it was sent (a class it cannot import: one
@@ -32,16 +29,13 @@ class CannotRebuild(Exception):
 
 
 def _send(stream: Any, value: Any) -> None:
-    data = pickle.dumps(value)
-    stream.write(_HEADER.pack(len(data)) + data)
+    """`value` pickled straight onto the stream (no copy of a large graph's bytes)."""
+    pickle.dump(value, stream, protocol=pickle.HIGHEST_PROTOCOL)
     stream.flush()
 
 
 def _receive(stream: Any) -> Any:
-    head = stream.read(_HEADER.size)
-    if len(head) < _HEADER.size:
-        raise EOFError
-    return pickle.loads(stream.read(_HEADER.unpack(head)[0]))  # (bytes we made)
+    return pickle.load(stream)  # (bytes we made); EOFError once the stream ends
 
 
 class Worker:
