@@ -7,8 +7,8 @@ the two, and the table's time.
 
 `--same-time` separates the table's own reproducibility from the machine's: one table times
 every entry as its own layer (`deduplicate=False`), so the entries that share a layer are
-copies of it timed in the same rounds by the table's own procedure (rounds, groups,
-re-timing); the machine's speed is the same for both, and two copies' ratio is what the
+copies of it timed in the same rounds by the table's own procedure (rounds, groups);
+the machine's speed is the same for both, and two copies' ratio is what the
 procedure itself scatters.
 `--tables N` builds N tables back to back and compares each with the next (a row per pair):
 how far entries move as the machine's speed changes (the median ratio). `--stretches N`

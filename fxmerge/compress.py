@@ -13,6 +13,7 @@ from torch import fx, nn
 
 from .backends.timing import (
     PREPARATIONS,
+    Relative,
     time_against_reference,
     time_interleaved,
     using_threads,
@@ -221,7 +222,7 @@ def _compress_inside(model: nn.Module, example_inputs: ExampleInputs, submodule:
                          levels=levels)
         pruned = job.prune(with_submodules(plan, inside))
         model = around(inside, pruned)
-        ratio = model_ratio(reference, merge_model(model), x, threads)
+        ratio = side_by_side(reference, merge_model(model), x, threads)["merged"].ratio
         if ratio <= budget or basis is BudgetBasis.TABLE or own <= job.reach(method):
             break
         own *= budget / ratio
@@ -235,16 +236,17 @@ def _compress_inside(model: nn.Module, example_inputs: ExampleInputs, submodule:
 MODEL_SOLVES = 3  # solves at most, each timing the whole model (`_compress_inside`)
 
 
-def model_ratio(reference: nn.Module, merged: nn.Module, x: tuple, threads: int | None,
-                repeat: int = 30) -> float:
-    """`merged`'s time over `reference`'s (the model with no submodule changed, BatchNorm
-    folded, through the same modules), side by side in this process."""
+def side_by_side(original: nn.Module, merged: nn.Module, x: tuple, threads: int | None,
+                 repeat: int = 30) -> dict[str, Relative]:
+    """`original` and `merged`, whole models taking `x`, timed side by side in this process
+    over `PREPARATIONS` fresh copies (`time_against_reference`): `["merged"].ratio` is
+    merged's time over original's."""
     def make() -> dict[str, nn.Module]:
-        return {"original": copy.deepcopy(reference), "merged": copy.deepcopy(merged)}
+        return {"original": copy.deepcopy(original).eval(),
+                "merged": copy.deepcopy(merged).eval()}
 
     with using_threads(threads):
-        return time_against_reference(make, x, repeat=repeat,
-                                      preparations=PREPARATIONS)["merged"].ratio
+        return time_against_reference(make, x, repeat=repeat, preparations=PREPARATIONS)
 
 
 def _as_model(inside: Inside, net: nn.Module) -> nn.Module:

@@ -262,23 +262,27 @@ class AgreementRecipe(ClassificationRecipe):
     def loss(self, out, teacher, labels: torch.Tensor) -> torch.Tensor:
         if teacher is None:
             raise ArgumentError("AgreementRecipe trains by distillation: give a teacher")
-        return _distillation_error(out, teacher)
+        return sum(_relative_errors(out, teacher))
 
 
 IGNORE = 255  # the mask value of pixels no loss or score reads (torchvision's convention)
 
 
+def _relative_errors(out: Any, reference: Any) -> list[torch.Tensor]:
+    """Per floating-point tensor of `reference` (a segmentation net's dict of outputs, a
+    detector's tuple, the parts of a model compressed together), `out`'s squared error
+    over the reference's squared size: the one rule `relative_squared_error` (the output
+    agreement) and the distillation loss read."""
+    return [(a - b).pow(2).sum() / b.pow(2).sum().clamp_min(1e-12)
+            for a, b in zip(tree_leaves(out), tree_leaves(reference))
+            if isinstance(b, torch.Tensor) and b.is_floating_point()]
+
+
 def relative_squared_error(out: Any, reference: Any) -> float:
-    """Squared error of `out` relative to the squared size of `reference`, tensor by
-    tensor, averaged over the tensors they hold (a segmentation net's dict of outputs, a
-    detector's tuple, the parts of a model compressed together): each output counts alike,
-    whatever its scale (class logits beside feature maps)."""
-    pairs = [(a, b) for a, b in zip(tree_leaves(out), tree_leaves(reference))
-             if isinstance(b, torch.Tensor) and b.is_floating_point()]
-    if not pairs:
-        return 0.0
-    return sum(float((a - b).pow(2).sum()) / max(float(b.pow(2).sum()), 1e-12)
-               for a, b in pairs) / len(pairs)
+    """`_relative_errors` averaged over the tensors: each output counts alike, whatever its
+    scale (class logits beside feature maps); 0 where there are none."""
+    errors = _relative_errors(out, reference)
+    return float(sum(errors)) / len(errors) if errors else 0.0
 
 
 def agreement(model: nn.Module, original: nn.Module, batches: Iterable) -> float:
@@ -316,7 +320,7 @@ def distill(model: nn.Module, original: nn.Module, batches: Iterable, *, epochs:
                 break
             with torch.no_grad():
                 want = original(*_inputs(batch))
-            loss = _distillation_error(model(*_inputs(batch)), want)
+            loss = sum(_relative_errors(model(*_inputs(batch)), want))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -325,12 +329,6 @@ def distill(model: nn.Module, original: nn.Module, batches: Iterable, *, epochs:
             bar.update(note=f"loss {loss.item():.4f}")
     bar.close()
     return model.eval()
-
-
-def _distillation_error(out: Any, teacher: Any) -> torch.Tensor:
-    """Each floating-point output's squared error over the teacher's mean square, summed."""
-    return sum(F.mse_loss(a, b) / b.pow(2).mean().clamp_min(1e-12)
-               for a, b in zip(tree_leaves(out), tree_leaves(teacher)) if b.is_floating_point())
 
 
 def _inputs(batch: Any) -> tuple:

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backends.timing import PREPARATIONS, time_against_reference, using_threads
-from .compress import compress, submodules_share
+from .backends.timing import using_threads
+from .compress import compress, side_by_side, submodules_share
 from .errors import ArgumentError, InfeasibleBudget
 from .inside import capture_inside, merge
 from .job import AUTO, AUTO_METHODS, Job, choose, fingerprint
@@ -247,13 +247,9 @@ def _time(original: nn.Module, merged: nn.Module, x: torch.Tensor,
           settings: JobSettings) -> dict[str, Any]:
     """The original (its convs and BatchNorms fused, as ultralytics deploys it) and the
     merged model, timed side by side in this process on `x`."""
-    def make() -> dict[str, nn.Module]:
-        return {"original": copy.deepcopy(original).fuse(verbose=False).eval(),
-                "merged": copy.deepcopy(merged).eval()}
-
     with using_threads(settings.threads) as threads:
-        t = time_against_reference(make, x, repeat=settings.timing_repeat,
-                                   preparations=PREPARATIONS)
+        t = side_by_side(copy.deepcopy(original).fuse(verbose=False), merged, (x,), threads,
+                         repeat=settings.timing_repeat)
     return {"backend": "eager", "batch": x.shape[0], "threads": threads,
             "allocator": "this process, held", "original_ms": round(t["original"].ms, 4),
             "merged_ms": round(t["merged"].ms, 4), "ratio": round(t["merged"].ratio, 4),

@@ -212,6 +212,13 @@ def test_table_settings_are_typed_and_unknown_fields_refused(resnet):
     assert again.settings == table.settings and again.values == table.values
     with pytest.raises(fxmerge.TableError, match="unknown setting.*'colour'"):
         fxmerge.LatencyTable.from_json(table.to_json().replace('"backend"', '"colour"'))
+    # what an earlier fxmerge's tables recorded of the median's re-timing: read and dropped
+    old = table.to_json().replace('"backend"', '"retimed": 2, "unsettled": 0, "backend"')
+    assert fxmerge.LatencyTable.from_json(old).settings == table.settings
+    with pytest.raises(fxmerge.TableError, match="unknown setting.*'retimed'"):
+        fxmerge.ImportanceTable.from_json(fxmerge.ImportanceTable.from_values(
+            space, {e: 1.0 for e in space.entries}).to_json().replace(
+            '"source"', '"retimed": 2, "source"'))
     with pytest.raises(fxmerge.ArgumentError, match="importance table settings"):
         fxmerge.ImportanceTable.from_values(space, {e: 1.0 for e in space.entries}, backend="x")
 

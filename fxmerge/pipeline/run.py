@@ -54,9 +54,8 @@ def run_job(model: nn.Module, data: ImageData, out: str | Path, settings: JobSet
               "kd_temperature": settings.kd_temperature, "seed": settings.seed}
     if data.task == "segment":  # torchvision's recipe (SGD at its own rate), mean IoU
         report["metric"] = "mIoU"
-        check_mask_classes(model, data)
-        recipe = SegmentationRecipe(data.fit, data.holdout, data.val, classes=_classes(model, data),
-                                    **common)
+        recipe = SegmentationRecipe(data.fit, data.holdout, data.val,
+                                    classes=mask_classes(model, data), **common)
     elif data.task == "unlabeled":  # distilled from the original, scored by agreement
         if settings.train_epochs > 0:
             raise ArgumentError("--train-epochs trains the original on labels; these images "
@@ -145,21 +144,18 @@ PROTOCOL = ("holdout", "size", "grayscale", "batch", "lr", "importance_protocol"
 FINETUNE = ("epochs", "kd_weight", "kd_temperature")
 
 
-def _classes(model: nn.Module, data: ImageData) -> int:
-    """How many classes `model` predicts per pixel (its output's channels)."""
+def mask_classes(model: nn.Module, data: ImageData) -> int:
+    """How many classes `model` predicts per pixel (its output's channels); `ArgumentError`
+    where the masks hold a class it cannot predict."""
     x = next(iter(data.holdout))[0][:1]
     with torch.no_grad():
         out = model.eval()(x)
-    return (out["out"] if isinstance(out, dict) else out).shape[1]
-
-
-def check_mask_classes(model: nn.Module, data: ImageData) -> None:
-    """`ArgumentError` where the masks hold a class the model cannot predict."""
-    classes = _classes(model, data)
+    classes = (out["out"] if isinstance(out, dict) else out).shape[1]
     if len(data.classes) > classes:
         raise ArgumentError(f"--data: the masks hold classes up to {len(data.classes) - 1}, "
                             f"but the model predicts {classes} (0 to {classes - 1}; 255 is "
                             "ignored): build it with as many classes as the masks")
+    return classes
 
 
 def _check_teacher(report: dict, classes: int) -> None:
