@@ -218,6 +218,14 @@ def test_interrupted_measurement_resumes_from_its_cache(monkeypatch, tmp_path):
     machine = FakeMachine().install(monkeypatch)
     fxmerge.measure_latency(space, warmup=1, repeat=3, cache=cache, check=False)
     assert machine.calls == (1 + 3) * table.settings.num_layers
+    # nor one whose layers were summed up by another statistic (an earlier fxmerge's median)
+    earlier = json.loads(cache.read_text())
+    assert earlier["settings"]["statistic"] == latency_mod.STATISTIC
+    earlier["settings"]["statistic"] = "median"
+    cache.write_text(json.dumps(earlier))
+    machine = FakeMachine().install(monkeypatch)
+    fxmerge.measure_latency(space, warmup=1, repeat=3, cache=cache, check=False)
+    assert machine.calls == (1 + 3) * table.settings.num_layers
 
 
 def test_table_is_refused_for_another_graph():
