@@ -6,6 +6,7 @@ import platform
 import random
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -339,6 +340,30 @@ def test_time_against_reference_prepares_afresh_and_takes_medians(monkeypatch):
     assert out["plan"].spread == pytest.approx(0.2)
 
 
+def test_each_preparation_is_freed_before_the_next_is_made(monkeypatch):
+    """A prepared network is a reference cycle (a GraphModule and its graph): without a
+    collection between preparations, a worker held every set at once (1.7 GB for
+    ResNet-50 at batch 1 instead of 1.2 GB)."""
+    class Cyclic:
+        def __init__(self) -> None:
+            self.me = self
+
+    alive: list[weakref.ref] = []
+
+    def make():
+        assert all(ref() is None for ref in alive), "the last preparation is still held"
+        nets = {"original": Cyclic(), "plan": Cyclic()}
+        alive.extend(weakref.ref(n) for n in nets.values())
+        return nets
+
+    def fake(nets, x, *, repeat, warmup, hold):
+        return {name: Timing(1.0, 1.0, 1.0, repeat) for name in nets}
+
+    monkeypatch.setattr(timing, "time_interleaved", fake)
+    time_against_reference(make, torch.zeros(1), repeat=3, preparations=3)
+    assert len(alive) == 6
+
+
 def test_each_layer_is_timed_to_a_time_budget(monkeypatch):
     """A slow layer gets a few runs, a fast one every round: the table's cost follows the
     convs that matter, not the huge merged kernels no budget would pick."""
@@ -363,6 +388,31 @@ def test_each_layer_is_timed_to_a_time_budget(monkeypatch):
                             repeat=30, seconds=0.3, desc="", progress=False, save=lambda: None)
     assert len(samples["slow"]) == harness.MIN_TIMED_RUNS and len(samples["fast"]) == 30
     assert targets == {"slow": harness.MIN_TIMED_RUNS, "fast": 30}
+
+
+def test_timed_layers_are_freed_before_held_memory_is_given_back(monkeypatch):
+    """`steady_memory` trims malloc on exit: the layers must be gone by then, or what
+    they held stays with the process (450 MB after ResNet-50's table)."""
+    layers = {name: latency_mod.LayerSpec((1, 2, 4, 4), 2, 1, 1, 0, 1, None)
+              for name in ("a", "b")}
+    modules: list[weakref.ref] = []
+    alive_at_trim: list[int] = []
+
+    def prepare(module, backend, x):
+        modules.append(weakref.ref(module))
+        return module
+
+    def glibc(function):
+        if function == "malloc_trim":
+            return lambda pad: alive_at_trim.append(sum(m() is not None for m in modules))
+        return lambda *args: 1
+
+    monkeypatch.setattr(harness, "prepare", prepare)
+    monkeypatch.setattr(harness, "_glibc", glibc)
+    harness.time_layers(layers, {}, {}, backend="eager", device=torch.device("cpu"),
+                        dtype=torch.float32, warmup=1, repeat=3, seconds=0.01, desc="",
+                        progress=False, save=lambda: None)
+    assert len(modules) == 2 and alive_at_trim == [0]
 
 
 def test_timed_layers_are_built_without_random_initialisation(monkeypatch):

@@ -4,6 +4,7 @@ timed on. What a network runs on is `runtimes.prepare`'s."""
 from __future__ import annotations
 
 import ctypes
+import gc
 import math
 import os
 import platform
@@ -187,8 +188,10 @@ def time_against_reference(make: Callable[[], dict[str, Callable]], x: ExampleIn
     percent faster or slower on a CPU); each of `preparations` sets is timed side by side
     for `repeat / preparations` interleaved rounds (at least one)."""
     rounds = -(-repeat // preparations)
-    runs = [time_interleaved(make(), x, repeat=rounds, warmup=warmup, hold=hold)
-            for _ in range(preparations)]
+    runs = []
+    for _ in range(preparations):
+        runs.append(time_interleaved(make(), x, repeat=rounds, warmup=warmup, hold=hold))
+        gc.collect()  # a GraphModule is a reference cycle: free the set before the next
     return {name: Relative(statistics.median(r[name].ms for r in runs),
                            statistics.median(r[name].ms / r[reference].ms for r in runs),
                            max(r[name].spread for r in runs))
@@ -421,7 +424,7 @@ def time_layers(layers: Mapping[str, TimedLayer], samples: dict[str, list[Run]],
                 if (r * runs[key]) // repeat != ((r + 1) * runs[key]) // repeat:
                     samples[key].append(Run(group + g, round_ + n, clock(built[key], device)))
             save()
-    built.clear()
+        built.clear()  # before `steady_memory` gives back what it held
 
 
 def _build(layer: TimedLayer, x: torch.Tensor, weights: ConstantWeights, key: str,
