@@ -32,7 +32,7 @@ import torch
 from torch import fx, nn
 
 from .backends.runtimes import Backend, get_backend
-from .backends.timing import Allocator
+from .backends.timing import Allocator, give_back_memory
 from .capture import ExampleInputs, trace
 from .capture.trace import INPUTS_META
 from .deploy import export_onnx, save
@@ -173,13 +173,15 @@ class Job:
     # ---- stages ----------------------------------------------------------------------------
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time a stage into `seconds` and, unless quiet, say what it is doing."""
+        """Time a stage into `seconds` and, unless quiet, say what it is doing; what the
+        stage used and no longer holds is given back to the system after it."""
         started = time.perf_counter()
         if not self.quiet:
             print(f"[{name}]", flush=True)
         try:
             yield
         finally:
+            give_back_memory()
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter()
                                        - started, 1)
 

@@ -3,9 +3,11 @@ what is materialised is stated and enforced, and latency entries time the conv t
 makes."""
 
 import dataclasses
+import gc
 import math
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -282,3 +284,23 @@ def test_the_bound_counts_what_merging_makes_on_the_way_not_only_the_result():
     with torch.no_grad():
         x = torch.randn(2, 4, 12, 12)
         assert relative_error(pruned(x), fxmerge.merge(pruned)(x)) <= 1e-5
+
+
+def test_a_job_frees_what_a_stage_left_in_reference_cycles():
+    """A GraphModule is a reference cycle: without a collection after each stage, a
+    ResNet-50 job held the proxy's 400 MB through its measured timings."""
+    class Cyclic:
+        def __init__(self) -> None:
+            self.me = self
+
+    job = fxmerge.Job(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), torch.randn(1, 3, 8, 8),
+                      quiet=True)
+    enabled = gc.isenabled()
+    gc.disable()  # only the stage's own collection may free it
+    try:
+        with job.stage("a stage"):
+            ref = weakref.ref(Cyclic())
+        assert ref() is None
+    finally:
+        if enabled:
+            gc.enable()

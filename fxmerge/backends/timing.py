@@ -118,6 +118,16 @@ def hold_freed_memory() -> bool:
     return mallopt is not None
 
 
+def give_back_memory() -> None:
+    """Free what only reference cycles hold (a GraphModule is one) and hand malloc's free
+    pages back to the system (glibc), so that a finished stage's memory is not held
+    through the next."""
+    gc.collect()
+    trim = _glibc("malloc_trim")
+    if trim:
+        trim(0)
+
+
 @contextmanager
 def steady_memory() -> Iterator[None]:
     """Run the block with freed memory held by malloc (glibc), so that what is timed is
@@ -129,9 +139,7 @@ def steady_memory() -> Iterator[None]:
     finally:
         for param, value in SETTLED.items() if mallopt else ():
             mallopt(param, value)
-        trim = _glibc("malloc_trim") if mallopt else None
-        if trim:
-            trim(0)
+        give_back_memory()
 
 
 def _samples(fn: Callable[[], Any], device: torch.device, repeat: int) -> list[float]:
