@@ -6,8 +6,9 @@ sampled every 20 ms.
     python benchmarks/bench_job.py [--models resnet50 ...] [--runs 2]
                                    [--code LABEL=PATH ...]
 
-Peaks: the job's own process, its timing worker (one at a time), and the two together (a
-worker runs while the job waits for it). `--code` names checkouts of fxmerge to measure
+Peaks: the resident memory of the job's own process and of its timing worker (one at a
+time), and their proportional memory together (a worker runs while the job waits for it;
+the pages of the libraries both map counted once). `--code` names checkouts of fxmerge to measure
 side by side (their runs alternate; default: this one, labelled `current`); rows of other
 labels in the results are kept. Writes `results/job.{json,md}`.
 """
@@ -32,14 +33,16 @@ started = time.perf_counter()
 import torch, torchvision
 import fxmerge
 
-def resident(pid="self"):
+def memory(pid="self"):
+    # resident and proportional (shared library pages split between processes) MiB
+    out = {}
     try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
+        for line in open(f"/proc/{pid}/smaps_rollup"):
+            if line.startswith(("Rss:", "Pss:")):
+                out[line[:3]] = int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    return out.get("Rss", 0.0), out.get("Pss", 0.0)
 
 def workers():
     return [pid for f in glob.glob("/proc/self/task/*/children") for pid in open(f).read().split()]
@@ -49,8 +52,10 @@ done = threading.Event()
 
 def sample():
     while not done.is_set():
-        own, kids = resident(), sum(resident(pid) for pid in workers())
-        for key, value in (("job_mb", own), ("worker_mb", kids), ("together_mb", own + kids)):
+        (own, own_pss), kids = memory(), [memory(pid) for pid in workers()]
+        together = own_pss + sum(pss for _, pss in kids)
+        for key, value in (("job_mb", own), ("worker_mb", sum(r for r, _ in kids)),
+                           ("together_mb", together)):
             peak[key] = max(peak[key], value)
         time.sleep(0.02)
 
@@ -88,8 +93,8 @@ def main() -> None:
             rows.append(row)
     write("job", {"job": "compress(model, 1x3x224x224, budget=0.6, threads=2): random "
                   "weights, proxy importance, measured budget, eager CPU",
-                  "peaks": "resident MiB sampled every 20 ms: the job's process, its "
-                  "largest timing worker, both together"},
+                  "peaks": "MiB sampled every 20 ms: resident, of the job's process and of "
+                  "its timing worker; proportional (shared pages once), both together"},
           rows, ["code", "model", "run", "seconds", "table_s", "job_mb", "worker_mb",
                  "together_mb"], "The whole job: time and peak memory")
 
