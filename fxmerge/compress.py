@@ -229,6 +229,12 @@ def _compress_inside(model: nn.Module, example_inputs: ExampleInputs, submodule:
     plan = replace(with_submodules(plan, inside), extra={
         **plan.extra, "model_budget": budget, "share": round(share, 4),
         "model_ratio": round(ratio, 4)})
+    if ratio > budget and basis is BudgetBasis.MEASURED:
+        raise InfeasibleBudget(
+            f"no {method} plan measured within {budget:.1%} of the whole model's time: the "
+            f"last of {MODEL_SOLVES} solves at most measured {ratio:.1%} (the submodules "
+            f"take {share:.0%} of it); ask for a larger budget or pick more submodules",
+            plan=replace(plan, extra={**plan.extra, "over_budget": True}))
     return CompressResult(plan, job.space, pruned, job.latency, table, model=model,
                           share=share)
 

@@ -4,6 +4,7 @@ size, a saved plan re-applied to a fresh model, and the refusals."""
 
 from __future__ import annotations
 
+import importlib
 from collections import OrderedDict
 
 import pytest
@@ -170,3 +171,42 @@ def test_apply_refuses_a_plan_for_another_model(segmenter_result):
     _, _, result = segmenter_result
     with pytest.raises(fxmerge.PlanError, match="no submodule 'backbone'"):
         fxmerge.apply(nn.Sequential(unit(3, 8)), result.plan)
+
+
+def _model_ratios(monkeypatch, ratios: list[float]) -> list[float]:
+    """The whole model's measured ratios `side_by_side` reports, in turn (the solves
+    themselves on the table, so that no network is timed); returns the submodules'
+    budgets each solve was given."""
+    asked: list[float] = []
+    solve = fxmerge.Job.solve
+
+    def on_table(self, table, budget=None, **kw):
+        asked.append(budget)
+        return solve(self, table, budget, **{**kw, "basis": "table"})
+
+    monkeypatch.setattr(fxmerge.Job, "solve", on_table)
+    given = iter(ratios)
+    monkeypatch.setattr(importlib.import_module("fxmerge.compress"), "side_by_side", lambda *a, **k: {
+        "merged": fxmerge.backends.timing.Relative(1.0, next(given), 0.0)})
+    return asked
+
+
+def test_the_whole_models_measured_budget_narrows_the_submodules_until_it_holds(monkeypatch):
+    asked = _model_ratios(monkeypatch, [0.95, 0.8])
+    torch.manual_seed(0)
+    result = fxmerge.compress(Segmenter().eval(), torch.randn(1, 3, 32, 32), budget=0.85,
+                              submodule="backbone", threads=1,
+                              latency={"repeat": 5, "warmup": 1})
+    assert len(asked) == 2 and asked[1] < asked[0]
+    assert result.plan.extra["model_ratio"] == 0.8
+
+
+def test_a_whole_model_that_never_measures_within_the_budget_is_refused(monkeypatch):
+    """Never a model over its budget handed back as if it held (the plan tried comes with
+    the error, marked over budget)."""
+    _model_ratios(monkeypatch, [0.95] * 3)
+    torch.manual_seed(0)
+    with pytest.raises(fxmerge.InfeasibleBudget, match="measured within 85.0%.*95.0%") as e:
+        fxmerge.compress(Segmenter().eval(), torch.randn(1, 3, 32, 32), budget=0.85,
+                         submodule="backbone", threads=1, latency={"repeat": 5, "warmup": 1})
+    assert e.value.plan.extra["over_budget"] and e.value.plan.extra["model_ratio"] == 0.95
