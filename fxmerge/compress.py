@@ -222,17 +222,19 @@ def _compress_inside(model: nn.Module, example_inputs: ExampleInputs, submodule:
                          levels=levels)
         pruned = job.prune(with_submodules(plan, inside))
         model = around(inside, pruned)
-        ratio = side_by_side(reference, merge_model(model), x, threads)["merged"].ratio
-        if ratio <= budget or basis is BudgetBasis.TABLE or own <= job.reach(method):
+        measured = side_by_side(reference, merge_model(model), x, threads)["merged"]
+        ratio, holds = measured.ratio, measured.ratio + measured.scatter <= budget
+        if holds or basis is BudgetBasis.TABLE or own <= job.reach(method):
             break
-        own *= budget / ratio
+        own *= (budget - measured.scatter) / ratio
     plan = replace(with_submodules(plan, inside), extra={
         **plan.extra, "model_budget": budget, "share": round(share, 4),
-        "model_ratio": round(ratio, 4)})
-    if ratio > budget and basis is BudgetBasis.MEASURED:
+        "model_ratio": round(ratio, 4), "model_scatter": round(measured.scatter, 4)})
+    if not holds and basis is BudgetBasis.MEASURED:
         raise InfeasibleBudget(
             f"no {method} plan measured within {budget:.1%} of the whole model's time: the "
-            f"last of {MODEL_SOLVES} solves at most measured {ratio:.1%} (the submodules "
+            f"last of {MODEL_SOLVES} solves at most measured {ratio:.1%} ± "
+            f"{measured.scatter:.1%} over fresh preparations (the submodules "
             f"take {share:.0%} of it); ask for a larger budget or pick more submodules",
             plan=replace(plan, extra={**plan.extra, "over_budget": True}))
     return CompressResult(plan, job.space, pruned, job.latency, table, model=model,

@@ -336,7 +336,8 @@ def test_time_against_reference_prepares_afresh_and_takes_medians(monkeypatch):
     assert len(made) == 3 and rounds == [4, 4, 4]
     assert out["plan"].ms == 6.0 and out["original"].ms == 10.0
     assert out["plan"].ratio == 0.5  # median of 0.5, 0.9, 0.3; not 6 / 10
-    assert out["original"].ratio == 1.0
+    assert out["plan"].scatter == pytest.approx(0.3)  # half their range
+    assert out["original"].ratio == 1.0 and out["original"].scatter == 0.0
     assert out["plan"].spread == pytest.approx(0.2)
 
 

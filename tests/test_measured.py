@@ -31,11 +31,11 @@ class ClockModel(NetworkTimer):
     """A timer whose network costs `outside` plus `scale` times the plan's table latency
     (what the table leaves out, and layers costing more in context), without timing."""
 
-    def __init__(self, space, lat, outside: float, scale: float):
+    def __init__(self, space, lat, outside: float, scale: float, scatter: float = 0.0):
         self.space, self.backend, self.device = space, "model", torch.device("cpu")
         self.inputs, self.repeat, self.preparations, self.measurements = (torch.zeros(3),), 1, 1, {}
         self.original_ms = outside + scale * lat.identity_latency(space)
-        self.outside, self.scale, self.calls = outside, scale, 0
+        self.outside, self.scale, self.calls, self.scatter = outside, scale, 0, scatter
         self.threads, self.load_average = torch.get_num_threads(), None
         self.allocator, self.isolate = fxmerge.Allocator.DEFAULT, True
 
@@ -44,7 +44,8 @@ class ClockModel(NetworkTimer):
             self.calls += 1
             ms = self.outside + self.scale * plan.predicted_latency_ms
             self.measurements[plan.blocks] = Measurement(
-                plan.predicted_latency_ms, ms, self.original_ms, ms / self.original_ms, 0.0)
+                plan.predicted_latency_ms, ms, self.original_ms, ms / self.original_ms, 0.0,
+                self.scatter)
         return self.measurements[plan.blocks]
 
 
@@ -67,6 +68,20 @@ def test_solve_lands_in_the_measured_window(method, budget):
     # the measured figures survive JSON
     again = fxmerge.Plan.from_json(plan.to_json())
     assert again.measured == json.loads(plan.to_json())["measured"] == m
+
+
+@pytest.mark.parametrize("method", ["layermerge", "depth"])
+def test_a_plan_holds_its_budget_across_its_scatter_over_preparations(method):
+    """A network prepared once more (the user's) lands anywhere in the scatter of the
+    preparations' ratios: a plan must fit with the scatter added, and it does."""
+    _, space, lat, imp = demo_problem()
+    plain = solve_measured(space, lat, imp, ClockModel(space, lat, 10.0, 1.5), budget=0.75,
+                           method=method)
+    timer = ClockModel(space, lat, outside=10.0, scale=1.5, scatter=0.04)
+    plan = solve_measured(space, lat, imp, timer, budget=0.75, method=method)
+    m = plan.measured
+    assert m["scatter"] == 0.04 and m["ratio"] + 0.04 <= 0.75
+    assert plain.measured["ratio"] + 0.04 > 0.75  # without the scatter it would not hold
 
 
 def test_a_second_solve_is_calibrated_by_the_first():

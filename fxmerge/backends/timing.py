@@ -181,11 +181,14 @@ def time_interleaved(nets: dict[str, Callable], x: ExampleInputs, *, repeat: int
 @dataclass(frozen=True)
 class Relative:
     """One network timed against a reference over fresh preparations: its median latency,
-    the median of its ratios to the reference, and the largest spread of its timings."""
+    the median of its ratios to the reference, the largest spread of its timings, and the
+    `scatter` of its ratio: half the range of the preparations' ratios (how far one more
+    preparation, such as the user's own, may land from the median; 0 with one)."""
 
     ms: float
     ratio: float
     spread: float
+    scatter: float = 0.0
 
 
 def time_against_reference(make: Callable[[], dict[str, Callable]], x: ExampleInputs, *,
@@ -200,10 +203,13 @@ def time_against_reference(make: Callable[[], dict[str, Callable]], x: ExampleIn
     for _ in range(preparations):
         runs.append(time_interleaved(make(), x, repeat=rounds, warmup=warmup, hold=hold))
         gc.collect()  # a GraphModule is a reference cycle: free the set before the next
-    return {name: Relative(statistics.median(r[name].ms for r in runs),
-                           statistics.median(r[name].ms / r[reference].ms for r in runs),
-                           max(r[name].spread for r in runs))
-            for name in runs[0]}
+    out = {}
+    for name in runs[0]:
+        ratios = [r[name].ms / r[reference].ms for r in runs]
+        out[name] = Relative(statistics.median(r[name].ms for r in runs),
+                             statistics.median(ratios), max(r[name].spread for r in runs),
+                             (max(ratios) - min(ratios)) / 2)
+    return out
 
 
 def machine_description(device: torch.device) -> str:

@@ -53,13 +53,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Measurement:
-    """One plan's network timed against the original: medians over fresh preparations."""
+    """One plan's network timed against the original: medians over fresh preparations,
+    and the ratio's `scatter` over them (`Relative.scatter`)."""
 
     table_ms: float
     ms: float
     original_ms: float
     ratio: float
     spread: float
+    scatter: float = 0.0
+
+    def within(self, budget: float) -> bool:
+        """Within `budget` even for a preparation at the far end of its scatter."""
+        return self.ratio + self.scatter <= budget
 
 
 NETWORK_REPEAT = 30  # interleaved rounds per whole-network timing, by default
@@ -128,7 +134,7 @@ class NetworkTimer:
             t = self.compare({"plan": plan})
             self.measurements[plan.blocks] = Measurement(
                 plan.predicted_latency_ms, t["plan"].ms, t["original"].ms, t["plan"].ratio,
-                max(t["plan"].spread, t["original"].spread))
+                max(t["plan"].spread, t["original"].spread), t["plan"].scatter)
             self.load_average = check_load("network timing")
         return self.measurements[plan.blocks]
 
@@ -217,8 +223,9 @@ def solve_measured(
     progress: bool | None = None,
 ) -> Plan:
     """The best `method` plan whose network measures within `budget` (a fraction of the
-    original's measured latency) and, where the plans allow, above `budget * (1 -
-    tolerance)`. The plan records its measurement in `plan.measured`."""
+    original's measured latency), its ratio's scatter over fresh preparations included
+    (`Measurement.within`), and, where the plans allow, above `budget * (1 - tolerance)`.
+    The plan records its measurement in `plan.measured`."""
     if not 0 < tolerance < 1:
         raise ArgumentError(f"tolerance must be in (0, 1), got {tolerance}")
     if not 0 < budget:
@@ -257,9 +264,10 @@ def solve_measured(
         bar.update(note=f"a plan measured {m.ratio:.1%}")
         log.info("%s: table %.4g ms -> measured %.1f%% (aim %.1f%%)", method, m.table_ms,
                  100 * m.ratio, 100 * aim)
-        if low <= m.ratio <= budget:
+        aim = min(aim, (low + budget - m.scatter) / 2)  # the middle of the window left
+        if m.within(budget) and low <= m.ratio:
             break
-        if m.ratio > budget:
+        if not m.within(budget):
             above = min(above, (m.table_ms, m.ratio))
         else:
             below = max(below, (m.table_ms, m.ratio))
@@ -273,16 +281,17 @@ def solve_measured(
             break
         table_ms = min(max(table_ms, below[0] + gap), above[0] - gap)
     bar.close()
-    fitting = [t for t in tried if t[1].ratio <= budget]
+    fitting = [t for t in tried if t[1].within(budget)]
     if not tried:
         raise InfeasibleBudget(f"no {method} plan found near its fastest table latency "
                                f"{floor:.4g} ms: use more levels")
     if not fitting:
-        fastest = min(t[1].ratio for t in tried)
         over = min(tried, key=lambda t: t[1].ratio)
+        scatter = f" ± {over[1].scatter:.1%}" if over[1].scatter else ""
         raise InfeasibleBudget(
             f"no {method} plan measured within {budget:.1%} of the original's latency on "
-            f"{timer.backend} (the fastest plan tried measures {fastest:.1%}; the lowest "
+            f"{timer.backend} (the fastest plan tried measures {over[1].ratio:.1%}{scatter} "
+            "over fresh preparations; the lowest "
             f"table latency tried is {min(t[1].table_ms for t in tried) / original:.1%} of "
             "the original's)",
             plan=_record(over[0], over[1], over[2], timer, budget, tolerance, len(tried),
@@ -297,8 +306,9 @@ def _record(plan: Plan, m: Measurement, predicted: float, timer: NetworkTimer, b
     measured = {**timer.settings, "budget": budget, "tolerance": tolerance,
                 "ratio": round(m.ratio, 4), "ms": round(m.ms, 6),
                 "original_ms": round(m.original_ms, 6), "spread": round(m.spread, 4),
-                "predicted_ratio": round(predicted, 4), "rounds": rounds,
-                "in_window": budget * (1 - tolerance) <= m.ratio <= budget}
+                "scatter": round(m.scatter, 4), "predicted_ratio": round(predicted, 4),
+                "rounds": rounds,
+                "in_window": budget * (1 - tolerance) <= m.ratio and m.within(budget)}
     extra = {**plan.extra, "over_budget": True} if over_budget else plan.extra
     return replace(plan, budget=budget, budget_ms=round(budget * m.original_ms, 6),
                    measured=measured, extra=extra)

@@ -68,8 +68,9 @@ def render(report: dict, plan: Plan) -> str:
         *([f"- warning: {report['teacher_warning']}"] if "teacher_warning" in report else []),
         "",
         (f"The solve timed {m.get('rounds')} plan(s); the chosen one measured "
-         f"{m.get('ratio', float('nan')):.1%} of the original (predicted "
-         f"{m.get('predicted_ratio', float('nan')):.1%})." if m else
+         f"{m.get('ratio', float('nan')):.1%} ± {m.get('scatter', 0.0):.1%} of the original "
+         f"over fresh preparations (predicted {m.get('predicted_ratio', float('nan')):.1%})."
+         if m else
          "The plan was solved on the latency table's sum (no network timed)."),
         "",
         (f"Before fine-tuning the chosen pruned network scored "
