@@ -17,6 +17,7 @@ from .backends.timing import (
     time_against_reference,
     time_interleaved,
     using_threads,
+    within,
 )
 from .capture import ExampleInputs
 from .capture.submodules import SubmoduleSpec
@@ -223,7 +224,7 @@ def _compress_inside(model: nn.Module, example_inputs: ExampleInputs, submodule:
         pruned = job.prune(with_submodules(plan, inside))
         model = around(inside, pruned)
         measured = side_by_side(reference, merge_model(model), x, threads)["merged"]
-        ratio, holds = measured.ratio, measured.ratio + measured.scatter <= budget
+        ratio, holds = measured.ratio, within(measured.ratio, measured.scatter, budget)
         if holds or basis is BudgetBasis.TABLE or own <= job.reach(method):
             break
         own *= (budget - measured.scatter) / ratio

@@ -173,8 +173,8 @@ class Job:
     # ---- stages ----------------------------------------------------------------------------
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time a stage into `seconds` and, unless quiet, say what it is doing; what the
-        stage used and no longer holds is given back to the system after it."""
+        """Time a stage into `seconds` and, unless quiet, say what it is doing; the memory
+        the stage freed is given back to the system after it."""
         started = time.perf_counter()
         if not self.quiet:
             print(f"[{name}]", flush=True)

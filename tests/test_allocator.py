@@ -2,8 +2,11 @@
 the user names (a plain one by default), never in the caller's, whose malloc the latency
 table tuned."""
 
+import gc
 import os
+import pickle
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,8 @@ from torch import nn
 
 import fxmerge
 from fxmerge import Allocator
+from fxmerge.capture.trace import example_inputs
+from fxmerge.estimate import worker
 from fxmerge.estimate.measured import NetworkTimer
 from fxmerge.estimate.worker import Worker
 
@@ -90,3 +95,32 @@ def test_the_final_timing_gives_both_allocators(problem):
     with pytest.raises(fxmerge.ArgumentError,
                        match="allocator must be one of held, default, got 'tcmalloc'"):
         NetworkTimer(gm, space, allocator="tcmalloc")
+
+
+def test_a_worker_frees_each_preparation_before_it_makes_the_next(problem, monkeypatch):
+    """A prepared network is a reference cycle (a GraphModule and its graph): a worker that
+    collected none between preparations held all three at once (1.7 GB for ResNet-50 at
+    batch 1, 1.2 GB since)."""
+    gm, space = problem
+    alive: list[weakref.ref] = []
+
+    def three_preparations(make, x, **timing):
+        for _ in range(3):
+            made = make()
+            assert all(ref() is None for ref in alive), "the last preparation is still held"
+            alive.extend(weakref.ref(net) for net in made.values())
+            del made
+        return {}
+
+    monkeypatch.setattr(worker, "time_against_reference", three_preparations)
+    enabled = gc.isenabled()
+    gc.disable()  # only the worker's own collection may free them
+    try:
+        worker.time_networks(pickle.dumps(gm), example_inputs(gm),
+                             {"original": fxmerge.Plan.identity(space),
+                              "plan": fxmerge.Plan.random(space, seed=1)},
+                             (torch.randn(1, 3, 32, 32),), "eager", 1, {})
+    finally:
+        if enabled:
+            gc.enable()
+    assert len(alive) == 6

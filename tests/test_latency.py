@@ -341,30 +341,6 @@ def test_time_against_reference_prepares_afresh_and_takes_medians(monkeypatch):
     assert out["plan"].spread == pytest.approx(0.2)
 
 
-def test_each_preparation_is_freed_before_the_next_is_made(monkeypatch):
-    """A prepared network is a reference cycle (a GraphModule and its graph): without a
-    collection between preparations, a worker held every set at once (1.7 GB for
-    ResNet-50 at batch 1 instead of 1.2 GB)."""
-    class Cyclic:
-        def __init__(self) -> None:
-            self.me = self
-
-    alive: list[weakref.ref] = []
-
-    def make():
-        assert all(ref() is None for ref in alive), "the last preparation is still held"
-        nets = {"original": Cyclic(), "plan": Cyclic()}
-        alive.extend(weakref.ref(n) for n in nets.values())
-        return nets
-
-    def fake(nets, x, *, repeat, warmup, hold):
-        return {name: Timing(1.0, 1.0, 1.0, repeat) for name in nets}
-
-    monkeypatch.setattr(timing, "time_interleaved", fake)
-    time_against_reference(make, torch.zeros(1), repeat=3, preparations=3)
-    assert len(alive) == 6
-
-
 def test_each_layer_is_timed_to_a_time_budget(monkeypatch):
     """A slow layer gets a few runs, a fast one every round: the table's cost follows the
     convs that matter, not the huge merged kernels no budget would pick."""

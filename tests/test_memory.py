@@ -3,11 +3,9 @@ what is materialised is stated and enforced, and latency entries time the conv t
 makes."""
 
 import dataclasses
-import gc
 import math
 import subprocess
 import sys
-import weakref
 
 import pytest
 import torch
@@ -286,21 +284,12 @@ def test_the_bound_counts_what_merging_makes_on_the_way_not_only_the_result():
         assert relative_error(pruned(x), fxmerge.merge(pruned)(x)) <= 1e-5
 
 
-def test_a_job_frees_what_a_stage_left_in_reference_cycles():
-    """A GraphModule is a reference cycle: without a collection after each stage, a
-    ResNet-50 job held the proxy's 400 MB through its measured timings."""
-    class Cyclic:
-        def __init__(self) -> None:
-            self.me = self
-
-    job = fxmerge.Job(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), torch.randn(1, 3, 8, 8),
-                      quiet=True)
-    enabled = gc.isenabled()
-    gc.disable()  # only the stage's own collection may free it
-    try:
-        with job.stage("a stage"):
-            ref = weakref.ref(Cyclic())
-        assert ref() is None
-    finally:
-        if enabled:
-            gc.enable()
+def test_each_job_stage_gives_the_memory_it_freed_back(monkeypatch):
+    """The latency table's held blocks and the proxy's networks stayed with a ResNet-50
+    job through its measured timings (1.3-1.6 GB between stages, 0.9-1.1 GB since)."""
+    given: list[str] = []
+    job = fxmerge.Job(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), torch.randn(1, 3, 8, 8))
+    monkeypatch.setattr(fxmerge.job, "give_back_memory", lambda: given.append("trim"))
+    with job.stage("a stage"):
+        assert given == []
+    assert given == ["trim"]

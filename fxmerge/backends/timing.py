@@ -4,7 +4,6 @@ timed on. What a network runs on is `runtimes.prepare`'s."""
 from __future__ import annotations
 
 import ctypes
-import gc
 import math
 import os
 import platform
@@ -119,10 +118,8 @@ def hold_freed_memory() -> bool:
 
 
 def give_back_memory() -> None:
-    """Free what only reference cycles hold (a GraphModule is one) and hand malloc's free
-    pages back to the system (glibc), so that a finished stage's memory is not held
-    through the next."""
-    gc.collect()
+    """Hand malloc's free pages back to the system (glibc), so that a finished stage's
+    memory is not held through the next."""
     trim = _glibc("malloc_trim")
     if trim:
         trim(0)
@@ -191,6 +188,12 @@ class Relative:
     scatter: float = 0.0
 
 
+def within(ratio: float, scatter: float, budget: float) -> bool:
+    """A measured ratio within `budget` even for a preparation at the far end of its
+    scatter (docs/method.md §3b)."""
+    return ratio + scatter <= budget
+
+
 def time_against_reference(make: Callable[[], dict[str, Callable]], x: ExampleInputs, *,
                            repeat: int, preparations: int, warmup: int = 3,
                            reference: str = "original", hold: bool = True
@@ -199,10 +202,8 @@ def time_against_reference(make: Callable[[], dict[str, Callable]], x: ExampleIn
     percent faster or slower on a CPU); each of `preparations` sets is timed side by side
     for `repeat / preparations` interleaved rounds (at least one)."""
     rounds = -(-repeat // preparations)
-    runs = []
-    for _ in range(preparations):
-        runs.append(time_interleaved(make(), x, repeat=rounds, warmup=warmup, hold=hold))
-        gc.collect()  # a GraphModule is a reference cycle: free the set before the next
+    runs = [time_interleaved(make(), x, repeat=rounds, warmup=warmup, hold=hold)
+            for _ in range(preparations)]
     out = {}
     for name in runs[0]:
         ratios = [r[name].ms / r[reference].ms for r in runs]

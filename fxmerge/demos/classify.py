@@ -213,7 +213,8 @@ def run_seed(config: DemoConfig, seed: int, progress: bool | None = None) -> See
                      "holdout": round(100 * trained.recipe.evaluate(nets[f"{method}@{budget}"]),
                                       2),
                      "predicted_ratio": plan.measured["predicted_ratio"],
-                     "solve_ratio": plan.measured["ratio"]})
+                     "solve_ratio": plan.measured["ratio"],
+                     "solve_scatter": plan.measured["scatter"]})
     measured = time_against_original(job, nets, config.compare_repeat)
     for row in rows:
         merged = measured[f"{row['method']}@{row['budget']}"]

@@ -38,6 +38,7 @@ from ..backends.timing import (
     time_against_reference,
     timing_inputs,
     using_threads,
+    within,
 )
 from ..capture.trace import example_inputs
 from ..errors import ArgumentError, InfeasibleBudget
@@ -64,8 +65,7 @@ class Measurement:
     scatter: float = 0.0
 
     def within(self, budget: float) -> bool:
-        """Within `budget` even for a preparation at the far end of its scatter."""
-        return self.ratio + self.scatter <= budget
+        return within(self.ratio, self.scatter, budget)
 
 
 NETWORK_REPEAT = 30  # interleaved rounds per whole-network timing, by default

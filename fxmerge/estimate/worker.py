@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import gc
 import os
 import pickle
 import subprocess
@@ -101,6 +102,7 @@ def time_networks(graph: bytes, example: tuple, networks: dict[str, Any], inputs
     modules = {name: _rebuild(net) for name, net in networks.items() if isinstance(net, bytes)}
 
     def make() -> dict[str, Any]:
+        gc.collect()  # the last preparation's networks, reference cycles (GraphModules)
         return {name: plan_runner(gm, net, backend, inputs, space=space)
                 if isinstance(net, Plan) else prepare(copy.deepcopy(modules[name]).eval(),
                                                       backend, inputs)
