@@ -265,9 +265,10 @@ def solve_measured(
         log.info("%s: table %.4g ms -> measured %.1f%% (aim %.1f%%)", method, m.table_ms,
                  100 * m.ratio, 100 * aim)
         aim = min(aim, (low + budget - m.scatter) / 2)  # the middle of the window left
-        if m.within(budget) and low <= m.ratio:
+        fits = m.within(budget)
+        if fits and low <= m.ratio:
             break
-        if not m.within(budget):
+        if not fits:
             above = min(above, (m.table_ms, m.ratio))
         else:
             below = max(below, (m.table_ms, m.ratio))
