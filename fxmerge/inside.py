@@ -147,12 +147,30 @@ def put_back(inside: Inside, parts: Sequence[fx.GraphModule]) -> nn.Module:
 
 
 def _keep_attributes(new: nn.Module, old: nn.Module) -> None:
-    """Give `new` the public plain attributes of `old` (those a parent reads: ultralytics'
-    `f`, `i`, `type`, `np`) that it lacks, and its training mode."""
+    """Give `new` what a parent reads off `old` and `new` lacks: its public plain attributes
+    (ultralytics' `f`, `i`, `type`, `np`), the values of its class's public properties
+    where they are plain data (segmentation_models_pytorch's `encoder.output_stride`), and
+    its training mode."""
     for key, value in vars(old).items():
         if not key.startswith("_") and key != "training" and key not in vars(new):
             setattr(new, key, value)
+    for key in _properties(type(old)):
+        if key in vars(new) or hasattr(type(new), key):
+            continue
+        try:
+            value = getattr(old, key)
+        except Exception:  # noqa: BLE001, S112 (a property that cannot be read is not kept)
+            continue
+        if not isinstance(value, (torch.Tensor, nn.Module)) and not callable(value):
+            setattr(new, key, value)
     new.train(old.training)
+
+
+def _properties(cls: type) -> set[str]:
+    """The public properties `cls` and its bases define, but nn.Module's own."""
+    return {key for base in cls.__mro__ if base not in (nn.Module, object)
+            for key, value in vars(base).items()
+            if isinstance(value, property) and not key.startswith("_")}
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -4,7 +4,9 @@ size, a saved plan re-applied to a fresh model, and the refusals."""
 
 from __future__ import annotations
 
+import copy
 import importlib
+import pickle
 from collections import OrderedDict
 
 import pytest
@@ -210,3 +212,37 @@ def test_a_whole_model_that_never_measures_within_the_budget_is_refused(monkeypa
         fxmerge.compress(Segmenter().eval(), torch.randn(1, 3, 32, 32), budget=0.85,
                          submodule="backbone", threads=1, latency={"repeat": 5, "warmup": 1})
     assert e.value.plan.extra["over_budget"] and e.value.plan.extra["model_ratio"] == 0.95
+
+
+class StridedBackbone(Backbone):
+    """Its stride a property of its class, as segmentation_models_pytorch's encoders have
+    (`output_stride`), which the model reads in its forward."""
+
+    @property
+    def output_stride(self) -> int:
+        return 4
+
+
+class CheckedSegmenter(Segmenter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = StridedBackbone()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.shape[-1] % self.backbone.output_stride:
+            raise ValueError("the input's size must divide by the backbone's stride")
+        return super().forward(x)
+
+
+def test_a_property_the_model_reads_off_a_compressed_submodule_is_kept():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(CheckedSegmenter()).eval()
+    result = _compress(model, torch.randn(1, 3, 32, 32), budget=0.85, submodule="backbone")
+    assert isinstance(result.model.backbone, Compressed)
+    assert result.model.backbone.output_stride == 4
+    x = torch.randn(2, 3, 48, 48)
+    merged = fxmerge.merge(copy.deepcopy(result.model).eval())
+    for net in (merged, pickle.loads(pickle.dumps(result.model)).eval()):
+        assert net.backbone.output_stride == 4
+        with torch.no_grad():
+            assert relative_error(result.model.eval()(x)["out"], net(x)["out"]) < 1e-5
